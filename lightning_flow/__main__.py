@@ -1,0 +1,3 @@
+from lightning_flow.cli import main
+
+main()

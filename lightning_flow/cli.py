@@ -1,0 +1,24 @@
+"""``python -m lightning_flow fit|validate --config configs/X.yaml`` through LightningCLI."""
+
+from __future__ import annotations
+
+from lightning.pytorch.cli import LightningCLI
+
+from lightning_flow.datamodules import PromptDataModule
+from lightning_flow.module import GRPOModule
+
+
+class FlowCLI(LightningCLI):
+    def add_arguments_to_parser(self, parser) -> None:
+        # The prompts must be tokenized by the policy's own tokenizer.
+        parser.link_arguments("model.policy.name_or_path", "data.init_args.tokenizer")
+
+
+def main(args: list[str] | None = None) -> FlowCLI:
+    return FlowCLI(
+        GRPOModule,
+        PromptDataModule,
+        subclass_mode_data=True,
+        save_config_kwargs={"overwrite": True},
+        args=args,
+    )

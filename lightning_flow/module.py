@@ -1,0 +1,315 @@
+"""The LightningModule: one GRPO-family step, read top to bottom in ``training_step``.
+
+Manual optimisation: a step samples a group of responses per prompt, scores them, lets
+``RolloutCallback``s set per-token credit, then runs ``num_iterations`` optimizer steps over
+the same rollouts in micro-batches (gradient accumulation and clipping happen here, since
+Lightning refuses both on the Trainer under manual optimisation).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Literal
+
+import lightning as L
+import torch
+from torch import Tensor
+
+from lightning_flow.loss import (
+    LossType,
+    ScaleRewards,
+    clipped_surrogate_loss,
+    completion_mask,
+    gradient_accumulation_divisor,
+    group_advantages,
+    token_logprobs_and_entropy,
+)
+from lightning_flow.policy import PolicyConfig, SamplingConfig, eos_token_ids, generate, load_policy, position_ids_from_mask
+from lightning_flow.rewards import RewardConfig, RewardSuite, correctness_reward
+from lightning_flow.rollouts import RolloutCallback, Rollouts
+from lightning_flow.tokenizer import load_tokenizer
+
+
+@dataclass
+class GRPOConfig:
+    """The RL objective."""
+
+    loss_type: LossType = "grpo"
+    """Aggregation: ``grpo`` (per-response mean), ``bnpo``, ``dr_grpo`` or ``dapo`` (as TRL defines them)."""
+    epsilon: float = 0.2
+    """Lower clip range: the ratio is clipped at 1 - epsilon."""
+    epsilon_high: float | None = None
+    """Upper clip range (1 + epsilon_high); defaults to epsilon."""
+    beta: float = 0.0
+    """Weight of the k3 KL penalty to the adapter-disabled reference; 0 skips the reference pass."""
+    num_iterations: int = 1
+    """Optimizer steps per generated batch (μ); above 1 the sampling log-probs are stored once."""
+    scale_rewards: ScaleRewards = "group"
+    """Divide advantages by the std of the ``group``, of the whole ``batch``, or ``none``."""
+    mask_truncated_completions: bool = False
+    """Drop responses that hit max_new_tokens without an EOS from the loss."""
+    micro_batch_size: int = 8
+    """Responses per forward/backward; gradients accumulate over the step's micro-batches."""
+    max_grad_norm: float | None = 1.0
+    """Clip the global gradient norm to this (None: no clipping, the norm is still logged)."""
+
+
+@dataclass
+class OptimConfig:
+    """AdamW over the adapter's parameters, with warm-up and a schedule."""
+
+    lr: float = 1e-5
+    """Peak learning rate."""
+    weight_decay: float = 0.0
+    """AdamW weight decay."""
+    betas: tuple[float, float] = (0.9, 0.999)
+    """AdamW betas."""
+    warmup_steps: int = 0
+    """Linear warm-up from 0 over this many optimizer steps."""
+    schedule: Literal["constant", "linear", "cosine"] = "constant"
+    """Decay after warm-up, to 0 at trainer.max_steps."""
+
+
+def lr_factor(step: int, warmup_steps: int, total_steps: int, schedule: str) -> float:
+    """Multiplier of the peak learning rate at optimizer step ``step``."""
+    if step < warmup_steps:
+        return (step + 1) / (warmup_steps + 1)
+    if schedule == "constant":
+        return 1.0
+    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+    return 1.0 - progress if schedule == "linear" else 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+class GRPOModule(L.LightningModule):
+    def __init__(
+        self,
+        policy: PolicyConfig,
+        sampling: SamplingConfig = SamplingConfig(),
+        grpo: GRPOConfig = GRPOConfig(),
+        optim: OptimConfig = OptimConfig(),
+        rewards: RewardConfig = RewardConfig(),
+        val_num_samples: int = 0,
+    ) -> None:
+        """
+        Args:
+            policy: the model, its adapter and quantization.
+            sampling: how responses are sampled.
+            grpo: the loss and the update.
+            optim: optimizer and learning-rate schedule.
+            rewards: reward functions and their weights.
+            val_num_samples: besides greedy accuracy, also log the mean accuracy over this many
+                sampled responses per validation prompt (0: greedy only).
+        """
+        super().__init__()
+        self.save_hyperparameters()
+        self.automatic_optimization = False
+        self.strict_loading = False  # checkpoints hold only the adapter, see on_save_checkpoint
+        self.sampling, self.grpo, self.optim, self.val_num_samples = sampling, grpo, optim, val_num_samples
+        self.tokenizer = load_tokenizer(policy.name_or_path)
+        self.policy = load_policy(policy)
+        self.reward_suite = RewardSuite(rewards)
+        self.eos_ids = eos_token_ids(self.policy, self.tokenizer, sampling.extra_eos_token_ids)
+
+    # ---- the step -------------------------------------------------------------------------
+    def training_step(self, batch: dict, batch_idx: int) -> None:
+        start = time.perf_counter()
+        rollouts = self.make_rollouts(batch)
+        generated = time.perf_counter()
+        for callback in self.trainer.callbacks:
+            if isinstance(callback, RolloutCallback):
+                callback.on_rollouts(self.trainer, self, rollouts)
+        self.add_reference_logps(rollouts)
+        update = self.update(rollouts)
+        end = time.perf_counter()
+
+        tokens = rollouts.completion_mask.sum()
+        metrics = {
+            **rollout_metrics(rollouts, self.reward_suite.names, self.sampling.num_generations),
+            **update,
+            "perf/generation_tokens_per_s": tokens / (generated - start),
+            "perf/update_tokens_per_s": rollouts.attention_mask.sum() * self.grpo.num_iterations / (end - generated),
+            "perf/step_time_s": end - start,
+            "train/lr": self.optimizers().param_groups[0]["lr"],
+        }
+        self.log_dict({k: float(v) for k, v in metrics.items()}, on_step=True, batch_size=len(rollouts))
+        progress = {"reward": metrics["train/reward"], "acc": metrics.get("train/accuracy")}
+        self.log_dict({k: float(v) for k, v in progress.items() if v is not None}, prog_bar=True, logger=False, batch_size=len(rollouts))
+
+    def make_rollouts(self, batch: dict) -> Rollouts:
+        """Sample a group per prompt, score it, and compute group-normalised advantages."""
+        group = self.sampling.num_generations
+        completion_ids = generate(
+            self.policy, batch["prompt_ids"], batch["prompt_mask"], self.sampling, self.tokenizer.pad_token_id, self.eos_ids
+        )
+        mask, truncated = completion_mask(completion_ids, self.eos_ids)
+        completions = self.decode(completion_ids, mask)
+        if self.grpo.mask_truncated_completions:
+            mask = mask * (~truncated).unsqueeze(1)
+        prompts = [p for p in batch["prompts"] for _ in range(group)]
+        golds = [g for g in batch["golds"] for _ in range(group)]
+        rewards = self.reward_suite(prompts=prompts, completions=completions, golds=golds).to(self.device)
+        total = self.reward_suite.total(rewards)
+        advantages, zero_std = group_advantages(total, group, self.grpo.scale_rewards)
+        return Rollouts(
+            prompt_ids=batch["prompt_ids"].repeat_interleave(group, 0),
+            prompt_mask=batch["prompt_mask"].repeat_interleave(group, 0),
+            completion_ids=completion_ids,
+            completion_mask=mask,
+            is_truncated=truncated,
+            prompts=prompts,
+            completions=completions,
+            golds=golds,
+            rewards=rewards,
+            total_rewards=total,
+            advantages=advantages,
+            zero_std_groups=zero_std,
+            token_weights=torch.ones_like(mask),
+        )
+
+    @torch.no_grad()
+    def add_reference_logps(self, rollouts: Rollouts) -> None:
+        """Log-probs of the sampling policy (μ > 1) and of the reference (β > 0), without grad."""
+        if self.grpo.num_iterations > 1:
+            rollouts.old_logps = torch.cat([self.completion_logps(rollouts, rows)[0] for rows in self.micro_batches(rollouts)])
+        if self.grpo.beta > 0:
+            with self.policy.disable_adapter():
+                rollouts.ref_logps = torch.cat([self.completion_logps(rollouts, rows)[0] for rows in self.micro_batches(rollouts)])
+
+    def update(self, rollouts: Rollouts) -> dict[str, Tensor]:
+        """``num_iterations`` optimizer steps over the rollouts; returns the step's loss metrics."""
+        optimizer, scheduler = self.optimizers(), self.lr_schedulers()
+        micro_batches = self.micro_batches(rollouts)
+        divisor = gradient_accumulation_divisor(self.grpo.loss_type, len(micro_batches))
+        first_pass: list[tuple[Tensor, dict[str, Tensor]]] = []  # (tokens, metrics) per micro-batch
+        for iteration in range(self.grpo.num_iterations):
+            for rows in micro_batches:
+                logps, entropy = self.completion_logps(rollouts, rows)
+                mask = rollouts.completion_mask[rows]
+                loss, stats = clipped_surrogate_loss(
+                    logps,
+                    rollouts.old_logps[rows] if rollouts.old_logps is not None else logps.detach(),
+                    rollouts.advantages[rows],
+                    mask,
+                    loss_type=self.grpo.loss_type,
+                    epsilon_low=self.grpo.epsilon,
+                    epsilon_high=self.grpo.epsilon_high,
+                    beta=self.grpo.beta,
+                    ref_logps=rollouts.ref_logps[rows] if rollouts.ref_logps is not None else None,
+                    token_weights=rollouts.token_weights[rows],
+                    max_completion_length=self.sampling.max_new_tokens,
+                    num_items_in_batch=rollouts.completion_mask.sum(),
+                )
+                self.manual_backward(loss / divisor)
+                if iteration == 0:  # where the policy still is the sampler
+                    entropy_mean = (entropy * mask).sum() / mask.sum().clamp(min=1)
+                    first_pass.append((mask.sum(), {"loss": loss.detach(), "entropy": entropy_mean, **asdict(stats)}))
+            trainable = [p for p in self.policy.parameters() if p.requires_grad]
+            grad_norm = torch.nn.utils.clip_grad_norm_(trainable, self.grpo.max_grad_norm or float("inf"))
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            scheduler.step()
+        # Token-weighted means over the micro-batches.
+        tokens = sum(n for n, _ in first_pass).clamp(min=1)
+        names = first_pass[0][1]
+        return {"train/grad_norm": grad_norm, **{f"train/{k}": sum(n * m[k] for n, m in first_pass) / tokens for k in names}}
+
+    # ---- helpers --------------------------------------------------------------------------
+    def completion_logps(self, rollouts: Rollouts, rows: slice) -> tuple[Tensor, Tensor]:
+        """Per-token log-probs and entropies of the completion tokens of ``rows``.  # [n, L] each
+
+        Only the last L + 1 positions go through the LM head, and the chunked log-softmax keeps
+        at most a few rows of fp32 logits alive on top of this micro-batch's logits.
+        """
+        attention_mask = rollouts.attention_mask[rows]
+        targets = rollouts.completion_ids[rows]
+        logits = self.policy(
+            input_ids=rollouts.input_ids[rows],
+            attention_mask=attention_mask,
+            position_ids=position_ids_from_mask(attention_mask),
+            logits_to_keep=targets.shape[1] + 1,
+            use_cache=False,
+        ).logits[:, :-1]
+        return token_logprobs_and_entropy(logits, targets, temperature=self.sampling.temperature)
+
+    def micro_batches(self, rollouts: Rollouts) -> list[slice]:
+        size = self.grpo.micro_batch_size
+        return [slice(i, i + size) for i in range(0, len(rollouts), size)]
+
+    def decode(self, completion_ids: Tensor, mask: Tensor) -> list[str]:
+        """Response text up to and including the first EOS, special tokens removed."""
+        lengths = mask.sum(1).long().tolist()
+        return [self.tokenizer.decode(ids[:n], skip_special_tokens=True) for ids, n in zip(completion_ids.tolist(), lengths)]
+
+    # ---- validation -----------------------------------------------------------------------
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        size = len(batch["golds"])
+        greedy = generate(self.policy, batch["prompt_ids"], batch["prompt_mask"], self.sampling, self.tokenizer.pad_token_id, self.eos_ids, greedy=True)
+        scores = correctness_reward(prompts=batch["prompts"], completions=self.decode(greedy, completion_mask(greedy, self.eos_ids)[0]), golds=batch["golds"])
+        self.log("val/accuracy", sum(scores) / size, batch_size=size, prog_bar=True)
+        if self.val_num_samples > 0:
+            k = self.val_num_samples
+            sampled = generate(self.policy, batch["prompt_ids"], batch["prompt_mask"], self.sampling, self.tokenizer.pad_token_id, self.eos_ids, num_return_sequences=k)
+            scores = correctness_reward(
+                prompts=[p for p in batch["prompts"] for _ in range(k)],
+                completions=self.decode(sampled, completion_mask(sampled, self.eos_ids)[0]),
+                golds=[g for g in batch["golds"] for _ in range(k)],
+            )
+            self.log(f"val/accuracy_mean@{k}", sum(scores) / len(scores), batch_size=size)
+
+    # ---- optimisation and checkpoints -------------------------------------------------------
+    def configure_optimizers(self):
+        trainable = [p for p in self.policy.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(trainable, lr=self.optim.lr, weight_decay=self.optim.weight_decay, betas=tuple(self.optim.betas))
+        total = self.trainer.max_steps if self.trainer.max_steps > 0 else self.trainer.estimated_stepping_batches * self.grpo.num_iterations
+        scheduler = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda step: lr_factor(step, self.optim.warmup_steps, int(total), self.optim.schedule)
+        )
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def trainable_state_keys(self) -> set[str]:
+        return {f"policy.{name}" for name, p in self.policy.named_parameters() if p.requires_grad}
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        # The base weights never change and can be reloaded from policy.name_or_path.
+        keep = self.trainable_state_keys()
+        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in keep}
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        missing = self.trainable_state_keys() - set(checkpoint["state_dict"])
+        if missing:
+            raise ValueError(
+                f"checkpoint lacks {len(missing)} adapter tensors of this policy (e.g. {sorted(missing)[0]}); "
+                "was it written with another policy or LoRA config?"
+            )
+
+    def save_adapter(self, directory: str | Path) -> None:
+        """Write the adapter (peft format, loadable with ``PeftModel.from_pretrained``) and tokenizer."""
+        self.policy.save_pretrained(directory)
+        self.tokenizer.save_pretrained(directory)
+
+    def on_train_end(self) -> None:
+        if self.trainer.is_global_zero:
+            self.save_adapter(Path(self.trainer.log_dir or self.trainer.default_root_dir) / "adapter")
+
+
+def rollout_metrics(rollouts: Rollouts, reward_names: list[str], group: int) -> dict[str, Tensor]:
+    """Scalars that describe the sampled batch (rewards, advantages, lengths)."""
+    lengths = rollouts.completion_mask.sum(1)
+    metrics = {
+        "train/reward": rollouts.total_rewards.mean(),
+        "train/reward_std": rollouts.total_rewards.view(-1, group).std(1).mean(),
+        "train/zero_std_group_fraction": rollouts.zero_std_groups.float().mean(),
+        "train/advantage_mean": rollouts.advantages.mean(),
+        "train/advantage_std": rollouts.advantages.std(),
+        "train/response_length_mean": lengths.mean(),
+        "train/response_length_max": lengths.max(),
+        "train/truncated_fraction": rollouts.is_truncated.float().mean(),
+    }
+    for index, name in enumerate(reward_names):
+        metrics[f"train/reward/{name}"] = rollouts.rewards[:, index].mean()
+    if "correctness" in reward_names:
+        metrics["train/accuracy"] = metrics["train/reward/correctness"]
+    return metrics

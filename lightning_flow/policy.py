@@ -1,0 +1,170 @@
+"""The policy: a causal LM with a LoRA adapter (optionally over 4-bit NF4 weights), and generation.
+
+The reference policy for the KL term is the same model with its adapter disabled
+(``model.disable_adapter()``), so the base weights exist once.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass, field
+
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model
+from torch import Tensor
+from transformers import AutoModelForCausalLM, BitsAndBytesConfig, GenerationConfig, PreTrainedModel
+
+log = logging.getLogger(__name__)
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class PolicyConfig:
+    """How to build the policy."""
+
+    name_or_path: str
+    """Hub id (e.g. ``Qwen/Qwen2.5-0.5B-Instruct``) or local folder of a causal LM."""
+    dtype: str = "float32"
+    """Weight dtype of the base model: ``float32``, ``bfloat16`` or ``float16``."""
+    load_in_4bit: bool = False
+    """Quantize the base weights to 4-bit NF4 with double quantization (QLoRA)."""
+    lora_rank: int = 16
+    """LoRA rank r."""
+    lora_alpha: int = 32
+    """LoRA scaling numerator (the update is scaled by alpha / r)."""
+    lora_dropout: float = 0.0
+    """Dropout on the LoRA input."""
+    lora_target_modules: list[str] | str = "all-linear"
+    """Modules that get an adapter; ``all-linear`` means every attention and MLP projection."""
+    gradient_checkpointing: bool = False
+    """Recompute activations in backward (non-reentrant, works with LoRA)."""
+    attn_implementation: str = "sdpa"
+    """Attention kernel for generation and training."""
+    adapter_path: str | None = None
+    """Start from a saved peft adapter instead of a fresh one."""
+    trust_remote_code: bool = False
+    """Allow model code from the hub."""
+
+    def __post_init__(self) -> None:
+        if self.dtype not in _DTYPES:
+            raise ValueError(f"policy.dtype={self.dtype!r}: expected one of {sorted(_DTYPES)}")
+
+
+@dataclass
+class SamplingConfig:
+    """How responses are sampled."""
+
+    num_generations: int = 8
+    """Responses per prompt (the GRPO group size, at least 2)."""
+    max_new_tokens: int = 256
+    """Longest response; longer ones are truncated."""
+    temperature: float = 1.0
+    """Sampling temperature (log-probs in the loss use the same temperature)."""
+    top_p: float = 1.0
+    """Nucleus sampling threshold."""
+    top_k: int = 0
+    """Top-k sampling; 0 disables it."""
+    extra_eos_token_ids: list[int] = field(default_factory=list)
+    """Token ids that also end a response (the tokenizer's and model's EOS always do)."""
+
+    def __post_init__(self) -> None:
+        if self.num_generations < 2:
+            raise ValueError(
+                f"sampling.num_generations={self.num_generations}: group-normalised advantages need at least 2"
+            )
+
+
+def load_policy(cfg: PolicyConfig) -> PeftModel:
+    """Load the base model and wrap it with a trainable LoRA adapter, in train mode."""
+    dtype = _DTYPES[cfg.dtype]
+    kwargs: dict = dict(dtype=dtype, attn_implementation=cfg.attn_implementation, trust_remote_code=cfg.trust_remote_code)
+    if cfg.load_in_4bit:
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=dtype,
+        )
+        if torch.cuda.is_available():
+            kwargs["device_map"] = {"": int(os.environ.get("LOCAL_RANK", 0))}
+    base = AutoModelForCausalLM.from_pretrained(cfg.name_or_path, **kwargs)
+    if cfg.load_in_4bit:
+        disable_cpu_4bit_repacking(base)
+    if cfg.gradient_checkpointing:
+        base.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        base.config.use_cache = False  # the cache is only wanted in generate, which turns it on itself
+    if cfg.adapter_path:
+        model = PeftModel.from_pretrained(base, cfg.adapter_path, is_trainable=True)
+    else:
+        lora = LoraConfig(
+            r=cfg.lora_rank,
+            lora_alpha=cfg.lora_alpha,
+            lora_dropout=cfg.lora_dropout,
+            target_modules=cfg.lora_target_modules,
+            task_type="CAUSAL_LM",
+        )
+        model = get_peft_model(base, lora)
+    model.train()  # from_pretrained returns eval mode
+    return model
+
+
+def disable_cpu_4bit_repacking(model: PreTrainedModel) -> int:
+    """Stop bitsandbytes from repacking 4-bit weights into its CPU inference layout.
+
+    On CPU the first eval-mode no-grad forward of a ``Linear4bit`` (inside ``generate``) repacks
+    the weight for good, after which training computes wrong gradients silently (or crashes on
+    models with q/k/v bias). Returns the number of layers changed.
+    """
+    import bitsandbytes as bnb
+
+    layers = [m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)]
+    for layer in layers:
+        layer.support_avx512bf16_for_cpu = False
+    return len(layers)
+
+
+def eos_token_ids(model: PreTrainedModel, tokenizer, extra: list[int] = ()) -> list[int]:
+    """All ids that end a response: the tokenizer's EOS, the model's generation EOS(s), extras."""
+    ids = {tokenizer.eos_token_id, *extra}
+    generation_eos = model.generation_config.eos_token_id
+    ids.update(generation_eos if isinstance(generation_eos, list) else [generation_eos])
+    return sorted(i for i in ids if i is not None)
+
+
+def position_ids_from_mask(attention_mask: Tensor) -> Tensor:
+    """Positions that skip left padding, as generation uses them.  # [N, T] -> [N, T]"""
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+@torch.no_grad()
+def generate(
+    model: PeftModel, prompt_ids: Tensor, prompt_mask: Tensor, cfg: SamplingConfig, pad_token_id: int,
+    eos_ids: list[int], greedy: bool = False, num_return_sequences: int | None = None,
+) -> Tensor:
+    """Sample responses; returns completion ids [B * n, L<=max_new_tokens], groups contiguous.
+
+    prompt_ids, prompt_mask: [B, P], left-padded. A fresh GenerationConfig is used so that a
+    model's own defaults (top_k, repetition penalty) never change the sampling distribution
+    that the loss's log-probs assume.
+    """
+    n = num_return_sequences or (1 if greedy else cfg.num_generations)
+    generation_config = GenerationConfig(
+        do_sample=not greedy,
+        temperature=cfg.temperature if not greedy else None,
+        top_p=cfg.top_p if not greedy else None,
+        top_k=cfg.top_k if not greedy else None,
+        max_new_tokens=cfg.max_new_tokens,
+        num_return_sequences=n,
+        pad_token_id=pad_token_id,
+        eos_token_id=eos_ids,
+        use_cache=True,
+    )
+    was_training = model.training
+    model.eval()  # no dropout while sampling; also lets generate use the KV cache with checkpointing
+    try:
+        out = model.generate(input_ids=prompt_ids, attention_mask=prompt_mask, generation_config=generation_config)
+    finally:
+        model.train(was_training)
+    return out[:, prompt_ids.shape[1]:]

@@ -1,0 +1,131 @@
+"""The policy: LoRA wiring, the CPU 4-bit guard, generation vs training log-probs, adapters."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from bitsandbytes.functional import has_avx512bf16
+from peft import PeftModel
+from transformers import AutoModelForCausalLM
+
+from lightning_flow.policy import PolicyConfig, SamplingConfig, disable_cpu_4bit_repacking, generate, load_policy, position_ids_from_mask
+from lightning_flow.tokenizer import load_tokenizer
+
+
+def lora_gradients(model, ids: torch.Tensor) -> torch.Tensor:
+    model.zero_grad(set_to_none=True)
+    model(input_ids=ids, labels=ids).loss.backward()
+    return torch.cat([p.grad.flatten() for p in model.parameters() if p.requires_grad])
+
+
+def perturb_adapter(model, seed: int = 0) -> None:
+    """LoRA's B starts at zero; give it values so the adapter changes the output."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_" in name:
+                p.copy_(torch.randn(p.shape, generator=generator) * 0.1)
+
+
+def test_lora_targets_every_projection_and_freezes_the_base(tiny_policy_dir):
+    model = load_policy(PolicyConfig(str(tiny_policy_dir), lora_rank=4))
+    assert model.training
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert trainable and all("lora_" in n for n in trainable)
+    for projection in ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]:
+        assert any(projection in n for n in trainable), projection
+
+
+def test_4bit_gradients_after_generate_equal_gradients_before(tiny_policy_dir):
+    model = load_policy(PolicyConfig(str(tiny_policy_dir), load_in_4bit=True, lora_rank=4))
+    perturb_adapter(model)
+    ids = torch.randint(4, 90, (2, 12), generator=torch.Generator().manual_seed(0))
+    before = lora_gradients(model, ids)
+    generate(model, ids[:, :4], torch.ones(2, 4, dtype=torch.long), SamplingConfig(max_new_tokens=4), 0, [2], greedy=True)
+    after = lora_gradients(model, ids)
+    torch.testing.assert_close(after, before, rtol=0, atol=0)
+
+
+def test_4bit_trap_exists_without_the_guard(tiny_policy_dir, monkeypatch):
+    """Shows the guard above is needed: undo it and the same check fails on this CPU."""
+    if not has_avx512bf16():
+        pytest.skip("this CPU lacks AVX512-BF16, where bitsandbytes never repacks")
+    monkeypatch.setattr("lightning_flow.policy.disable_cpu_4bit_repacking", lambda model: 0)
+    model = load_policy(PolicyConfig(str(tiny_policy_dir), load_in_4bit=True, lora_rank=4))
+    perturb_adapter(model)
+    ids = torch.randint(4, 90, (2, 12), generator=torch.Generator().manual_seed(0))
+    before = lora_gradients(model, ids)
+    generate(model, ids[:, :4], torch.ones(2, 4, dtype=torch.long), SamplingConfig(max_new_tokens=4), 0, [2], greedy=True)
+    assert not torch.allclose(lora_gradients(model, ids), before)
+    assert disable_cpu_4bit_repacking(model) > 0
+
+
+def test_training_forward_reproduces_generation_logits_with_left_padding(tiny_policy_dir):
+    """The loss's log-probs must be those of the distribution that sampled the tokens."""
+    model = load_policy(PolicyConfig(str(tiny_policy_dir), lora_rank=4))
+    perturb_adapter(model)
+    tokenizer = load_tokenizer(str(tiny_policy_dir))
+    batch = tokenizer(["1+2", "3+4-5+6"], return_tensors="pt", padding=True)
+    assert batch.attention_mask[0, 0] == 0  # really left-padded
+    model.eval()
+    with torch.no_grad():
+        out = model.generate(
+            **batch, do_sample=False, max_new_tokens=6, output_logits=True, return_dict_in_generate=True,
+            pad_token_id=tokenizer.pad_token_id, eos_token_id=None,
+        )
+        completion = out.sequences[:, batch.input_ids.shape[1]:]
+        generation_logits = torch.stack(out.logits, dim=1)  # [B, L, V]
+        ids = out.sequences
+        mask = torch.cat([batch.attention_mask, torch.ones_like(completion)], dim=1)
+        logits = model(input_ids=ids, attention_mask=mask, position_ids=position_ids_from_mask(mask), logits_to_keep=completion.shape[1] + 1).logits[:, :-1]
+    torch.testing.assert_close(logits, generation_logits, rtol=1e-4, atol=1e-4)
+    assert torch.equal(logits.argmax(-1), completion)
+
+
+def test_reference_policy_is_the_base_model_without_a_copy(tiny_policy_dir):
+    model = load_policy(PolicyConfig(str(tiny_policy_dir), lora_rank=4))
+    perturb_adapter(model)
+    base = AutoModelForCausalLM.from_pretrained(tiny_policy_dir).eval()
+    ids = torch.randint(4, 90, (2, 10), generator=torch.Generator().manual_seed(1))
+    model.eval()
+    with torch.no_grad():
+        adapted = model(input_ids=ids).logits
+        with model.disable_adapter():
+            reference = model(input_ids=ids).logits
+        expected = base(input_ids=ids).logits
+    torch.testing.assert_close(reference, expected)
+    assert not torch.allclose(adapted, expected)
+    base_params = sum(p.numel() for p in base.parameters())
+    frozen = sum(p.numel() for p in model.parameters() if not p.requires_grad)
+    assert frozen == base_params  # one copy of the base weights
+
+
+def test_gradient_checkpointing_gives_the_same_lora_gradients(tiny_policy_dir):
+    ids = torch.randint(4, 90, (2, 12), generator=torch.Generator().manual_seed(2))
+    grads = []
+    for checkpointing in (False, True):
+        model = load_policy(PolicyConfig(str(tiny_policy_dir), lora_rank=4, gradient_checkpointing=checkpointing))
+        perturb_adapter(model)
+        grads.append(lora_gradients(model, ids))
+    torch.testing.assert_close(grads[1], grads[0])
+
+
+def test_saved_adapter_loads_in_plain_peft(tiny_policy_dir, tmp_path):
+    model = load_policy(PolicyConfig(str(tiny_policy_dir), lora_rank=4))
+    perturb_adapter(model)
+    model.save_pretrained(tmp_path / "adapter")
+    reloaded = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_policy_dir), tmp_path / "adapter").eval()
+    ids = torch.randint(4, 90, (2, 10), generator=torch.Generator().manual_seed(3))
+    model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(input_ids=ids).logits, model(input_ids=ids).logits)
+
+
+def test_group_size_below_two_is_refused():
+    with pytest.raises(ValueError, match="num_generations=1"):
+        SamplingConfig(num_generations=1)
+
+
+def test_unknown_dtype_names_the_choices():
+    with pytest.raises(ValueError, match="bfloat16"):
+        PolicyConfig("x", dtype="fp8")
