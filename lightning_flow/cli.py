@@ -14,11 +14,14 @@ class FlowCLI(LightningCLI):
         parser.link_arguments("model.policy.name_or_path", "data.init_args.tokenizer")
 
 
-def main(args: list[str] | None = None) -> FlowCLI:
+def main(args: list[str] | None = None, run: bool = True) -> FlowCLI:
+    """Parse ``args`` (default: sys.argv) and run the subcommand; with ``run=False`` only build
+    the model, data and trainer from a config without a subcommand (for scripts)."""
     return FlowCLI(
         GRPOModule,
         PromptDataModule,
         subclass_mode_data=True,
         save_config_kwargs={"overwrite": True},
         args=args,
+        run=run,
     )

@@ -36,3 +36,11 @@ def tiny_policy_dir(tmp_path_factory) -> Path:
     build_tiny_llama(tokenizer, seed=0).save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path
+
+
+@pytest.fixture(scope="session")
+def gpt2_tokenizer(shared_data: Path):
+    """The GPT-2 tokenizer from shared/data/tokenizer, left-padded with pad = eos."""
+    from lightning_flow.tokenizer import load_tokenizer
+
+    return load_tokenizer(str(shared_data / "tokenizer"))

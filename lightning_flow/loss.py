@@ -1,0 +1,249 @@
+"""GRPO-family losses as pure tensor functions (formulas follow TRL's GRPOTrainer).
+
+N = responses in the generation batch (prompts × G, groups contiguous), n = responses in one
+micro-batch, L = completion length, V = vocabulary size. Nothing here knows about models,
+trainers or tokenizers, so every function can be checked by hand on small tensors.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Literal, get_args
+
+import torch
+from torch import Tensor
+
+LossType = Literal["grpo", "bnpo", "dr_grpo", "dapo"]
+ScaleRewards = Literal["group", "batch", "none"]
+
+_STD_EPS = 1e-4  # added to the std, as TRL does, so tiny spreads do not explode
+
+
+def _check_choice(name: str, value: str, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise ValueError(f"unknown {name} {value!r}; expected one of {', '.join(allowed)}")
+
+
+def _check_shape(name: str, tensor: Tensor, expected: torch.Size, expected_name: str) -> None:
+    if tensor.shape != expected:
+        raise ValueError(f"{name} has shape {tuple(tensor.shape)} but {expected_name} has shape {tuple(expected)}")
+
+
+# ---- rewards -> advantages -----------------------------------------------------------------
+def group_advantages(rewards: Tensor, num_generations: int, scale_rewards: ScaleRewards = "group") -> tuple[Tensor, Tensor]:
+    """Group-relative advantages.
+
+    rewards  # [N], rows g*G .. g*G+G-1 form group g
+    Returns (advantages [N], zero_std_groups [N // G] bool).
+    A = r - group mean, divided by (unbiased std + 1e-4) of the group ("group") or of the whole
+    batch ("batch"), or left unscaled ("none"). Groups with all-equal rewards get exactly 0.
+    """
+    _check_choice("scale_rewards", scale_rewards, get_args(ScaleRewards))
+    if rewards.dim() != 1:
+        raise ValueError(f"rewards must be 1-D [N], got shape {tuple(rewards.shape)}")
+    if num_generations < 2:
+        raise ValueError(f"num_generations must be >= 2 (a group needs a spread), got {num_generations}")
+    if rewards.numel() % num_generations:
+        raise ValueError(f"number of rewards {rewards.numel()} is not divisible by num_generations {num_generations}")
+    rewards = rewards if rewards.is_floating_point() else rewards.float()
+    grouped = rewards.view(-1, num_generations)  # [N / G, G]
+    zero_std = (grouped == grouped[:, :1]).all(dim=1)  # [N / G]
+    advantages = grouped - grouped.mean(dim=1, keepdim=True)
+    if scale_rewards == "group":
+        advantages = advantages / (grouped.std(dim=1, keepdim=True) + _STD_EPS)
+    elif scale_rewards == "batch":
+        advantages = advantages / (rewards.std() + _STD_EPS)
+    # The mean of equal floats can be off by an ulp; force the "no signal" groups to exact zero.
+    advantages = torch.where(zero_std[:, None], torch.zeros_like(advantages), advantages)
+    return advantages.reshape(-1), zero_std
+
+
+# ---- which tokens count --------------------------------------------------------------------
+def completion_mask(completion_ids: Tensor, eos_token_ids: int | Sequence[int], mask_truncated: bool = False) -> tuple[Tensor, Tensor]:
+    """Mask of the tokens that belong to each response.
+
+    completion_ids  # [N, L] as generated, padding after the end
+    Returns (mask [N, L] float32, 1 up to and including the first EOS; is_truncated [N] bool,
+    True for rows with no EOS). With mask_truncated, truncated rows get an all-zero mask.
+    """
+    if completion_ids.dim() != 2:
+        raise ValueError(f"completion_ids must be 2-D [N, L], got shape {tuple(completion_ids.shape)}")
+    ids = [eos_token_ids] if isinstance(eos_token_ids, int) else list(eos_token_ids)
+    if not ids:
+        raise ValueError("eos_token_ids must name at least one token id")
+    is_eos = torch.isin(completion_ids, torch.tensor(ids, device=completion_ids.device))  # [N, L]
+    is_truncated = ~is_eos.any(dim=1)  # [N]
+    # Position after the first EOS; L for rows without one. cumsum of "seen an EOS before me"
+    # is zero exactly up to and including the first EOS.
+    eos_before = is_eos.int().cumsum(dim=1) - is_eos.int()  # [N, L]
+    mask = (eos_before == 0).float()
+    if mask_truncated:
+        mask = mask * (~is_truncated).float()[:, None]
+    return mask, is_truncated
+
+
+# ---- log-probs from logits, chunked ---------------------------------------------------------
+def _log_normalised(chunk: Tensor, temperature: float) -> Tensor:
+    """log softmax(chunk / T) in a single fresh fp32 buffer (in-place ops after one copy)."""
+    x = chunk.to(torch.float32, copy=True).div_(temperature)
+    return x.sub_(torch.logsumexp(x, dim=-1, keepdim=True))
+
+
+class _ChunkedTokenLogprobs(torch.autograd.Function):
+    """Forward and backward both walk `chunk_size` rows at a time.
+
+    Plain autograd through log_softmax would keep an fp32 [N, L, V] output alive until backward;
+    here only the original logits are saved and each chunk's softmax is recomputed in backward.
+    """
+
+    @staticmethod
+    def forward(ctx, logits: Tensor, targets: Tensor, temperature: float, chunk_size: int):  # [N, L, V], [N, L]
+        n = logits.shape[0]
+        logps = logits.new_empty(targets.shape, dtype=torch.float32)  # [N, L]
+        entropy = logits.new_empty(targets.shape, dtype=torch.float32)  # [N, L]
+        for start in range(0, n, chunk_size):
+            rows = slice(start, start + chunk_size)
+            log_p = _log_normalised(logits[rows], temperature)  # [c, L, V] fp32
+            logps[rows] = log_p.gather(-1, targets[rows, :, None]).squeeze(-1)
+            # H = -sum p log p; nan_to_num: a -inf logit gives 0 * -inf, whose limit is 0
+            entropy[rows] = -log_p.exp().mul_(log_p).nan_to_num_(nan=0.0).sum(dim=-1)
+            del log_p  # free this chunk before casting the next
+        ctx.save_for_backward(logits, targets)
+        ctx.temperature, ctx.chunk_size = temperature, chunk_size
+        ctx.mark_non_differentiable(entropy)
+        return logps, entropy
+
+    @staticmethod
+    def backward(ctx, grad_logps: Tensor, _grad_entropy: Tensor):  # [N, L]
+        logits, targets = ctx.saved_tensors
+        grad_logits = torch.empty_like(logits)
+        for start in range(0, logits.shape[0], ctx.chunk_size):
+            rows = slice(start, start + ctx.chunk_size)
+            g = grad_logps[rows, :, None].float()  # [c, L, 1]
+            # d log p_y / d z_v = (1[v == y] - p_v) / T
+            grad = _log_normalised(logits[rows], ctx.temperature).exp_().mul_(-g)
+            grad.scatter_add_(-1, targets[rows, :, None], g).div_(ctx.temperature)
+            grad_logits[rows] = grad
+            del grad
+        return grad_logits, None, None, None
+
+
+def token_logprobs_and_entropy(logits: Tensor, targets: Tensor, temperature: float = 1.0, chunk_size: int = 8) -> tuple[Tensor, Tensor]:
+    """Log-prob of each target token and entropy of the tempered distribution.
+
+    logits   # [N, L, V] any float dtype
+    targets  # [N, L] long
+    Returns (logps [N, L] float32, differentiable w.r.t. logits; entropy [N, L] float32, detached).
+    Only `chunk_size` rows are ever cast to fp32 at once (the vocabulary can be ~150K).
+    """
+    if logits.dim() != 3 or targets.shape != logits.shape[:2]:
+        raise ValueError(f"expected logits [N, L, V] and targets [N, L], got {tuple(logits.shape)} and {tuple(targets.shape)}")
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    return _ChunkedTokenLogprobs.apply(logits, targets.long(), float(temperature), int(chunk_size))
+
+
+# ---- the clipped surrogate ------------------------------------------------------------------
+@dataclass(frozen=True)
+class LossStats:
+    """Detached scalar diagnostics of one micro-batch (masked means over completion tokens)."""
+
+    kl: Tensor
+    clip_ratio_low: Tensor
+    clip_ratio_high: Tensor
+    clip_ratio: Tensor
+
+
+def _masked_mean(values: Tensor, mask: Tensor) -> Tensor:  # [n, L], [n, L] -> scalar
+    return (values * mask).sum() / mask.sum().clamp(min=1)
+
+
+def clipped_surrogate_loss(
+    logps: Tensor,  # [n, L] current policy, requires grad
+    old_logps: Tensor,  # [n, L] sampling policy (detached); logps.detach() when num_iterations == 1
+    advantages: Tensor,  # [n] one per response
+    mask: Tensor,  # [n, L] completion mask
+    loss_type: LossType = "grpo",
+    epsilon_low: float = 0.2,
+    epsilon_high: float | None = None,  # None -> epsilon_low
+    beta: float = 0.0,
+    ref_logps: Tensor | None = None,  # [n, L], required when beta > 0
+    token_weights: Tensor | None = None,  # [n, L] per-token credit, A_t = w_t * A
+    max_completion_length: int | None = None,  # required for dr_grpo
+    num_items_in_batch: int | float | Tensor | None = None,  # required for dapo: tokens of the whole generation batch
+) -> tuple[Tensor, LossStats]:
+    """PPO-style clipped objective with an optional k3 KL penalty, aggregated per `loss_type`.
+
+    per-token loss = -min(rho * A_t, clip(rho, 1 - eps_low, 1 + eps_high) * A_t) + beta * k3,
+    rho = exp(logps - old_logps), k3 = exp(ref - logps) - (ref - logps) - 1.
+    grpo: mean over responses of each response's token mean; bnpo: mean over the micro-batch's
+    tokens; dr_grpo: sum / (n * max_completion_length); dapo: sum / num_items_in_batch.
+    Under DDP gradient averaging, pass num_items_in_batch / world_size for dapo (as TRL does).
+    """
+    _check_choice("loss_type", loss_type, get_args(LossType))
+    if logps.dim() != 2:
+        raise ValueError(f"logps must be 2-D [n, L], got shape {tuple(logps.shape)}")
+    for name, other in (("old_logps", old_logps), ("mask", mask), ("ref_logps", ref_logps), ("token_weights", token_weights)):
+        if other is not None:
+            _check_shape(name, other, logps.shape, "logps")
+    _check_shape("advantages", advantages, logps.shape[:1], "logps[:, 0]")
+    if beta > 0 and ref_logps is None:
+        raise ValueError("beta > 0 needs ref_logps (the reference policy's log-probs)")
+    if loss_type == "dr_grpo" and max_completion_length is None:
+        raise ValueError("loss_type 'dr_grpo' needs max_completion_length")
+    if loss_type == "dapo" and num_items_in_batch is None:
+        raise ValueError("loss_type 'dapo' needs num_items_in_batch (completion tokens of the whole batch)")
+    epsilon_high = epsilon_low if epsilon_high is None else epsilon_high
+
+    mask = mask.to(logps.dtype)
+    adv = advantages.to(logps.dtype)[:, None].expand_as(logps)  # [n, L]
+    if token_weights is not None:
+        adv = adv * token_weights.to(logps.dtype)
+    adv = adv.detach()  # credit is a target, never a path for gradients
+
+    present = mask > 0
+    # Padding positions may hold any log-probs; zero their log-ratio so exp cannot overflow
+    # into inf * 0 = NaN (where() also sends them zero gradient).
+    ratio = torch.exp(torch.where(present, logps - old_logps.detach(), 0.0))  # [n, L]
+    clipped = torch.clamp(ratio, 1 - epsilon_low, 1 + epsilon_high)
+    per_token = -torch.min(ratio * adv, clipped * adv)  # [n, L]
+    kl = None
+    if ref_logps is not None:
+        delta = torch.where(present, ref_logps.detach() - logps, 0.0)
+        kl = torch.exp(delta) - delta - 1  # k3: unbiased, always >= 0
+        if beta > 0:
+            per_token = per_token + beta * kl
+
+    masked_sum = (per_token * mask).sum()
+    if loss_type == "grpo":
+        loss = ((per_token * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1)).mean()
+    elif loss_type == "bnpo":
+        loss = masked_sum / mask.sum().clamp(min=1)
+    elif loss_type == "dr_grpo":
+        loss = masked_sum / (logps.shape[0] * max_completion_length)
+    else:  # dapo: clamp so an all-empty batch gives 0, not NaN
+        loss = masked_sum / torch.as_tensor(num_items_in_batch, dtype=logps.dtype, device=logps.device).clamp(min=1)
+
+    with torch.no_grad():
+        low = ((ratio < 1 - epsilon_low) & (adv < 0)).to(logps.dtype)
+        high = ((ratio > 1 + epsilon_high) & (adv > 0)).to(logps.dtype)
+        stats = LossStats(
+            kl=_masked_mean(kl, mask) if kl is not None else logps.new_zeros(()),
+            clip_ratio_low=_masked_mean(low, mask),
+            clip_ratio_high=_masked_mean(high, mask),
+            clip_ratio=_masked_mean(torch.maximum(low, high), mask),
+        )
+    return loss, stats
+
+
+def gradient_accumulation_divisor(loss_type: LossType, num_micro_batches: int) -> int:
+    """What each micro-batch loss is divided by before backward, so one optimizer step sees the
+    whole generation batch's loss: the number of (equal) micro-batches for grpo/bnpo/dr_grpo
+    (their losses are per-micro-batch means), 1 for dapo (already normalised by the whole batch)."""
+    _check_choice("loss_type", loss_type, get_args(LossType))
+    if num_micro_batches < 1:
+        raise ValueError(f"num_micro_batches must be >= 1, got {num_micro_batches}")
+    return 1 if loss_type == "dapo" else num_micro_batches

@@ -1,0 +1,376 @@
+"""Checks lightning_flow.loss against formulas written out here with python floats (float64).
+
+Every expected number below comes from explicit loops and `math`, never from the code under
+test, so a wrong sign, a wrong normaliser or a wrong clip branch shows up as a mismatch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import pytest
+import torch
+
+from lightning_flow.loss import (
+    LossStats,
+    clipped_surrogate_loss,
+    completion_mask,
+    gradient_accumulation_divisor,
+    group_advantages,
+    token_logprobs_and_entropy,
+)
+
+LOSS_TYPES = ["grpo", "bnpo", "dr_grpo", "dapo"]
+
+
+# ---- reference: the clipped surrogate, token by token --------------------------------------
+def reference_loss(logps, old, adv, mask, loss_type, eps_low=0.2, eps_high=None, beta=0.0, ref=None, weights=None, max_len=None, num_items=None):
+    """Returns (loss, dloss/dlogps as nested lists), all python floats."""
+    eps_high = eps_low if eps_high is None else eps_high
+    n, length = len(logps), len(logps[0])
+    counts = [sum(row) for row in mask]
+    total = sum(counts)
+    loss, grad = 0.0, [[0.0] * length for _ in range(n)]
+    for i in range(n):
+        for t in range(length):
+            if not mask[i][t]:
+                continue
+            a = adv[i] * (weights[i][t] if weights is not None else 1.0)
+            rho = math.exp(logps[i][t] - old[i][t])
+            clipped_rho = min(max(rho, 1 - eps_low), 1 + eps_high)
+            unclipped_term, clipped_term = rho * a, clipped_rho * a
+            token_loss = -min(unclipped_term, clipped_term)
+            # d(-rho*a)/dlogp = -rho*a; the clipped branch is flat once rho is outside the range.
+            inside = 1 - eps_low <= rho <= 1 + eps_high
+            token_grad = -rho * a if (unclipped_term < clipped_term or inside) else 0.0
+            if beta:
+                d = ref[i][t] - logps[i][t]
+                token_loss += beta * (math.exp(d) - d - 1)
+                token_grad += beta * (1 - math.exp(d))
+            if loss_type == "grpo":
+                scale = 1 / (max(counts[i], 1) * n)
+            elif loss_type == "bnpo":
+                scale = 1 / max(total, 1)
+            elif loss_type == "dr_grpo":
+                scale = 1 / (n * max_len)
+            else:
+                scale = 1 / num_items
+            loss += scale * token_loss
+            grad[i][t] = scale * token_grad
+    return loss, grad
+
+
+def to_lists(t):
+    return t.detach().double().tolist()
+
+
+def run_loss(case, loss_type, **kwargs):
+    """(loss, grad w.r.t. logps, stats) from the code under test."""
+    logps = case["logps"].clone().requires_grad_(True)
+    loss, stats = clipped_surrogate_loss(logps, case["old"], case["adv"], case["mask"], loss_type=loss_type, **kwargs)
+    (grad,) = torch.autograd.grad(loss, logps)
+    return loss, grad, stats
+
+
+@pytest.fixture
+def case():
+    """3 responses x 4 tokens. Log-ratios put rho above 1.28 and below 0.8 for both signs of A.
+
+    row 0 (A=+1):   rho 1.5 (clipped high -> grad 0), rho 0.5 (min takes rho*A -> grad), inside, inside
+    row 1 (A=-0.5): rho 1.5 (min takes rho*A -> grad), rho 0.5 (clipped low -> grad 0), inside, masked
+    row 2 (A=+2):   fully masked, with a log-ratio of 800 that would overflow exp if not masked
+    """
+    logps = torch.tensor([[-1.2, -0.3, -2.0, -0.7], [-0.5, -1.1, -0.9, -3.0], [-0.4, -0.6, -0.8, -1.0]], dtype=torch.float64)
+    log_ratio = torch.tensor([[math.log(1.5), math.log(0.5), 0.1, 0.0], [math.log(1.5), math.log(0.5), -0.05, 0.3], [800.0] * 4], dtype=torch.float64)
+    mask = torch.tensor([[1, 1, 1, 1], [1, 1, 1, 0], [0, 0, 0, 0]], dtype=torch.float64)
+    ref = logps + torch.tensor([[0.3, -0.2, 0.5, 0.0], [-0.4, 0.1, 0.2, 0.7], [0.1, 0.1, 0.1, 0.1]], dtype=torch.float64)
+    return {"logps": logps, "old": logps - log_ratio, "adv": torch.tensor([1.0, -0.5, 2.0], dtype=torch.float64), "mask": mask, "ref": ref}
+
+
+def normaliser_kwargs(loss_type, mask):
+    return {"max_completion_length": 6, "num_items_in_batch": int(mask.sum()) + 5}  # dapo: the batch is bigger
+
+
+def reference_for(case, loss_type, **kwargs):
+    return reference_loss(
+        to_lists(case["logps"]), to_lists(case["old"]), to_lists(case["adv"]), to_lists(case["mask"]), loss_type,
+        max_len=kwargs.get("max_completion_length"), num_items=kwargs.get("num_items_in_batch"),
+        eps_low=kwargs.get("epsilon_low", 0.2), eps_high=kwargs.get("epsilon_high"), beta=kwargs.get("beta", 0.0),
+        ref=to_lists(case["ref"]), weights=to_lists(kwargs["token_weights"]) if "token_weights" in kwargs else None,
+    )
+
+
+# ---- clipped_surrogate_loss ----------------------------------------------------------------
+@pytest.mark.parametrize("loss_type", LOSS_TYPES)
+@pytest.mark.parametrize("epsilon_high", [None, 0.28])
+def test_loss_value_and_gradient_match_reference(case, loss_type, epsilon_high):
+    kwargs = {**normaliser_kwargs(loss_type, case["mask"]), "epsilon_high": epsilon_high}
+    loss, grad, _ = run_loss(case, loss_type, **kwargs)
+    expected_loss, expected_grad = reference_for(case, loss_type, **kwargs)
+    assert not torch.isnan(loss) and not torch.isnan(grad).any()
+    assert loss.item() == pytest.approx(expected_loss, rel=1e-12, abs=1e-14)
+    torch.testing.assert_close(grad, torch.tensor(expected_grad, dtype=torch.float64), rtol=1e-12, atol=1e-14)
+
+
+@pytest.mark.parametrize("loss_type", LOSS_TYPES)
+def test_gradient_is_zero_exactly_where_min_picks_the_clipped_branch(case, loss_type):
+    _, grad, _ = run_loss(case, loss_type, **normaliser_kwargs(loss_type, case["mask"]))
+    assert grad[0, 0] == 0 and grad[1, 1] == 0  # A>0 with rho>1+eps, A<0 with rho<1-eps
+    assert grad[0, 1] < 0 and grad[1, 0] > 0  # unclipped: the gradient is -rho*A times the normaliser
+    assert (grad[1, 3] == 0) and (grad[2] == 0).all()  # masked tokens
+
+
+def test_clip_ratios_count_only_masked_clipped_tokens(case):
+    _, _, stats = run_loss(case, "grpo", epsilon_high=0.28)
+    # 7 unmasked tokens; row 0 token 0 is clipped high, row 1 token 1 is clipped low.
+    # row 1 token 3 (rho = e^0.3 > 1.28 but A < 0, and masked) must not count.
+    assert stats.clip_ratio_high.item() == pytest.approx(1 / 7)
+    assert stats.clip_ratio_low.item() == pytest.approx(1 / 7)
+    assert stats.clip_ratio.item() == pytest.approx(2 / 7)
+    assert stats.kl.item() == 0.0
+
+
+def test_first_iteration_gradient_is_minus_advantage(case):
+    # num_iterations == 1: old_logps is logps itself, rho == 1 and nothing is clipped.
+    logps = case["logps"].clone().requires_grad_(True)
+    loss, stats = clipped_surrogate_loss(logps, logps.detach(), case["adv"], case["mask"], loss_type="grpo")
+    (grad,) = torch.autograd.grad(loss, logps)
+    expected = [[-case["adv"][i].item() * case["mask"][i, t].item() / (max(case["mask"][i].sum().item(), 1) * 3) for t in range(4)] for i in range(3)]
+    torch.testing.assert_close(grad, torch.tensor(expected, dtype=torch.float64))
+    assert stats.clip_ratio.item() == 0.0
+
+
+@pytest.mark.parametrize("loss_type", LOSS_TYPES)
+def test_token_weights_scale_the_advantage(case, loss_type):
+    kwargs = normaliser_kwargs(loss_type, case["mask"])
+    twice = torch.full_like(case["logps"], 2.0)
+    loss_w, grad_w, stats_w = run_loss(case, loss_type, token_weights=twice, **kwargs)
+    loss_a, grad_a, _ = run_loss({**case, "adv": case["adv"] * 2}, loss_type, **kwargs)
+    loss_1, grad_1, _ = run_loss(case, loss_type, **kwargs)
+    torch.testing.assert_close(loss_w, loss_a)
+    torch.testing.assert_close(grad_w, grad_a)
+    torch.testing.assert_close(loss_w, 2 * loss_1)  # -min(rho*2A, c*2A) == 2 * -min(rho*A, c*A)
+    torch.testing.assert_close(grad_w, 2 * grad_1)
+    # Uneven weights, including a zero and a sign flip, against the reference.
+    weights = torch.tensor([[2.0, 0.5, 1.0, 0.0], [1.0, -1.0, 3.0, 1.0], [1.0] * 4], dtype=torch.float64)
+    loss, grad, stats = run_loss(case, loss_type, token_weights=weights, **kwargs)
+    expected_loss, expected_grad = reference_for(case, loss_type, token_weights=weights, **kwargs)
+    assert loss.item() == pytest.approx(expected_loss, rel=1e-12)
+    torch.testing.assert_close(grad, torch.tensor(expected_grad, dtype=torch.float64))
+    # Row 1 token 1 has A_t = +0.5 now, and rho 0.5 < 0.8 -> no longer a low clip.
+    assert stats.clip_ratio_low.item() == 0.0
+
+
+def test_no_gradient_flows_into_advantages_or_token_weights(case):
+    adv = case["adv"].clone().requires_grad_(True)
+    weights = torch.ones_like(case["logps"], requires_grad=True)
+    logps = case["logps"].clone().requires_grad_(True)
+    loss, _ = clipped_surrogate_loss(logps, case["old"], adv, case["mask"], token_weights=weights)
+    assert torch.autograd.grad(loss, [adv, weights], allow_unused=True) == (None, None)
+
+
+@pytest.mark.parametrize("loss_type", LOSS_TYPES)
+def test_kl_penalty_value_and_gradient(case, loss_type):
+    kwargs = {**normaliser_kwargs(loss_type, case["mask"]), "beta": 0.04}
+    loss, grad, stats = run_loss(case, loss_type, ref_logps=case["ref"], **kwargs)
+    expected_loss, expected_grad = reference_for(case, loss_type, **kwargs)
+    assert loss.item() == pytest.approx(expected_loss, rel=1e-12)
+    torch.testing.assert_close(grad, torch.tensor(expected_grad, dtype=torch.float64))
+    k3 = [math.exp(r - lp) - (r - lp) - 1 for lr, rr, mr in zip(to_lists(case["logps"]), to_lists(case["ref"]), to_lists(case["mask"])) for lp, r, m in zip(lr, rr, mr) if m]
+    assert stats.kl.item() == pytest.approx(sum(k3) / len(k3), rel=1e-12)
+
+
+def test_kl_stat_is_reported_with_ref_even_when_beta_is_zero(case):
+    loss0, _, stats = run_loss(case, "bnpo", ref_logps=case["ref"])
+    loss1, _, _ = run_loss(case, "bnpo")
+    assert stats.kl.item() > 0
+    torch.testing.assert_close(loss0, loss1)  # beta == 0 keeps KL out of the loss
+
+
+def test_stats_are_frozen_detached_scalars(case):
+    _, _, stats = run_loss(case, "grpo", beta=0.1, ref_logps=case["ref"])
+    assert isinstance(stats, LossStats)
+    for value in dataclasses.asdict(stats).values():
+        assert value.shape == () and not value.requires_grad
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        stats.kl = torch.tensor(0.0)
+
+
+def test_all_masked_batch_gives_zero_not_nan(case):
+    mask = torch.zeros_like(case["mask"])
+    for loss_type in LOSS_TYPES:
+        loss, grad, stats = run_loss({**case, "mask": mask}, loss_type, max_completion_length=4, num_items_in_batch=0, beta=0.1, ref_logps=case["ref"])
+        assert loss.item() == 0.0 and (grad == 0).all()
+        assert all(v.item() == 0.0 for v in dataclasses.asdict(stats).values())
+
+
+def test_loss_input_validation(case):
+    lp, old, adv, mask = case["logps"], case["old"], case["adv"], case["mask"]
+    with pytest.raises(ValueError, match="grpo, bnpo, dr_grpo, dapo"):
+        clipped_surrogate_loss(lp, old, adv, mask, loss_type="ppo")
+    with pytest.raises(ValueError, match=r"mask has shape \(3, 3\).*logps has shape \(3, 4\)"):
+        clipped_surrogate_loss(lp, old, adv, mask[:, :3])
+    with pytest.raises(ValueError, match=r"advantages has shape \(2,\)"):
+        clipped_surrogate_loss(lp, old, adv[:2], mask)
+    with pytest.raises(ValueError, match="ref_logps"):
+        clipped_surrogate_loss(lp, old, adv, mask, beta=0.1)
+    with pytest.raises(ValueError, match="max_completion_length"):
+        clipped_surrogate_loss(lp, old, adv, mask, loss_type="dr_grpo")
+    with pytest.raises(ValueError, match="num_items_in_batch"):
+        clipped_surrogate_loss(lp, old, adv, mask, loss_type="dapo")
+
+
+# ---- gradient accumulation -----------------------------------------------------------------
+def test_gradient_accumulation_divisor():
+    assert [gradient_accumulation_divisor(t, 4) for t in LOSS_TYPES] == [4, 4, 4, 1]
+    with pytest.raises(ValueError, match="grpo, bnpo, dr_grpo, dapo"):
+        gradient_accumulation_divisor("sum", 2)
+
+
+@pytest.mark.parametrize("loss_type", ["dapo", "grpo", "dr_grpo"])
+def test_accumulated_micro_batches_equal_the_whole_batch(loss_type):
+    gen = torch.Generator().manual_seed(0)
+    logps = -torch.rand(4, 5, generator=gen, dtype=torch.float64) * 2
+    old = logps + (torch.rand(4, 5, generator=gen, dtype=torch.float64) - 0.5)  # some tokens clipped
+    adv = torch.tensor([1.0, -1.0, 0.5, -0.3], dtype=torch.float64)
+    mask = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 0, 0, 0], [1, 0, 0, 0, 0], [1, 1, 1, 1, 0]], dtype=torch.float64)
+    kwargs = {"loss_type": loss_type, "max_completion_length": 5, "num_items_in_batch": int(mask.sum())}
+    whole_lp = logps.clone().requires_grad_(True)
+    whole, _ = clipped_surrogate_loss(whole_lp, old, adv, mask, **kwargs)
+    whole.backward()
+    micro_lp = logps.clone().requires_grad_(True)
+    divisor = gradient_accumulation_divisor(loss_type, 2)
+    total = 0.0
+    for rows in (slice(0, 2), slice(2, 4)):
+        loss, _ = clipped_surrogate_loss(micro_lp[rows], old[rows], adv[rows], mask[rows], **kwargs)
+        (loss / divisor).backward()
+        total += loss.item() / divisor
+    assert total == pytest.approx(whole.item(), rel=1e-12)
+    torch.testing.assert_close(micro_lp.grad, whole_lp.grad)
+
+
+# ---- group_advantages ----------------------------------------------------------------------
+def test_group_advantages_hand_numbers():
+    rewards = torch.tensor([1.0, 0.0, 0.0, 1.0])
+    adv, zero = group_advantages(rewards, 4)
+    std = math.sqrt(4 * 0.5**2 / 3)  # unbiased: divide by G - 1
+    torch.testing.assert_close(adv, torch.tensor([0.5, -0.5, -0.5, 0.5]) / (std + 1e-4))
+    assert zero.tolist() == [False]
+    adv, zero = group_advantages(rewards, 2)
+    std = math.sqrt(2 * 0.5**2 / 1)
+    torch.testing.assert_close(adv, torch.tensor([0.5, -0.5, -0.5, 0.5]) / (std + 1e-4))
+    assert zero.tolist() == [False, False]
+
+
+def test_equal_group_gets_exact_zero_and_flag():
+    rewards = torch.tensor([0.1, 0.1, 0.1, 1.0, 0.0, 2.0])
+    for scale in ("group", "batch", "none"):
+        adv, zero = group_advantages(rewards, 3, scale)
+        assert adv[:3].tolist() == [0.0, 0.0, 0.0] and not adv.isnan().any()
+        assert zero.tolist() == [True, False]
+    adv, zero = group_advantages(torch.ones(4), 2)
+    assert adv.tolist() == [0.0] * 4 and zero.tolist() == [True, True]
+
+
+def test_group_advantages_batch_and_none_scaling():
+    rewards = [1.0, 0.0, 3.0, 1.0]
+    centred = [0.5, -0.5, 1.0, -1.0]  # minus the mean of each group of 2
+    mean = sum(rewards) / 4
+    batch_std = math.sqrt(sum((r - mean) ** 2 for r in rewards) / 3)
+    adv, _ = group_advantages(torch.tensor(rewards), 2, "batch")
+    torch.testing.assert_close(adv, torch.tensor([c / (batch_std + 1e-4) for c in centred]))
+    adv, _ = group_advantages(torch.tensor(rewards), 2, "none")
+    torch.testing.assert_close(adv, torch.tensor(centred))
+
+
+def test_group_advantages_validation():
+    with pytest.raises(ValueError, match="not divisible"):
+        group_advantages(torch.zeros(5), 2)
+    with pytest.raises(ValueError, match=">= 2"):
+        group_advantages(torch.zeros(4), 1)
+    with pytest.raises(ValueError, match="group, batch, none"):
+        group_advantages(torch.zeros(4), 2, "global")
+
+
+# ---- completion_mask -----------------------------------------------------------------------
+def test_completion_mask_includes_first_eos_and_flags_truncation():
+    eos, pad = 9, 0
+    ids = torch.tensor([[5, 6, 9, pad, pad], [9, pad, pad, pad, pad], [5, 6, 7, 8, 4], [5, 9, 9, 3, pad]])
+    mask, truncated = completion_mask(ids, eos)
+    assert mask.dtype == torch.float32
+    assert mask.tolist() == [[1, 1, 1, 0, 0], [1, 0, 0, 0, 0], [1, 1, 1, 1, 1], [1, 1, 0, 0, 0]]
+    assert truncated.tolist() == [False, False, True, False]
+    mask, _ = completion_mask(ids, eos, mask_truncated=True)
+    assert mask[2].tolist() == [0] * 5 and mask[0].tolist() == [1, 1, 1, 0, 0]
+
+
+def test_completion_mask_multiple_eos_ids():
+    ids = torch.tensor([[5, 8, 9, 1], [5, 6, 9, 8], [5, 6, 7, 1]])
+    mask, truncated = completion_mask(ids, [9, 8])
+    assert mask.tolist() == [[1, 1, 0, 0], [1, 1, 1, 0], [1, 1, 1, 1]]
+    assert truncated.tolist() == [False, False, True]
+    with pytest.raises(ValueError):
+        completion_mask(ids, [])
+
+
+# ---- token_logprobs_and_entropy ------------------------------------------------------------
+def reference_logps_entropy(logits, targets, temperature):
+    """Unchunked autograd path in fp32 (what the chunked code must reproduce)."""
+    log_p = torch.log_softmax(logits.float() / temperature, dim=-1)
+    return log_p.gather(-1, targets[..., None]).squeeze(-1), -(log_p.exp() * log_p).sum(-1)
+
+
+def test_logps_and_entropy_match_explicit_formula():
+    logits = torch.tensor([[[1.0, 2.0, 0.5, -1.0], [0.0, 0.0, 3.0, 1.0]], [[-2.0, 1.5, 1.5, 0.2], [4.0, -4.0, 0.0, 0.0]]])
+    targets = torch.tensor([[1, 3], [0, 2]])
+    temperature = 0.7
+    logps, entropy = token_logprobs_and_entropy(logits, targets, temperature, chunk_size=1)
+    for i in range(2):
+        for t in range(2):
+            z = [v / temperature for v in logits[i, t].tolist()]
+            log_norm = math.log(sum(math.exp(v) for v in z))
+            assert logps[i, t].item() == pytest.approx(z[targets[i, t]] - log_norm, abs=1e-6)
+            assert entropy[i, t].item() == pytest.approx(-sum(math.exp(v - log_norm) * (v - log_norm) for v in z), abs=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("temperature", [1.0, 0.6])
+@pytest.mark.parametrize("chunk_size", [1, 2, 8])  # 2 does not divide N = 5; 8 > N
+def test_chunked_logps_match_unchunked_values_and_gradients(dtype, temperature, chunk_size):
+    gen = torch.Generator().manual_seed(1)
+    full = (torch.randn(5, 7, 33, generator=gen) * 3).to(dtype)
+    targets = torch.randint(0, 33, (5, 6), generator=gen)
+    upstream = torch.randn(5, 6, generator=gen)
+    # A non-contiguous [:, :-1] view, as the module passes it.
+    a = full.clone().requires_grad_(True)
+    logps, entropy = token_logprobs_and_entropy(a[:, :-1], targets, temperature, chunk_size)
+    b = full.clone().requires_grad_(True)
+    ref_logps, ref_entropy = reference_logps_entropy(b[:, :-1], targets, temperature)
+    assert logps.dtype == entropy.dtype == torch.float32
+    assert not entropy.requires_grad
+    torch.testing.assert_close(logps, ref_logps, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(entropy, ref_entropy, rtol=1e-5, atol=1e-5)
+    (logps * upstream).sum().backward()
+    (ref_logps * upstream).sum().backward()
+    assert a.grad.dtype == dtype
+    tol = {"rtol": 1e-5, "atol": 1e-6} if dtype == torch.float32 else {"rtol": 2e-2, "atol": 1e-3}
+    torch.testing.assert_close(a.grad.float(), b.grad.float(), **tol)
+
+
+def test_no_full_fp32_logits_are_saved_for_backward():
+    logits = torch.randn(6, 4, 50, dtype=torch.bfloat16, requires_grad=True)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append((t.dtype, t.numel())) or t, lambda t: t):
+        logps, _ = token_logprobs_and_entropy(logits, torch.zeros(6, 4, dtype=torch.long), chunk_size=2)
+    assert (torch.float32, logits.numel()) not in saved
+    logps.sum().backward()
+    assert logits.grad.shape == logits.shape
+
+
+def test_logps_work_without_grad_and_validate_shapes():
+    with torch.no_grad():
+        logps, _ = token_logprobs_and_entropy(torch.randn(3, 2, 5), torch.zeros(3, 2, dtype=torch.long))
+    assert logps.shape == (3, 2) and not logps.requires_grad
+    with pytest.raises(ValueError, match=r"\(3, 2, 5\) and \(3, 3\)"):
+        token_logprobs_and_entropy(torch.randn(3, 2, 5), torch.zeros(3, 3, dtype=torch.long))
