@@ -2,10 +2,17 @@
 
 from __future__ import annotations
 
+import warnings
+
 from lightning.pytorch.cli import LightningCLI
 
 from lightning_flow.datamodules import PromptDataModule
 from lightning_flow.module import GRPOModule
+
+
+# A checkpoint taken after the step's optimizer updates is exactly the state to resume from;
+# Lightning's advice to save the pre-update weights does not apply to these steps.
+warnings.filterwarnings("ignore", message="Using ModelCheckpoint with manual optimization")
 
 
 class FlowCLI(LightningCLI):

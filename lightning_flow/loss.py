@@ -90,27 +90,38 @@ def _log_normalised(chunk: Tensor, temperature: float) -> Tensor:
     return x.sub_(torch.logsumexp(x, dim=-1, keepdim=True))
 
 
+def _token_blocks(n: int, length: int, chunk_tokens: int):
+    """(rows, positions) slices covering an [n, length] grid, each holding at most chunk_tokens
+    tokens: whole rows when a row fits, else pieces of one row (long responses)."""
+    if length <= chunk_tokens:
+        rows_per_block = chunk_tokens // max(length, 1)
+        for start in range(0, n, rows_per_block):
+            yield slice(start, start + rows_per_block), slice(None)
+    else:
+        for row in range(n):
+            for start in range(0, length, chunk_tokens):
+                yield slice(row, row + 1), slice(start, start + chunk_tokens)
+
+
 class _ChunkedTokenLogprobs(torch.autograd.Function):
-    """Forward and backward both walk `chunk_size` rows at a time.
+    """Forward and backward both walk blocks of at most `chunk_tokens` tokens.
 
     Plain autograd through log_softmax would keep an fp32 [N, L, V] output alive until backward;
-    here only the original logits are saved and each chunk's softmax is recomputed in backward.
+    here only the original logits are saved and each block's softmax is recomputed in backward.
     """
 
     @staticmethod
-    def forward(ctx, logits: Tensor, targets: Tensor, temperature: float, chunk_size: int):  # [N, L, V], [N, L]
-        n = logits.shape[0]
+    def forward(ctx, logits: Tensor, targets: Tensor, temperature: float, chunk_tokens: int):  # [N, L, V], [N, L]
         logps = logits.new_empty(targets.shape, dtype=torch.float32)  # [N, L]
         entropy = logits.new_empty(targets.shape, dtype=torch.float32)  # [N, L]
-        for start in range(0, n, chunk_size):
-            rows = slice(start, start + chunk_size)
-            log_p = _log_normalised(logits[rows], temperature)  # [c, L, V] fp32
-            logps[rows] = log_p.gather(-1, targets[rows, :, None]).squeeze(-1)
+        for rows, cols in _token_blocks(*targets.shape, chunk_tokens):
+            log_p = _log_normalised(logits[rows, cols], temperature)  # [r, c, V] fp32
+            logps[rows, cols] = log_p.gather(-1, targets[rows, cols, None]).squeeze(-1)
             # H = -sum p log p; nan_to_num: a -inf logit gives 0 * -inf, whose limit is 0
-            entropy[rows] = -log_p.exp().mul_(log_p).nan_to_num_(nan=0.0).sum(dim=-1)
-            del log_p  # free this chunk before casting the next
+            entropy[rows, cols] = -log_p.exp().mul_(log_p).nan_to_num_(nan=0.0).sum(dim=-1)
+            del log_p  # free this block before casting the next
         ctx.save_for_backward(logits, targets)
-        ctx.temperature, ctx.chunk_size = temperature, chunk_size
+        ctx.temperature, ctx.chunk_tokens = temperature, chunk_tokens
         ctx.mark_non_differentiable(entropy)
         return logps, entropy
 
@@ -118,32 +129,32 @@ class _ChunkedTokenLogprobs(torch.autograd.Function):
     def backward(ctx, grad_logps: Tensor, _grad_entropy: Tensor):  # [N, L]
         logits, targets = ctx.saved_tensors
         grad_logits = torch.empty_like(logits)
-        for start in range(0, logits.shape[0], ctx.chunk_size):
-            rows = slice(start, start + ctx.chunk_size)
-            g = grad_logps[rows, :, None].float()  # [c, L, 1]
+        for rows, cols in _token_blocks(*targets.shape, ctx.chunk_tokens):
+            g = grad_logps[rows, cols, None].float()  # [r, c, 1]
             # d log p_y / d z_v = (1[v == y] - p_v) / T
-            grad = _log_normalised(logits[rows], ctx.temperature).exp_().mul_(-g)
-            grad.scatter_add_(-1, targets[rows, :, None], g).div_(ctx.temperature)
-            grad_logits[rows] = grad
+            grad = _log_normalised(logits[rows, cols], ctx.temperature).exp_().mul_(-g)
+            grad.scatter_add_(-1, targets[rows, cols, None], g).div_(ctx.temperature)
+            grad_logits[rows, cols] = grad
             del grad
         return grad_logits, None, None, None
 
 
-def token_logprobs_and_entropy(logits: Tensor, targets: Tensor, temperature: float = 1.0, chunk_size: int = 8) -> tuple[Tensor, Tensor]:
+def token_logprobs_and_entropy(logits: Tensor, targets: Tensor, temperature: float = 1.0, chunk_tokens: int = 1024) -> tuple[Tensor, Tensor]:
     """Log-prob of each target token and entropy of the tempered distribution.
 
     logits   # [N, L, V] any float dtype
     targets  # [N, L] long
     Returns (logps [N, L] float32, differentiable w.r.t. logits; entropy [N, L] float32, detached).
-    Only `chunk_size` rows are ever cast to fp32 at once (the vocabulary can be ~150K).
+    At most `chunk_tokens` positions are cast to fp32 at once: with a 150K vocabulary the fp32
+    temporary is chunk_tokens × V × 4 bytes (0.6 GB at the default), whatever N and L are.
     """
     if logits.dim() != 3 or targets.shape != logits.shape[:2]:
         raise ValueError(f"expected logits [N, L, V] and targets [N, L], got {tuple(logits.shape)} and {tuple(targets.shape)}")
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
-    if chunk_size < 1:
-        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
-    return _ChunkedTokenLogprobs.apply(logits, targets.long(), float(temperature), int(chunk_size))
+    if chunk_tokens < 1:
+        raise ValueError(f"chunk_tokens must be >= 1, got {chunk_tokens}")
+    return _ChunkedTokenLogprobs.apply(logits, targets.long(), float(temperature), int(chunk_tokens))
 
 
 # ---- the clipped surrogate ------------------------------------------------------------------

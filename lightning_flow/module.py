@@ -113,6 +113,12 @@ class GRPOModule(L.LightningModule):
         self.reward_suite = RewardSuite(rewards)
         self.eos_ids = eos_token_ids(self.policy, self.tokenizer, sampling.extra_eos_token_ids)
 
+    def on_fit_start(self) -> None:
+        # What the data loading kept, skipped and dropped, next to the curves.
+        stats = getattr(self.trainer.datamodule, "stats", None)
+        if stats and self.logger:
+            self.logger.log_metrics({f"data/{key}": float(value) for key, value in stats.items()}, step=0)
+
     # ---- the step -------------------------------------------------------------------------
     def training_step(self, batch: dict, batch_idx: int) -> None:
         start = time.perf_counter()

@@ -60,14 +60,15 @@ def test_fit_logs_saves_and_resumes(tiny_policy_dir, tmp_path):
         "train/advantage_mean", "train/advantage_std", "train/kl", "train/clip_ratio_low", "train/clip_ratio_high",
         "train/entropy", "train/response_length_mean", "train/response_length_max", "train/truncated_fraction",
         "perf/generation_tokens_per_s", "perf/update_tokens_per_s", "perf/step_time_s", "train/grad_norm", "train/lr",
-        "train/loss", "val/accuracy",
+        "train/loss", "val/accuracy", "data/train_examples", "data/dropped_too_long",
     ]
     assert not [tag for tag in expected if tag not in logged]
     assert all(v == v for values in logged.values() for v in values), "a NaN was logged"
+    assert logged["data/train_examples"] == [64.0]
 
     saved = yaml.safe_load((log_dir / "config.yaml").read_text())
     assert saved["model"]["policy"]["name_or_path"] == str(tiny_policy_dir)
-    assert saved["data"]["init_args"]["tokenizer"] == str(tiny_policy_dir)  # linked from the policy
+    assert cli.datamodule.tokenizer == str(tiny_policy_dir)  # linked from the policy, so not saved
 
     # The adapter is in peft's format and matches the checkpoint's LoRA tensors.
     base = AutoModelForCausalLM.from_pretrained(tiny_policy_dir)

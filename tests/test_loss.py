@@ -325,7 +325,7 @@ def test_logps_and_entropy_match_explicit_formula():
     logits = torch.tensor([[[1.0, 2.0, 0.5, -1.0], [0.0, 0.0, 3.0, 1.0]], [[-2.0, 1.5, 1.5, 0.2], [4.0, -4.0, 0.0, 0.0]]])
     targets = torch.tensor([[1, 3], [0, 2]])
     temperature = 0.7
-    logps, entropy = token_logprobs_and_entropy(logits, targets, temperature, chunk_size=1)
+    logps, entropy = token_logprobs_and_entropy(logits, targets, temperature, chunk_tokens=1)
     for i in range(2):
         for t in range(2):
             z = [v / temperature for v in logits[i, t].tolist()]
@@ -336,15 +336,16 @@ def test_logps_and_entropy_match_explicit_formula():
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("temperature", [1.0, 0.6])
-@pytest.mark.parametrize("chunk_size", [1, 2, 8])  # 2 does not divide N = 5; 8 > N
-def test_chunked_logps_match_unchunked_values_and_gradients(dtype, temperature, chunk_size):
+# L = 6: 1 and 4 split rows (4 leaves a piece of 2), 12 takes 2 of the 5 rows a block, 100 all.
+@pytest.mark.parametrize("chunk_tokens", [1, 4, 12, 100])
+def test_chunked_logps_match_unchunked_values_and_gradients(dtype, temperature, chunk_tokens):
     gen = torch.Generator().manual_seed(1)
     full = (torch.randn(5, 7, 33, generator=gen) * 3).to(dtype)
     targets = torch.randint(0, 33, (5, 6), generator=gen)
     upstream = torch.randn(5, 6, generator=gen)
     # A non-contiguous [:, :-1] view, as the module passes it.
     a = full.clone().requires_grad_(True)
-    logps, entropy = token_logprobs_and_entropy(a[:, :-1], targets, temperature, chunk_size)
+    logps, entropy = token_logprobs_and_entropy(a[:, :-1], targets, temperature, chunk_tokens)
     b = full.clone().requires_grad_(True)
     ref_logps, ref_entropy = reference_logps_entropy(b[:, :-1], targets, temperature)
     assert logps.dtype == entropy.dtype == torch.float32
@@ -362,7 +363,7 @@ def test_no_full_fp32_logits_are_saved_for_backward():
     logits = torch.randn(6, 4, 50, dtype=torch.bfloat16, requires_grad=True)
     saved = []
     with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append((t.dtype, t.numel())) or t, lambda t: t):
-        logps, _ = token_logprobs_and_entropy(logits, torch.zeros(6, 4, dtype=torch.long), chunk_size=2)
+        logps, _ = token_logprobs_and_entropy(logits, torch.zeros(6, 4, dtype=torch.long), chunk_tokens=8)
     assert (torch.float32, logits.numel()) not in saved
     logps.sum().backward()
     assert logits.grad.shape == logits.shape

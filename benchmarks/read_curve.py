@@ -1,0 +1,34 @@
+"""Print a run's reward curve and validation accuracy from its TensorBoard events.
+
+    python benchmarks/read_curve.py runs/demo/version_0 [--window 50]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("log_dir")
+    parser.add_argument("--window", type=int, default=50, help="steps per averaged window")
+    args = parser.parse_args()
+    events = EventAccumulator(args.log_dir)
+    events.Reload()
+    tags = events.Tags()["scalars"]
+    rewards = [e.value for e in events.Scalars("train/reward")]
+    print(f"steps: {len(rewards)}")
+    for start in range(0, len(rewards), args.window):
+        window = rewards[start : start + args.window]
+        print(f"steps {start + 1:>4}-{start + len(window):<4} mean train/reward {statistics.mean(window):.3f}")
+    if "val/accuracy" in tags:
+        print("val/accuracy at step: " + ", ".join(f"{e.step}: {e.value:.3f}" for e in events.Scalars("val/accuracy")))
+    step_times = [e.value for e in events.Scalars("perf/step_time_s")]
+    print(f"median step time {statistics.median(step_times):.3f} s")
+
+
+if __name__ == "__main__":
+    main()
