@@ -18,6 +18,7 @@ import lightning as L
 import torch
 from torch import Tensor
 
+from lightning_flow.capture import AttentionRecorder, capture_attention, default_capture_layers
 from lightning_flow.loss import (
     LossType,
     ScaleRewards,
@@ -112,6 +113,17 @@ class GRPOModule(L.LightningModule):
         self.policy = load_policy(policy)
         self.reward_suite = RewardSuite(rewards)
         self.eos_ids = eos_token_ids(self.policy, self.tokenizer, sampling.extra_eos_token_ids)
+        self.attention_layers: list[int] | None = None  # set by request_attention
+
+    def request_attention(self, layers: list[int] | None = None) -> None:
+        """Capture head- and layer-mean attention of these decoder layers into ``rollouts.attention``
+        every step (default: 5 layers evenly spaced over the middle third). Called by credit
+        callbacks in their ``setup``."""
+        num_layers = self.policy.config.num_hidden_layers
+        layers = default_capture_layers(num_layers) if layers is None else sorted(set(layers))
+        if not layers or not all(0 <= layer < num_layers for layer in layers):
+            raise ValueError(f"attention layers {layers} must be in [0, {num_layers}) for this {num_layers}-layer policy")
+        self.attention_layers = layers
 
     def on_fit_start(self) -> None:
         # What the data loading kept, skipped and dropped, next to the curves.
@@ -124,10 +136,15 @@ class GRPOModule(L.LightningModule):
         start = time.perf_counter()
         rollouts = self.make_rollouts(batch)
         generated = time.perf_counter()
+        self.add_reference_logps(rollouts)  # captures attention too when it runs a pass anyway
+        referenced = time.perf_counter()
+        if self.attention_layers and rollouts.attention is None:
+            rollouts.attention = self.capture_attention(rollouts)
+        captured = time.perf_counter()
         for callback in self.trainer.callbacks:
             if isinstance(callback, RolloutCallback):
                 callback.on_rollouts(self.trainer, self, rollouts)
-        self.add_reference_logps(rollouts)
+        credited = time.perf_counter()
         update = self.update(rollouts)
         end = time.perf_counter()
 
@@ -136,8 +153,13 @@ class GRPOModule(L.LightningModule):
             **rollout_metrics(rollouts, self.reward_suite.names, self.sampling.num_generations),
             **update,
             "perf/generation_tokens_per_s": tokens / (generated - start),
-            "perf/update_tokens_per_s": rollouts.attention_mask.sum() * self.grpo.num_iterations / (end - generated),
+            "perf/update_tokens_per_s": rollouts.attention_mask.sum() * self.grpo.num_iterations / (end - credited),
             "perf/step_time_s": end - start,
+            "perf/reference_time_s": referenced - generated,
+            "perf/capture_time_s": captured - referenced,
+            "perf/capture_share": (captured - referenced) / (end - start),
+            "perf/credit_time_s": credited - captured,
+            "perf/credit_share": (credited - captured) / (end - start),
             "train/lr": self.optimizers().param_groups[0]["lr"],
         }
         self.log_dict({k: float(v) for k, v in metrics.items()}, on_step=True, batch_size=len(rollouts))
@@ -177,12 +199,45 @@ class GRPOModule(L.LightningModule):
 
     @torch.no_grad()
     def add_reference_logps(self, rollouts: Rollouts) -> None:
-        """Log-probs of the sampling policy (μ > 1) and of the reference (β > 0), without grad."""
+        """Log-probs of the sampling policy (μ > 1) and of the reference (β > 0), without grad.
+
+        When attention was requested, the first of these passes records it as well, so credit
+        costs no extra forward pass (with β > 0 only, that is the reference model's attention).
+        """
         if self.grpo.num_iterations > 1:
-            rollouts.old_logps = torch.cat([self.completion_logps(rollouts, rows)[0] for rows in self.micro_batches(rollouts)])
+            rollouts.old_logps, rollouts.attention = self.no_grad_logps(rollouts, self.attention_layers)
         if self.grpo.beta > 0:
             with self.policy.disable_adapter():
-                rollouts.ref_logps = torch.cat([self.completion_logps(rollouts, rows)[0] for rows in self.micro_batches(rollouts)])
+                layers = self.attention_layers if rollouts.attention is None else None
+                rollouts.ref_logps, attention = self.no_grad_logps(rollouts, layers)
+            rollouts.attention = attention if rollouts.attention is None else rollouts.attention
+
+    def no_grad_logps(self, rollouts: Rollouts, capture_layers: list[int] | None) -> tuple[Tensor, Tensor | None]:
+        """Completion log-probs [N, L] of the current weights, and attention [N, T, T] of
+        ``capture_layers`` recorded in the same pass (None when not asked)."""
+        logps, maps = [], []
+        for rows in self.micro_batches(rollouts):
+            if capture_layers is None:
+                logps.append(self.completion_logps(rollouts, rows)[0])
+                continue
+            with AttentionRecorder(self.policy, capture_layers, stop_after_last=False) as recorder:
+                logps.append(self.completion_logps(rollouts, rows)[0])
+            maps.append(recorder.take())
+        return torch.cat(logps), (torch.cat(maps) if maps else None)
+
+    @torch.no_grad()
+    def capture_attention(self, rollouts: Rollouts) -> Tensor:
+        """A dedicated no-grad pass that stops after the last requested layer.  # [N, T, T]"""
+        attention_mask = rollouts.attention_mask
+        return capture_attention(
+            self.policy, rollouts.input_ids, attention_mask, self.attention_layers,
+            micro_batch_size=self.grpo.micro_batch_size, position_ids=position_ids_from_mask(attention_mask),
+        )
+
+    @torch.no_grad()
+    def token_entropy(self, rollouts: Rollouts) -> Tensor:
+        """Predictive entropy of each completion position under the current policy.  # [N, L]"""
+        return torch.cat([self.completion_logps(rollouts, rows)[1] for rows in self.micro_batches(rollouts)])
 
     def update(self, rollouts: Rollouts) -> dict[str, Tensor]:
         """``num_iterations`` optimizer steps over the rollouts; returns the step's loss metrics."""

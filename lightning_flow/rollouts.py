@@ -30,6 +30,7 @@ class Rollouts:
     token_weights: Tensor  # [N, L] float, per-token credit multiplying the advantage (default ones)
     old_logps: Tensor | None = None  # [N, L] float, sampling policy's log-probs (num_iterations > 1)
     ref_logps: Tensor | None = None  # [N, L] float, adapter-disabled log-probs (beta > 0)
+    attention: Tensor | None = None  # [N, P + L, P + L] float32 head- and layer-mean attention (query, key), when a callback asked for it
 
     @property
     def input_ids(self) -> Tensor:  # [N, P + L]
@@ -46,9 +47,9 @@ class Rollouts:
 class RolloutCallback(Callback):
     """A callback that sees each step's scored rollouts before the update.
 
-    The training step calls ``on_rollouts`` on every such callback after advantages are known and
-    before any log-prob pass; setting ``rollouts.token_weights`` there is how per-token credit
-    reaches the loss.
+    The training step calls ``on_rollouts`` on every such callback after advantages, the no-grad
+    log-prob passes and any requested attention capture, and before the update; setting
+    ``rollouts.token_weights`` there is how per-token credit reaches the loss.
     """
 
     def on_rollouts(self, trainer: Trainer, pl_module: LightningModule, rollouts: Rollouts) -> None:

@@ -21,7 +21,9 @@ def build_char_tokenizer() -> PreTrainedTokenizerFast:
     return PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", bos_token="<s>", eos_token="</s>", unk_token="<unk>")
 
 
-def build_tiny_llama(tokenizer: PreTrainedTokenizerFast, hidden_size: int = 64, layers: int = 2, heads: int = 4, seed: int = 0) -> LlamaForCausalLM:
+def build_tiny_llama(
+    tokenizer: PreTrainedTokenizerFast, hidden_size: int = 64, layers: int = 2, heads: int = 4, seed: int = 0, max_positions: int = 512
+) -> LlamaForCausalLM:
     """A randomly initialised Llama sized for CPU tests and the demo (about 0.1M parameters)."""
     torch.manual_seed(seed)
     config = LlamaConfig(
@@ -31,7 +33,7 @@ def build_tiny_llama(tokenizer: PreTrainedTokenizerFast, hidden_size: int = 64, 
         num_hidden_layers=layers,
         num_attention_heads=heads,
         num_key_value_heads=heads,
-        max_position_embeddings=512,
+        max_position_embeddings=max_positions,
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,

@@ -1,0 +1,195 @@
+"""What flow credit costs: capture and solver time against one training step, and capture memory.
+
+    python benchmarks/flow_overhead.py                                   # CPU, tiny Llama
+    python benchmarks/flow_overhead.py --shape qwen2.5-1.5b --qlora      # GPU, real shape, random weights
+
+For each response length L and batch size N (responses per step), on random token ids of that
+shape whose responses end in a ``\\boxed{}`` answer:
+- step: one training step of the same config = sampling N responses of exactly L tokens
+  (``min_new_tokens``) + the update's forward/backward over them in micro-batches;
+- capture: the no-grad pass that records the head/layer-mean attention (stops after the last layer);
+- solver: the callback's work (answer tokens, graph, h-transform, throughput, weights);
+- memory: extra peak of capturing one micro-batch versus an eager forward with
+  ``output_attentions`` over all layers (CUDA: allocator peak; CPU: torch.profiler memory events).
+Times are medians over ``--repeats``; shares are capture / step and solver / step from the same run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from gpu_check import SHAPES, random_model_folder  # noqa: E402
+
+from lightning_flow.callbacks.flow_credit import FlowCredit  # noqa: E402
+from lightning_flow.loss import clipped_surrogate_loss, completion_mask  # noqa: E402
+from lightning_flow.module import GRPOConfig, GRPOModule  # noqa: E402
+from lightning_flow.policy import PolicyConfig, SamplingConfig  # noqa: E402
+from lightning_flow.rollouts import Rollouts  # noqa: E402
+from lightning_flow.tiny import build_char_tokenizer, build_tiny_llama  # noqa: E402
+
+
+def synchronize() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def median_time(fn, repeats: int) -> float:
+    times = []
+    for _ in range(repeats):
+        synchronize()
+        start = time.perf_counter()
+        fn()
+        synchronize()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def extra_peak_bytes(fn) -> int:
+    """Peak tensor memory that ``fn`` adds: the CUDA allocator's peak, or on the CPU the peak of
+    live bytes in torch.profiler's memory events (allocations and frees in time order)."""
+    if torch.cuda.is_available():
+        synchronize()
+        torch.cuda.empty_cache()
+        before = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        fn()
+        synchronize()
+        return torch.cuda.max_memory_allocated() - before
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    events = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events() if e.name() == "[memory]")
+    live = peak = 0
+    for _, nbytes in events:  # frees are negative
+        live += nbytes
+        peak = max(peak, live)
+    return peak
+
+
+def make_rollouts(module: GRPOModule, n: int, prompt_length: int, length: int, seed: int) -> Rollouts:
+    """Random ids of the benchmark's shape; each response ends with a boxed answer and EOS."""
+    tokenizer, device = module.tokenizer, module.device
+    generator = torch.Generator().manual_seed(seed)
+    low = len(tokenizer.all_special_ids) + 1  # skip special ids
+    tail = tokenizer("\\boxed{7}", add_special_tokens=False).input_ids + [tokenizer.eos_token_id]
+    prompt_ids = torch.randint(low, 90, (n, prompt_length), generator=generator)
+    completion_ids = torch.randint(low, 90, (n, length), generator=generator)
+    completion_ids[:, -len(tail):] = torch.tensor(tail)
+    mask, truncated = completion_mask(completion_ids, module.eos_ids)
+    ones = torch.ones(n)
+    return Rollouts(
+        prompt_ids=prompt_ids.to(device), prompt_mask=torch.ones_like(prompt_ids).to(device),
+        completion_ids=completion_ids.to(device), completion_mask=mask.to(device), is_truncated=truncated.to(device),
+        prompts=[""] * n, completions=[""] * n, golds=["7"] * n, rewards=ones[:, None].to(device), total_rewards=ones.to(device),
+        advantages=torch.randn(n, generator=generator).to(device), zero_std_groups=torch.zeros(n // 2, dtype=torch.bool, device=device),
+        token_weights=torch.ones_like(mask).to(device),
+    )
+
+
+def step_parts(module: GRPOModule, rollouts: Rollouts, length: int):
+    """The two parts of a training step: sampling exactly ``length`` tokens, and the update."""
+
+    def sample() -> None:
+        with torch.no_grad():
+            module.policy.eval()
+            module.policy.generate(
+                input_ids=rollouts.prompt_ids, attention_mask=rollouts.prompt_mask, do_sample=True,
+                min_new_tokens=length, max_new_tokens=length, pad_token_id=module.tokenizer.pad_token_id,
+            )
+            module.policy.train()
+
+    def update() -> None:
+        for rows in module.micro_batches(rollouts):
+            logps, _ = module.completion_logps(rollouts, rows)
+            loss, _ = clipped_surrogate_loss(logps, logps.detach(), rollouts.advantages[rows], rollouts.completion_mask[rows])
+            loss.backward()
+        module.policy.zero_grad(set_to_none=True)
+
+    return sample, update
+
+
+def eager_all_layers(module: GRPOModule, rollouts: Rollouts, rows: slice) -> None:
+    base = module.policy.get_base_model()
+    base.set_attn_implementation("eager")
+    try:
+        with torch.no_grad():
+            base.model(input_ids=rollouts.input_ids[rows], attention_mask=rollouts.attention_mask[rows], output_attentions=True, use_cache=False)
+    finally:
+        base.set_attn_implementation("sdpa")
+
+
+def build_policy_folder(args, folder: Path) -> None:
+    if args.shape == "tiny":
+        tokenizer = build_char_tokenizer()
+        build_tiny_llama(tokenizer, hidden_size=64, layers=6, heads=8, max_positions=8192).save_pretrained(folder)
+        tokenizer.save_pretrained(folder)
+    else:
+        random_model_folder(SHAPES[args.shape], folder)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--shape", default="tiny", choices=["tiny", *SHAPES], help="tiny: 6-layer 8-head Llama (CPU); else Qwen2.5's real dimensions")
+    parser.add_argument("--qlora", action="store_true", help="4-bit NF4 base weights")
+    parser.add_argument("--lengths", type=int, nargs="+", default=[256, 1024, 4096])
+    parser.add_argument("--batches", type=int, nargs="+", default=[16, 64])
+    parser.add_argument("--prompt-length", type=int, default=64)
+    parser.add_argument("--micro-batch", type=int, default=8)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--out", type=Path, default=None, help="also write the rows as JSON")
+    args = parser.parse_args()
+
+    cuda = torch.cuda.is_available()
+    dtype = "bfloat16" if cuda else "float32"
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        build_policy_folder(args, Path(tmp))
+        module = GRPOModule(
+            PolicyConfig(tmp, dtype=dtype, load_in_4bit=args.qlora, lora_rank=16, gradient_checkpointing=args.shape != "tiny"),
+            SamplingConfig(num_generations=2),
+            GRPOConfig(micro_batch_size=args.micro_batch),
+        ).to("cuda" if cuda else "cpu")
+        credit = FlowCredit(signal="flow")
+        module.request_attention(None)
+        print(f"device: {torch.cuda.get_device_name() if cuda else 'cpu'}; model: {args.shape}; capture layers {module.attention_layers}")
+        header = f"{'L':>5} {'N':>4} {'step s':>8} {'capture s':>9} {'solver s':>8} {'capture %':>9} {'solver %':>8} {'capture MiB':>11} {'eager MiB':>9}"
+        print(header)
+        for length in args.lengths:
+            for n in args.batches:
+                rollouts = make_rollouts(module, n, args.prompt_length, length, seed=length + n)
+                sample, update = step_parts(module, rollouts, length)
+                step = median_time(sample, args.repeats) + median_time(update, args.repeats)
+                capture = median_time(lambda: setattr(rollouts, "attention", module.capture_attention(rollouts)), args.repeats)
+                solver = median_time(lambda: credit.compute(rollouts, module.tokenizer), args.repeats)
+                micro = slice(0, args.micro_batch)
+                small = Rollouts(**{**vars(rollouts), "attention": None})
+                capture_mem = extra_peak_bytes(lambda: module.capture_attention(small_slice(small, micro)))
+                eager_mem = extra_peak_bytes(lambda: eager_all_layers(module, rollouts, micro))
+                row = dict(length=length, n=n, step_s=step, capture_s=capture, solver_s=solver,
+                           capture_share=capture / step, solver_share=solver / step,
+                           capture_mib=capture_mem / 2**20, eager_mib=eager_mem / 2**20)
+                rows.append(row)
+                print(f"{length:>5} {n:>4} {step:>8.2f} {capture:>9.3f} {solver:>8.3f} {100 * capture / step:>8.1f}% {100 * solver / step:>7.1f}% "
+                      f"{row['capture_mib']:>11.0f} {row['eager_mib']:>9.0f}", flush=True)
+                rollouts.attention = None
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps({"shape": args.shape, "rows": rows}, indent=2))
+
+
+def small_slice(rollouts: Rollouts, rows: slice) -> Rollouts:
+    """The first micro-batch of a batch of rollouts (tensor fields sliced along responses)."""
+    return Rollouts(**{k: (v[rows] if isinstance(v, torch.Tensor) and v.dim() and k != "zero_std_groups" else v) for k, v in vars(rollouts).items()})
+
+
+if __name__ == "__main__":
+    main()

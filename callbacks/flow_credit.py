@@ -1,0 +1,127 @@
+"""The bridge from the policy's attention to the loss: per-token credit weights for each step.
+
+Listed under ``trainer.callbacks``; without it a run is plain GRPO. Each step it locates the
+answer tokens of every response, turns a signal into weights ("top ``top_fraction`` of the
+response tokens by signal get ``boost``, the rest 1") and sets ``rollouts.token_weights``, which
+the loss multiplies into the advantage (both signs, detached).
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Literal
+
+import torch
+from lightning.pytorch import LightningModule, Trainer
+from torch import Tensor
+
+from lightning_flow.flow import FlowConfig, answer_flow, attention_received, credit_weights, random_signal
+from lightning_flow.flow.answer import answer_masks
+from lightning_flow.rollouts import RolloutCallback, Rollouts
+
+Signal = Literal["flow", "uniform", "random", "entropy", "attention_received"]
+_NEEDS_ATTENTION = {"flow", "attention_received"}
+
+
+class FlowCredit(RolloutCallback):
+    def __init__(
+        self,
+        signal: Signal = "flow",
+        top_fraction: float = 0.4,
+        boost: float = 1.5,
+        layers: list[int] | None = None,
+        sink_tokens: int = 1,
+        max_in_degree: int | None = None,
+        min_capacity: float = 1e-6,
+        answer_fallback: Literal["last_token", "none"] = "last_token",
+        seed: int = 0,
+        solver_chunk: int = 16,
+    ) -> None:
+        """
+        Args:
+            signal: what ranks the tokens: ``flow`` (answer-targeted throughput, the method),
+                or a comparison: ``uniform`` (all ones: plain GRPO through the same code path),
+                ``random``, ``entropy`` (predictive entropy of the sampled token),
+                ``attention_received`` (mean attention a token gets from later tokens).
+            top_fraction: share of each response's tokens that get the boost.
+            boost: weight of the top tokens (the others get 1).
+            layers: decoder layers whose attention is captured (default: 5 evenly spaced over
+                the middle third).
+            sink_tokens: edges out of this many leading tokens are dropped (attention sinks).
+            max_in_degree: keep only this many strongest incoming edges per token (None: all;
+                the solver is dense, so pruning saves no time and only moves the flow, see
+                ``FlowConfig``).
+            min_capacity: drop edges whose attention is below this.
+            solver_chunk: responses solved at a time, bounding the solver's [n, T, T] copies.
+            answer_fallback: where no ``\\boxed{}`` or ``####`` answer is found, use the last
+                response token as the answer (``last_token``) or fall back to uniform (``none``).
+            seed: seed of the ``random`` signal.
+        """
+        if not 0.0 <= top_fraction <= 1.0:
+            raise ValueError(f"top_fraction={top_fraction}: expected a value in [0, 1]")
+        self.signal, self.top_fraction, self.boost, self.layers = signal, top_fraction, boost, layers
+        self.answer_fallback, self.solver_chunk = answer_fallback, solver_chunk
+        self.flow_config = FlowConfig(sink_tokens=sink_tokens, max_in_degree=max_in_degree, min_capacity=min_capacity, top_fraction=top_fraction, boost=boost)
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        if self.signal in _NEEDS_ATTENTION:
+            pl_module.request_attention(self.layers)
+
+    def on_rollouts(self, trainer: Trainer, pl_module: LightningModule, rollouts: Rollouts) -> None:
+        start = time.perf_counter()
+        entropy = pl_module.token_entropy(rollouts) if self.signal == "entropy" else None
+        weights, response, metrics = self.compute(rollouts, pl_module.tokenizer, entropy)
+        rollouts.token_weights = weights[:, rollouts.prompt_ids.shape[1]:].to(rollouts.completion_mask.dtype)  # [N, L]
+        metrics["credit/time_s"] = time.perf_counter() - start
+        pl_module.log_dict({k: float(v) for k, v in metrics.items()}, on_step=True, batch_size=len(rollouts))
+        experiment = getattr(trainer.logger, "experiment", None)
+        if hasattr(experiment, "add_histogram") and trainer.global_step % trainer.log_every_n_steps == 0:
+            experiment.add_histogram("credit/weights", weights[response].float().cpu(), trainer.global_step)
+
+    def flow(self, attention: Tensor, valid: Tensor, prompt: Tensor, answer: Tensor) -> tuple[Tensor, Tensor]:
+        """Throughput f [N, T] and degenerate flags [N], solved ``solver_chunk`` responses at a time."""
+        parts = [
+            answer_flow(attention[rows], valid[rows], prompt[rows], answer[rows], self.flow_config)
+            for rows in (slice(i, i + self.solver_chunk) for i in range(0, len(valid), self.solver_chunk))
+        ]
+        return torch.cat([p.flow for p in parts]), torch.cat([p.degenerate for p in parts])
+
+    def compute(self, rollouts: Rollouts, tokenizer, entropy: Tensor | None = None) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
+        """Weights over all positions [N, T], the response mask [N, T], and step metrics.
+
+        entropy  # [N, L] predictive entropy of the completion positions, for the ``entropy`` signal
+        """
+        prompt_length = rollouts.prompt_ids.shape[1]
+        answer, source = answer_masks(tokenizer, rollouts.completion_ids, rollouts.completion_mask, self.answer_fallback)
+        valid = rollouts.attention_mask.bool()  # [N, T]
+        prompt = torch.zeros_like(valid)
+        prompt[:, :prompt_length] = valid[:, :prompt_length]
+        response = valid & ~prompt  # [N, T]
+        answer_full = torch.zeros_like(valid)
+        answer_full[:, prompt_length:] = answer.to(valid.device)  # [N, T]
+        fallback = ~answer_full.any(dim=1)  # [N]
+
+        metrics: dict[str, Tensor] = {}
+        if self.signal == "flow":
+            signal, degenerate = self.flow(rollouts.attention, valid, prompt, answer_full)
+            fallback = fallback | degenerate
+        elif self.signal == "attention_received":
+            signal = attention_received(rollouts.attention, valid)
+        elif self.signal == "entropy":
+            signal = torch.zeros(valid.shape, device=valid.device)
+            signal[:, prompt_length:] = entropy
+        elif self.signal == "random":
+            signal = random_signal(valid, self.generator).to(valid.device)
+        else:  # uniform: every token keeps weight 1, whatever top_fraction says
+            signal = torch.ones(valid.shape, device=valid.device)
+            fallback = torch.ones_like(fallback)
+        weights = credit_weights(signal, response, self.top_fraction, self.boost, fallback)  # [N, T]
+
+        credited = ~fallback
+        top = (weights > 1) & response
+        share = (signal * top).sum(dim=1) / (signal * response).sum(dim=1).clamp(min=1e-12)  # [N]
+        metrics["credit/answer_found_fraction"] = (source.to(valid.device) < 2).float().mean()
+        metrics["credit/fallback_fraction"] = fallback.float().mean()
+        metrics["credit/top_signal_share"] = share[credited].mean() if credited.any() else torch.tensor(0.0)
+        return weights, response, metrics

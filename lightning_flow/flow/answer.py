@@ -1,0 +1,349 @@
+"""Answer-token masks: which response tokens spell the final answer.
+
+The answer region S of a response (docs/flow-credit.md, "Inputs") is the set of tokens that
+produce the characters of the final answer: the content of the last balanced ``\\boxed{...}``,
+else the number after the last ``####`` (both as ``rewards.extract_answer`` finds them), else,
+optionally, the last response token that produces characters. The tokens are found from
+character offsets of the decoded response; the response is never re-tokenised.
+
+Character offsets (``token_char_offsets``)
+------------------------------------------
+``text`` is ``tokenizer.decode(ids, skip_special_tokens=True)``, the same string the rewards
+score. ``offsets[j] = (start, end)`` is the span of ``text`` that token ``j`` produces:
+
+* special tokens, and tokens that add no characters (e.g. a leading SentencePiece ``"▁"`` that
+  the decoder strips), get an empty span ``(p, p)`` at the current position;
+* a multi-byte UTF-8 character whose bytes are split over several tokens (byte-level BPE
+  pieces such as ``"ðŁĺ"`` + ``"Ģ"``, or SentencePiece byte fallback ``<0xF0>`` ... ``<0x80>``)
+  belongs to **every** token that holds some of its bytes. Such tokens' spans overlap by that
+  one character; all other spans are disjoint. So starts never decrease, and walking the spans
+  in order while skipping what was already covered (``text[max(start, covered):end]``)
+  rebuilds ``text`` exactly; without split characters the spans simply tile ``text``.
+  This way every token that carries a byte of an answer character is an answer token.
+
+Method: the ids go through ``tokenizers``' ``DecodeStream`` (one Rust call per token, the
+decoder's own incremental mode), which yields the new characters each token completes, or
+nothing while a character is still incomplete. A token that completes text alone takes that
+text; a run of tokens that completes it together (split characters, rare) is resolved by
+decoding the run's prefixes after a few tokens of context and matching them against the run's
+text, which also handles invalid byte sequences (shown as U+FFFD). The result is checked piece
+by piece against the full decode. When no ``tokenizers`` backend is available, or the check
+fails, the same thing runs on a pure ``tokenizer.decode`` incremental decoder (two short decodes
+per token), and as a last resort on the decodes of every prefix (quadratic, exact by
+construction). Nothing here imports transformers: the tokenizer is used through ``decode``,
+``all_special_ids`` and, when present, ``backend_tokenizer``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any, Literal
+
+import torch
+from torch import Tensor
+
+from lightning_flow.rewards import extract_answer
+
+try:  # tokenizers >= 0.21
+    from tokenizers.decoders import DecodeStream
+except ImportError:  # pragma: no cover - older tokenizers
+    DecodeStream = None
+
+Span = tuple[int, int]
+Decode = Callable[[list[int]], str]
+
+SOURCE_BOXED = 0
+"""The answer is the content of the last ``\\boxed{...}``."""
+SOURCE_HASH = 1
+"""The answer is the number after the last ``####``."""
+SOURCE_FALLBACK = 2
+"""No answer found: the fallback token (last token producing characters) is marked."""
+SOURCE_NONE = 3
+"""Nothing is marked (no answer and fallback 'none', or an empty response)."""
+
+_BOXED = "\\boxed{"
+_REPLACEMENT = "\ufffd"
+_CONTEXT_TOKENS = 4  # tokens of context decoded before a run of split-character tokens
+
+
+# ---- character offsets ------------------------------------------------------------------------
+def token_char_offsets(tokenizer: Any, token_ids: Sequence[int] | Tensor) -> tuple[str, list[Span]]:
+    """Decode one response and give each token its character span in the decoded text.
+
+    tokenizer  # anything with decode(ids, skip_special_tokens=True); a transformers fast
+               # tokenizer or a tokenizers.Tokenizer takes the fast path
+    token_ids  # [L] response ids (special tokens allowed anywhere)
+    Returns (text, offsets): text = tokenizer.decode(ids, skip_special_tokens=True) and
+    offsets[j] = (start, end), the span of text produced by token j. Special tokens and tokens
+    adding no characters get (p, p); a character split over several tokens belongs to each of
+    them (see the module docstring).
+    """
+    ids = [int(i) for i in (token_ids.tolist() if isinstance(token_ids, Tensor) else token_ids)]
+    text = tokenizer.decode(ids, skip_special_tokens=True)
+    return text, _offsets(tokenizer, ids, text)
+
+
+def _offsets(tokenizer: Any, ids: list[int], text: str) -> list[Span]:
+    if not ids:
+        return []
+    special = frozenset(int(i) for i in (getattr(tokenizer, "all_special_ids", None) or ()))
+    backend = _backend(tokenizer)
+    if backend is not None and DecodeStream is not None:
+        pieces = _stream_pieces(backend, ids)
+        if pieces is not None:
+            spans = _assemble(_decoder(backend), ids, pieces, text, special)
+            if spans is not None:
+                return spans
+    decode = _decoder(tokenizer)
+    spans = _assemble(decode, ids, _incremental_pieces(decode, ids), text, special)
+    if spans is not None:
+        return spans
+    # Last resort, for decoders whose output for a token depends on far-away tokens: every
+    # prefix decoded and matched against the full text (quadratic, but always consistent).
+    spans = _resolve_run(decode, [], ids, text, special)
+    if spans is None:  # pragma: no cover - decode(ids) differs between two identical calls
+        raise RuntimeError("tokenizer.decode is not deterministic; cannot map tokens to characters")
+    return spans
+
+
+def _backend(tokenizer: Any) -> Any | None:
+    """The tokenizers.Tokenizer behind a transformers fast tokenizer, or the object itself."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None and hasattr(tokenizer, "decode_batch") and hasattr(tokenizer, "token_to_id"):
+        backend = tokenizer
+    return backend
+
+
+def _decoder(tokenizer: Any) -> Decode:
+    def decode(ids: list[int]) -> str:
+        return tokenizer.decode(ids, skip_special_tokens=True)
+
+    return decode
+
+
+def _stream_pieces(backend: Any, ids: list[int]) -> list[str | None] | None:
+    """Per token: the text it completes (DecodeStream.step), or None; None on any error."""
+    try:
+        stream = DecodeStream(skip_special_tokens=True)
+        step = stream.step
+        return [step(backend, token) or None for token in ids]
+    except Exception:
+        return None
+
+
+def _incremental_pieces(decode: Decode, ids: list[int]) -> list[str | None]:
+    """DecodeStream's contract with plain decode calls over a short sliding window.
+
+    The window starts one completed run back, so decoders that treat the first token of a
+    sequence specially (SentencePiece's leading-space strip) see the same thing on both sides
+    of the difference. A token whose window decode ends in U+FFFD is incomplete (None).
+    """
+    pieces: list[str | None] = []
+    window_start, read = 0, 0
+    seen = ""
+    for j in range(len(ids)):
+        new = decode(ids[window_start : j + 1])
+        if len(new) > len(seen) and new.startswith(seen) and not new.endswith(_REPLACEMENT):
+            pieces.append(new[len(seen) :])
+            window_start, read = read, j + 1
+            seen = decode(ids[window_start:read])
+        else:
+            pieces.append(None)
+    return pieces
+
+
+def _assemble(decode: Decode, ids: list[int], pieces: list[str | None], text: str, special: frozenset[int]) -> list[Span] | None:
+    """Spans from per-token completed text; None when the pieces disagree with ``text``.
+
+    A run is the tokens since the last completing token, up to and including the next one
+    (usually just that token). A run whose only character-producing token is the completing one
+    takes its text directly; longer runs go through ``_resolve_run``. Tokens after the last
+    completing token (an incomplete character at the very end) are resolved against the rest.
+    """
+    joined = "".join(filter(None, pieces))
+    if not text.startswith(joined):
+        return None
+    spans: list[Span] = [(0, 0)] * len(ids)
+    pos = start = 0
+    for j, piece in enumerate(pieces):
+        if piece is None:
+            continue
+        if start == j:  # the common case: one token, its own text
+            spans[j] = (pos, pos + len(piece))
+        elif all(ids[k] in special for k in range(start, j)):
+            for k in range(start, j):
+                spans[k] = (pos, pos)
+            spans[j] = (pos, pos + len(piece))
+        elif not _place_run(decode, ids, pieces, spans, start, j + 1, pos, piece, special):
+            return None
+        pos += len(piece)
+        start = j + 1
+    if start < len(ids):
+        rest = text[pos:]
+        if not rest:
+            for k in range(start, len(ids)):
+                spans[k] = (pos, pos)
+        elif not _place_run(decode, ids, pieces, spans, start, len(ids), pos, rest, special):
+            return None
+    elif len(joined) != len(text):
+        return None
+    return spans
+
+
+def _place_run(
+    decode: Decode, ids: list[int], pieces: list[str | None], spans: list[Span], start: int, stop: int, pos: int, target: str, special: frozenset[int]
+) -> bool:
+    """Resolve the run ``ids[start:stop]``, which produces ``target`` at ``pos``, into ``spans``."""
+    # Context: whole runs, at least _CONTEXT_TOKENS tokens back (or from the response start),
+    # so that start-of-sequence rules (SentencePiece's leading-space strip) act as in the full
+    # decode. A context that fuses with the run (byte-fallback bytes decoded as one group) fails
+    # the prefix check; then the run is decoded on its own.
+    context_start = max(0, start - _CONTEXT_TOKENS)
+    while context_start > 0 and pieces[context_start - 1] is None:
+        context_start -= 1
+    local = _resolve_run(decode, ids[context_start:start], ids[start:stop], target, special)
+    if local is None and start > 0:
+        local = _resolve_run(decode, [], ids[start:stop], target, special)
+    if local is None:
+        return False
+    for k, (a, b) in enumerate(local, start=start):
+        spans[k] = (pos + a, pos + b)
+    return True
+
+
+def _resolve_run(decode: Decode, context: list[int], run: list[int], target: str, special: frozenset[int]) -> list[Span] | None:
+    """Spans within ``target`` (the text the run produces) of each run token.
+
+    After each token the decoded prefix is ``target[:done]`` plus, while a character is
+    incomplete, replacement characters. A token covers from the first character its bytes
+    touch (``done`` before it) to ``done`` after it, plus the incomplete character if any.
+    """
+    prefix = decode(context) if context else ""
+    spans: list[Span] = []
+    done = 0
+    partial = ""
+    for k in range(len(run)):
+        if run[k] in special:
+            spans.append((done, done))
+            continue
+        full = decode(context + run[: k + 1])
+        if not full.startswith(prefix):
+            return None
+        partial = full[len(prefix) :]
+        reached = max(done, _common_prefix_length(partial, target))
+        incomplete = len(partial) > reached and reached < len(target)
+        spans.append((done, reached + int(incomplete)))
+        done = reached
+    return spans if partial == target else None
+
+
+def _common_prefix_length(a: str, b: str) -> int:
+    n = min(len(a), len(b))
+    if a[:n] == b[:n]:
+        return n
+    lo, hi = 0, n  # a[:lo] == b[:lo], a[:hi] != b[:hi]
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if a[:mid] == b[:mid]:
+            lo = mid
+        else:
+            hi = mid
+    return lo
+
+
+# ---- the answer span and its tokens -----------------------------------------------------------
+def find_answer(text: str) -> tuple[Span | None, int]:
+    """(character span of the final answer, source) for a decoded response.
+
+    The span is ``rewards.extract_answer``'s; source is SOURCE_BOXED or SOURCE_HASH, or
+    (None, SOURCE_NONE) when there is no answer or it is empty (``\\boxed{}``).
+    """
+    span = extract_answer(text)
+    if span is None or span[0] >= span[1]:
+        return None, SOURCE_NONE
+    # A box span starts right after "\boxed{"; a "####" number follows "#", "$" or whitespace.
+    return span, SOURCE_BOXED if text.endswith(_BOXED, 0, span[0]) else SOURCE_HASH
+
+
+def answer_token_mask(
+    offsets: Sequence[Span],
+    span: Span | None,
+    fallback: Literal["last_token", "none"] = "last_token",
+    exclude: Sequence[bool] | None = None,
+) -> list[bool]:
+    """Per token: does it produce a character of the answer span ``[start, end)``?
+
+    offsets   # [L] (start, end) per token, as token_char_offsets gives them
+    span      # the answer's character span, or None
+    fallback  # with no span (or an empty one): "last_token" marks the last token that produces
+              # characters (the last non-EOS, non-special token), "none" marks nothing
+    exclude   # [L] optional, True for tokens that are never marked (e.g. EOS)
+    """
+    return _mark(offsets, span, fallback, exclude)[0]
+
+
+def _mark(offsets: Sequence[Span], span: Span | None, fallback: str, exclude: Sequence[bool] | None) -> tuple[list[bool], bool]:
+    """(marks, whether the span marked anything); the fallback applies when it did not."""
+    if fallback not in ("last_token", "none"):
+        raise ValueError(f"fallback must be 'last_token' or 'none', got {fallback!r}")
+    if exclude is not None and len(exclude) != len(offsets):
+        raise ValueError(f"exclude has {len(exclude)} entries for {len(offsets)} tokens")
+    marks = [False] * len(offsets)
+    if span is not None and span[0] < span[1]:
+        first, last = span
+        hit = False
+        for j, (start, end) in enumerate(offsets):
+            if start < last and end > first and start < end and not (exclude is not None and exclude[j]):
+                marks[j] = hit = True
+        if hit:
+            return marks, True
+    if fallback == "last_token":
+        for j in range(len(offsets) - 1, -1, -1):
+            start, end = offsets[j]
+            if start < end and not (exclude is not None and exclude[j]):
+                marks[j] = True
+                break
+    return marks, False
+
+
+def answer_masks(
+    tokenizer: Any,
+    completion_ids: Tensor,
+    completion_mask: Tensor,
+    fallback: Literal["last_token", "none"] = "last_token",
+    eos_token_ids: int | Sequence[int] | None = None,
+) -> tuple[Tensor, Tensor]:
+    """Answer-token masks for a batch of responses.
+
+    completion_ids   # [N, L] generated ids, padding after the end
+    completion_mask  # [N, L] 1 for the response's tokens (up to and including the first EOS,
+                     # as loss.completion_mask gives it); only these positions are considered
+    fallback         # see answer_token_mask
+    eos_token_ids    # ids never marked; default tokenizer.eos_token_id
+    Returns (answer [N, L] bool, source [N] long): SOURCE_BOXED (0), SOURCE_HASH (1),
+    SOURCE_FALLBACK (2) or SOURCE_NONE (3). Each row's text is decode(response ids,
+    skip_special_tokens=True), the string the rewards score.
+    """
+    if completion_ids.dim() != 2 or completion_mask.shape != completion_ids.shape:
+        raise ValueError(f"expected completion_ids and completion_mask of one shape [N, L], got {tuple(completion_ids.shape)} and {tuple(completion_mask.shape)}")
+    if eos_token_ids is None:
+        eos_token_ids = getattr(tokenizer, "eos_token_id", None)
+    eos = frozenset() if eos_token_ids is None else frozenset([int(eos_token_ids)] if isinstance(eos_token_ids, int) else map(int, eos_token_ids))
+    rows = completion_ids.tolist()
+    keep = (completion_mask != 0).tolist()
+    source = [SOURCE_NONE] * len(rows)
+    marked_rows: list[int] = []
+    marked_cols: list[int] = []
+    for i, (row, row_keep) in enumerate(zip(rows, keep)):
+        positions = [j for j, k in enumerate(row_keep) if k]
+        ids = [row[j] for j in positions]
+        text, offsets = token_char_offsets(tokenizer, ids)
+        span, found = find_answer(text)
+        marks, from_span = _mark(offsets, span, fallback, [token in eos for token in ids])
+        cols = [p for p, m in zip(positions, marks) if m]
+        source[i] = found if from_span else (SOURCE_FALLBACK if cols else SOURCE_NONE)
+        marked_rows += [i] * len(cols)
+        marked_cols += cols
+    answer = torch.zeros(completion_ids.shape, dtype=torch.bool)
+    answer[marked_rows, marked_cols] = True
+    return answer.to(completion_ids.device), torch.tensor(source, dtype=torch.long, device=completion_ids.device)

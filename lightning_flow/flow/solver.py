@@ -1,0 +1,166 @@
+"""Answer-conditioned flow: the Doob h-transform and the prompt-to-answer throughput.
+
+Both sweeps are blocked triangular solves over positions, batched over the N responses:
+  h:  (I - M) h = 1_S, M = c with the answer rows zeroed (answer tokens absorb), last block first;
+  f:  (I - Wᵀ) f = μ,  W(i, k) = c(i, k) h(k) / h(i) on rows i ∉ S with h(i) > 0, first block first.
+h can span far more than float32's range on long responses: it decays backwards when attention
+rows sum below 1 (sinks and pruning remove mass) and grows when they sum above 1. So every block
+keeps its own scale (h = hhat · exp(log_norm), log scales in float64): a block's right-hand side
+is combined from the later blocks in log space, normalised to max 1 and solved in the working
+dtype. W is bounded (w <= 1), so it is formed from hhat and one scale factor per source.
+The limit left: within one block, h may not span more than the dtype's range (float32: about
+1e38, i.e. a growth or decay factor per position of at most 1e38 ** (1 / block_size)).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from .graph import FlowConfig, check_inputs, incoming_capacities
+
+_NEG_INF = float("-inf")
+
+
+@dataclass
+class FlowResult:
+    """Answer-conditioned influence and throughput of a batch of responses."""
+
+    h: Tensor  # [N, T] influence on the answer, scaled to max 1 per response; 0 where no path
+    flow: Tensor  # [N, T] throughput f in [0, 1]; all 0 on degenerate rows
+    absorbed: Tensor  # [N] flow absorbed by the answer: 1 where not degenerate, 0 where degenerate
+    degenerate: Tensor  # [N] bool: no answer, empty response, < 2 valid tokens or Σ_prompt h = 0
+    log_h: Tensor  # [N, T] float64 log of the unscaled h (-inf where h = 0); what edge_flows uses
+
+
+def _pad(x: Tensor, size: int) -> Tensor:
+    """Right-pad the last dimension of a [N, T] tensor with zeros / False to `size`."""
+    return torch.nn.functional.pad(x, (0, size - x.shape[-1]))
+
+
+def _finite_max(x: Tensor) -> Tensor:
+    """[N, 1] row max over the finite entries of a [N, B] tensor, 0 for rows with none."""
+    top = x.amax(-1, keepdim=True)  # [N, 1]
+    return torch.where(torch.isfinite(top), top, torch.zeros_like(top))
+
+
+@dataclass
+class _Influence:
+    """h of a padded batch in blocks of `bs` positions: h = hhat · exp(log_norm of its block)."""
+
+    hhat: Tensor  # [N, S] h divided by its block's normaliser (block max 1, or all 0)
+    log_norm: Tensor  # [N, nb] float64 log of each block's normaliser
+    log_out: Tensor  # [N, S] float64 log Σ_k c(i, k) h(k): equals log h(i) off the answer
+
+
+def _solve_h(p: Tensor, answer: Tensor, bs: int) -> _Influence:
+    """Back-substitution (I - M) h = 1_S from the last block; p  # [N, S, S] incoming capacities."""
+    n, size, _ = p.shape
+    nb = size // bs
+    hhat = p.new_zeros(n, size)  # [N, S]
+    log_norm = torch.zeros(n, nb, dtype=torch.float64, device=p.device)  # [N, nb]
+    log_out = torch.full((n, size), _NEG_INF, dtype=torch.float64, device=p.device)  # [N, S]
+    passes_on = (~answer).to(p.dtype)  # [N, S] answer tokens feed the super-sink only
+    for b in reversed(range(nb)):
+        s, e = b * bs, (b + 1) * bs
+        log_later = torch.full((n, bs), _NEG_INF, dtype=torch.float64, device=p.device)  # [N, bs]
+        if e < size:
+            # What each later block receives from this one, in that block's own scale, combined in
+            # log space so that blocks of very different magnitude neither overflow nor vanish.
+            later = p[:, e:, s:e].unflatten(1, (nb - b - 1, bs))  # [N, nl, bs (k), bs (i)]
+            part = torch.einsum("nlki,nlk->nil", later, hhat[:, e:].view(n, nb - b - 1, bs))  # [N, bs, nl]
+            log_later = torch.logsumexp(part.double().log() + log_norm[:, None, b + 1 :], dim=-1)
+        log_rhs = torch.where(answer[:, s:e], 0.0, log_later)  # [N, bs]; h(a) = 1
+        ref = _finite_max(log_rhs)  # [N, 1]
+        rhs = (log_rhs - ref).exp().to(p.dtype)  # [N, bs] max 1 (or all 0)
+        inner = p[:, s:e, s:e]  # [N, bs (k), bs (i)] edges inside the block
+        upper = -(inner * passes_on[:, None, s:e]).transpose(1, 2)  # [N, i, k]; unit diagonal implied
+        x = torch.linalg.solve_triangular(upper, rhs[..., None], upper=True, unitriangular=True)
+        x = x.squeeze(-1).clamp_min(0)  # [N, bs]
+        top = x.amax(-1, keepdim=True)  # [N, 1]
+        alive = top > 0
+        hhat[:, s:e] = torch.where(alive, x / torch.where(alive, top, 1.0), 0.0)
+        log_norm[:, b] = torch.where(alive, ref + top.double().log(), 0.0).squeeze(-1)
+        within = torch.einsum("nki,nk->ni", inner, hhat[:, s:e]).double().log() + log_norm[:, b, None]
+        log_out[:, s:e] = torch.logaddexp(log_later, within)  # [N, bs]
+    return _Influence(hhat, log_norm, log_out)
+
+
+def _solve_flow(p: Tensor, infl: _Influence, stops: Tensor, mu: Tensor, bs: int) -> Tensor:
+    """f  # [N, S] by forward substitution in blocks; Wᵀ is built one block of targets at a time.
+
+    w(i, k) = c(i, k) h(k) / Σ_k' c(i, k') h(k'): the denominator is h(i) in exact arithmetic, and
+    using the computed row sum makes Σ_k w(i, k) = 1 hold to rounding, so no flow leaks on long
+    responses. Each factor is bounded (w <= 1), so the products cannot overflow.
+    """
+    n, size, _ = p.shape
+    f = p.new_zeros(n, size)  # [N, S]
+    big = torch.finfo(p.dtype).max
+    for b, s in enumerate(range(0, size, bs)):
+        e = s + bs
+        # h(k) / out(i) = hhat(k) · q(i): the block's scale folded into one factor per source.
+        log_q = infl.log_norm[:, b, None] - infl.log_out[:, :e]  # [N, e]
+        q = torch.where(stops[:, :e], 0.0, log_q.exp().clamp(max=big)).to(p.dtype)  # [N, e]
+        wt = p[:, s:e, :e] * infl.hhat[:, s:e, None] * q[:, None, :]  # [N, bs (k), e (i)] = Wᵀ
+        rhs = mu[:, s:e] + torch.einsum("nki,ni->nk", wt[:, :, :s], f[:, :s])  # [N, bs]
+        x = torch.linalg.solve_triangular(-wt[:, :, s:], rhs[..., None], upper=False, unitriangular=True)
+        f[:, s:e] = x.squeeze(-1)
+    return f
+
+
+@torch.no_grad()
+def answer_flow(
+    attention: Tensor, valid: Tensor, prompt: Tensor, answer: Tensor, cfg: FlowConfig | None = None
+) -> FlowResult:
+    """h-transform and throughput of each response (flow-credit.md), on the input's device."""
+    check_inputs(attention, valid, prompt, answer)
+    cfg = cfg or FlowConfig()
+    n, t = valid.shape
+    bs = max(1, min(cfg.block_size, t))
+    size = -(-t // bs) * bs  # T rounded up to whole blocks
+    prompt = prompt & valid
+    response = valid & ~prompt  # [N, T]
+    answer = answer & response  # [N, T]
+    p = incoming_capacities(attention, valid, cfg, size)  # [N, S, S] p[n, k, i] = c(i, k)
+    answer_p, prompt_p = _pad(answer, size), _pad(prompt, size)  # [N, S]
+
+    infl = _solve_h(p, answer_p, bs)
+    log_h = infl.hhat.double().log() + infl.log_norm.repeat_interleave(bs, dim=1)  # [N, S] float64
+    # Super-source over the prompt, conditioned like every other edge: μ(i) ∝ h(i).
+    log_src = torch.where(prompt_p, log_h, _NEG_INF)  # [N, S]
+    log_z = torch.logsumexp(log_src, dim=-1, keepdim=True)  # [N, 1] log Σ_P h
+    has_source = torch.isfinite(log_z)  # [N, 1]
+    mu = (log_src - torch.where(has_source, log_z, 0.0)).exp().to(p.dtype)  # [N, S]
+    stops = answer_p | ~torch.isfinite(infl.log_out)  # [N, S] answer tokens absorb; h = 0 carry nothing
+    flow = _solve_flow(p, infl, stops, mu, bs)[:, :t]  # [N, T]
+
+    degenerate = ~answer.any(-1) | ~response.any(-1) | (valid.sum(-1) < 2) | ~has_source.squeeze(-1)  # [N]
+    flow = torch.where(degenerate[:, None], 0.0, flow).clamp(0.0, 1.0)  # [N, T]
+    log_h = log_h[:, :t]  # [N, T]
+    h = (log_h - _finite_max(log_h)).exp().to(p.dtype)  # [N, T] max 1, 0 where log h = -inf
+    absorbed = (flow * answer).sum(-1)  # [N]
+    return FlowResult(h=h, flow=flow, absorbed=absorbed, degenerate=degenerate, log_h=log_h)
+
+
+@torch.no_grad()
+def edge_flows(capacity: Tensor, result: FlowResult, answer: Tensor, block_size: int = 512) -> Tensor:
+    """[N, T, T] edge flow f(i) · w(i, k), w(i, k) = c(i, k) h(k) / h(i); rows of answer tokens and
+    of h = 0 tokens are zero. `capacity` is the [N, T, T] output of `capacities`."""
+    log_h, f = result.log_h, result.flow  # [N, T] each
+    stops = answer | ~torch.isfinite(log_h) | (f <= 0)  # [N, T] rows that send nothing
+    log_from = torch.where(stops, _NEG_INF, f.double().log() - log_h)  # [N, T] log f(i) / h(i)
+    out = torch.zeros_like(capacity)  # [N, T, T]
+    for r0 in range(0, capacity.shape[1], block_size):  # blocks of source rows bound the float64 temporaries
+        r1 = r0 + block_size
+        log_edge = capacity[:, r0:r1].double().log() + log_h[:, None, :] + log_from[:, r0:r1, None]
+        out[:, r0:r1] = log_edge.exp().to(capacity.dtype)  # [N, r, T]; -inf (no edge, stops) -> 0
+    return out
+
+
+def backbone(edge_flow: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """Per response the k strongest edges: (index [N, k, 2] as (i, k) positions, value [N, k])."""
+    n, t, _ = edge_flow.shape
+    value, flat = edge_flow.reshape(n, t * t).topk(min(k, t * t), dim=-1)  # [N, k] each
+    return torch.stack((flat // t, flat % t), dim=-1), value

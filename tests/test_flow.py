@@ -1,0 +1,460 @@
+"""Flow core: token graphs, answer-conditioned flow and credit weights (flow-credit.md).
+
+The vectorised code is checked against hand-built graphs, against the method's invariants, and
+against an independent float64 reference written with plain Python loops below.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from lightning_flow.flow import (
+    FlowConfig,
+    answer_flow,
+    attention_received,
+    backbone,
+    boosted_count,
+    build_token_graphs,
+    capacities,
+    credit_weights,
+    edge_flows,
+    random_signal,
+)
+
+TOL = 1e-5
+
+
+# ---- inputs --------------------------------------------------------------------------------
+def layout(rows: list[tuple[int, int, int, int, int]], t: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Masks from (left_pad, prompt_len, response_len, answer_start, answer_len) per response,
+    answer_start counted inside the response; the rest of each row is right padding."""
+    valid, prompt, answer = (torch.zeros(len(rows), t, dtype=torch.bool) for _ in range(3))
+    for n, (left, p, r, a0, a) in enumerate(rows):
+        assert left + p + r <= t and a0 + a <= r
+        valid[n, left : left + p + r] = True
+        prompt[n, left : left + p] = True
+        answer[n, left + p + a0 : left + p + a0 + a] = True
+    return valid, prompt, answer
+
+
+def random_attention(valid: torch.Tensor, gen: torch.Generator, sharpness: float = 2.0) -> torch.Tensor:
+    """[N, T, T] causal softmax attention over valid keys (self included), zero at padding."""
+    n, t = valid.shape
+    allowed = torch.ones(t, t, dtype=torch.bool).tril()[None] & valid[:, None, :] & valid[:, :, None]
+    logits = torch.randn(n, t, t, generator=gen) * sharpness
+    att = torch.where(allowed, logits, float("-inf")).softmax(-1)
+    return torch.where(allowed, att, 0.0)  # rows with no allowed key are NaN before this
+
+
+def random_layout(gen: torch.Generator, t: int) -> tuple[int, int, int, int, int]:
+    """A hole-free valid run anywhere in [0, t) with a prompt of >= 2 tokens and an answer."""
+    ri = lambda lo, hi: int(torch.randint(lo, hi + 1, (1,), generator=gen))  # noqa: E731
+    length = ri(min(4, t), t)
+    left = ri(0, t - length)
+    p = ri(2, length - 2)
+    r = length - p
+    a = ri(1, min(3, r))
+    return left, p, r, ri(0, r - a), a
+
+
+def dense_from_graph(batch, t: int) -> torch.Tensor:
+    """[N, T, T] c[n, i, k] rebuilt from the PyG batch through the `position` attribute."""
+    c = torch.zeros(batch.num_graphs, t, t)
+    graph = batch.batch[batch.edge_index[0]]  # [E]
+    c[graph, batch.position[batch.edge_index[0]], batch.position[batch.edge_index[1]]] = batch.edge_attr
+    return c
+
+
+def weights_of(log_h: torch.Tensor, c: torch.Tensor, answer: torch.Tensor) -> torch.Tensor:
+    """[N, T, T] float64 w(i, k) = c(i, k) h(k) / h(i), rows of answer and h = 0 tokens zero."""
+    stops = answer | ~torch.isfinite(log_h)
+    log_w = c.double().log() + log_h[:, None, :] - torch.where(stops, math.inf, log_h)[:, :, None]
+    return log_w.exp()
+
+
+# ---- independent reference: dicts and loops, the doc's formulas in token order --------------
+def reference(att, valid, prompt, answer, cfg: FlowConfig) -> dict:
+    """One response, float64, literally: graph, h in reverse order, μ, f in forward order."""
+    t = len(valid)
+    nodes = [i for i in range(t) if valid[i]]
+    sinks = set(nodes[: cfg.sink_tokens])
+    cap: dict[tuple[int, int], float] = {}
+    for k in nodes:
+        cands = [(float(att[k][i]), i) for i in nodes if i < k and i not in sinks]
+        cands = sorted((a, i) for a, i in cands if a > 0 and a >= cfg.min_capacity)
+        cands.sort(key=lambda ai: (-ai[0], ai[1]))  # strongest first, ties to the earlier key
+        for a, i in cands[: cfg.max_in_degree]:
+            cap[(i, k)] = a
+    targets = {i: [(k, c) for (j, k), c in cap.items() if j == i] for i in nodes}
+    sources = {k: [(i, c) for (i, j), c in cap.items() if j == k] for k in nodes}
+    resp = [i for i in nodes if not prompt[i]]
+    ans = {i for i in resp if answer[i]}
+    h: dict[int, float] = {}
+    for i in reversed(nodes):
+        h[i] = 1.0 if i in ans else sum(c * h[k] for k, c in targets[i])
+    z = sum(h[i] for i in nodes if prompt[i])
+    degenerate = not ans or not resp or z == 0 or len(nodes) < 2
+    mu = {i: (h[i] / z if prompt[i] and not degenerate else 0.0) for i in nodes}
+    f: dict[int, float] = {}
+    for k in nodes:
+        f[k] = mu[k] + sum(f[i] * c * h[k] / h[i] for i, c in sources[k] if i not in ans and h[i] > 0)
+    ranked = sorted(resp, key=lambda i: (-f[i], i))
+    boosted = set() if degenerate else set(ranked[: math.floor(cfg.top_fraction * len(resp) + 0.5)])
+    weights = [cfg.boost if i in boosted else 1.0 for i in range(t)]
+    return dict(cap=cap, h=h, mu=mu, f=f, ans=ans, degenerate=degenerate, weights=weights, nodes=nodes)
+
+
+REF_CONFIGS = [
+    FlowConfig(),
+    FlowConfig(sink_tokens=2, max_in_degree=3, min_capacity=0.05, block_size=4),
+    FlowConfig(sink_tokens=0, max_in_degree=None, min_capacity=0.0, block_size=7),
+]
+
+
+@pytest.mark.parametrize("t", [5, 17, 40])
+@pytest.mark.parametrize("cfg_id", range(len(REF_CONFIGS)))
+def test_matches_python_reference(t: int, cfg_id: int) -> None:
+    cfg = REF_CONFIGS[cfg_id]
+    gen = torch.Generator().manual_seed(100 * t + cfg_id)
+    rows = [random_layout(gen, t) for _ in range(4)]
+    valid, prompt, answer = layout(rows, t)
+    att = random_attention(valid, gen, sharpness=3.0)
+    result = answer_flow(att, valid, prompt, answer, cfg)
+    c = capacities(att, valid, cfg)
+    weights = credit_weights(result.flow, valid & ~prompt, cfg.top_fraction, cfg.boost, result.degenerate)
+    flows = edge_flows(c, result, answer)
+    for n in range(len(rows)):
+        ref = reference(att[n].tolist(), valid[n].tolist(), prompt[n].tolist(), answer[n].tolist(), cfg)
+        assert bool(result.degenerate[n]) == ref["degenerate"]
+        dense = {(i, k): float(c[n, i, k]) for i, k in c[n].nonzero().tolist()}
+        assert dense == pytest.approx(ref["cap"], abs=0)  # the same edges, the same values
+        top = max(ref["h"].values())
+        for i in ref["nodes"]:
+            assert float(result.h[n, i]) == pytest.approx(ref["h"][i] / top if top > 0 else 0.0, abs=TOL)
+            if not ref["degenerate"]:
+                assert float(result.flow[n, i]) == pytest.approx(ref["f"][i], abs=TOL)
+        for (i, k), cik in ref["cap"].items():
+            hi = ref["h"][i]
+            w = cik * ref["h"][k] / hi if hi > 0 and i not in ref["ans"] else 0.0
+            expected = 0.0 if ref["degenerate"] else ref["f"][i] * w
+            assert float(flows[n, i, k]) == pytest.approx(expected, abs=TOL)
+        assert weights[n].tolist() == ref["weights"]
+        if not ref["degenerate"]:
+            # The identity behind the capacity-only solve: g = f / h satisfies
+            # g(k) = μ(k) / h(k) + Σ_{i ∉ S, h(i) > 0} g(i) c(i, k) wherever h(k) > 0.
+            h, f = ref["h"], ref["f"]
+            g = {i: f[i] / h[i] for i in ref["nodes"] if h[i] > 0}
+            for k in g:
+                into_k = [(i, cc) for (i, kk), cc in ref["cap"].items() if kk == k and i in g and i not in ref["ans"]]
+                rhs = ref["mu"][k] / h[k] + sum(g[i] * cc for i, cc in into_k)
+                assert g[k] == pytest.approx(rhs, rel=1e-9, abs=1e-12)
+
+
+# ---- graph construction ----------------------------------------------------------------------
+def hand_attention() -> tuple[torch.Tensor, ...]:
+    """One response at positions 1..5 (position 0 is left padding): prompt 1-2, response 3-5, answer 4."""
+    att = torch.zeros(1, 6, 6)
+    att[0, 1, 1] = 1.0
+    att[0, 2, [1, 2]] = torch.tensor([0.6, 0.4])
+    att[0, 3, [1, 2, 3]] = torch.tensor([0.5, 0.3, 0.2])
+    att[0, 4, [1, 2, 3, 4]] = torch.tensor([0.4, 0.00005, 0.35, 0.24995])
+    att[0, 5, [1, 2, 3, 4, 5]] = torch.tensor([0.1, 0.2, 0.3, 0.25, 0.15])
+    valid, prompt, answer = layout([(1, 2, 3, 1, 1)], 6)
+    return att, valid, prompt, answer
+
+
+def test_graph_hand_built() -> None:
+    att, valid, prompt, answer = hand_attention()
+    cfg = FlowConfig(sink_tokens=1, max_in_degree=2, min_capacity=1e-4)
+    g = build_token_graphs(att, valid, prompt, answer, cfg)
+    assert g.num_graphs == 1 and g.num_nodes == 5
+    assert g.role.tolist() == [0, 0, 1, 2, 1]
+    assert g.position.tolist() == [1, 2, 3, 4, 5]
+    # Out of position 1 (the sink: first VALID token) nothing; 2 -> 4 is below min_capacity;
+    # 5 keeps its 2 strongest in-edges (from 3 and 4, not from 2).
+    assert g.edge_index.tolist() == [[1, 2, 2, 3], [2, 3, 4, 4]]
+    assert g.edge_attr.tolist() == pytest.approx([0.3, 0.35, 0.3, 0.25])
+    assert torch.equal(dense_from_graph(g, 6), capacities(att, valid, cfg))
+
+
+def test_graph_sink_and_pruning_options() -> None:
+    att, valid, prompt, answer = hand_attention()
+    edges = lambda cfg: {tuple(e) for e in capacities(att, valid, cfg)[0].nonzero().tolist()}  # noqa: E731
+    everything = {(1, 2), (1, 3), (2, 3), (1, 4), (2, 4), (3, 4), (1, 5), (2, 5), (3, 5), (4, 5)}
+    assert edges(FlowConfig(sink_tokens=0, max_in_degree=None, min_capacity=0.0)) == everything
+    assert edges(FlowConfig(sink_tokens=2, max_in_degree=None, min_capacity=0.0)) == {(3, 4), (3, 5), (4, 5)}
+    strong = {(1, 2), (1, 3), (2, 3), (1, 4), (3, 4), (3, 5)}
+    assert edges(FlowConfig(sink_tokens=0, max_in_degree=None, min_capacity=0.3)) == strong
+    assert edges(FlowConfig(sink_tokens=0, max_in_degree=1, min_capacity=0.0)) == {(1, 2), (1, 3), (1, 4), (3, 5)}
+    # Ties at the cut go to the earliest source, deterministically.
+    tied = att.clone()
+    tied[0, 5, 1:5] = 0.2
+    kept = capacities(tied, valid, FlowConfig(sink_tokens=0, max_in_degree=2))[0, :, 5]
+    assert kept.nonzero().flatten().tolist() == [1, 2]
+
+
+def test_capacities_are_the_graph_edges_and_respect_pruning() -> None:
+    gen = torch.Generator().manual_seed(3)
+    t = 30
+    valid, prompt, answer = layout([random_layout(gen, t) for _ in range(5)], t)
+    att = random_attention(valid, gen, sharpness=2.5)
+    cfg = FlowConfig(sink_tokens=2, max_in_degree=4, min_capacity=0.01)
+    c = capacities(att, valid, cfg)
+    batch = build_token_graphs(att, valid, prompt, answer, cfg)
+    assert torch.equal(dense_from_graph(batch, t), c)
+    assert batch.num_nodes == int(valid.sum())
+    i, k = batch.edge_index
+    assert bool((i < k).all())  # local ids keep token order
+    assert bool(((c > 0).sum(1) <= 4).all()) and bool((c[c > 0] >= 0.01).all())
+    first_valid = valid.float().argmax(-1)
+    for n in range(5):
+        assert not c[n, first_valid[n] : first_valid[n] + 2].any()  # the two sink tokens send nothing
+        # Kept in-edges of each node are at least as strong as every dropped candidate.
+        cand = torch.tril(att[n], -1).T * valid[n, :, None] * valid[n, None, :]  # [i, k]
+        cand[first_valid[n] : first_valid[n] + 2] = 0
+        dropped = torch.where((c[n] == 0) & (cand >= 0.01), cand, 0.0).amax(0)  # [T]
+        kept = torch.where(c[n] > 0, c[n], math.inf).amin(0)  # [T]
+        assert bool((dropped <= kept).all())
+
+
+# ---- flow on hand-built graphs ---------------------------------------------------------------
+def small_graph(t: int, edges: dict[tuple[int, int], float], prompt: list[int], answer: list[int]):
+    """Attention whose rows carry the given capacities (i, k) -> Ā[k, i], the rest on self."""
+    att = torch.zeros(1, t, t)
+    for (i, k), c in edges.items():
+        att[0, k, i] = c
+    att[0].diagonal().copy_(1 - att[0].sum(-1))
+    valid = torch.ones(1, t, dtype=torch.bool)
+    p, a = torch.zeros_like(valid), torch.zeros_like(valid)
+    p[0, prompt], a[0, answer] = True, True
+    return att, valid, p, a
+
+
+NO_PRUNING = FlowConfig(sink_tokens=0, max_in_degree=None, min_capacity=0.0)
+
+
+def test_chain_carries_all_the_flow() -> None:
+    caps = [0.9, 0.3, 0.7, 0.05, 0.6]  # the h-transform makes weak links irrelevant
+    att, valid, prompt, answer = small_graph(6, {(i, i + 1): c for i, c in enumerate(caps)}, [0, 1], [5])
+    r = answer_flow(att, valid, prompt, answer, FlowConfig(sink_tokens=1))  # token 0 is the sink
+    assert r.flow[0].tolist() == pytest.approx([0, 1, 1, 1, 1, 1], abs=TOL)
+    assert float(r.absorbed[0]) == pytest.approx(1, abs=TOL)
+
+
+def test_diamond_splits_evenly_and_backbone() -> None:
+    edges = {(0, 1): 0.5, (0, 2): 0.5, (1, 3): 0.4, (2, 3): 0.4}
+    att, valid, prompt, answer = small_graph(4, edges, [0], [3])
+    r = answer_flow(att, valid, prompt, answer, NO_PRUNING)
+    assert r.flow[0].tolist() == pytest.approx([1, 0.5, 0.5, 1], abs=TOL)
+    assert r.h[0].tolist() == pytest.approx([0.4, 0.4, 0.4, 1], abs=TOL)  # answer h = 1 is the max
+    ef = edge_flows(capacities(att, valid, NO_PRUNING), r, answer)
+    index, value = backbone(ef, 5)  # every edge carries half the flow; the fifth is no edge
+    assert value[0].tolist() == pytest.approx([0.5, 0.5, 0.5, 0.5, 0], abs=TOL)
+    assert sorted(map(tuple, index[0, :4].tolist())) == [(0, 1), (0, 2), (1, 3), (2, 3)]
+    assert backbone(ef, 100)[0].shape == (1, 16, 2)  # k is capped at T * T
+
+
+def test_dead_end_and_tokens_after_the_answer_get_nothing() -> None:
+    # 1 only feeds 3, which comes after the answer 2: both can never reach the answer.
+    edges = {(0, 1): 0.5, (0, 2): 0.1, (1, 3): 0.6, (0, 3): 0.2, (2, 3): 0.1}
+    att, valid, prompt, answer = small_graph(4, edges, [0], [2])
+    r = answer_flow(att, valid, prompt, answer, NO_PRUNING)
+    assert r.h[0].tolist() == pytest.approx([0.1, 0, 1, 0], abs=TOL)
+    assert r.flow[0].tolist() == pytest.approx([1, 0, 1, 0], abs=TOL)
+    assert r.log_h[0, 1] == -math.inf and r.log_h[0, 3] == -math.inf
+
+
+# ---- invariants on random batches ------------------------------------------------------------
+@pytest.mark.parametrize("block_size", [512, 5])
+def test_invariants_on_padded_batches(block_size: int) -> None:
+    gen = torch.Generator().manual_seed(11)
+    t = 48
+    rows = [(0, 9, 30, 20, 3), (9, 6, 20, 19, 1), (4, 10, 25, 2, 4), (3, 3, 12, 5, 2)]  # right, left, both
+    rows += [random_layout(gen, t) for _ in range(4)]
+    valid, prompt, answer = layout(rows, t)
+    att = random_attention(valid, gen)
+    cfg = FlowConfig(block_size=block_size, max_in_degree=8)
+    r = answer_flow(att, valid, prompt, answer, cfg)
+    c = capacities(att, valid, cfg)
+    assert not r.degenerate.any()
+    assert r.absorbed.tolist() == pytest.approx([1.0] * len(rows), abs=TOL)
+    assert bool((r.flow >= 0).all() and (r.flow <= 1).all())
+    assert r.h.amax(-1).tolist() == pytest.approx([1.0] * len(rows))
+    w = weights_of(r.log_h, c, answer)  # [N, T, T]
+    passes = ~answer & torch.isfinite(r.log_h)
+    assert torch.allclose(w.sum(-1)[passes], torch.ones(()).double(), atol=TOL)
+    # Conservation: what enters a node (plus the source) leaves it, or is absorbed at the answer.
+    ef = edge_flows(c, r, answer).double()
+    log_z = torch.logsumexp(torch.where(prompt, r.log_h, -math.inf), -1, keepdim=True)
+    mu = torch.where(prompt, (r.log_h - log_z).exp(), 0.0)
+    inflow = ef.sum(1) + mu  # [N, T]
+    assert torch.allclose(inflow, r.flow.double(), atol=TOL)
+    assert torch.allclose(ef.sum(2)[passes], r.flow.double()[passes], atol=TOL)
+    # Nothing after the last answer token.
+    last = torch.where(answer, torch.arange(t), -1).amax(-1, keepdim=True)
+    after = torch.arange(t) > last
+    assert not r.h[after].any() and not r.flow[after].any()
+    assert torch.isneginf(r.log_h[after]).all()
+
+
+def test_padding_side_and_batching_do_not_change_results() -> None:
+    gen = torch.Generator().manual_seed(5)
+    p, resp, t = 7, 11, 26
+    core = random_attention(torch.ones(1, p + resp, dtype=torch.bool), gen)[0]  # [L, L]
+    cfg = FlowConfig(block_size=4, max_in_degree=5)
+    lefts = [0, t - p - resp, 3]  # right padded, left padded, padded on both sides
+    valid, prompt, answer = layout([(left, p, resp, 6, 2) for left in lefts], t)
+    att = torch.zeros(len(lefts), t, t)
+    for n, left in enumerate(lefts):
+        att[n, left : left + p + resp, left : left + p + resp] = core
+    batched = answer_flow(att, valid, prompt, answer, cfg)
+    weights = credit_weights(batched.flow, valid & ~prompt, 0.4, 1.5, batched.degenerate)
+    for n, left in enumerate(lefts):
+        alone = answer_flow(att[n : n + 1], valid[n : n + 1], prompt[n : n + 1], answer[n : n + 1], cfg)
+        assert torch.allclose(alone.flow[0], batched.flow[n], atol=1e-6)
+        assert torch.allclose(alone.h[0], batched.h[n], atol=1e-6)
+        span = slice(left, left + p + resp)
+        for field in ("h", "flow"):
+            got, first = getattr(batched, field), getattr(batched, field)[0, : p + resp]
+            assert torch.allclose(got[n, span], first, atol=1e-6)
+            assert not got[n, ~valid[n]].any()
+        assert torch.equal(weights[n, span], weights[0, : p + resp])
+        assert not (weights[n, ~valid[n]] != 1).any()
+
+
+@pytest.mark.parametrize("block_size", [1, 3, 8])
+def test_block_size_does_not_change_results(block_size: int) -> None:
+    gen = torch.Generator().manual_seed(7)
+    valid, prompt, answer = layout([random_layout(gen, 21) for _ in range(3)], 21)
+    att = random_attention(valid, gen)
+    full = answer_flow(att, valid, prompt, answer, FlowConfig(block_size=64))
+    blocked = answer_flow(att, valid, prompt, answer, FlowConfig(block_size=block_size))
+    assert torch.allclose(full.flow, blocked.flow, atol=1e-6)
+    assert torch.allclose(full.h, blocked.h, atol=1e-6)
+
+
+# ---- degenerate cases -------------------------------------------------------------------------
+def test_degenerate_cases_fall_back_without_nan() -> None:
+    t = 8
+    rows = [
+        (0, 3, 5, 0, 0),  # no answer token
+        (0, 8, 0, 0, 0),  # empty response
+        (0, 1, 4, 3, 1),  # the only prompt token is the sink: Σ_P h = 0
+        (7, 1, 0, 0, 0),  # one valid token
+        (0, 0, 0, 0, 0),  # nothing valid at all
+        (1, 3, 4, 2, 1),  # a normal response, to show the batch is not poisoned
+    ]
+    valid, prompt, answer = layout(rows, t)
+    att = random_attention(valid, torch.Generator().manual_seed(0))
+    r = answer_flow(att, valid, prompt, answer)
+    assert r.degenerate.tolist() == [True] * 5 + [False]
+    assert r.absorbed.tolist() == pytest.approx([0] * 5 + [1], abs=TOL)
+    for x in (r.h, r.flow, r.absorbed, r.log_h):
+        assert not x.isnan().any()
+    assert not r.flow[:5].any()
+    weights = credit_weights(r.flow, valid & ~prompt, 0.4, 1.5, r.degenerate)
+    assert bool((weights[:5] == 1).all()) and bool((weights[5] == 1.5).sum() == 2)
+    yes, no = torch.ones(2, 1, dtype=torch.bool), torch.zeros(2, 1, dtype=torch.bool)
+    one = answer_flow(torch.ones(2, 1, 1), yes, no, yes)  # T = 1
+    assert one.degenerate.tolist() == [True, True] and not one.flow.isnan().any()
+
+
+# ---- long responses: no overflow, no underflow --------------------------------------------------
+@pytest.mark.parametrize("row_sum", [1.1, 0.97])
+def test_8k_tokens_stay_finite_and_conserve_flow(row_sum: float) -> None:
+    """Each query attends row_sum / 2 to each of its two predecessors. With 1.1 (rows summing
+    above 1, e.g. heads summed instead of averaged) h grows ~1.07x per token backwards, to about
+    1e228 at the prompt; with 0.97 (sinks and pruning remove mass) it shrinks to about 1e-70.
+    Either way a plain float32 solve breaks, and the blocked solve must not."""
+    t, n_prompt = 8192, 100
+    att = torch.zeros(1, t, t)
+    k = torch.arange(2, t)
+    att[0, k, k - 1] = att[0, k, k - 2] = row_sum / 2
+    att[0, 1, 0] = 1.0
+    valid = torch.ones(1, t, dtype=torch.bool)
+    prompt, answer = torch.zeros_like(valid), torch.zeros_like(valid)
+    prompt[0, :n_prompt], answer[0, t - 10 : t - 4] = True, True
+    c = capacities(att, valid)  # [1, T, T]
+
+    # float64 loops over the two in-edges per token: h unscaled, then f.
+    h = [0.0] * t
+    for i in range(t - 1, -1, -1):
+        h[i] = 1.0 if answer[0, i] else sum(float(c[0, i, j]) * h[j] for j in (i + 1, i + 2) if j < t)
+    z = sum(h[:n_prompt])
+    f = [0.0] * t
+    for j in range(t):
+        mu = h[j] / z if j < n_prompt else 0.0
+        senders = [i for i in (j - 1, j - 2) if i >= 0 and h[i] > 0 and not answer[0, i]]
+        f[j] = mu + sum(f[i] * float(c[0, i, j]) * h[j] / h[i] for i in senders)
+    f_ref = torch.tensor(f, dtype=torch.float64)
+    log_ref = torch.tensor([math.log(x) if x > 0 else -math.inf for x in h], dtype=torch.float64)
+    reach = torch.isfinite(log_ref)
+
+    naive = torch.linalg.solve_triangular(-c[0], answer[0].float()[:, None], upper=True, unitriangular=True)
+    if row_sum > 1:
+        assert max(h) > torch.finfo(torch.float32).max and not torch.isfinite(naive).all()
+    else:  # below float32's smallest normal number: the naive prompt influence is off by > 10x
+        naive_z = float(naive[:n_prompt].sum())
+        assert z < torch.finfo(torch.float32).tiny and not 0.1 * z < naive_z < 10 * z
+
+    band = torch.stack([c[0, :-2].diagonal(1), c[0, :-2].diagonal(2)], -1).double()  # [T - 2, 2]
+    for dtype, tol in ((torch.float32, 1e-4), (torch.float64, 1e-9)):
+        r = answer_flow(att, valid, prompt, answer, FlowConfig(dtype=dtype))
+        assert not r.degenerate[0] and torch.isfinite(r.h).all() and torch.isfinite(r.flow).all()
+        # float32 rounding accumulates along the ~5000 serial steps of this chain: 1e-4, not 1e-5.
+        assert float(r.absorbed[0]) == pytest.approx(1.0, abs=tol)
+        assert torch.allclose(r.flow[0].double(), f_ref, atol=tol)
+        assert torch.equal(torch.isfinite(r.log_h[0]), reach)
+        assert torch.allclose(r.log_h[0, reach], log_ref[reach], atol=1e3 * tol)  # h to 0.1 % in float32
+        lh = r.log_h[0]  # Σ_k w(i, k) over the two out-edges of each token
+        w_sum = (band * torch.stack([(lh[1:-1] - lh[:-2]).exp(), (lh[2:] - lh[:-2]).exp()], -1)).sum(-1)
+        passes = torch.isfinite(lh[:-2]) & ~answer[0, :-2]
+        assert torch.allclose(w_sum[passes], torch.ones(()).double(), atol=TOL)
+
+
+# ---- credit weights and comparison signals ------------------------------------------------------
+def test_boosted_count_rounds_half_up() -> None:
+    m = torch.tensor([0, 1, 2, 3, 4, 5, 10, 1000])
+    assert boosted_count(m, 0.4).tolist() == [0, 0, 1, 1, 2, 2, 4, 400]
+    assert boosted_count(torch.tensor([3, 10]), 0.5).tolist() == [2, 5]
+    assert boosted_count(torch.tensor([10]), 0.7).tolist() == [7]  # 0.7 * 10 is 7.000000000000001
+
+
+def test_credit_weights_rank_response_tokens_stably() -> None:
+    signal = torch.tensor([
+        [9.0, 9.0, 0.5, 0.5, 0.5, 0.1, 0.7, 9.0],
+        [0.0, 3.0, 1.0, float("nan"), 2.0, -math.inf, 0.0, 0.0],
+    ])
+    response = torch.tensor([[0, 0, 1, 1, 1, 1, 1, 0], [0, 1, 1, 1, 1, 1, 0, 0]], dtype=torch.bool)
+    w = credit_weights(signal, response, 0.4, 1.5)
+    # Row 0: 5 response tokens -> 2 boosted: 0.7 (pos 6), then the earliest 0.5 (pos 2).
+    assert w[0].tolist() == [1, 1, 1.5, 1, 1, 1, 1.5, 1]
+    # Row 1: 5 tokens -> 2 boosted: 3.0 and 2.0; NaN ranks last, padding signals never count.
+    assert w[1].tolist() == [1, 1.5, 1, 1, 1.5, 1, 1, 1]
+    fallback = credit_weights(signal, response, 0.4, 1.5, fallback=torch.tensor([True, False]))
+    assert fallback[0].tolist() == [1.0] * 8 and torch.equal(fallback[1], w[1])
+
+
+def test_attention_received_and_random_signal() -> None:
+    valid = torch.tensor([[False, True, True, True]])
+    att = torch.zeros(1, 4, 4)
+    att[0, 1, 1] = 1.0
+    att[0, 2, 1:3] = torch.tensor([0.25, 0.75])
+    att[0, 3, 1:4] = torch.tensor([0.5, 0.2, 0.3])
+    assert attention_received(att, valid)[0].tolist() == pytest.approx([0, (0.25 + 0.5) / 2, 0.2, 0])
+    a = random_signal(valid, torch.Generator().manual_seed(1))
+    b = random_signal(valid, torch.Generator().manual_seed(1))
+    assert torch.equal(a, b) and a[0, 0] == 0 and bool(((a[valid] >= 0) & (a[valid] < 1)).all())
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_runs_on_the_input_device() -> None:
+    gen = torch.Generator().manual_seed(2)
+    valid, prompt, answer = layout([random_layout(gen, 40) for _ in range(3)], 40)
+    att = random_attention(valid, gen)
+    cpu = answer_flow(att, valid, prompt, answer, FlowConfig(block_size=16))
+    gpu = answer_flow(att.cuda(), valid.cuda(), prompt.cuda(), answer.cuda(), FlowConfig(block_size=16))
+    assert gpu.flow.is_cuda and torch.allclose(gpu.flow.cpu(), cpu.flow, atol=1e-5)
