@@ -9,7 +9,8 @@ shape whose responses end in a ``\\boxed{}`` answer:
   (``min_new_tokens``) + the update's forward/backward over them in micro-batches;
 - capture: the no-grad pass that records the head/layer-mean attention (stops after the last layer);
 - solver: the callback's work (answer tokens, graph, h-transform, throughput, weights);
-- memory: extra peak of capturing one micro-batch versus an eager forward with
+- memory: extra peak of the capture for the whole batch, as a multiple of one [N, T, T] float32
+  map (target: at most 1.5), and for a single sequence against an eager forward with
   ``output_attentions`` over all layers (CUDA: allocator peak; CPU: torch.profiler memory events).
 Times are medians over ``--repeats``; shares are capture / step and solver / step from the same run.
 """
@@ -161,7 +162,8 @@ def main() -> None:
         credit = FlowCredit(signal="flow")
         module.request_attention(None)
         print(f"device: {torch.cuda.get_device_name() if cuda else 'cpu'}; model: {args.shape}; capture layers {module.attention_layers}")
-        header = f"{'L':>5} {'N':>4} {'step s':>8} {'capture s':>9} {'solver s':>8} {'capture %':>9} {'solver %':>8} {'capture MiB':>11} {'eager MiB':>9}"
+        header = (f"{'L':>5} {'N':>4} {'step s':>8} {'capture s':>9} {'solver s':>8} {'capture %':>9} {'solver %':>8} "
+                  f"{'capture/map':>11} {'1 seq capture MiB':>17} {'1 seq eager MiB':>15}")
         print(header)
         for length in args.lengths:
             for n in args.batches:
@@ -170,17 +172,18 @@ def main() -> None:
                 step = median_time(sample, args.repeats) + median_time(update, args.repeats)
                 capture = median_time(lambda: setattr(rollouts, "attention", module.capture_attention(rollouts)), args.repeats)
                 solver = median_time(lambda: credit.compute(rollouts, module.tokenizer), args.repeats)
-                micro = slice(0, args.micro_batch)
-                small = Rollouts(**{**vars(rollouts), "attention": None})
-                capture_mem = extra_peak_bytes(lambda: module.capture_attention(small_slice(small, micro)))
-                eager_mem = extra_peak_bytes(lambda: eager_all_layers(module, rollouts, micro))
+                rollouts.attention = None
+                total = length + args.prompt_length
+                capture_ratio = extra_peak_bytes(lambda: module.capture_attention(rollouts)) / (n * total * total * 4)
+                single = small_slice(rollouts, slice(0, 1))
+                capture_one = extra_peak_bytes(lambda: module.capture_attention(single)) / 2**20
+                eager_one = extra_peak_bytes(lambda: eager_all_layers(module, single, slice(0, 1))) / 2**20
                 row = dict(length=length, n=n, step_s=step, capture_s=capture, solver_s=solver,
                            capture_share=capture / step, solver_share=solver / step,
-                           capture_mib=capture_mem / 2**20, eager_mib=eager_mem / 2**20)
+                           capture_per_map=capture_ratio, capture_one_mib=capture_one, eager_one_mib=eager_one)
                 rows.append(row)
                 print(f"{length:>5} {n:>4} {step:>8.2f} {capture:>9.3f} {solver:>8.3f} {100 * capture / step:>8.1f}% {100 * solver / step:>7.1f}% "
-                      f"{row['capture_mib']:>11.0f} {row['eager_mib']:>9.0f}", flush=True)
-                rollouts.attention = None
+                      f"{capture_ratio:>11.2f} {capture_one:>17.0f} {eager_one:>15.0f}", flush=True)
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps({"shape": args.shape, "rows": rows}, indent=2))

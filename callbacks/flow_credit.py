@@ -35,7 +35,7 @@ class FlowCredit(RolloutCallback):
         min_capacity: float = 1e-6,
         answer_fallback: Literal["last_token", "none"] = "last_token",
         seed: int = 0,
-        solver_chunk: int = 16,
+        solver_elements: int = 64 * 2**20,
     ) -> None:
         """
         Args:
@@ -52,7 +52,8 @@ class FlowCredit(RolloutCallback):
                 the solver is dense, so pruning saves no time and only moves the flow, see
                 ``FlowConfig``).
             min_capacity: drop edges whose attention is below this.
-            solver_chunk: responses solved at a time, bounding the solver's [n, T, T] copies.
+            solver_elements: the solver works on as many responses at a time as fit this many
+                [n, T, T] elements (default 64M: 256 MB per float32 copy), bounding its memory.
             answer_fallback: where no ``\\boxed{}`` or ``####`` answer is found, use the last
                 response token as the answer (``last_token``) or fall back to uniform (``none``).
             seed: seed of the ``random`` signal.
@@ -60,7 +61,7 @@ class FlowCredit(RolloutCallback):
         if not 0.0 <= top_fraction <= 1.0:
             raise ValueError(f"top_fraction={top_fraction}: expected a value in [0, 1]")
         self.signal, self.top_fraction, self.boost, self.layers = signal, top_fraction, boost, layers
-        self.answer_fallback, self.solver_chunk = answer_fallback, solver_chunk
+        self.answer_fallback, self.solver_elements = answer_fallback, solver_elements
         self.flow_config = FlowConfig(sink_tokens=sink_tokens, max_in_degree=max_in_degree, min_capacity=min_capacity, top_fraction=top_fraction, boost=boost)
         self.generator = torch.Generator().manual_seed(seed)
 
@@ -80,10 +81,11 @@ class FlowCredit(RolloutCallback):
             experiment.add_histogram("credit/weights", weights[response].float().cpu(), trainer.global_step)
 
     def flow(self, attention: Tensor, valid: Tensor, prompt: Tensor, answer: Tensor) -> tuple[Tensor, Tensor]:
-        """Throughput f [N, T] and degenerate flags [N], solved ``solver_chunk`` responses at a time."""
+        """Throughput f [N, T] and degenerate flags [N], solved a memory-bounded chunk of responses at a time."""
+        chunk = max(1, self.solver_elements // valid.shape[1] ** 2)
         parts = [
             answer_flow(attention[rows], valid[rows], prompt[rows], answer[rows], self.flow_config)
-            for rows in (slice(i, i + self.solver_chunk) for i in range(0, len(valid), self.solver_chunk))
+            for rows in (slice(i, i + chunk) for i in range(0, len(valid), chunk))
         ]
         return torch.cat([p.flow for p in parts]), torch.cat([p.degenerate for p in parts])
 
