@@ -102,12 +102,11 @@ class FlowCredit(RolloutCallback):
         response = valid & ~prompt  # [N, T]
         answer_full = torch.zeros_like(valid)
         answer_full[:, prompt_length:] = answer.to(valid.device)  # [N, T]
-        fallback = ~answer_full.any(dim=1)  # [N]
+        fallback = ~response.any(dim=1)  # [N] empty responses; flow adds its own degenerate cases
 
-        metrics: dict[str, Tensor] = {}
         if self.signal == "flow":
             signal, degenerate = self.flow(rollouts.attention, valid, prompt, answer_full)
-            fallback = fallback | degenerate
+            fallback = fallback | degenerate | ~answer_full.any(dim=1)
         elif self.signal == "attention_received":
             signal = attention_received(rollouts.attention, valid)
         elif self.signal == "entropy":
@@ -123,7 +122,9 @@ class FlowCredit(RolloutCallback):
         credited = ~fallback
         top = (weights > 1) & response
         share = (signal * top).sum(dim=1) / (signal * response).sum(dim=1).clamp(min=1e-12)  # [N]
-        metrics["credit/answer_found_fraction"] = (source.to(valid.device) < 2).float().mean()
-        metrics["credit/fallback_fraction"] = fallback.float().mean()
-        metrics["credit/top_signal_share"] = share[credited].mean() if credited.any() else torch.tensor(0.0)
+        metrics = {
+            "credit/answer_found_fraction": (source.to(valid.device) < 2).float().mean(),
+            "credit/fallback_fraction": fallback.float().mean(),
+            "credit/top_signal_share": share[credited].mean() if credited.any() else torch.tensor(0.0),
+        }
         return weights, response, metrics
