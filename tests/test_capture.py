@@ -10,19 +10,12 @@ from transformers import AutoModelForCausalLM
 from lightning_flow.capture import AttentionRecorder, capture_attention, default_capture_layers
 from lightning_flow.policy import PolicyConfig, load_policy, position_ids_from_mask
 
+from .lora import perturb_lora
+
 
 # ---------------------------------------------------------------------------------------------
 # helpers
 # ---------------------------------------------------------------------------------------------
-def perturb_lora_b(model, seed: int = 0) -> None:
-    """LoRA's B starts at zero; random values make the adapter change the attention."""
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "lora_B" in name:
-                p.copy_(torch.randn(p.shape, generator=generator) * 0.3)
-
-
 def base_of(model):
     return model.get_base_model() if hasattr(model, "get_base_model") else model
 
@@ -75,7 +68,7 @@ def count_calls(module) -> list[int]:
 @pytest.fixture(scope="module")
 def tiny_peft(tiny_policy_dir):
     model = load_policy(PolicyConfig(str(tiny_policy_dir), lora_rank=4))
-    perturb_lora_b(model)
+    perturb_lora(model, scale=0.3, match="lora_B")
     return model
 
 
@@ -87,7 +80,7 @@ def tiny_plain(tiny_policy_dir):
 @pytest.fixture(scope="module")
 def stories_peft(stories260k):
     model = load_policy(PolicyConfig(str(stories260k), lora_rank=4, lora_target_modules=["q_proj", "k_proj", "v_proj"]))
-    perturb_lora_b(model, seed=1)
+    perturb_lora(model, seed=1, scale=0.3, match="lora_B")
     return model
 
 
@@ -193,7 +186,7 @@ def test_other_architectures_match_eager(build):
 
 def test_bfloat16_model_matches_eager_to_bfloat16_precision(tiny_policy_dir):
     model = load_policy(PolicyConfig(str(tiny_policy_dir), lora_rank=4, dtype="bfloat16"))
-    perturb_lora_b(model)
+    perturb_lora(model, scale=0.3, match="lora_B")
     ids, mask, positions = make_batch(model.config.vocab_size)
     maps = capture_attention(model, ids, mask, [0, 1], position_ids=positions)
     assert maps.dtype == torch.float32
@@ -235,7 +228,7 @@ def test_full_forward_inside_recorder_equals_plain_forward(request, model_name):
 
 def test_eager_model_is_recorded_through_eager_and_restored(tiny_policy_dir):
     model = load_policy(PolicyConfig(str(tiny_policy_dir), lora_rank=4, attn_implementation="eager"))
-    perturb_lora_b(model)
+    perturb_lora(model, scale=0.3, match="lora_B")
     model.eval()
     ids, mask, positions = make_batch(model.config.vocab_size)
     with torch.no_grad():
@@ -283,7 +276,7 @@ def test_unsupported_model_and_bad_layers_raise(tiny_plain, monkeypatch):
 
 def test_train_mode_and_checkpointing_are_kept(tiny_policy_dir):
     model = load_policy(PolicyConfig(str(tiny_policy_dir), lora_rank=4, gradient_checkpointing=True))
-    perturb_lora_b(model)
+    perturb_lora(model, scale=0.3, match="lora_B")
     assert model.training
     ids, mask, positions = make_batch(model.config.vocab_size)
     maps = capture_attention(model, ids, mask, [0, 1], position_ids=positions)

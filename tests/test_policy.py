@@ -11,20 +11,13 @@ from transformers import AutoModelForCausalLM
 from lightning_flow.policy import PolicyConfig, SamplingConfig, disable_cpu_4bit_repacking, generate, load_policy, position_ids_from_mask
 from lightning_flow.tokenizer import load_tokenizer
 
+from .lora import perturb_lora
+
 
 def lora_gradients(model, ids: torch.Tensor) -> torch.Tensor:
     model.zero_grad(set_to_none=True)
     model(input_ids=ids, labels=ids).loss.backward()
     return torch.cat([p.grad.flatten() for p in model.parameters() if p.requires_grad])
-
-
-def perturb_adapter(model, seed: int = 0) -> None:
-    """LoRA's B starts at zero; give it values so the adapter changes the output."""
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "lora_" in name:
-                p.copy_(torch.randn(p.shape, generator=generator) * 0.1)
 
 
 def test_lora_targets_every_projection_and_freezes_the_base(tiny_policy_dir):
@@ -38,7 +31,7 @@ def test_lora_targets_every_projection_and_freezes_the_base(tiny_policy_dir):
 
 def test_4bit_gradients_after_generate_equal_gradients_before(tiny_policy_dir):
     model = load_policy(PolicyConfig(str(tiny_policy_dir), load_in_4bit=True, lora_rank=4))
-    perturb_adapter(model)
+    perturb_lora(model)
     ids = torch.randint(4, 90, (2, 12), generator=torch.Generator().manual_seed(0))
     before = lora_gradients(model, ids)
     generate(model, ids[:, :4], torch.ones(2, 4, dtype=torch.long), SamplingConfig(max_new_tokens=4), 0, [2], greedy=True)
@@ -52,7 +45,7 @@ def test_4bit_trap_exists_without_the_guard(tiny_policy_dir, monkeypatch):
         pytest.skip("this CPU lacks AVX512-BF16, where bitsandbytes never repacks")
     monkeypatch.setattr("lightning_flow.policy.disable_cpu_4bit_repacking", lambda model: 0)
     model = load_policy(PolicyConfig(str(tiny_policy_dir), load_in_4bit=True, lora_rank=4))
-    perturb_adapter(model)
+    perturb_lora(model)
     ids = torch.randint(4, 90, (2, 12), generator=torch.Generator().manual_seed(0))
     before = lora_gradients(model, ids)
     generate(model, ids[:, :4], torch.ones(2, 4, dtype=torch.long), SamplingConfig(max_new_tokens=4), 0, [2], greedy=True)
@@ -63,7 +56,7 @@ def test_4bit_trap_exists_without_the_guard(tiny_policy_dir, monkeypatch):
 def test_training_forward_reproduces_generation_logits_with_left_padding(tiny_policy_dir):
     """The loss's log-probs must be those of the distribution that sampled the tokens."""
     model = load_policy(PolicyConfig(str(tiny_policy_dir), lora_rank=4))
-    perturb_adapter(model)
+    perturb_lora(model)
     tokenizer = load_tokenizer(str(tiny_policy_dir))
     batch = tokenizer(["1+2", "3+4-5+6"], return_tensors="pt", padding=True)
     assert batch.attention_mask[0, 0] == 0  # really left-padded
@@ -84,7 +77,7 @@ def test_training_forward_reproduces_generation_logits_with_left_padding(tiny_po
 
 def test_reference_policy_is_the_base_model_without_a_copy(tiny_policy_dir):
     model = load_policy(PolicyConfig(str(tiny_policy_dir), lora_rank=4))
-    perturb_adapter(model)
+    perturb_lora(model)
     base = AutoModelForCausalLM.from_pretrained(tiny_policy_dir).eval()
     ids = torch.randint(4, 90, (2, 10), generator=torch.Generator().manual_seed(1))
     model.eval()
@@ -105,14 +98,14 @@ def test_gradient_checkpointing_gives_the_same_lora_gradients(tiny_policy_dir):
     grads = []
     for checkpointing in (False, True):
         model = load_policy(PolicyConfig(str(tiny_policy_dir), lora_rank=4, gradient_checkpointing=checkpointing))
-        perturb_adapter(model)
+        perturb_lora(model)
         grads.append(lora_gradients(model, ids))
     torch.testing.assert_close(grads[1], grads[0])
 
 
 def test_saved_adapter_loads_in_plain_peft(tiny_policy_dir, tmp_path):
     model = load_policy(PolicyConfig(str(tiny_policy_dir), lora_rank=4))
-    perturb_adapter(model)
+    perturb_lora(model)
     model.save_pretrained(tmp_path / "adapter")
     reloaded = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_policy_dir), tmp_path / "adapter").eval()
     ids = torch.randint(4, 90, (2, 10), generator=torch.Generator().manual_seed(3))
