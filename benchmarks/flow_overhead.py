@@ -7,11 +7,13 @@ For each response length L and batch size N (responses per step), on random toke
 shape whose responses end in a ``\\boxed{}`` answer:
 - step: one training step of the same config = sampling N responses of exactly L tokens
   (``min_new_tokens``) + the update's forward/backward over them in micro-batches;
-- capture: the no-grad pass that records the head/layer-mean attention (stops after the last layer);
-- solver: the callback's work (answer tokens, graph, h-transform, throughput, weights);
-- memory: extra peak of the capture for the whole batch, as a multiple of one [N, T, T] float32
-  map (target: at most 1.5), and for a single sequence against an eager forward with
-  ``output_attentions`` over all layers (CUDA: allocator peak; CPU: torch.profiler memory events).
+- capture: what recording the head/layer-mean attention adds to the update's own forward, as the
+  training step does it (the recorder's stopwatch), and the whole update with / without recording;
+- solver: FlowCredit's work per micro-batch (answer tokens, graph, h-transform, throughput, weights);
+- memory: what recording adds to the update's peak (the [N, T, T] maps and the transient scores),
+  as a multiple of one [N, T, T] float32 map (target: at most 1.5); and for a single sequence, a
+  dedicated capture pass against an eager forward with ``output_attentions`` over all layers
+  (CUDA: allocator peak; CPU: torch.profiler memory events).
 Times are medians over ``--repeats``; shares are capture / step and solver / step from the same run.
 """
 
@@ -32,6 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from gpu_check import SHAPES, random_model_folder  # noqa: E402
 
 from lightning_flow.callbacks.flow_credit import FlowCredit  # noqa: E402
+from lightning_flow.capture import AttentionRecorder, capture_attention  # noqa: E402
 from lightning_flow.loss import clipped_surrogate_loss, completion_mask  # noqa: E402
 from lightning_flow.module import GRPOConfig, GRPOModule  # noqa: E402
 from lightning_flow.policy import PolicyConfig, SamplingConfig  # noqa: E402
@@ -96,8 +99,9 @@ def make_rollouts(module: GRPOModule, n: int, prompt_length: int, length: int, s
     )
 
 
-def step_parts(module: GRPOModule, rollouts: Rollouts, length: int):
-    """The two parts of a training step: sampling exactly ``length`` tokens, and the update."""
+def step_parts(module: GRPOModule, rollouts: Rollouts, length: int, credit: FlowCredit):
+    """Sampling exactly ``length`` tokens, the update, and the update that records attention and
+    assigns credit per micro-batch as the training step does (returns its capture seconds)."""
 
     def sample() -> None:
         with torch.no_grad():
@@ -108,14 +112,30 @@ def step_parts(module: GRPOModule, rollouts: Rollouts, length: int):
             )
             module.policy.train()
 
-    def update() -> None:
+    def update(record: bool = False) -> float:
+        n, t = rollouts.attention_mask.shape
+        if record:
+            rollouts.attention = torch.empty(n, t, t, device=module.device)
+        captured = 0.0
         for rows in module.micro_batches(rollouts):
-            logps, _ = module.completion_logps(rollouts, rows)
+            if record:
+                with AttentionRecorder(module.policy, module.attention_layers) as recorder:
+                    logps, entropy = module.completion_logps(rollouts, rows, recorder)
+                recorder.take(rollouts.attention_mask[rows])
+                captured += recorder.stopwatch.seconds()
+            else:
+                logps, entropy = module.completion_logps(rollouts, rows)
             loss, _ = clipped_surrogate_loss(logps, logps.detach(), rollouts.advantages[rows], rollouts.completion_mask[rows])
             loss.backward()
         module.policy.zero_grad(set_to_none=True)
+        return captured
 
-    return sample, update
+    def solve() -> None:
+        rollouts.entropy = torch.zeros_like(rollouts.completion_mask)
+        for rows in module.micro_batches(rollouts):
+            credit.compute(rollouts, rows, module.tokenizer)
+
+    return sample, update, solve
 
 
 def eager_all_layers(module: GRPOModule, rollouts: Rollouts, rows: slice) -> None:
@@ -163,27 +183,34 @@ def main() -> None:
         module.request_attention(None)
         print(f"device: {torch.cuda.get_device_name() if cuda else 'cpu'}; model: {args.shape}; capture layers {module.attention_layers}")
         header = (f"{'L':>5} {'N':>4} {'step s':>8} {'capture s':>9} {'solver s':>8} {'capture %':>9} {'solver %':>8} "
-                  f"{'capture/map':>11} {'1 seq capture MiB':>17} {'1 seq eager MiB':>15}")
+                  f"{'update+rec/update':>17} {'capture/map':>11} {'1 seq capture MiB':>17} {'1 seq eager MiB':>15}")
         print(header)
         for length in args.lengths:
             for n in args.batches:
                 rollouts = make_rollouts(module, n, args.prompt_length, length, seed=length + n)
-                sample, update = step_parts(module, rollouts, length)
-                step = median_time(sample, args.repeats) + median_time(update, args.repeats)
-                capture = median_time(lambda: setattr(rollouts, "attention", module.capture_attention(rollouts)), args.repeats)
-                solver = median_time(lambda: credit.compute(rollouts, module.tokenizer), args.repeats)
-                rollouts.attention = None
+                sample, update, solve = step_parts(module, rollouts, length, credit)
+                update()  # warm-up
+                plain, recorded, captures = [], [], []
+                for _ in range(args.repeats):  # interleaved, so both see the same machine state
+                    plain.append(median_time(update, 1))
+                    recorded.append(median_time(lambda: captures.append(update(record=True)), 1))
+                step = median_time(sample, args.repeats) + statistics.median(plain)
+                capture = statistics.median(captures)
+                solver = median_time(solve, args.repeats)
                 total = length + args.prompt_length
-                capture_ratio = extra_peak_bytes(lambda: module.capture_attention(rollouts)) / (n * total * total * 4)
+                one_map = n * total * total * 4
+                capture_ratio = (extra_peak_bytes(lambda: update(record=True)) - extra_peak_bytes(update)) / one_map
+                rollouts.attention = None
                 single = small_slice(rollouts, slice(0, 1))
-                capture_one = extra_peak_bytes(lambda: module.capture_attention(single)) / 2**20
+                capture_one = extra_peak_bytes(lambda: capture_attention(module.policy, single.input_ids, single.attention_mask, module.attention_layers)) / 2**20
                 eager_one = extra_peak_bytes(lambda: eager_all_layers(module, single, slice(0, 1))) / 2**20
+                update_ratio = statistics.median(recorded) / statistics.median(plain)
                 row = dict(length=length, n=n, step_s=step, capture_s=capture, solver_s=solver,
-                           capture_share=capture / step, solver_share=solver / step,
+                           capture_share=capture / step, solver_share=solver / step, update_recorded_over_plain=update_ratio,
                            capture_per_map=capture_ratio, capture_one_mib=capture_one, eager_one_mib=eager_one)
                 rows.append(row)
                 print(f"{length:>5} {n:>4} {step:>8.2f} {capture:>9.3f} {solver:>8.3f} {100 * capture / step:>8.1f}% {100 * solver / step:>7.1f}% "
-                      f"{capture_ratio:>11.2f} {capture_one:>17.0f} {eager_one:>15.0f}", flush=True)
+                      f"{update_ratio:>17.3f} {capture_ratio:>11.2f} {capture_one:>17.1f} {eager_one:>15.0f}", flush=True)
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps({"shape": args.shape, "rows": rows}, indent=2))

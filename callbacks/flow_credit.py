@@ -64,24 +64,38 @@ class FlowCredit(RolloutCallback):
         self.answer_fallback, self.solver_elements = answer_fallback, solver_elements
         self.flow_config = FlowConfig(sink_tokens=sink_tokens, max_in_degree=max_in_degree, min_capacity=min_capacity, top_fraction=top_fraction, boost=boost)
         self.generator = torch.Generator().manual_seed(seed)
+        self._row_stats: list[dict[str, Tensor]] = []  # per micro-batch of the current step
+        self._seconds = 0.0  # this step's time in on_credit
 
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         if self.signal in _NEEDS_ATTENTION:
             pl_module.request_attention(self.layers)
 
-    def on_rollouts(self, trainer: Trainer, pl_module: LightningModule, rollouts: Rollouts) -> None:
+    def on_credit(self, trainer: Trainer, pl_module: LightningModule, rollouts: Rollouts, rows: slice) -> None:
         start = time.perf_counter()
-        entropy = pl_module.token_entropy(rollouts) if self.signal == "entropy" else None
-        weights, response, metrics = self.compute(rollouts, pl_module.tokenizer, entropy)
-        rollouts.token_weights = weights[:, rollouts.prompt_ids.shape[1]:].to(rollouts.completion_mask.dtype)  # [N, L]
-        metrics["credit/time_s"] = time.perf_counter() - start
+        weights, row_stats = self.compute(rollouts, rows, pl_module.tokenizer)
+        rollouts.token_weights[rows] = weights[:, rollouts.prompt_ids.shape[1] :].to(rollouts.token_weights.dtype)
+        self._row_stats.append(row_stats)
+        self._seconds += time.perf_counter() - start
+
+    def on_rollouts_end(self, trainer: Trainer, pl_module: LightningModule, rollouts: Rollouts) -> None:
+        stats = {key: torch.cat([part[key] for part in self._row_stats]) for key in self._row_stats[0]}  # [N] each
+        seconds, self._row_stats, self._seconds = self._seconds, [], 0.0
+        credited = ~stats["fallback"]
+        metrics = {
+            "credit/answer_found_fraction": stats["answer_found"].float().mean(),
+            "credit/fallback_fraction": stats["fallback"].float().mean(),
+            "credit/top_signal_share": stats["top_share"][credited].mean() if credited.any() else torch.tensor(0.0),
+            "credit/time_s": seconds,
+        }
         pl_module.log_dict({k: float(v) for k, v in metrics.items()}, on_step=True, batch_size=len(rollouts))
         experiment = getattr(trainer.logger, "experiment", None)
-        if hasattr(experiment, "add_histogram") and trainer.global_step % trainer.log_every_n_steps == 0:
-            experiment.add_histogram("credit/weights", weights[response].float().cpu(), trainer.global_step)
+        if hasattr(experiment, "add_histogram") and rollouts.step % trainer.log_every_n_steps == 0:
+            weights = rollouts.token_weights[rollouts.completion_mask > 0]  # [response tokens]
+            experiment.add_histogram("credit/weights", weights.float().cpu(), rollouts.step)
 
     def flow(self, attention: Tensor, valid: Tensor, prompt: Tensor, answer: Tensor) -> tuple[Tensor, Tensor]:
-        """Throughput f [N, T] and degenerate flags [N], solved a memory-bounded chunk of responses at a time."""
+        """Throughput f [n, T] and degenerate flags [n], solved a memory-bounded chunk of responses at a time."""
         chunk = max(1, self.solver_elements // valid.shape[1] ** 2)
         parts = [
             answer_flow(attention[rows], valid[rows], prompt[rows], answer[rows], self.flow_config)
@@ -89,42 +103,37 @@ class FlowCredit(RolloutCallback):
         ]
         return torch.cat([p.flow for p in parts]), torch.cat([p.degenerate for p in parts])
 
-    def compute(self, rollouts: Rollouts, tokenizer, entropy: Tensor | None = None) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
-        """Weights over all positions [N, T], the response mask [N, T], and step metrics.
+    def compute(self, rollouts: Rollouts, rows: slice, tokenizer) -> tuple[Tensor, dict[str, Tensor]]:
+        """Weights over all positions [n, T] of ``rows``, and per-row stats ([n] each:
+        ``answer_found``, ``fallback``, ``top_share`` of the signal carried by the boosted tokens).
 
-        entropy  # [N, L] predictive entropy of the completion positions, for the ``entropy`` signal
+        Reads ``rollouts.attention[rows]`` (flow, attention_received) or ``rollouts.entropy[rows]`` (entropy).
         """
         prompt_length = rollouts.prompt_ids.shape[1]
-        answer, source = answer_masks(tokenizer, rollouts.completion_ids, rollouts.completion_mask, self.answer_fallback)
-        valid = rollouts.attention_mask.bool()  # [N, T]
+        answer, source = answer_masks(tokenizer, rollouts.completion_ids[rows], rollouts.completion_mask[rows], self.answer_fallback)
+        valid = rollouts.attention_mask[rows].bool()  # [n, T]
         prompt = torch.zeros_like(valid)
         prompt[:, :prompt_length] = valid[:, :prompt_length]
-        response = valid & ~prompt  # [N, T]
+        response = valid & ~prompt  # [n, T]
         answer_full = torch.zeros_like(valid)
-        answer_full[:, prompt_length:] = answer.to(valid.device)  # [N, T]
-        fallback = ~response.any(dim=1)  # [N] empty responses; flow adds its own degenerate cases
+        answer_full[:, prompt_length:] = answer.to(valid.device)  # [n, T]
+        fallback = ~response.any(dim=1)  # [n] empty responses; flow adds its own degenerate cases
 
         if self.signal == "flow":
-            signal, degenerate = self.flow(rollouts.attention, valid, prompt, answer_full)
+            signal, degenerate = self.flow(rollouts.attention[rows], valid, prompt, answer_full)
             fallback = fallback | degenerate | ~answer_full.any(dim=1)
         elif self.signal == "attention_received":
-            signal = attention_received(rollouts.attention, valid)
+            signal = attention_received(rollouts.attention[rows], valid)
         elif self.signal == "entropy":
             signal = torch.zeros(valid.shape, device=valid.device)
-            signal[:, prompt_length:] = entropy
+            signal[:, prompt_length:] = rollouts.entropy[rows]
         elif self.signal == "random":
             signal = random_signal(valid, self.generator).to(valid.device)
         else:  # uniform: every token keeps weight 1, whatever top_fraction says
             signal = torch.ones(valid.shape, device=valid.device)
             fallback = torch.ones_like(fallback)
-        weights = credit_weights(signal, response, self.top_fraction, self.boost, fallback)  # [N, T]
+        weights = credit_weights(signal, response, self.top_fraction, self.boost, fallback)  # [n, T]
 
-        credited = ~fallback
         top = (weights > 1) & response
-        share = (signal * top).sum(dim=1) / (signal * response).sum(dim=1).clamp(min=1e-12)  # [N]
-        metrics = {
-            "credit/answer_found_fraction": (source.to(valid.device) < 2).float().mean(),
-            "credit/fallback_fraction": fallback.float().mean(),
-            "credit/top_signal_share": share[credited].mean() if credited.any() else torch.tensor(0.0),
-        }
-        return weights, response, metrics
+        share = (signal * top).sum(dim=1) / (signal * response).sum(dim=1).clamp(min=1e-12)  # [n]
+        return weights, {"answer_found": source.to(valid.device) < 2, "fallback": fallback, "top_share": share}

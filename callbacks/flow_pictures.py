@@ -1,7 +1,7 @@
 """See the reasoning flow in TensorBoard: a completions table, flow pictures and flow histograms.
 
-Listed under ``trainer.callbacks`` (after ``FlowCredit``, so the weights it draws are the final
-ones). On logging steps only (``global_step % every_n_steps == 0``) and only with a TensorBoard
+Listed under ``trainer.callbacks``; it runs after the step's update, so the weights it draws are
+the ones the loss used. On logging steps only (``rollouts.step % every_n_steps == 0``) and only with a TensorBoard
 logger, it writes
 
 * ``flow/completions`` (text): the best and the worst response of a few groups, with prompt,
@@ -13,7 +13,8 @@ logger, it writes
 * ``perf/flow_pictures_time_s``: what all of this cost on that step.
 
 The attention comes from ``rollouts.attention`` when a callback requested it (FlowCredit does);
-otherwise one capture pass runs over the drawn responses only. Other steps cost nothing.
+otherwise one capture pass runs over the drawn responses only (with the weights after the
+update). Other steps cost nothing.
 """
 
 from __future__ import annotations
@@ -94,7 +95,7 @@ class FlowPictures(RolloutCallback):
     ) -> None:
         """
         Args:
-            every_n_steps: log on steps where ``global_step % every_n_steps == 0`` (default:
+            every_n_steps: log on steps where ``rollouts.step % every_n_steps == 0`` (default:
                 the trainer's ``log_every_n_steps``); nothing runs on other steps.
             groups: groups shown in the table (best and worst response of each).
             pictures: flow pictures per logging step (the first rows of the table).
@@ -112,16 +113,16 @@ class FlowPictures(RolloutCallback):
         self.max_response_chars, self.solver_elements = max_response_chars, solver_elements
         self.last_cost_s: float | None = None  # cost of the latest logging step, for benchmarks
 
-    def is_logging_step(self, trainer: Trainer) -> bool:
-        return trainer.global_step % (self.every_n_steps or trainer.log_every_n_steps) == 0
+    def is_logging_step(self, trainer: Trainer, step: int) -> bool:
+        return step % (self.every_n_steps or trainer.log_every_n_steps) == 0
 
-    def on_rollouts(self, trainer: Trainer, pl_module: LightningModule, rollouts: Rollouts) -> None:
+    def on_rollouts_end(self, trainer: Trainer, pl_module: LightningModule, rollouts: Rollouts) -> None:
         writer = getattr(trainer.logger, "experiment", None) if trainer.logger is not None else None
-        if not self.is_logging_step(trainer) or not all(hasattr(writer, f) for f in ("add_text", "add_image", "add_histogram")):
+        if not self.is_logging_step(trainer, rollouts.step) or not all(hasattr(writer, f) for f in ("add_text", "add_image", "add_histogram")):
             return
         if not trainer.is_global_zero:
             return
-        start, step = time.perf_counter(), trainer.global_step
+        start, step = time.perf_counter(), rollouts.step
         group = pl_module.sampling.num_generations
         nonempty = rollouts.completion_mask.sum(1) > 0  # [N]
         rows = pick_rows(rollouts.total_rewards.cpu(), group, self.groups, nonempty.cpu())

@@ -29,7 +29,9 @@ logits (``s_aux``/``sinks``, gpt-oss: ``NotImplementedError``), a pass over a fi
 from __future__ import annotations
 
 import sys
+import time
 from collections.abc import Callable, Sequence
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -38,7 +40,7 @@ from transformers import AttentionInterface, PreTrainedModel
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, eager_mask, sdpa_mask
 
-__all__ = ["AttentionRecorder", "capture_attention", "default_capture_layers"]
+__all__ = ["AttentionRecorder", "Stopwatch", "capture_attention", "default_capture_layers"]
 
 _SDPA_NAME = "lightning_flow_capture_sdpa"
 """Registered implementation that records and delegates to ``sdpa`` (with sdpa's boolean masks)."""
@@ -47,6 +49,10 @@ _EAGER_NAME = "lightning_flow_capture_eager"
 
 _ACTIVE: dict[int, "AttentionRecorder"] = {}
 """Recorders in use, keyed by ``id(config)`` of every config of the recorded model."""
+
+
+_MIN_CHUNK_ELEMENTS = 2**16
+"""Score elements a recorded chunk may always use (256 KiB in float32), however small the map."""
 
 
 class _StopForward(Exception):
@@ -116,7 +122,8 @@ def _recording_attention(module: nn.Module, query: Tensor, key: Tensor, value: T
     recorder = _ACTIVE.get(id(getattr(module, "config", None)))
     eager = recorder._eager if recorder is not None else False
     if recorder is not None and recorder._wants(getattr(module, "layer_idx", None)):
-        recorder._record(module, query, key, attention_mask, kwargs)
+        with recorder.stopwatch(query.device):
+            recorder._record(module, query, key, attention_mask, kwargs)
         if recorder.stop_after_last and module.layer_idx == recorder.layers[-1]:
             raise _StopForward
     delegate = _eager_function_of(module) if eager else sdpa_attention_forward
@@ -136,6 +143,34 @@ def _in_backward() -> bool:
     """True while autograd runs a backward (e.g. a checkpointed layer re-running its forward)."""
     task_id = getattr(torch._C, "_current_graph_task_id", None)
     return task_id is not None and task_id() != -1
+
+
+class Stopwatch:
+    """Accumulated wall time of the timed blocks; CUDA work is timed with events (no stall), read at ``seconds()``."""
+
+    def __init__(self) -> None:
+        self._host_seconds = 0.0
+        self._events: list[tuple[torch.cuda.Event, torch.cuda.Event]] = []
+
+    @contextmanager
+    def __call__(self, device: torch.device):
+        if device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            yield
+            end.record()
+            self._events.append((start, end))
+        else:
+            began = time.perf_counter()
+            yield
+            self._host_seconds += time.perf_counter() - began
+
+    def seconds(self) -> float:
+        for start, end in self._events:
+            end.synchronize()
+            self._host_seconds += start.elapsed_time(end) / 1000
+        self._events = []
+        return self._host_seconds
 
 
 class AttentionRecorder:
@@ -184,6 +219,8 @@ class AttentionRecorder:
         self._entered = False
         self._done: list[Tensor] = []
         self._next_out: Tensor | None = None
+        self.stopwatch = Stopwatch()
+        """Time spent recording (the computation of the maps, not the pass itself)."""
         self._reset_pass()
 
     # -- context management -------------------------------------------------------------------
@@ -295,11 +332,11 @@ class AttentionRecorder:
         scaling = kwargs.get("scaling")
         scaling = head_dim**-0.5 if scaling is None else scaling
         blocked = additive = None
+        causal = False
         if attention_mask is None:
             is_causal = kwargs.get("is_causal")
             is_causal = getattr(module, "is_causal", True) if is_causal is None else is_causal
-            if is_causal and t_q > 1:
-                blocked = torch.ones(t_q, t_k, dtype=torch.bool, device=query.device).triu_(1)[None, None]
+            causal = bool(is_causal) and t_q > 1
         elif attention_mask.dtype == torch.bool:
             blocked = attention_mask.logical_not()
         else:
@@ -316,24 +353,33 @@ class AttentionRecorder:
             self._sum.zero_()
             self._valid = self._valid_positions(attention_mask, n, t_q, query.device)
         weight = 1.0 / (heads * len(self.layers))
-        for h in range(heads):
-            scores = torch.matmul(query[:, h].float(), key[:, h // group].float().transpose(-1, -2))  # [n, T, T]
-            scores.mul_(scaling)
-            if softcap is not None:  # as the eager functions of models with logit soft-capping (Gemma 2)
-                scores.div_(softcap).tanh_().mul_(softcap)
-            if position_bias is not None:
-                scores.add_(position_bias[:, h if position_bias.shape[1] > 1 else 0])
-            if additive is not None:
-                scores.add_(additive[:, h if additive.shape[1] > 1 else 0])
-            if blocked is not None:
-                scores.masked_fill_(blocked[:, h if blocked.shape[1] > 1 else 0], float("-inf"))
-            row_max = scores.amax(dim=-1, keepdim=True)
-            row_max.masked_fill_(row_max.isneginf(), 0.0)  # fully masked (padded) rows: exp(-inf) = 0, no NaN
-            scores.sub_(row_max).exp_()
-            total = scores.sum(dim=-1, keepdim=True).clamp_min_(torch.finfo(torch.float32).tiny)
-            scores.div_(total)
-            self._sum.add_(scores, alpha=weight)
-            del scores
+        head_step, row_step = _chunk_shape(n, heads, t_q, t_k)
+        for h0 in range(0, heads, head_step):
+            h1 = min(h0 + head_step, heads)
+            kv_heads = torch.arange(h0, h1, device=key.device) // group
+            k_t = key.index_select(1, kv_heads).float().transpose(-1, -2)  # [n, hc, d, T]
+            for r0 in range(0, t_q, row_step):
+                r1 = min(r0 + row_step, t_q)
+                scores = torch.matmul(query[:, h0:h1, r0:r1].float(), k_t)  # [n, hc, r, T]
+                scores.mul_(scaling)
+                if softcap is not None:  # as the eager functions of models with logit soft-capping (Gemma 2)
+                    scores.div_(softcap).tanh_().mul_(softcap)
+                if position_bias is not None:
+                    scores.add_(_head_rows(position_bias, h0, h1, r0, r1))
+                if additive is not None:
+                    scores.add_(_head_rows(additive, h0, h1, r0, r1))
+                if blocked is not None:
+                    scores.masked_fill_(_head_rows(blocked, h0, h1, r0, r1), float("-inf"))
+                elif causal:
+                    rows = torch.arange(r0, r1, device=query.device)[:, None]
+                    scores.masked_fill_(torch.arange(t_k, device=query.device) > rows, float("-inf"))
+                row_max = scores.amax(dim=-1, keepdim=True)
+                row_max.masked_fill_(row_max.isneginf(), 0.0)  # fully masked (padded) rows: exp(-inf) = 0, no NaN
+                scores.sub_(row_max).exp_()
+                total = scores.sum(dim=-1, keepdim=True).clamp_min_(torch.finfo(torch.float32).tiny)
+                scores.div_(total)
+                self._sum[:, r0:r1].add_(scores[:, 0] if h1 - h0 == 1 else scores.sum(1), alpha=weight)
+                del scores
         self._seen.append(module.layer_idx)
         if tuple(self._seen) == self.layers:
             valid = self._valid
@@ -350,6 +396,24 @@ class AttentionRecorder:
         if diagonal.dtype != torch.bool:
             diagonal = diagonal > torch.finfo(diagonal.dtype).min / 2
         return diagonal.expand(n, t)
+
+
+def _chunk_shape(n: int, heads: int, t_q: int, t_k: int) -> tuple[int, int]:
+    """(heads, query rows) per chunk of the recorded scores: a [n, heads, rows, T] block holds at
+    most a quarter of the [n, T, T] map (or 64K elements, so short sequences take several heads per
+    product): all heads at once when they fit, else one head and as many query rows as fit."""
+    budget = max(_MIN_CHUNK_ELEMENTS, n * t_q * t_k // 4)
+    per_head = n * t_q * t_k
+    if per_head * heads <= budget:
+        return heads, t_q
+    if per_head <= budget:
+        return budget // per_head, t_q
+    return 1, max(1, budget // (n * t_k))
+
+
+def _head_rows(mask: Tensor, h0: int, h1: int, r0: int, r1: int) -> Tensor:
+    """Heads h0:h1 and query rows r0:r1 of a [n, 1 or H, T, T] mask or bias."""
+    return mask[:, :, r0:r1] if mask.shape[1] == 1 else mask[:, h0:h1, r0:r1]
 
 
 @torch.no_grad()

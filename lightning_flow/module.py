@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import asdict, dataclass
+from functools import partial
 from pathlib import Path
 from typing import Literal
 
@@ -18,7 +19,7 @@ import lightning as L
 import torch
 from torch import Tensor
 
-from lightning_flow.capture import AttentionRecorder, capture_attention, default_capture_layers
+from lightning_flow.capture import AttentionRecorder, default_capture_layers
 from lightning_flow.loss import (
     LossType,
     ScaleRewards,
@@ -114,11 +115,12 @@ class GRPOModule(L.LightningModule):
         self.reward_suite = RewardSuite(rewards)
         self.eos_ids = eos_token_ids(self.policy, self.tokenizer, sampling.extra_eos_token_ids)
         self.attention_layers: list[int] | None = None  # set by request_attention
+        self.capture_seconds = self.credit_seconds = 0.0  # this step's, see first_pass
 
     def request_attention(self, layers: list[int] | None = None) -> None:
-        """Capture head- and layer-mean attention of these decoder layers into ``rollouts.attention``
-        every step (default: 5 layers evenly spaced over the middle third). Called by credit
-        callbacks in their ``setup``."""
+        """Record head- and layer-mean attention of these decoder layers into ``rollouts.attention``
+        every step, in the step's first forward over the rollouts (default: 5 layers evenly spaced
+        over the middle third). Called by credit callbacks in their ``setup``."""
         num_layers = self.policy.config.num_hidden_layers
         layers = default_capture_layers(num_layers) if layers is None else sorted(set(layers))
         if not layers or not all(0 <= layer < num_layers for layer in layers):
@@ -136,30 +138,27 @@ class GRPOModule(L.LightningModule):
         start = time.perf_counter()
         rollouts = self.make_rollouts(batch)
         generated = time.perf_counter()
-        self.add_reference_logps(rollouts)  # captures attention too when it runs a pass anyway
+        self.capture_seconds = self.credit_seconds = 0.0
+        self.add_old_and_reference_logps(rollouts)  # the first pass (credit) when num_iterations > 1
         referenced = time.perf_counter()
-        if self.attention_layers and rollouts.attention is None:
-            rollouts.attention = self.capture_attention(rollouts)
-        captured = time.perf_counter()
-        for callback in self.trainer.callbacks:
-            if isinstance(callback, RolloutCallback):
-                callback.on_rollouts(self.trainer, self, rollouts)
-        credited = time.perf_counter()
-        update = self.update(rollouts)
+        update = self.update(rollouts)  # else the update's own forward is the first pass
         end = time.perf_counter()
+        for callback in self.rollout_callbacks():
+            callback.on_rollouts_end(self.trainer, self, rollouts)
 
+        step = end - start
         tokens = rollouts.completion_mask.sum()
         metrics = {
             **rollout_metrics(rollouts, self.reward_suite.names, self.sampling.num_generations),
             **update,
             "perf/generation_tokens_per_s": tokens / (generated - start),
-            "perf/update_tokens_per_s": rollouts.attention_mask.sum() * self.grpo.num_iterations / (end - credited),
-            "perf/step_time_s": end - start,
+            "perf/update_tokens_per_s": rollouts.attention_mask.sum() * self.grpo.num_iterations / (end - referenced),
+            "perf/step_time_s": step,
             "perf/reference_time_s": referenced - generated,
-            "perf/capture_time_s": captured - referenced,
-            "perf/capture_share": (captured - referenced) / (end - start),
-            "perf/credit_time_s": credited - captured,
-            "perf/credit_share": (credited - captured) / (end - start),
+            "perf/capture_time_s": self.capture_seconds,
+            "perf/capture_share": self.capture_seconds / step,
+            "perf/credit_time_s": self.credit_seconds,
+            "perf/credit_share": self.credit_seconds / step,
             "train/lr": self.optimizers().param_groups[0]["lr"],
         }
         self.log_dict({k: float(v) for k, v in metrics.items()}, on_step=True, batch_size=len(rollouts))
@@ -195,49 +194,43 @@ class GRPOModule(L.LightningModule):
             advantages=advantages,
             zero_std_groups=zero_std,
             token_weights=torch.ones_like(mask),
+            step=self.global_step,
         )
 
     @torch.no_grad()
-    def add_reference_logps(self, rollouts: Rollouts) -> None:
-        """Log-probs of the sampling policy (μ > 1) and of the reference (β > 0), without grad.
-
-        When attention was requested, the first of these passes records it as well, so credit
-        costs no extra forward pass (with β > 0 only, that is the reference model's attention).
-        """
+    def add_old_and_reference_logps(self, rollouts: Rollouts) -> None:
+        """Log-probs of the sampling policy (μ > 1, the step's first pass) and of the adapter-disabled reference (β > 0)."""
         if self.grpo.num_iterations > 1:
-            rollouts.old_logps, rollouts.attention = self.no_grad_logps(rollouts, self.attention_layers)
+            rollouts.old_logps = torch.cat([self.first_pass(rollouts, rows)[0] for rows in self.micro_batches(rollouts)])
         if self.grpo.beta > 0:
             with self.policy.disable_adapter():
-                layers = self.attention_layers if rollouts.attention is None else None
-                rollouts.ref_logps, attention = self.no_grad_logps(rollouts, layers)
-            rollouts.attention = attention if rollouts.attention is None else rollouts.attention
+                rollouts.ref_logps = torch.cat([self.completion_logps(rollouts, rows)[0] for rows in self.micro_batches(rollouts)])
 
-    def no_grad_logps(self, rollouts: Rollouts, capture_layers: list[int] | None) -> tuple[Tensor, Tensor | None]:
-        """Completion log-probs [N, L] of the current weights, and attention [N, T, T] of
-        ``capture_layers`` recorded in the same pass (None when not asked)."""
-        logps, maps = [], []
-        for rows in self.micro_batches(rollouts):
-            if capture_layers is None:
-                logps.append(self.completion_logps(rollouts, rows)[0])
-                continue
-            with AttentionRecorder(self.policy, capture_layers, stop_after_last=False) as recorder:
-                logps.append(self.completion_logps(rollouts, rows)[0])
-            maps.append(recorder.take())
-        return torch.cat(logps), (torch.cat(maps) if maps else None)
+    def first_pass(self, rollouts: Rollouts, rows: slice) -> tuple[Tensor, Tensor]:
+        """Log-probs and entropies [n, L] of ``rows`` from the step's first forward over them,
+        which also records the requested attention into ``rollouts.attention[rows]`` and keeps
+        the entropy; then the rollout callbacks set the rows' credit (``on_credit``)."""
+        if rows.start == 0:
+            n, t = rollouts.attention_mask.shape
+            rollouts.entropy = torch.zeros_like(rollouts.completion_mask)
+            if self.attention_layers:
+                rollouts.attention = torch.empty(n, t, t, dtype=torch.float32, device=rollouts.completion_ids.device)
+        if self.attention_layers:
+            with AttentionRecorder(self.policy, self.attention_layers) as recorder:
+                logps, entropy = self.completion_logps(rollouts, rows, recorder)
+            recorder.take(rollouts.attention_mask[rows])  # zeroes the padded rows and columns in place
+            self.capture_seconds += recorder.stopwatch.seconds()
+        else:
+            logps, entropy = self.completion_logps(rollouts, rows)
+        rollouts.entropy[rows] = entropy.detach()
+        began = time.perf_counter()
+        for callback in self.rollout_callbacks():
+            callback.on_credit(self.trainer, self, rollouts, rows)
+        self.credit_seconds += time.perf_counter() - began
+        return logps, entropy
 
-    @torch.no_grad()
-    def capture_attention(self, rollouts: Rollouts) -> Tensor:
-        """A dedicated no-grad pass that stops after the last requested layer.  # [N, T, T]"""
-        attention_mask = rollouts.attention_mask
-        return capture_attention(
-            self.policy, rollouts.input_ids, attention_mask, self.attention_layers,
-            micro_batch_size=self.grpo.micro_batch_size, position_ids=position_ids_from_mask(attention_mask),
-        )
-
-    @torch.no_grad()
-    def token_entropy(self, rollouts: Rollouts) -> Tensor:
-        """Predictive entropy of each completion position under the current policy.  # [N, L]"""
-        return torch.cat([self.completion_logps(rollouts, rows)[1] for rows in self.micro_batches(rollouts)])
+    def rollout_callbacks(self) -> list[RolloutCallback]:
+        return [c for c in self.trainer.callbacks if isinstance(c, RolloutCallback)]
 
     def update(self, rollouts: Rollouts) -> dict[str, Tensor]:
         """``num_iterations`` optimizer steps over the rollouts; returns the step's loss metrics."""
@@ -247,7 +240,10 @@ class GRPOModule(L.LightningModule):
         first_pass: list[tuple[Tensor, dict[str, Tensor]]] = []  # (tokens, metrics) per micro-batch
         for iteration in range(self.grpo.num_iterations):
             for rows in micro_batches:
-                logps, entropy = self.completion_logps(rollouts, rows)
+                if iteration == 0 and self.grpo.num_iterations == 1:
+                    logps, entropy = self.first_pass(rollouts, rows)
+                else:
+                    logps, entropy = self.completion_logps(rollouts, rows)
                 mask = rollouts.completion_mask[rows]
                 loss, stats = clipped_surrogate_loss(
                     logps,
@@ -265,7 +261,7 @@ class GRPOModule(L.LightningModule):
                 )
                 self.manual_backward(loss / divisor)
                 if iteration == 0:  # where the policy still is the sampler
-                    entropy_mean = (entropy * mask).sum() / mask.sum().clamp(min=1)
+                    entropy_mean = (entropy.detach() * mask).sum() / mask.sum().clamp(min=1)
                     first_pass.append((mask.sum(), {"loss": loss.detach(), "entropy": entropy_mean, **asdict(stats)}))
             trainable = [p for p in self.policy.parameters() if p.requires_grad]
             grad_norm = torch.nn.utils.clip_grad_norm_(trainable, self.grpo.max_grad_norm or float("inf"))
@@ -278,15 +274,17 @@ class GRPOModule(L.LightningModule):
         return {"train/grad_norm": grad_norm, **{f"train/{k}": sum(n * m[k] for n, m in first_pass) / tokens for k in names}}
 
     # ---- helpers --------------------------------------------------------------------------
-    def completion_logps(self, rollouts: Rollouts, rows: slice) -> tuple[Tensor, Tensor]:
+    def completion_logps(self, rollouts: Rollouts, rows: slice, recorder: AttentionRecorder | None = None) -> tuple[Tensor, Tensor]:
         """Per-token log-probs and entropies of the completion tokens of ``rows``.  # [n, L] each
 
         Only the last L + 1 positions go through the LM head, and the chunked log-softmax keeps
-        at most a few rows of fp32 logits alive on top of this micro-batch's logits.
+        at most a few rows of fp32 logits alive on top of this micro-batch's logits. With a
+        ``recorder`` the pass also records its attention into ``rollouts.attention[rows]``.
         """
         attention_mask = rollouts.attention_mask[rows]
         targets = rollouts.completion_ids[rows]
-        logits = self.policy(
+        forward = self.policy if recorder is None else partial(recorder.run, out=rollouts.attention[rows])
+        logits = forward(
             input_ids=rollouts.input_ids[rows],
             attention_mask=attention_mask,
             position_ids=position_ids_from_mask(attention_mask),

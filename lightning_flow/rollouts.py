@@ -28,9 +28,11 @@ class Rollouts:
     advantages: Tensor  # [N] float, group-normalised
     zero_std_groups: Tensor  # [N / G] bool, groups whose rewards were all equal
     token_weights: Tensor  # [N, L] float, per-token credit multiplying the advantage (default ones)
+    step: int = 0  # trainer.global_step when this step began: the step its pictures and histograms are logged at
     old_logps: Tensor | None = None  # [N, L] float, sampling policy's log-probs (num_iterations > 1)
     ref_logps: Tensor | None = None  # [N, L] float, adapter-disabled log-probs (beta > 0)
     attention: Tensor | None = None  # [N, P + L, P + L] float32 head- and layer-mean attention (query, key), when a callback asked for it
+    entropy: Tensor | None = None  # [N, L] float, predictive entropy of each completion position (the step's first policy pass)
 
     @property
     def input_ids(self) -> Tensor:  # [N, P + L]
@@ -45,12 +47,21 @@ class Rollouts:
 
 
 class RolloutCallback(Callback):
-    """A callback that sees each step's scored rollouts before the update.
+    """A callback that sets per-token credit and sees each step's rollouts.
 
-    The training step calls ``on_rollouts`` on every such callback after advantages, the no-grad
-    log-prob passes and any requested attention capture, and before the update; setting
-    ``rollouts.token_weights`` there is how per-token credit reaches the loss.
+    Credit is assigned inside the step's first forward pass of the policy over the rollouts (the
+    no-grad pass of the sampling log-probs when ``num_iterations > 1``, else the update's own
+    forward), one micro-batch at a time, so that attention costs no extra pass:
+
+    1. ``on_credit(rows)`` per micro-batch, after the forward over ``rows`` and before their loss:
+       ``rollouts.attention[rows]`` (when the module was asked for attention) and
+       ``rollouts.entropy[rows]`` are filled; setting ``rollouts.token_weights[rows]`` is how
+       credit reaches the loss.
+    2. ``on_rollouts_end`` once after the update: every row's weights, attention and entropy.
     """
 
-    def on_rollouts(self, trainer: Trainer, pl_module: LightningModule, rollouts: Rollouts) -> None:
-        """Inspect or modify the step's rollouts (in place)."""
+    def on_credit(self, trainer: Trainer, pl_module: LightningModule, rollouts: Rollouts, rows: slice) -> None:
+        """Set ``rollouts.token_weights[rows]`` (in place); other rows are not ready yet."""
+
+    def on_rollouts_end(self, trainer: Trainer, pl_module: LightningModule, rollouts: Rollouts) -> None:
+        """Inspect the step's rollouts after the update (log, draw)."""

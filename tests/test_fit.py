@@ -92,10 +92,10 @@ def length_reward(prompts: list[str], completions: list[str], golds: list[str]) 
 class ZeroCredit(RolloutCallback):
     """Gives every token weight 0: the update must then leave the adapter exactly as it was."""
 
-    def on_rollouts(self, trainer, pl_module, rollouts):
+    def on_credit(self, trainer, pl_module, rollouts, rows):
         assert rollouts.token_weights.shape == rollouts.completion_mask.shape
-        assert torch.equal(rollouts.token_weights, torch.ones_like(rollouts.completion_mask))
-        rollouts.token_weights = torch.zeros_like(rollouts.token_weights)
+        assert torch.equal(rollouts.token_weights[rows], torch.ones_like(rollouts.completion_mask[rows]))
+        rollouts.token_weights[rows] = 0.0
 
 
 @pytest.mark.parametrize("credit", [None, "zero"])

@@ -11,7 +11,6 @@ import torch
 from lightning_flow.capture import capture_attention, default_capture_layers
 from lightning_flow.cli import main
 from lightning_flow.flow import FlowConfig, answer_flow, capacities, edge_flows
-from lightning_flow.module import GRPOModule
 from lightning_flow.policy import PolicyConfig, load_policy, position_ids_from_mask
 from lightning_flow.rollouts import RolloutCallback
 from lightning_flow.tokenizer import load_tokenizer
@@ -22,11 +21,11 @@ FLOW = "lightning_flow.callbacks.FlowCredit"
 
 
 class RecordWeights(RolloutCallback):
-    """Runs after FlowCredit (listed later) and keeps what reached the loss."""
+    """Keeps what reached the loss (after the update, every row's final weights)."""
 
     seen: list[torch.Tensor] = []
 
-    def on_rollouts(self, trainer, pl_module, rollouts):
+    def on_rollouts_end(self, trainer, pl_module, rollouts):
         RecordWeights.seen.append(rollouts.token_weights.clone() * rollouts.completion_mask)
 
 
@@ -45,7 +44,7 @@ def test_flow_credit_fit_logs_and_boosts_the_top_tokens(tiny_policy_dir, tmp_pat
     for tag in ["credit/answer_found_fraction", "credit/fallback_fraction", "credit/top_signal_share", "credit/time_s",
                 "perf/capture_time_s", "perf/capture_share", "perf/credit_time_s", "perf/credit_share"]:
         assert tag in logged and all(v == v for v in logged[tag]), tag
-    assert logged["perf/capture_time_s"][0] > 0  # a dedicated capture pass ran (mu = 1, beta = 0)
+    assert logged["perf/capture_time_s"][0] > 0  # recorded in the update's forward (mu = 1, beta = 0)
     weights = RecordWeights.seen[0]
     used = weights[weights > 0]
     assert set(used.unique().tolist()) <= {1.0, 1.5}
@@ -68,15 +67,58 @@ def test_every_comparison_signal_runs_through_the_same_switch(tiny_policy_dir, t
     assert (cli.model.attention_layers is not None) == needs_attention
 
 
-def test_capture_reuses_the_old_logprob_pass(tiny_policy_dir, tmp_path, monkeypatch):
-    def no_extra_pass(self, rollouts):
-        raise AssertionError("with num_iterations > 1 the attention must come from the old log-prob pass")
+class CountForwards(RolloutCallback):
+    """Counts every forward of the policy's decoder (generation steps included) during fit."""
 
-    monkeypatch.setattr(GRPOModule, "capture_attention", no_extra_pass)
-    cli = fit_with_credit(tiny_policy_dir, tmp_path, "flow", "--model.grpo.num_iterations=2")
-    logged = scalars(Path(cli.trainer.log_dir))
-    assert logged["perf/capture_time_s"][0] < logged["perf/reference_time_s"][0]
-    assert "credit/top_signal_share" in logged
+    calls = 0
+
+    def on_fit_start(self, trainer, pl_module):
+        CountForwards.calls = 0
+        embeddings = pl_module.policy.get_input_embeddings()
+        embeddings.register_forward_pre_hook(lambda *_: setattr(CountForwards, "calls", CountForwards.calls + 1))
+
+
+@pytest.mark.parametrize("extra", [[], ["--model.grpo.num_iterations=2"], ["--model.grpo.beta=0.1"]], ids=["mu1", "mu2", "beta"])
+def test_flow_credit_adds_no_forward_pass(tiny_policy_dir, tmp_path, extra):
+    """One step with and without FlowCredit (same seed, so the same samples): the same number of
+    policy forwards; the attention is recorded in a pass the step runs anyway."""
+    counts = {}
+    for credit in (False, True):
+        args = ["fit", *tiny_args(tiny_policy_dir, tmp_path / str(credit), steps=1), "--trainer.limit_val_batches=0",
+                "--trainer.callbacks+=tests.test_flow_fit.CountForwards", *extra]
+        if credit:
+            args += [f"--trainer.callbacks+={FLOW}", "--trainer.callbacks.signal=flow"]
+        cli = main(args)
+        counts[credit] = CountForwards.calls
+    assert cli.model.attention_layers is not None
+    assert counts[True] == counts[False] > 0
+
+
+class CheckAttention(RolloutCallback):
+    """At each credit call, compares the recorded maps (and entropies) with a separate pass of the same weights."""
+
+    checked: list[int] = []
+
+    def on_credit(self, trainer, pl_module, rollouts, rows):
+        mask = rollouts.attention_mask[rows]
+        expected = capture_attention(pl_module.policy, rollouts.input_ids[rows], mask, pl_module.attention_layers,
+                                     position_ids=position_ids_from_mask(mask))
+        torch.testing.assert_close(rollouts.attention[rows], expected, rtol=1e-5, atol=1e-6)
+        with torch.no_grad():
+            entropy = pl_module.completion_logps(rollouts, rows)[1]
+        torch.testing.assert_close(rollouts.entropy[rows], entropy, rtol=1e-5, atol=1e-6)
+        CheckAttention.checked.append(mask.shape[0])
+
+
+@pytest.mark.parametrize("iterations", [1, 2])
+def test_recorded_attention_equals_a_capture_pass(tiny_policy_dir, tmp_path, iterations):
+    """mu = 1 records in the update's grad forward, mu = 2 in the no-grad old log-prob pass; both
+    give, micro-batch by micro-batch (16 rows in 8s), the maps of a dedicated capture pass."""
+    CheckAttention.checked = []
+    main(["fit", *tiny_args(tiny_policy_dir, tmp_path, steps=1), "--trainer.limit_val_batches=0",
+          f"--trainer.callbacks+={FLOW}", "--trainer.callbacks+=tests.test_flow_fit.CheckAttention",
+          f"--model.grpo.num_iterations={iterations}"])
+    assert CheckAttention.checked == [8, 8]
 
 
 def test_flow_credit_fit_on_real_stories260k(stories260k, shared_data, tmp_path):

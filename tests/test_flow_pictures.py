@@ -35,8 +35,8 @@ class RecordingPictures(FlowPictures):
 class CountSteps(RolloutCallback):
     steps: list[int] = []
 
-    def on_rollouts(self, trainer, pl_module, rollouts):
-        CountSteps.steps.append(trainer.global_step)
+    def on_rollouts_end(self, trainer, pl_module, rollouts):
+        CountSteps.steps.append(rollouts.step)
 
 
 def events(log_dir: Path) -> EventAccumulator:

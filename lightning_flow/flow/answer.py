@@ -67,12 +67,13 @@ _CONTEXT_TOKENS = 4  # tokens of context decoded before a run of split-character
 
 
 # ---- character offsets ------------------------------------------------------------------------
-def token_char_offsets(tokenizer: Any, token_ids: Sequence[int] | Tensor) -> tuple[str, list[Span]]:
+def token_char_offsets(tokenizer: Any, token_ids: Sequence[int] | Tensor, special_ids: frozenset[int] | None = None) -> tuple[str, list[Span]]:
     """Decode one response and give each token its character span in the decoded text.
 
     tokenizer  # anything with decode(ids, skip_special_tokens=True); a transformers fast
                # tokenizer or a tokenizers.Tokenizer takes the fast path
     token_ids  # [L] response ids (special tokens allowed anywhere)
+    special_ids  # the tokenizer's special ids (default: read from it; pass them when decoding many responses)
     Returns (text, offsets): text = tokenizer.decode(ids, skip_special_tokens=True) and
     offsets[j] = (start, end), the span of text produced by token j. Special tokens and tokens
     adding no characters get (p, p); a character split over several tokens belongs to each of
@@ -80,13 +81,16 @@ def token_char_offsets(tokenizer: Any, token_ids: Sequence[int] | Tensor) -> tup
     """
     ids = [int(i) for i in (token_ids.tolist() if isinstance(token_ids, Tensor) else token_ids)]
     text = tokenizer.decode(ids, skip_special_tokens=True)
-    return text, _offsets(tokenizer, ids, text)
+    return text, _offsets(tokenizer, ids, text, special_token_ids(tokenizer) if special_ids is None else special_ids)
 
 
-def _offsets(tokenizer: Any, ids: list[int], text: str) -> list[Span]:
+def special_token_ids(tokenizer: Any) -> frozenset[int]:
+    return frozenset(int(i) for i in (getattr(tokenizer, "all_special_ids", None) or ()))
+
+
+def _offsets(tokenizer: Any, ids: list[int], text: str, special: frozenset[int]) -> list[Span]:
     if not ids:
         return []
-    special = frozenset(int(i) for i in (getattr(tokenizer, "all_special_ids", None) or ()))
     backend = _backend(tokenizer)
     if backend is not None and DecodeStream is not None:
         pieces = _stream_pieces(backend, ids)
@@ -331,13 +335,14 @@ def answer_masks(
     eos = frozenset() if eos_token_ids is None else frozenset([int(eos_token_ids)] if isinstance(eos_token_ids, int) else map(int, eos_token_ids))
     rows = completion_ids.tolist()
     keep = (completion_mask != 0).tolist()
+    special = special_token_ids(tokenizer)
     source = [SOURCE_NONE] * len(rows)
     marked_rows: list[int] = []
     marked_cols: list[int] = []
     for i, (row, row_keep) in enumerate(zip(rows, keep)):
         positions = [j for j, k in enumerate(row_keep) if k]
         ids = [row[j] for j in positions]
-        text, offsets = token_char_offsets(tokenizer, ids)
+        text, offsets = token_char_offsets(tokenizer, ids, special)
         span, found = find_answer(text)
         marks, from_span = _mark(offsets, span, fallback, [token in eos for token in ids])
         cols = [p for p, m in zip(positions, marks) if m]
