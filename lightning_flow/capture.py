@@ -51,8 +51,8 @@ _ACTIVE: dict[int, "AttentionRecorder"] = {}
 """Recorders in use, keyed by ``id(config)`` of every config of the recorded model."""
 
 
-_MIN_CHUNK_ELEMENTS = 2**16
-"""Score elements a recorded chunk may always use (256 KiB in float32), however small the map."""
+_MIN_CHUNK_ELEMENTS = 2**20
+"""Score elements a recorded chunk may always use (4 MiB in float32), however small the map: short sequences take all heads in one product."""
 
 
 class _StopForward(Exception):
@@ -400,7 +400,7 @@ class AttentionRecorder:
 
 def _chunk_shape(n: int, heads: int, t_q: int, t_k: int) -> tuple[int, int]:
     """(heads, query rows) per chunk of the recorded scores: a [n, heads, rows, T] block holds at
-    most a quarter of the [n, T, T] map (or 64K elements, so short sequences take several heads per
+    most a quarter of the [n, T, T] map (or 1M elements, so short sequences take all heads in one
     product): all heads at once when they fit, else one head and as many query rows as fit."""
     budget = max(_MIN_CHUNK_ELEMENTS, n * t_q * t_k // 4)
     per_head = n * t_q * t_k

@@ -184,6 +184,24 @@ def test_other_architectures_match_eager(build):
     torch.testing.assert_close(maps, eager_reference(model, ids, mask, positions, [0, 1, 2]), rtol=0, atol=1e-5)
 
 
+@pytest.mark.parametrize("min_elements, chunks", [(100, "one head, 3 query rows"), (2000, "2 of 4 heads, all rows")])
+@pytest.mark.parametrize("build, padded", [(_gemma2_eager, True), (_qwen2_sdpa, False), (_qwen2_sdpa, True)],
+                         ids=["gemma2-eager-padded", "qwen2-sdpa-causal", "qwen2-sdpa-padded"])
+def test_chunked_recording_matches_eager(build, padded, min_elements, chunks, monkeypatch):
+    """n=5, T=14: one head's scores are 980 elements, a quarter map 245. A floor of 100 elements
+    leaves one head and 245 // 70 = 3 query rows per chunk; 2000 takes two heads at once. Masks,
+    soft-capping, sliding windows and GQA must be sliced with the chunk."""
+    import lightning_flow.capture as capture
+
+    monkeypatch.setattr(capture, "_MIN_CHUNK_ELEMENTS", min_elements)
+    assert capture._chunk_shape(5, 4, 14, 14) == ((1, 3) if min_elements == 100 else (2, 14))
+    torch.manual_seed(0)
+    model = build().eval()
+    ids, mask, positions = make_batch(100, n=5, padded=padded)
+    maps = capture_attention(model, ids, mask, [0, 1, 2], micro_batch_size=5, position_ids=positions)
+    torch.testing.assert_close(maps, eager_reference(model, ids, mask, positions, [0, 1, 2]), rtol=0, atol=1e-5)
+
+
 def test_bfloat16_model_matches_eager_to_bfloat16_precision(tiny_policy_dir):
     model = load_policy(PolicyConfig(str(tiny_policy_dir), lora_rank=4, dtype="bfloat16"))
     perturb_lora(model, scale=0.3, match="lora_B")
@@ -353,13 +371,13 @@ class _Stop(Exception):
 
 
 def test_extra_memory_is_about_one_map(tiny_plain, monkeypatch):
-    """n=2, T=256 (one map = 512 KiB). Two measures from torch.profiler's CPU memory events:
+    """n=2, T=1024 (one map = 8 MiB, past the 4 MiB chunk floor, so the scores are chunked). Two measures from torch.profiler's CPU memory events:
     - what the recording code itself allocates and keeps (accumulator + transient head map + mask), < 3 maps;
     - capture_attention's whole peak minus that of the same sdpa forward cut at the same layer, < 3 maps.
     """
     model = tiny_plain.eval()
-    ids, mask, positions = make_batch(model.config.vocab_size, n=2, t=256)
-    one_map = 2 * 256 * 256 * 4
+    ids, mask, positions = make_batch(model.config.vocab_size, n=2, t=1024)
+    one_map = 2 * 1024 * 1024 * 4
     layers = [0, 1]
     record = AttentionRecorder._record
 
