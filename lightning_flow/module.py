@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass
 from functools import partial
 from pathlib import Path
@@ -201,27 +203,36 @@ class GRPOModule(L.LightningModule):
     def add_old_and_reference_logps(self, rollouts: Rollouts) -> None:
         """Log-probs of the sampling policy (μ > 1, the step's first pass) and of the adapter-disabled reference (β > 0)."""
         if self.grpo.num_iterations > 1:
-            rollouts.old_logps = torch.cat([self.first_pass(rollouts, rows)[0] for rows in self.micro_batches(rollouts)])
+            with self.recording() as recorder:
+                rollouts.old_logps = torch.cat([self.first_pass(rollouts, rows, recorder)[0] for rows in self.micro_batches(rollouts)])
         if self.grpo.beta > 0:
             with self.policy.disable_adapter():
                 rollouts.ref_logps = torch.cat([self.completion_logps(rollouts, rows)[0] for rows in self.micro_batches(rollouts)])
 
-    def first_pass(self, rollouts: Rollouts, rows: slice) -> tuple[Tensor, Tensor]:
+    @contextmanager
+    def recording(self) -> Iterator[AttentionRecorder | None]:
+        """Records the requested attention layers in the forwards inside (None when none was
+        requested). Entered once per pass, since switching the attention implementation walks
+        every module of the model."""
+        if not self.attention_layers:
+            yield None
+            return
+        with AttentionRecorder(self.policy, self.attention_layers) as recorder:
+            yield recorder
+        self.capture_seconds += recorder.stopwatch.seconds()
+
+    def first_pass(self, rollouts: Rollouts, rows: slice, recorder: AttentionRecorder | None) -> tuple[Tensor, Tensor]:
         """Log-probs and entropies [n, L] of ``rows`` from the step's first forward over them,
-        which also records the requested attention into ``rollouts.attention[rows]`` and keeps
-        the entropy; then the rollout callbacks set the rows' credit (``on_credit``)."""
+        which also records attention into ``rollouts.attention[rows]`` (with a ``recorder``) and
+        keeps the entropy; then the rollout callbacks set the rows' credit (``on_credit``)."""
         if rows.start == 0:
             n, t = rollouts.attention_mask.shape
             rollouts.entropy = torch.zeros_like(rollouts.completion_mask)
-            if self.attention_layers:
+            if recorder is not None:
                 rollouts.attention = torch.empty(n, t, t, dtype=torch.float32, device=rollouts.completion_ids.device)
-        if self.attention_layers:
-            with AttentionRecorder(self.policy, self.attention_layers) as recorder:
-                logps, entropy = self.completion_logps(rollouts, rows, recorder)
+        logps, entropy = self.completion_logps(rollouts, rows, recorder)
+        if recorder is not None:
             recorder.take(rollouts.attention_mask[rows])  # zeroes the padded rows and columns in place
-            self.capture_seconds += recorder.stopwatch.seconds()
-        else:
-            logps, entropy = self.completion_logps(rollouts, rows)
         rollouts.entropy[rows] = entropy.detach()
         began = time.perf_counter()
         for callback in self.rollout_callbacks():
@@ -239,30 +250,33 @@ class GRPOModule(L.LightningModule):
         divisor = gradient_accumulation_divisor(self.grpo.loss_type, len(micro_batches))
         first_pass: list[tuple[Tensor, dict[str, Tensor]]] = []  # (tokens, metrics) per micro-batch
         for iteration in range(self.grpo.num_iterations):
-            for rows in micro_batches:
-                if iteration == 0 and self.grpo.num_iterations == 1:
-                    logps, entropy = self.first_pass(rollouts, rows)
-                else:
-                    logps, entropy = self.completion_logps(rollouts, rows)
-                mask = rollouts.completion_mask[rows]
-                loss, stats = clipped_surrogate_loss(
-                    logps,
-                    rollouts.old_logps[rows] if rollouts.old_logps is not None else logps.detach(),
-                    rollouts.advantages[rows],
-                    mask,
-                    loss_type=self.grpo.loss_type,
-                    epsilon_low=self.grpo.epsilon,
-                    epsilon_high=self.grpo.epsilon_high,
-                    beta=self.grpo.beta,
-                    ref_logps=rollouts.ref_logps[rows] if rollouts.ref_logps is not None else None,
-                    token_weights=rollouts.token_weights[rows],
-                    max_completion_length=self.sampling.max_new_tokens,
-                    num_items_in_batch=rollouts.completion_mask.sum(),
-                )
-                self.manual_backward(loss / divisor)
-                if iteration == 0:  # where the policy still is the sampler
-                    entropy_mean = (entropy.detach() * mask).sum() / mask.sum().clamp(min=1)
-                    first_pass.append((mask.sum(), {"loss": loss.detach(), "entropy": entropy_mean, **asdict(stats)}))
+            # With one iteration this forward is the step's first pass (else the old log-prob pass was).
+            assigns_credit = iteration == 0 and self.grpo.num_iterations == 1
+            with self.recording() if assigns_credit else nullcontext() as recorder:
+                for rows in micro_batches:
+                    if assigns_credit:
+                        logps, entropy = self.first_pass(rollouts, rows, recorder)
+                    else:
+                        logps, entropy = self.completion_logps(rollouts, rows)
+                    mask = rollouts.completion_mask[rows]
+                    loss, stats = clipped_surrogate_loss(
+                        logps,
+                        rollouts.old_logps[rows] if rollouts.old_logps is not None else logps.detach(),
+                        rollouts.advantages[rows],
+                        mask,
+                        loss_type=self.grpo.loss_type,
+                        epsilon_low=self.grpo.epsilon,
+                        epsilon_high=self.grpo.epsilon_high,
+                        beta=self.grpo.beta,
+                        ref_logps=rollouts.ref_logps[rows] if rollouts.ref_logps is not None else None,
+                        token_weights=rollouts.token_weights[rows],
+                        max_completion_length=self.sampling.max_new_tokens,
+                        num_items_in_batch=rollouts.completion_mask.sum(),
+                    )
+                    self.manual_backward(loss / divisor)
+                    if iteration == 0:  # where the policy still is the sampler
+                        entropy_mean = (entropy.detach() * mask).sum() / mask.sum().clamp(min=1)
+                        first_pass.append((mask.sum(), {"loss": loss.detach(), "entropy": entropy_mean, **asdict(stats)}))
             trainable = [p for p in self.policy.parameters() if p.requires_grad]
             grad_norm = torch.nn.utils.clip_grad_norm_(trainable, self.grpo.max_grad_norm or float("inf"))
             optimizer.step()

@@ -3,6 +3,7 @@ the flow invariants on real attention captured from stories260K."""
 
 from __future__ import annotations
 
+from dataclasses import fields
 from pathlib import Path
 
 import pytest
@@ -12,7 +13,7 @@ from lightning_flow.capture import capture_attention, default_capture_layers
 from lightning_flow.cli import main
 from lightning_flow.flow import FlowConfig, answer_flow, capacities, edge_flows
 from lightning_flow.policy import PolicyConfig, load_policy, position_ids_from_mask
-from lightning_flow.rollouts import RolloutCallback
+from lightning_flow.rollouts import RolloutCallback, Rollouts
 from lightning_flow.tokenizer import load_tokenizer
 
 from .test_fit import scalars, tiny_args
@@ -94,31 +95,46 @@ def test_flow_credit_adds_no_forward_pass(tiny_policy_dir, tmp_path, extra):
     assert counts[True] == counts[False] > 0
 
 
-class CheckAttention(RolloutCallback):
-    """At each credit call, compares the recorded maps (and entropies) with a separate pass of the same weights."""
+class KeepCreditInputs(RolloutCallback):
+    """At each credit call, keeps the rows' inputs, recorded maps, entropies and the adapter weights."""
 
-    checked: list[int] = []
+    kept: list[dict] = []
 
     def on_credit(self, trainer, pl_module, rollouts, rows):
-        mask = rollouts.attention_mask[rows]
-        expected = capture_attention(pl_module.policy, rollouts.input_ids[rows], mask, pl_module.attention_layers,
-                                     position_ids=position_ids_from_mask(mask))
-        torch.testing.assert_close(rollouts.attention[rows], expected, rtol=1e-5, atol=1e-6)
-        with torch.no_grad():
-            entropy = pl_module.completion_logps(rollouts, rows)[1]
-        torch.testing.assert_close(rollouts.entropy[rows], entropy, rtol=1e-5, atol=1e-6)
-        CheckAttention.checked.append(mask.shape[0])
+        KeepCreditInputs.kept.append({
+            "ids": rollouts.input_ids[rows].clone(), "mask": rollouts.attention_mask[rows].clone(),
+            "completion": (rollouts.completion_ids[rows].clone(), rollouts.completion_mask[rows].clone()),
+            "attention": rollouts.attention[rows].clone(), "entropy": rollouts.entropy[rows].clone(),
+            "adapter": {k: v.detach().clone() for k, v in pl_module.policy.named_parameters() if v.requires_grad},
+        })
 
 
 @pytest.mark.parametrize("iterations", [1, 2])
 def test_recorded_attention_equals_a_capture_pass(tiny_policy_dir, tmp_path, iterations):
     """mu = 1 records in the update's grad forward, mu = 2 in the no-grad old log-prob pass; both
-    give, micro-batch by micro-batch (16 rows in 8s), the maps of a dedicated capture pass."""
-    CheckAttention.checked = []
-    main(["fit", *tiny_args(tiny_policy_dir, tmp_path, steps=1), "--trainer.limit_val_batches=0",
-          f"--trainer.callbacks+={FLOW}", "--trainer.callbacks+=tests.test_flow_fit.CheckAttention",
-          f"--model.grpo.num_iterations={iterations}"])
-    assert CheckAttention.checked == [8, 8]
+    give, micro-batch by micro-batch (16 rows in 8s), the maps and entropies of a separate pass
+    with the weights of that moment."""
+    KeepCreditInputs.kept = []
+    cli = main(["fit", *tiny_args(tiny_policy_dir, tmp_path, steps=1), "--trainer.limit_val_batches=0",
+                f"--trainer.callbacks+={FLOW}", "--trainer.callbacks+=tests.test_flow_fit.KeepCreditInputs",
+                f"--model.grpo.num_iterations={iterations}"])
+    module = cli.model
+    assert [kept["ids"].shape[0] for kept in KeepCreditInputs.kept] == [8, 8]
+    parameters = dict(module.policy.named_parameters())
+    for kept in KeepCreditInputs.kept:
+        with torch.no_grad():
+            for name, value in kept["adapter"].items():
+                parameters[name].copy_(value)
+        expected = capture_attention(module.policy, kept["ids"], kept["mask"], module.attention_layers,
+                                     position_ids=position_ids_from_mask(kept["mask"]))
+        torch.testing.assert_close(kept["attention"], expected, rtol=1e-5, atol=1e-6)
+        prompt = kept["ids"].shape[1] - kept["completion"][0].shape[1]
+        rollouts = Rollouts(**{**{f.name: None for f in fields(Rollouts)}, "prompt_ids": kept["ids"][:, :prompt],
+                               "prompt_mask": kept["mask"][:, :prompt], "completion_ids": kept["completion"][0],
+                               "completion_mask": kept["completion"][1]})
+        with torch.no_grad():
+            entropy = module.completion_logps(rollouts, slice(0, None))[1]
+        torch.testing.assert_close(kept["entropy"], entropy, rtol=1e-5, atol=1e-6)
 
 
 def test_flow_credit_fit_on_real_stories260k(stories260k, shared_data, tmp_path):
