@@ -166,6 +166,7 @@ def main() -> None:
     parser.add_argument("--prompt-length", type=int, default=64)
     parser.add_argument("--micro-batch", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--sample-repeats", type=int, default=None, help="repeats of the sampling part (default: --repeats; it is the slow part at L = 4096)")
     parser.add_argument("--out", type=Path, default=None, help="also write the rows as JSON")
     args = parser.parse_args()
 
@@ -181,7 +182,8 @@ def main() -> None:
         ).to("cuda" if cuda else "cpu")
         credit = FlowCredit(signal="flow")
         module.request_attention(None)
-        print(f"device: {torch.cuda.get_device_name() if cuda else 'cpu'}; model: {args.shape}; capture layers {module.attention_layers}")
+        device_name = torch.cuda.get_device_name() if cuda else "cpu"
+        print(f"device: {device_name}; model: {args.shape}; capture layers {module.attention_layers}")
         header = (f"{'L':>5} {'N':>4} {'step s':>8} {'capture s':>9} {'solver s':>8} {'capture %':>9} {'solver %':>8} "
                   f"{'update+rec/update':>17} {'capture/map':>11} {'1 seq capture MiB':>17} {'1 seq eager MiB':>15}")
         print(header)
@@ -194,7 +196,7 @@ def main() -> None:
                 for _ in range(args.repeats):  # interleaved, so both see the same machine state
                     plain.append(median_time(update, 1))
                     recorded.append(median_time(lambda: captures.append(update(record=True)), 1))
-                step = median_time(sample, args.repeats) + statistics.median(plain)
+                step = median_time(sample, args.sample_repeats or args.repeats) + statistics.median(plain)
                 capture = statistics.median(captures)
                 solver = median_time(solve, args.repeats)
                 total = length + args.prompt_length
@@ -211,9 +213,9 @@ def main() -> None:
                 rows.append(row)
                 print(f"{length:>5} {n:>4} {step:>8.2f} {capture:>9.3f} {solver:>8.3f} {100 * capture / step:>8.1f}% {100 * solver / step:>7.1f}% "
                       f"{update_ratio:>17.3f} {capture_ratio:>11.2f} {capture_one:>17.1f} {eager_one:>15.0f}", flush=True)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps({"shape": args.shape, "rows": rows}, indent=2))
+                if args.out:  # after every row, so a run cut short by a time limit keeps what it measured
+                    args.out.parent.mkdir(parents=True, exist_ok=True)
+                    args.out.write_text(json.dumps({"shape": args.shape, "device": device_name, "rows": rows}, indent=2))
 
 
 def small_slice(rollouts: Rollouts, rows: slice) -> Rollouts:

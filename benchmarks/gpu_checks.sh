@@ -1,7 +1,10 @@
 #!/usr/bin/env bash
-# The prepared GPU check, one short call on a lent GPU machine (about 6 minutes on an H100):
-#   run tool: command "bash benchmarks/gpu_checks.sh", carry [".whl"] (made by benchmarks/gpu_wheels.sh)
-# Writes $OUT/gpu_check.json (real-config memory and step time) and $OUT/flow_overhead.json.
+# The prepared GPU checks, for a lent GPU machine (run tool, carry [".whl"] made by benchmarks/gpu_wheels.sh):
+#   bash benchmarks/gpu_checks.sh flow configs
+# Parts (each writes $OUT/<part>.json and $OUT/<part>.log; times measured on an H100):
+#   flow     about 6 min: benchmarks/flow_overhead.py at Qwen2.5-1.5B's shape (bf16 + LoRA, random weights),
+#            L = 256 / 1024 / 4096, N = 16 / 64; rows are written as they finish
+#   configs  about 3 min: benchmarks/gpu_check.py, memory and step time of the real configs (needs bitsandbytes)
 set -uo pipefail
 out=${OUT:-results}
 mkdir -p "$out"
@@ -9,6 +12,13 @@ python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upg
 python3 -m pip install -q --no-deps --no-build-isolation --no-compile --target /tmp/site . || exit 1
 export PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total --format=csv
-timeout 240 python3 benchmarks/gpu_check.py --steps 3 --out "$out/gpu_check.json" 2>&1 | grep -vi warn | tee "$out/gpu_check.log"
-timeout 240 python3 benchmarks/flow_overhead.py --shape qwen2.5-1.5b --qlora --lengths 256 1024 --batches 16 64 --repeats 2 \
-  --out "$out/flow_overhead.json" 2>&1 | grep -vi warn | tee "$out/flow_overhead.log"
+parts=("$@")
+[ ${#parts[@]} -gt 0 ] || parts=(flow configs)
+for part in "${parts[@]}"; do
+  case $part in
+    flow) timeout 360 python3 benchmarks/flow_overhead.py --shape qwen2.5-1.5b --lengths 256 1024 4096 --batches 16 64 \
+            --repeats 2 --sample-repeats 1 --out "$out/flow.json" 2>&1 | grep -vi warn | tee "$out/flow.log" ;;
+    configs) timeout 200 python3 benchmarks/gpu_check.py --steps 2 --out "$out/configs.json" 2>&1 | grep -vi warn | tee "$out/configs.log" ;;
+    *) echo "unknown part $part (flow, configs)"; exit 2 ;;
+  esac
+done
