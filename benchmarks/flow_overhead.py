@@ -201,6 +201,9 @@ def main() -> None:
                 solver = median_time(solve, args.repeats)
                 total = length + args.prompt_length
                 one_map = n * total * total * 4
+                # The recorded update first, from no maps; the plain one then starts with the maps
+                # alive, as the recorded one ends: the difference is what recording adds.
+                rollouts.attention = None
                 capture_ratio = (extra_peak_bytes(lambda: update(record=True)) - extra_peak_bytes(update)) / one_map
                 rollouts.attention = None
                 single = small_slice(rollouts, slice(0, 1))

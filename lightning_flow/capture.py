@@ -200,8 +200,9 @@ class AttentionRecorder:
     those of the original implementation.
 
     Memory: one ``[n, T, T]`` float32 sum per forward not yet taken (or the ``out`` buffer given to
-    :meth:`run`), plus while a recorded layer runs one ``[n, T, T]`` float32 head map, one
-    ``[n, 1, T, T]`` bool inverted mask and float32 copies of one head's query and key.
+    :meth:`run`), plus while a recorded layer runs one chunk of scores (heads × query rows, at most
+    a quarter of ``[n, T, T]`` or 4 MiB, see ``_chunk_shape``), one ``[n, 1, T, T]`` bool inverted
+    mask and float32 copies of the chunk's query and key.
     """
 
     def __init__(self, model: nn.Module, layers: Sequence[int], stop_after_last: bool = False):
@@ -311,6 +312,14 @@ class AttentionRecorder:
         self._seen: list[int] = []
         self._sum: Tensor | None = None
         self._valid: Tensor | None = None
+        self._mask: Tensor | None = None  # the last boolean mask seen, and its inverse
+        self._blocked: Tensor | None = None
+
+    def _inverted(self, mask: Tensor) -> Tensor:
+        """``~mask``, computed once per forward for each mask (layers of one kind share theirs)."""
+        if mask is not self._mask:
+            self._mask, self._blocked = mask, mask.logical_not()
+        return self._blocked
 
     def _wants(self, layer: int | None) -> bool:
         if layer is None or layer not in self.layers or _in_backward():
@@ -338,7 +347,7 @@ class AttentionRecorder:
             is_causal = getattr(module, "is_causal", True) if is_causal is None else is_causal
             causal = bool(is_causal) and t_q > 1
         elif attention_mask.dtype == torch.bool:
-            blocked = attention_mask.logical_not()
+            blocked = self._inverted(attention_mask)
         else:
             additive = attention_mask
         position_bias = kwargs.get("position_bias")
@@ -352,6 +361,11 @@ class AttentionRecorder:
             self._sum = self._next_out if self._next_out is not None else torch.empty(n, t_q, t_k, dtype=torch.float32, device=query.device)
             self._sum.zero_()
             self._valid = self._valid_positions(attention_mask, n, t_q, query.device)
+        if causal:
+            blocked = torch.ones(t_q, t_k, dtype=torch.bool, device=query.device).triu_(1)[None, None]  # [1, 1, T, T]
+        # The lowest float instead of -inf: a fully masked (padded) row then gives a uniform row
+        # instead of NaN, and padded rows are zeroed at the end anyway.
+        lowest = torch.finfo(torch.float32).min
         weight = 1.0 / (heads * len(self.layers))
         head_step, row_step = _chunk_shape(n, heads, t_q, t_k)
         for h0 in range(0, heads, head_step):
@@ -360,30 +374,23 @@ class AttentionRecorder:
             k_t = key.index_select(1, kv_heads).float().transpose(-1, -2)  # [n, hc, d, T]
             for r0 in range(0, t_q, row_step):
                 r1 = min(r0 + row_step, t_q)
-                scores = torch.matmul(query[:, h0:h1, r0:r1].float(), k_t)  # [n, hc, r, T]
-                scores.mul_(scaling)
+                scores = torch.matmul(query[:, h0:h1, r0:r1].float() * scaling, k_t)  # [n, hc, r, T]
                 if softcap is not None:  # as the eager functions of models with logit soft-capping (Gemma 2)
                     scores.div_(softcap).tanh_().mul_(softcap)
                 if position_bias is not None:
                     scores.add_(_head_rows(position_bias, h0, h1, r0, r1))
                 if additive is not None:
-                    scores.add_(_head_rows(additive, h0, h1, r0, r1))
+                    scores.add_(_head_rows(additive, h0, h1, r0, r1)).clamp_min_(lowest)  # -inf in a mask stays finite
                 if blocked is not None:
-                    scores.masked_fill_(_head_rows(blocked, h0, h1, r0, r1), float("-inf"))
-                elif causal:
-                    rows = torch.arange(r0, r1, device=query.device)[:, None]
-                    scores.masked_fill_(torch.arange(t_k, device=query.device) > rows, float("-inf"))
-                row_max = scores.amax(dim=-1, keepdim=True)
-                row_max.masked_fill_(row_max.isneginf(), 0.0)  # fully masked (padded) rows: exp(-inf) = 0, no NaN
-                scores.sub_(row_max).exp_()
-                total = scores.sum(dim=-1, keepdim=True).clamp_min_(torch.finfo(torch.float32).tiny)
-                scores.div_(total)
+                    scores.masked_fill_(_head_rows(blocked, h0, h1, r0, r1), lowest)
+                scores.sub_(scores.amax(dim=-1, keepdim=True)).exp_()  # softmax in place: one [n, hc, r, T] buffer
+                scores.div_(scores.sum(dim=-1, keepdim=True))
                 self._sum[:, r0:r1].add_(scores[:, 0] if h1 - h0 == 1 else scores.sum(1), alpha=weight)
                 del scores
         self._seen.append(module.layer_idx)
         if tuple(self._seen) == self.layers:
             valid = self._valid
-            self._sum.mul_(valid[:, :, None]).mul_(valid[:, None, :])
+            self._sum.masked_fill_(~valid[:, :, None], 0.0).masked_fill_(~valid[:, None, :], 0.0)
             self._done.append(self._sum)
             self._reset_pass()
 
@@ -433,12 +440,13 @@ def capture_attention(
 
     Memory: the result ``[N, T, T]`` float32 is the only lasting allocation (each micro-batch's
     maps are summed in place into its slice). On top of it and of the truncated forward's own
-    activations, only while a recorded layer runs: one ``[m, T, T]`` float32 head map, the
-    inverted mask ``[m, 1, T, T]`` bool (a quarter of a map) and float32 copies of one head's query
-    and key (none for float32 models), m = min(N, micro_batch_size). Measured with torch.profiler's
-    CPU memory events (tiny Llama, N = m = 2, T = 256, one map = 512 KiB): the recording code's
-    peak is 2.26 maps including the result, and the whole capture peaks at 4.2 maps against 3.4 for
-    the same sdpa forward cut at that layer and 20.4 for an eager forward with ``output_attentions``.
+    activations, only while a recorded layer runs: one chunk of scores (at most a quarter of an
+    ``[m, T, T]`` map, or 4 MiB), the inverted mask ``[m, 1, T, T]`` bool (a quarter of a map) and
+    float32 copies of the chunk's query and key (none for float32 models), m = min(N,
+    micro_batch_size). Measured with torch.profiler's CPU memory events (tiny Llama, N = m = 2,
+    T = 1024, one map = 8 MiB; ``tests/test_capture.py``): the recording code's peak is 1.77 maps
+    including the result, and the whole capture peaks at 3.0 maps against 1.9 for the same sdpa
+    forward cut at that layer and 20 for an eager forward with ``output_attentions``.
     """
     if micro_batch_size < 1:
         raise ValueError(f"micro_batch_size={micro_batch_size}: must be at least 1")
