@@ -167,6 +167,7 @@ def main() -> None:
     parser.add_argument("--micro-batch", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--sample-repeats", type=int, default=None, help="repeats of the sampling part (default: --repeats; it is the slow part at L = 4096)")
+    parser.add_argument("--no-sampling", action="store_true", help="leave sampling out: 'step' is the update alone, so shares are of the update (an upper bound of the step's)")
     parser.add_argument("--out", type=Path, default=None, help="also write the rows as JSON")
     args = parser.parse_args()
 
@@ -183,7 +184,8 @@ def main() -> None:
         credit = FlowCredit(signal="flow")
         module.request_attention(None)
         device_name = torch.cuda.get_device_name() if cuda else "cpu"
-        print(f"device: {device_name}; model: {args.shape}; capture layers {module.attention_layers}")
+        print(f"device: {device_name}; model: {args.shape}; capture layers {module.attention_layers}; "
+              f"step = {'the update alone' if args.no_sampling else 'sampling + update'}")
         header = (f"{'L':>5} {'N':>4} {'step s':>8} {'capture s':>9} {'solver s':>8} {'capture %':>9} {'solver %':>8} "
                   f"{'update+rec/update':>17} {'capture/map':>11} {'1 seq capture MiB':>17} {'1 seq eager MiB':>15}")
         print(header)
@@ -196,7 +198,8 @@ def main() -> None:
                 for _ in range(args.repeats):  # interleaved, so both see the same machine state
                     plain.append(median_time(update, 1))
                     recorded.append(median_time(lambda: captures.append(update(record=True)), 1))
-                step = median_time(sample, args.sample_repeats or args.repeats) + statistics.median(plain)
+                sampling = 0.0 if args.no_sampling else median_time(sample, args.sample_repeats or args.repeats)
+                step = sampling + statistics.median(plain)
                 capture = statistics.median(captures)
                 solver = median_time(solve, args.repeats)
                 total = length + args.prompt_length
@@ -218,7 +221,7 @@ def main() -> None:
                       f"{update_ratio:>17.3f} {capture_ratio:>11.2f} {capture_one:>17.1f} {eager_one:>15.0f}", flush=True)
                 if args.out:  # after every row, so a run cut short by a time limit keeps what it measured
                     args.out.parent.mkdir(parents=True, exist_ok=True)
-                    args.out.write_text(json.dumps({"shape": args.shape, "device": device_name, "rows": rows}, indent=2))
+                    args.out.write_text(json.dumps({"shape": args.shape, "device": device_name, "step_includes_sampling": not args.no_sampling, "rows": rows}, indent=2))
 
 
 def small_slice(rollouts: Rollouts, rows: slice) -> Rollouts:
