@@ -110,7 +110,10 @@ class FlowCredit(RolloutCallback):
         Reads ``rollouts.attention[rows]`` (flow, attention_received) or ``rollouts.entropy[rows]`` (entropy).
         """
         prompt_length = rollouts.prompt_ids.shape[1]
-        answer, source = answer_masks(tokenizer, rollouts.completion_ids[rows], rollouts.completion_mask[rows], self.answer_fallback)
+        kept = rollouts.completion_mask[rows]
+        # The completions were decoded before mask_truncated_completions may have emptied a row.
+        texts = [text if any_kept else "" for text, any_kept in zip(rollouts.completions[rows], (kept != 0).any(1).tolist())]
+        answer, source = answer_masks(tokenizer, rollouts.completion_ids[rows], kept, self.answer_fallback, texts=texts)
         valid = rollouts.attention_mask[rows].bool()  # [n, T]
         prompt = torch.zeros_like(valid)
         prompt[:, :prompt_length] = valid[:, :prompt_length]

@@ -200,8 +200,8 @@ class AttentionRecorder:
     those of the original implementation.
 
     Memory: one ``[n, T, T]`` float32 sum per forward not yet taken (or the ``out`` buffer given to
-    :meth:`run`), plus while a recorded layer runs one chunk of scores (heads × query rows, at most
-    a quarter of ``[n, T, T]`` or 4 MiB, see ``_chunk_shape``), one ``[n, 1, T, T]`` bool inverted
+    :meth:`run`), plus while a recorded layer runs one chunk of scores and its probabilities (heads ×
+    query rows, together at most a quarter of ``[n, T, T]`` or 8 MiB, see ``_chunk_shape``), one ``[n, 1, T, T]`` bool inverted
     mask and float32 copies of the chunk's query and key.
     """
 
@@ -383,10 +383,10 @@ class AttentionRecorder:
                     scores.add_(_head_rows(additive, h0, h1, r0, r1)).clamp_min_(lowest)  # -inf in a mask stays finite
                 if blocked is not None:
                     scores.masked_fill_(_head_rows(blocked, h0, h1, r0, r1), lowest)
-                scores.sub_(scores.amax(dim=-1, keepdim=True)).exp_()  # softmax in place: one [n, hc, r, T] buffer
-                scores.div_(scores.sum(dim=-1, keepdim=True))
-                self._sum[:, r0:r1].add_(scores[:, 0] if h1 - h0 == 1 else scores.sum(1), alpha=weight)
+                probs = torch.softmax(scores, dim=-1)  # fused: fewer passes over the chunk than an in-place softmax
                 del scores
+                self._sum[:, r0:r1].add_(probs[:, 0] if h1 - h0 == 1 else probs.sum(1), alpha=weight)
+                del probs
         self._seen.append(module.layer_idx)
         if tuple(self._seen) == self.layers:
             valid = self._valid
@@ -407,9 +407,10 @@ class AttentionRecorder:
 
 def _chunk_shape(n: int, heads: int, t_q: int, t_k: int) -> tuple[int, int]:
     """(heads, query rows) per chunk of the recorded scores: a [n, heads, rows, T] block holds at
-    most a quarter of the [n, T, T] map (or 1M elements, so short sequences take all heads in one
-    product): all heads at once when they fit, else one head and as many query rows as fit."""
-    budget = max(_MIN_CHUNK_ELEMENTS, n * t_q * t_k // 4)
+    most an eighth of the [n, T, T] map (scores and probabilities together a quarter), or 1M
+    elements, so short sequences take all heads in one product: all heads at once when they fit,
+    else one head and as many query rows as fit."""
+    budget = max(_MIN_CHUNK_ELEMENTS, n * t_q * t_k // 8)
     per_head = n * t_q * t_k
     if per_head * heads <= budget:
         return heads, t_q
@@ -440,11 +441,11 @@ def capture_attention(
 
     Memory: the result ``[N, T, T]`` float32 is the only lasting allocation (each micro-batch's
     maps are summed in place into its slice). On top of it and of the truncated forward's own
-    activations, only while a recorded layer runs: one chunk of scores (at most a quarter of an
-    ``[m, T, T]`` map, or 4 MiB), the inverted mask ``[m, 1, T, T]`` bool (a quarter of a map) and
+    activations, only while a recorded layer runs: one chunk of scores and probabilities (together
+    at most a quarter of an ``[m, T, T]`` map, or 8 MiB), the inverted mask ``[m, 1, T, T]`` bool (a quarter of a map) and
     float32 copies of the chunk's query and key (none for float32 models), m = min(N,
     micro_batch_size). Measured with torch.profiler's CPU memory events (tiny Llama, N = m = 2,
-    T = 1024, one map = 8 MiB; ``tests/test_capture.py``): the recording code's peak is 1.77 maps
+    T = 1024, one map = 8 MiB; ``tests/test_capture.py``): the recording code's peak is 2.27 maps
     including the result, and the whole capture peaks at 3.0 maps against 1.9 for the same sdpa
     forward cut at that layer and 20 for an eager forward with ``output_attentions``.
     """

@@ -305,3 +305,7 @@ def test_gsm8k_solutions(which, shared_data, request):
         spelled = tok.decode(marked)
         assert gold in spelled, (gold, spelled)
         assert len(spelled.strip()) <= len(gold) + 1  # nothing but the number (and a space)
+    # The texts the rollouts already hold (decode up to the EOS) give the same masks without a decode.
+    texts = [tok.decode(row[: int(n)].tolist(), skip_special_tokens=True) for row, n in zip(ids, mask.sum(1))]
+    with_texts = answer_masks(tok, ids, mask, texts=texts)
+    assert torch.equal(with_texts[0], marks) and torch.equal(with_texts[1], source)

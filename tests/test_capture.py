@@ -184,17 +184,17 @@ def test_other_architectures_match_eager(build):
     torch.testing.assert_close(maps, eager_reference(model, ids, mask, positions, [0, 1, 2]), rtol=0, atol=1e-5)
 
 
-@pytest.mark.parametrize("min_elements, chunks", [(100, "one head, 3 query rows"), (2000, "2 of 4 heads, all rows")])
+@pytest.mark.parametrize("min_elements, chunks", [(200, "one head, 2 query rows"), (2000, "2 of 4 heads, all rows")])
 @pytest.mark.parametrize("build, padded", [(_gemma2_eager, True), (_qwen2_sdpa, False), (_qwen2_sdpa, True)],
                          ids=["gemma2-eager-padded", "qwen2-sdpa-causal", "qwen2-sdpa-padded"])
 def test_chunked_recording_matches_eager(build, padded, min_elements, chunks, monkeypatch):
-    """n=5, T=14: one head's scores are 980 elements, a quarter map 245. A floor of 100 elements
-    leaves one head and 245 // 70 = 3 query rows per chunk; 2000 takes two heads at once. Masks,
+    """n=5, T=14: one head's scores are 980 elements, an eighth of the map 122. A floor of 200
+    elements leaves one head and 200 // 70 = 2 query rows per chunk; 2000 takes two heads at once. Masks,
     soft-capping, sliding windows and GQA must be sliced with the chunk."""
     import lightning_flow.capture as capture
 
     monkeypatch.setattr(capture, "_MIN_CHUNK_ELEMENTS", min_elements)
-    assert capture._chunk_shape(5, 4, 14, 14) == ((1, 3) if min_elements == 100 else (2, 14))
+    assert capture._chunk_shape(5, 4, 14, 14) == ((1, 2) if min_elements == 200 else (2, 14))
     torch.manual_seed(0)
     model = build().eval()
     ids, mask, positions = make_batch(100, n=5, padded=padded)

@@ -67,20 +67,24 @@ _CONTEXT_TOKENS = 4  # tokens of context decoded before a run of split-character
 
 
 # ---- character offsets ------------------------------------------------------------------------
-def token_char_offsets(tokenizer: Any, token_ids: Sequence[int] | Tensor, special_ids: frozenset[int] | None = None) -> tuple[str, list[Span]]:
+def token_char_offsets(
+    tokenizer: Any, token_ids: Sequence[int] | Tensor, special_ids: frozenset[int] | None = None, text: str | None = None
+) -> tuple[str, list[Span]]:
     """Decode one response and give each token its character span in the decoded text.
 
     tokenizer  # anything with decode(ids, skip_special_tokens=True); a transformers fast
                # tokenizer or a tokenizers.Tokenizer takes the fast path
     token_ids  # [L] response ids (special tokens allowed anywhere)
     special_ids  # the tokenizer's special ids (default: read from it; pass them when decoding many responses)
+    text       # decode(ids, skip_special_tokens=True) when the caller already has it (saves a decode)
     Returns (text, offsets): text = tokenizer.decode(ids, skip_special_tokens=True) and
     offsets[j] = (start, end), the span of text produced by token j. Special tokens and tokens
     adding no characters get (p, p); a character split over several tokens belongs to each of
     them (see the module docstring).
     """
     ids = [int(i) for i in (token_ids.tolist() if isinstance(token_ids, Tensor) else token_ids)]
-    text = tokenizer.decode(ids, skip_special_tokens=True)
+    if text is None:
+        text = tokenizer.decode(ids, skip_special_tokens=True)
     return text, _offsets(tokenizer, ids, text, special_token_ids(tokenizer) if special_ids is None else special_ids)
 
 
@@ -316,6 +320,7 @@ def answer_masks(
     completion_mask: Tensor,
     fallback: Literal["last_token", "none"] = "last_token",
     eos_token_ids: int | Sequence[int] | None = None,
+    texts: Sequence[str] | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Answer-token masks for a batch of responses.
 
@@ -324,6 +329,8 @@ def answer_masks(
                      # as loss.completion_mask gives it); only these positions are considered
     fallback         # see answer_token_mask
     eos_token_ids    # ids never marked; default tokenizer.eos_token_id
+    texts            # [N] each row's decode(kept ids, skip_special_tokens=True) when the caller
+                     # already has it (the rollouts' completions): saves a decode per row
     Returns (answer [N, L] bool, source [N] long): SOURCE_BOXED (0), SOURCE_HASH (1),
     SOURCE_FALLBACK (2) or SOURCE_NONE (3). Each row's text is decode(response ids,
     skip_special_tokens=True), the string the rewards score.
@@ -342,7 +349,7 @@ def answer_masks(
     for i, (row, row_keep) in enumerate(zip(rows, keep)):
         positions = [j for j, k in enumerate(row_keep) if k]
         ids = [row[j] for j in positions]
-        text, offsets = token_char_offsets(tokenizer, ids, special)
+        text, offsets = token_char_offsets(tokenizer, ids, special, None if texts is None else texts[i])
         span, found = find_answer(text)
         marks, from_span = _mark(offsets, span, fallback, [token in eos for token in ids])
         cols = [p for p, m in zip(positions, marks) if m]
