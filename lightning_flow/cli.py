@@ -13,6 +13,8 @@ from lightning_flow.module import GRPOModule
 # A checkpoint taken after the step's optimizer updates is exactly the state to resume from;
 # Lightning's advice to save the pre-update weights does not apply to these steps.
 warnings.filterwarnings("ignore", message="Using ModelCheckpoint with manual optimization")
+# The DataModule resumes mid-epoch itself (GlobalBatchSampler skips the batches already trained).
+warnings.filterwarnings("ignore", message="You're resuming from a checkpoint that ended before the epoch ended")
 
 
 class FlowCLI(LightningCLI):
@@ -29,6 +31,8 @@ def main(args: list[str] | None = None, run: bool = True) -> FlowCLI:
         PromptDataModule,
         subclass_mode_data=True,
         save_config_kwargs={"overwrite": True},
+        # Checkpoints are written beside their target, fsynced and renamed into place.
+        trainer_defaults={"plugins": [{"class_path": "lightning_flow.checkpoint_io.AtomicCheckpointIO"}]},
         args=args,
         run=run,
     )

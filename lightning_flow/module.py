@@ -8,17 +8,22 @@ Lightning refuses both on the Trainer under manual optimisation).
 
 from __future__ import annotations
 
+import logging
 import math
+import os
+import random
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Literal
 
 import lightning as L
+import numpy as np
 import torch
 from torch import Tensor
 
 from lightning_flow.capture import AttentionRecorder, capture_attention, default_capture_layers
+from lightning_flow.checkpoint_io import CheckpointError
 from lightning_flow.loss import (
     LossType,
     ScaleRewards,
@@ -31,7 +36,10 @@ from lightning_flow.loss import (
 from lightning_flow.policy import PolicyConfig, SamplingConfig, eos_token_ids, generate, load_policy, position_ids_from_mask
 from lightning_flow.rewards import RewardConfig, RewardSuite, correctness_reward
 from lightning_flow.rollouts import RolloutCallback, Rollouts
+from lightning_flow.seeded_sampling import response_seeds
 from lightning_flow.tokenizer import load_tokenizer
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -114,6 +122,10 @@ class GRPOModule(L.LightningModule):
         self.reward_suite = RewardSuite(rewards)
         self.eos_ids = eos_token_ids(self.policy, self.tokenizer, sampling.extra_eos_token_ids)
         self.attention_layers: list[int] | None = None  # set by request_attention
+        # Sampling noise comes from (seed, step, prompt source); see seeded_sampling.
+        self.sampling_seed = sampling.seed if sampling.seed is not None else int(os.environ.get("PL_GLOBAL_SEED", 0))
+        self.skipped_nonfinite_steps = 0  # optimizer steps whose gradient had a NaN or inf (no update made)
+        self._rng_states_to_restore: dict | None = None  # from a checkpoint, applied when training starts
 
     def request_attention(self, layers: list[int] | None = None) -> None:
         """Capture head- and layer-mean attention of these decoder layers into ``rollouts.attention``
@@ -162,15 +174,21 @@ class GRPOModule(L.LightningModule):
             "perf/credit_share": (credited - captured) / (end - start),
             "train/lr": self.optimizers().param_groups[0]["lr"],
         }
-        self.log_dict({k: float(v) for k, v in metrics.items()}, on_step=True, batch_size=len(rollouts))
+        # Under DDP every scalar is the mean over ranks (each rank holds the same number of
+        # responses), except the longest response, which is the maximum over ranks.
+        longest = metrics.pop("train/response_length_max")
+        self.log_dict({k: float(v) for k, v in metrics.items()}, on_step=True, batch_size=len(rollouts), sync_dist=True)
+        self.log("train/response_length_max", float(longest), on_step=True, batch_size=len(rollouts), sync_dist=True, reduce_fx="max")
         progress = {"reward": metrics["train/reward"], "acc": metrics.get("train/accuracy")}
         self.log_dict({k: float(v) for k, v in progress.items() if v is not None}, prog_bar=True, logger=False, batch_size=len(rollouts))
 
     def make_rollouts(self, batch: dict) -> Rollouts:
         """Sample a group per prompt, score it, and compute group-normalised advantages."""
         group = self.sampling.num_generations
+        seeds = response_seeds(self.sampling_seed, self.global_step, batch["sources"], group)
         completion_ids = generate(
-            self.policy, batch["prompt_ids"], batch["prompt_mask"], self.sampling, self.tokenizer.pad_token_id, self.eos_ids
+            self.policy, batch["prompt_ids"], batch["prompt_mask"], self.sampling, self.tokenizer.pad_token_id, self.eos_ids,
+            row_seeds=seeds,
         )
         mask, truncated = completion_mask(completion_ids, self.eos_ids)
         completions = self.decode(completion_ids, mask)
@@ -244,9 +262,12 @@ class GRPOModule(L.LightningModule):
         optimizer, scheduler = self.optimizers(), self.lr_schedulers()
         micro_batches = self.micro_batches(rollouts)
         divisor = gradient_accumulation_divisor(self.grpo.loss_type, len(micro_batches))
+        # dapo divides by the tokens of the whole generation batch, over all ranks; DDP then
+        # averages the ranks' gradients, so each rank divides by the all-rank mean (as TRL does).
+        tokens_per_rank = self.trainer.strategy.reduce(rollouts.completion_mask.sum(), reduce_op="mean")
         first_pass: list[tuple[Tensor, dict[str, Tensor]]] = []  # (tokens, metrics) per micro-batch
         for iteration in range(self.grpo.num_iterations):
-            for rows in micro_batches:
+            for index, rows in enumerate(micro_batches):
                 logps, entropy = self.completion_logps(rollouts, rows)
                 mask = rollouts.completion_mask[rows]
                 loss, stats = clipped_surrogate_loss(
@@ -261,21 +282,32 @@ class GRPOModule(L.LightningModule):
                     ref_logps=rollouts.ref_logps[rows] if rollouts.ref_logps is not None else None,
                     token_weights=rollouts.token_weights[rows],
                     max_completion_length=self.sampling.max_new_tokens,
-                    num_items_in_batch=rollouts.completion_mask.sum(),
+                    num_items_in_batch=tokens_per_rank,
                 )
-                self.manual_backward(loss / divisor)
+                # Under DDP, gradients are all-reduced once per optimizer step, on the last micro-batch.
+                with optimizer.toggle_model(sync_grad=index == len(micro_batches) - 1):
+                    self.manual_backward(loss / divisor)
                 if iteration == 0:  # where the policy still is the sampler
                     entropy_mean = (entropy * mask).sum() / mask.sum().clamp(min=1)
                     first_pass.append((mask.sum(), {"loss": loss.detach(), "entropy": entropy_mean, **asdict(stats)}))
             trainable = [p for p in self.policy.parameters() if p.requires_grad]
             grad_norm = torch.nn.utils.clip_grad_norm_(trainable, self.grpo.max_grad_norm or float("inf"))
+            if not torch.isfinite(grad_norm):  # a NaN/inf anywhere in the loss or logits ends up here
+                # AdamW skips parameters without a gradient: the step counts, weights and moments stay.
+                optimizer.zero_grad(set_to_none=True)
+                self.skipped_nonfinite_steps += 1
+                log.warning("step %d: non-finite gradient norm %s, update skipped (%d so far)", self.global_step, grad_norm, self.skipped_nonfinite_steps)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             scheduler.step()
         # Token-weighted means over the micro-batches.
         tokens = sum(n for n, _ in first_pass).clamp(min=1)
         names = first_pass[0][1]
-        return {"train/grad_norm": grad_norm, **{f"train/{k}": sum(n * m[k] for n, m in first_pass) / tokens for k in names}}
+        return {
+            "train/grad_norm": grad_norm,
+            "train/skipped_nonfinite_steps": torch.tensor(float(self.skipped_nonfinite_steps)),
+            **{f"train/{k}": sum(n * m[k] for n, m in first_pass) / tokens for k in names},
+        }
 
     # ---- helpers --------------------------------------------------------------------------
     def completion_logps(self, rollouts: Rollouts, rows: slice) -> tuple[Tensor, Tensor]:
@@ -312,7 +344,11 @@ class GRPOModule(L.LightningModule):
         self.log("val/accuracy", sum(scores) / size, batch_size=size, prog_bar=True)
         if self.val_num_samples > 0:
             k = self.val_num_samples
-            sampled = generate(self.policy, batch["prompt_ids"], batch["prompt_mask"], self.sampling, self.tokenizer.pad_token_id, self.eos_ids, num_return_sequences=k)
+            seeds = response_seeds(self.sampling_seed, self.global_step, [f"val:{s}" for s in batch["sources"]], k)
+            sampled = generate(
+                self.policy, batch["prompt_ids"], batch["prompt_mask"], self.sampling, self.tokenizer.pad_token_id, self.eos_ids,
+                num_return_sequences=k, row_seeds=seeds,
+            )
             scores = correctness_reward(
                 prompts=[p for p in batch["prompts"] for _ in range(k)],
                 completions=self.decode(sampled, completion_mask(sampled, self.eos_ids)[0]),
@@ -337,14 +373,41 @@ class GRPOModule(L.LightningModule):
         # The base weights never change and can be reloaded from policy.name_or_path.
         keep = self.trainable_state_keys()
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in keep}
+        # Anything drawing on the global RNGs (LoRA dropout, user rewards) resumes where it was.
+        name, keys, position, has_gauss, gauss = np.random.get_state()
+        checkpoint["rng_states"] = {  # tensors and builtins only, so weights_only loading accepts them
+            "torch": torch.get_rng_state(), "numpy": (name, torch.from_numpy(keys.astype(np.int64)), position, has_gauss, gauss),
+            "python": random.getstate(),
+        }
+        checkpoint["skipped_nonfinite_steps"] = self.skipped_nonfinite_steps
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
-        missing = self.trainable_state_keys() - set(checkpoint["state_dict"])
+        source = f"checkpoint {self._trainer.ckpt_path}" if self._trainer is not None else "checkpoint"
+        saved = checkpoint["state_dict"]
+        missing = self.trainable_state_keys() - set(saved)
         if missing:
-            raise ValueError(
-                f"checkpoint lacks {len(missing)} adapter tensors of this policy (e.g. {sorted(missing)[0]}); "
+            raise CheckpointError(
+                f"{source} lacks {len(missing)} adapter tensors of this policy (e.g. {sorted(missing)[0]}); "
                 "was it written with another policy or LoRA config?"
             )
+        own = self.state_dict()
+        for key in sorted(self.trainable_state_keys()):
+            if saved[key].shape != own[key].shape:
+                raise CheckpointError(
+                    f"{source}: {key} has shape {tuple(saved[key].shape)}, this policy's has {tuple(own[key].shape)} "
+                    "(another lora_rank or model?)"
+                )
+        self._rng_states_to_restore = checkpoint.get("rng_states")
+        self.skipped_nonfinite_steps = checkpoint.get("skipped_nonfinite_steps", 0)
+
+    def on_train_start(self) -> None:
+        # Applied here, not on load: Lightning draws on the RNGs between loading and training.
+        if self._rng_states_to_restore is not None:
+            states, self._rng_states_to_restore = self._rng_states_to_restore, None
+            torch.set_rng_state(states["torch"])
+            name, keys, position, has_gauss, gauss = states["numpy"]
+            np.random.set_state((name, keys.numpy().astype(np.uint32), position, has_gauss, gauss))
+            random.setstate(states["python"])
 
     def save_adapter(self, directory: str | Path) -> None:
         """Write the adapter (peft format, loadable with ``PeftModel.from_pretrained``) and tokenizer."""
