@@ -232,8 +232,10 @@ class PromptDataModule(L.LightningDataModule):
         if len(items) < self.batch_size * world:
             raise DataError(f"only {len(items)} train prompts for batch_size {self.batch_size} on {world} ranks: every batch would be dropped")
         sampler = GlobalBatchSampler(items, self.batch_size, world, rank, self.seed, skip=self.trained_batches)
+        # Its own generator: a DataLoader otherwise draws its workers' base seed from the global
+        # RNG each epoch, which a resumed run would draw at another moment.
         return DataLoader(
-            items, batch_size=self.batch_size, sampler=sampler, drop_last=True,
+            items, batch_size=self.batch_size, sampler=sampler, drop_last=True, generator=torch.Generator().manual_seed(self.seed),
             collate_fn=LeftPadCollator(self.get_tokenizer().pad_token_id), num_workers=self.num_workers,
         )
 

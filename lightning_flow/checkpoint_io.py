@@ -47,7 +47,7 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         if not Path(path).is_file():
             raise CheckpointError(f"checkpoint {path} does not exist")
         try:
-            checkpoint = torch.load(path, map_location=map_location or "cpu", weights_only=bool(weights_only))
+            checkpoint = torch.load(path, map_location=map_location or "cpu", weights_only=weights_only)
         except Exception as error:  # torch raises zip, pickle and unicode errors alike
             raise CheckpointError(
                 f"cannot read checkpoint {path}: it is truncated, corrupt or not a PyTorch file ({type(error).__name__}: {error})"
