@@ -415,8 +415,9 @@ class GRPOModule(L.LightningModule):
         self.tokenizer.save_pretrained(directory)
 
     def on_train_end(self) -> None:
+        directory = Path(self.trainer.log_dir or self.trainer.default_root_dir) / "adapter"  # a collective call under DDP: every rank asks
         if self.trainer.is_global_zero:
-            self.save_adapter(Path(self.trainer.log_dir or self.trainer.default_root_dir) / "adapter")
+            self.save_adapter(directory)
 
 
 def rollout_metrics(rollouts: Rollouts, reward_names: list[str], group: int) -> dict[str, Tensor]:
