@@ -117,6 +117,10 @@ class FlowCredit(RolloutCallback):
         else:  # uniform: every token keeps weight 1, whatever top_fraction says
             signal = torch.ones(valid.shape, device=valid.device)
             fallback = torch.ones_like(fallback)
+        nonfinite = torch.zeros_like(fallback)  # [N] maps with a NaN/inf (an overflowing forward): uniform weights
+        if self.signal in _NEEDS_ATTENTION:
+            nonfinite = ~torch.isfinite(rollouts.attention).flatten(1).all(dim=1)
+            fallback = fallback | nonfinite
         weights = credit_weights(signal, response, self.top_fraction, self.boost, fallback)  # [N, T]
 
         credited = ~fallback
@@ -125,6 +129,7 @@ class FlowCredit(RolloutCallback):
         metrics = {
             "credit/answer_found_fraction": (source.to(valid.device) < 2).float().mean(),
             "credit/fallback_fraction": fallback.float().mean(),
+            "credit/nonfinite_attention_fraction": nonfinite.float().mean(),
             "credit/top_signal_share": share[credited].mean() if credited.any() else torch.tensor(0.0),
         }
         return weights, response, metrics
