@@ -165,7 +165,7 @@ class PromptDataModule(L.LightningDataModule):
     # ---- setup ----------------------------------------------------------------------------
     @staticmethod
     def _empty_stats() -> dict[str, int]:
-        keys = ("train_examples", "val_examples", "skipped_invalid", "unparseable_gold", "dropped_too_long")
+        keys = ("train_examples", "val_examples", "skipped_invalid", "unparseable_gold", "dropped_too_long", "duplicate_prompts")
         return dict.fromkeys(keys, 0)
 
     def skip_or_raise(self, error: DataError) -> None:
@@ -208,11 +208,15 @@ class PromptDataModule(L.LightningDataModule):
         # A chat template writes any BOS itself; plain text gets whatever special tokens the tokenizer adds.
         add_special = not getattr(tokenizer, "chat_template", None)
         ids = tokenizer(prompts, add_special_tokens=add_special)["input_ids"] if prompts else []
-        items = []
+        items, seen = [], set()
         for example, prompt, input_ids in zip(examples, prompts, ids):
             if len(input_ids) > self.max_prompt_length:
                 self.stats["dropped_too_long"] += 1
                 continue
+            # Kept (a repeated problem is still a valid sample; each copy is sampled with its own
+            # seed) but counted, so a file concatenated twice shows up in the data/* scalars.
+            self.stats["duplicate_prompts"] += (prompt, example.gold) in seen
+            seen.add((prompt, example.gold))
             items.append(PromptItem(prompt=prompt, input_ids=list(input_ids), gold=example.gold, source=example.source))
         self.stats[f"{split}_examples"] = len(items)
         return items

@@ -5,6 +5,7 @@ from __future__ import annotations
 import warnings
 from pathlib import Path
 
+import torch
 from lightning.pytorch.cli import LightningCLI
 
 from lightning_flow.checkpoint_io import AtomicCheckpointIO, CheckpointError
@@ -37,7 +38,12 @@ class FlowCLI(LightningCLI):
 
     def before_instantiate_classes(self) -> None:
         config = self.config.get(self.subcommand) if self.subcommand else None
-        if config is not None and config.get("ckpt_path") == "last":
+        if config is None:
+            return
+        if config.trainer.get("accelerator") in ("gpu", "cuda") and not torch.cuda.is_available():
+            # Lightning would only say "No supported gpu backend found!"
+            raise ValueError(f"trainer.accelerator={config.trainer.accelerator} but this machine has no CUDA GPU; use --trainer.accelerator=cpu")
+        if config.get("ckpt_path") == "last":
             resume_in_latest_version(config.trainer)
 
 

@@ -34,7 +34,7 @@ from lightning_flow.loss import (
     token_logprobs_and_entropy,
 )
 from lightning_flow.policy import PolicyConfig, SamplingConfig, eos_token_ids, generate, load_policy, position_ids_from_mask
-from lightning_flow.rewards import RewardConfig, RewardSuite, correctness_reward
+from lightning_flow.rewards import RewardConfig, RewardSuite, correctness_reward, verifier_timeouts
 from lightning_flow.rollouts import RolloutCallback, Rollouts
 from lightning_flow.seeded_sampling import response_seeds
 from lightning_flow.tokenizer import load_tokenizer
@@ -125,6 +125,7 @@ class GRPOModule(L.LightningModule):
         # Sampling noise comes from (seed, step, prompt source); see seeded_sampling.
         self.sampling_seed = sampling.seed if sampling.seed is not None else int(os.environ.get("PL_GLOBAL_SEED", 0))
         self.skipped_nonfinite_steps = 0  # optimizer steps whose gradient had a NaN or inf (no update made)
+        self.step_verifier_timeouts = 0  # completions of this step whose verification timed out (scored 0)
         self._rng_states_to_restore: dict | None = None  # from a checkpoint, applied when training starts
 
     def request_attention(self, layers: list[int] | None = None) -> None:
@@ -138,6 +139,14 @@ class GRPOModule(L.LightningModule):
         self.attention_layers = layers
 
     def on_fit_start(self) -> None:
+        responses = getattr(self.trainer.datamodule, "batch_size", 0) * self.sampling.num_generations
+        size = self.grpo.micro_batch_size
+        if responses and size < responses and responses % size:
+            # Unequal micro-batches would weigh the last one's responses more (per-micro-batch means).
+            raise ValueError(
+                f"model.grpo.micro_batch_size={size} must divide the {responses} responses of a step "
+                f"(data.batch_size × model.sampling.num_generations) or be at least {responses}"
+            )
         # What the data loading kept, skipped and dropped, next to the curves.
         stats = getattr(self.trainer.datamodule, "stats", None)
         if stats and self.logger:
@@ -175,10 +184,11 @@ class GRPOModule(L.LightningModule):
             "train/lr": self.optimizers().param_groups[0]["lr"],
         }
         # Under DDP every scalar is the mean over ranks (each rank holds the same number of
-        # responses), except the longest response, which is the maximum over ranks.
+        # responses), except the longest response (maximum) and the verifier timeouts (sum).
         longest = metrics.pop("train/response_length_max")
         self.log_dict({k: float(v) for k, v in metrics.items()}, on_step=True, batch_size=len(rollouts), sync_dist=True)
         self.log("train/response_length_max", float(longest), on_step=True, batch_size=len(rollouts), sync_dist=True, reduce_fx="max")
+        self.log("train/verifier_timeouts", float(self.step_verifier_timeouts), on_step=True, batch_size=len(rollouts), sync_dist=True, reduce_fx="sum")
         progress = {"reward": metrics["train/reward"], "acc": metrics.get("train/accuracy")}
         self.log_dict({k: float(v) for k, v in progress.items() if v is not None}, prog_bar=True, logger=False, batch_size=len(rollouts))
 
@@ -196,7 +206,9 @@ class GRPOModule(L.LightningModule):
             mask = mask * (~truncated).unsqueeze(1)
         prompts = [p for p in batch["prompts"] for _ in range(group)]
         golds = [g for g in batch["golds"] for _ in range(group)]
+        timeouts_before = verifier_timeouts()
         rewards = self.reward_suite(prompts=prompts, completions=completions, golds=golds).to(self.device)
+        self.step_verifier_timeouts = verifier_timeouts() - timeouts_before
         total = self.reward_suite.total(rewards)
         advantages, zero_std = group_advantages(total, group, self.grpo.scale_rewards)
         return Rollouts(

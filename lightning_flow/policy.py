@@ -16,6 +16,7 @@ from torch import Tensor
 from transformers import AutoModelForCausalLM, BitsAndBytesConfig, GenerationConfig, LogitsProcessorList, PreTrainedModel
 
 from lightning_flow.seeded_sampling import SeededGumbelSampler
+from lightning_flow.tokenizer import model_source_errors
 
 log = logging.getLogger(__name__)
 
@@ -94,7 +95,8 @@ def load_policy(cfg: PolicyConfig) -> PeftModel:
         )
         if torch.cuda.is_available():
             kwargs["device_map"] = {"": int(os.environ.get("LOCAL_RANK", 0))}
-    base = AutoModelForCausalLM.from_pretrained(cfg.name_or_path, **kwargs)
+    with model_source_errors(cfg.name_or_path):
+        base = AutoModelForCausalLM.from_pretrained(cfg.name_or_path, **kwargs)
     if cfg.load_in_4bit:
         disable_cpu_4bit_repacking(base)
     if cfg.gradient_checkpointing:
