@@ -37,9 +37,7 @@ class FlowCLI(LightningCLI):
         super()._parse_ckpt_path()
 
     def before_instantiate_classes(self) -> None:
-        config = self.config.get(self.subcommand) if self.subcommand else None
-        if config is None:
-            return
+        config = self.config.get(self.subcommand) if self.subcommand else self.config
         if config.trainer.get("accelerator") in ("gpu", "cuda") and not torch.cuda.is_available():
             # Lightning would only say "No supported gpu backend found!"
             raise ValueError(f"trainer.accelerator={config.trainer.accelerator} but this machine has no CUDA GPU; use --trainer.accelerator=cpu")
