@@ -373,6 +373,10 @@ class GRPOModule(L.LightningModule):
         trainable = [p for p in self.policy.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(trainable, lr=self.optim.lr, weight_decay=self.optim.weight_decay, betas=tuple(self.optim.betas))
         total = self.trainer.max_steps if self.trainer.max_steps > 0 else self.trainer.estimated_stepping_batches * self.grpo.num_iterations
+        if not math.isfinite(total):  # e.g. a run bounded by trainer.max_time only
+            if self.optim.schedule != "constant":
+                raise ValueError(f"optim.schedule={self.optim.schedule!r} decays to 0 at the last step: set trainer.max_steps")
+            total = 0  # unused by the constant schedule
         scheduler = torch.optim.lr_scheduler.LambdaLR(
             optimizer, lambda step: lr_factor(step, self.optim.warmup_steps, int(total), self.optim.schedule)
         )

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 
+import numpy as np
 import torch
 from torch import Tensor
 from transformers import LogitsProcessor, TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
@@ -69,5 +70,8 @@ class SeededGumbelSampler(LogitsProcessor):
         scores = torch.where(scores.isnan(), float("-inf"), scores)  # a NaN never wins; the update skips such steps
         for warper in self.warpers:
             scores = warper(input_ids, scores)
-        uniforms = counter_uniforms(self.row_seeds.to(scores.device), input_ids.shape[1] - self.prompt_length, scores.shape[1])
-        return scores + (-torch.log(-torch.log(uniforms))).to(scores.dtype)
+        uniforms = counter_uniforms(self.row_seeds, input_ids.shape[1] - self.prompt_length, scores.shape[1])
+        # numpy's log: torch spreads this small op over its threads, which on a busy CPU cost
+        # 10 ms per token in measurements here (numpy: 0.01 ms).
+        gumbel = torch.from_numpy(-np.log(-np.log(uniforms.numpy())))
+        return scores + gumbel.to(scores.device, scores.dtype)
