@@ -158,7 +158,8 @@ def test_cli_names_a_corrupt_checkpoint(tmp_path):
 def test_saved_adapter_gives_the_training_modules_logprobs(tiny_policy_dir, tmp_path):
     """The adapter written at the end of a fit, loaded in plain transformers + peft, scores a
     response exactly as the trained module does."""
-    cli = main(["fit", *tiny_args(tiny_policy_dir, tmp_path, steps=2), "--trainer.limit_val_batches=0", "--trainer.val_check_interval=null", "--model.optim.lr=0.05"])
+    cli = main(["fit", *tiny_args(tiny_policy_dir, tmp_path, steps=2), "--trainer.limit_val_batches=0", "--trainer.val_check_interval=null", "--model.optim.lr=0.05",
+                '--model.rewards.custom={"tests.test_fit.length_reward": 1.0}'])
     module = cli.model.eval()
     plain = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_policy_dir), Path(cli.trainer.log_dir) / "adapter").eval()
     ids = module.tokenizer(["3+4-2\n3+4=7. 7-2=5. \\boxed{5}"], return_tensors="pt").input_ids
