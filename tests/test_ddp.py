@@ -31,7 +31,7 @@ class RecordPrompts(RolloutCallback):
         (self.out_dir / f"step{trainer.global_step}-rank{trainer.global_rank}.json").write_text(json.dumps(record))
 
 
-def fit(policy: Path, root: Path, devices: int, prompts_per_rank: int) -> Path:
+def start_fit(policy: Path, root: Path, devices: int, prompts_per_rank: int) -> subprocess.Popen:
     record = {"class_path": "tests.test_ddp.RecordPrompts", "init_args": {"out_dir": str(root / "prompts")}}
     command = [
         sys.executable, "-m", "lightning_flow", "fit", *tiny_args(policy, root, steps=STEPS),
@@ -42,14 +42,19 @@ def fit(policy: Path, root: Path, devices: int, prompts_per_rank: int) -> Path:
         f"--trainer.callbacks+={json.dumps(record)}",
     ]
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-3000:]
+    return subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+
+
+def finished(run: subprocess.Popen, root: Path) -> Path:
+    _, stderr = run.communicate(timeout=300)
+    assert run.returncode == 0, stderr[-3000:]
     return root / "runs" / "demo" / "version_0"
 
 
 def test_two_processes_match_one_with_the_same_global_batch(tiny_policy_dir, tmp_path):
-    single = fit(tiny_policy_dir, tmp_path / "one", devices=1, prompts_per_rank=4)
-    double = fit(tiny_policy_dir, tmp_path / "two", devices=2, prompts_per_rank=2)
+    runs = [start_fit(tiny_policy_dir, tmp_path / "one", devices=1, prompts_per_rank=4),
+            start_fit(tiny_policy_dir, tmp_path / "two", devices=2, prompts_per_rank=2)]  # side by side
+    single, double = finished(runs[0], tmp_path / "one"), finished(runs[1], tmp_path / "two")
 
     # Each rank generated the groups of its own prompts, and together they are the single run's.
     group = 4
