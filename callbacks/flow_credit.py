@@ -65,6 +65,13 @@ class FlowCredit(RolloutCallback):
         self.flow_config = FlowConfig(sink_tokens=sink_tokens, max_in_degree=max_in_degree, min_capacity=min_capacity, top_fraction=top_fraction, boost=boost)
         self.generator = torch.Generator().manual_seed(seed)
 
+    def state_dict(self) -> dict:
+        # The random signal's generator, so a resumed run draws what the uninterrupted one would.
+        return {"generator": self.generator.get_state()}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.generator.set_state(state_dict["generator"])
+
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         if self.signal in _NEEDS_ATTENTION:
             pl_module.request_attention(self.layers)

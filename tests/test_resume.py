@@ -165,3 +165,15 @@ def test_saved_adapter_gives_the_training_modules_logprobs(tiny_policy_dir, tmp_
         got = torch.log_softmax(plain(input_ids=ids).logits[:, :-1], -1).gather(-1, ids[:, 1:, None])
     assert any("lora_B" in n and p.abs().max() > 0 for n, p in plain.named_parameters())  # it trained
     torch.testing.assert_close(got, expected, rtol=0, atol=1e-6)
+
+
+def test_flow_credit_random_signal_resumes_its_generator():
+    from lightning_flow.callbacks import FlowCredit
+
+    credit = FlowCredit(signal="random", seed=3)
+    torch.rand(5, generator=credit.generator)
+    saved = credit.state_dict()
+    expected = torch.rand(5, generator=credit.generator)
+    resumed = FlowCredit(signal="random", seed=3)
+    resumed.load_state_dict(saved)
+    assert torch.equal(torch.rand(5, generator=resumed.generator), expected)
