@@ -67,6 +67,13 @@ class FlowCredit(RolloutCallback):
         self._row_stats: list[dict[str, Tensor]] = []  # per micro-batch of the current step
         self._seconds = 0.0  # this step's time in on_credit
 
+    def state_dict(self) -> dict:
+        # The random signal's generator, so a resumed run draws what the uninterrupted one would.
+        return {"generator": self.generator.get_state()}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.generator.set_state(state_dict["generator"])
+
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         if self.signal in _NEEDS_ATTENTION:
             pl_module.request_attention(self.layers)
@@ -85,10 +92,11 @@ class FlowCredit(RolloutCallback):
         metrics = {
             "credit/answer_found_fraction": stats["answer_found"].float().mean(),
             "credit/fallback_fraction": stats["fallback"].float().mean(),
+            "credit/nonfinite_attention_fraction": stats["nonfinite"].float().mean(),
             "credit/top_signal_share": stats["top_share"][credited].mean() if credited.any() else torch.tensor(0.0),
             "credit/time_s": seconds,
         }
-        pl_module.log_dict({k: float(v) for k, v in metrics.items()}, on_step=True, batch_size=len(rollouts))
+        pl_module.log_dict({k: float(v) for k, v in metrics.items()}, on_step=True, batch_size=len(rollouts), sync_dist=True)
         experiment = getattr(trainer.logger, "experiment", None)
         if hasattr(experiment, "add_histogram") and rollouts.step % trainer.log_every_n_steps == 0:
             weights = rollouts.token_weights[rollouts.completion_mask > 0]  # [response tokens]
@@ -105,7 +113,8 @@ class FlowCredit(RolloutCallback):
 
     def compute(self, rollouts: Rollouts, rows: slice, tokenizer) -> tuple[Tensor, dict[str, Tensor]]:
         """Weights over all positions [n, T] of ``rows``, and per-row stats ([n] each:
-        ``answer_found``, ``fallback``, ``top_share`` of the signal carried by the boosted tokens).
+        ``answer_found``, ``fallback``, ``nonfinite`` attention, ``top_share`` of the signal carried
+        by the boosted tokens).
 
         Reads ``rollouts.attention[rows]`` (flow, attention_received) or ``rollouts.entropy[rows]`` (entropy).
         """
@@ -135,8 +144,13 @@ class FlowCredit(RolloutCallback):
         else:  # uniform: every token keeps weight 1, whatever top_fraction says
             signal = torch.ones(valid.shape, device=valid.device)
             fallback = torch.ones_like(fallback)
+        nonfinite = torch.zeros_like(fallback)  # [n] maps with a NaN/inf (an overflowing forward): uniform weights
+        if self.signal in _NEEDS_ATTENTION:
+            nonfinite = ~torch.isfinite(rollouts.attention[rows]).flatten(1).all(dim=1)
+            fallback = fallback | nonfinite
         weights = credit_weights(signal, response, self.top_fraction, self.boost, fallback)  # [n, T]
 
         top = (weights > 1) & response
         share = (signal * top).sum(dim=1) / (signal * response).sum(dim=1).clamp(min=1e-12)  # [n]
-        return weights, {"answer_found": source.to(valid.device) < 2, "fallback": fallback, "top_share": share}
+        stats = {"answer_found": source.to(valid.device) < 2, "fallback": fallback, "nonfinite": nonfinite, "top_share": share}
+        return weights, stats

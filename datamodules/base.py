@@ -14,6 +14,8 @@ from transformers import PreTrainedTokenizerBase
 from lightning_flow.rewards import GoldParseError, parse_gold
 from lightning_flow.tokenizer import load_tokenizer
 
+from .sampler import GlobalBatchSampler
+
 log = logging.getLogger(__name__)
 
 Split = Literal["train", "val"]
@@ -121,6 +123,8 @@ class PromptDataModule(L.LightningDataModule):
         self._items: dict[str, list[PromptItem]] = {}
         self.stats: dict[str, int] = self._empty_stats()
         """Counts from the last ``setup``: examples kept per split and rows skipped or dropped."""
+        self.trained_batches: tuple[int, int] = (0, 0)
+        """(epoch, training batches taken in it): saved in checkpoints so a resumed run skips them."""
 
     # ---- to implement ---------------------------------------------------------------------
     def load_examples(self, split: Split) -> list[MathExample]:
@@ -161,7 +165,7 @@ class PromptDataModule(L.LightningDataModule):
     # ---- setup ----------------------------------------------------------------------------
     @staticmethod
     def _empty_stats() -> dict[str, int]:
-        keys = ("train_examples", "val_examples", "skipped_invalid", "unparseable_gold", "dropped_too_long")
+        keys = ("train_examples", "val_examples", "skipped_invalid", "unparseable_gold", "dropped_too_long", "duplicate_prompts")
         return dict.fromkeys(keys, 0)
 
     def skip_or_raise(self, error: DataError) -> None:
@@ -173,6 +177,8 @@ class PromptDataModule(L.LightningDataModule):
 
     def setup(self, stage: str | None = None) -> None:
         """Load both splits, check golds, format and tokenize prompts, drop over-long ones."""
+        if stage == "fit":
+            self.trained_batches = (0, 0)  # a fresh fit; a resumed one loads its count after setup
         if self._items:
             return
         tokenizer = self.get_tokenizer()
@@ -202,11 +208,15 @@ class PromptDataModule(L.LightningDataModule):
         # A chat template writes any BOS itself; plain text gets whatever special tokens the tokenizer adds.
         add_special = not getattr(tokenizer, "chat_template", None)
         ids = tokenizer(prompts, add_special_tokens=add_special)["input_ids"] if prompts else []
-        items = []
+        items, seen = [], set()
         for example, prompt, input_ids in zip(examples, prompts, ids):
             if len(input_ids) > self.max_prompt_length:
                 self.stats["dropped_too_long"] += 1
                 continue
+            # Kept (a repeated problem is still a valid sample; each copy is sampled with its own
+            # seed) but counted, so a file concatenated twice shows up in the data/* scalars.
+            self.stats["duplicate_prompts"] += (prompt, example.gold) in seen
+            seen.add((prompt, example.gold))
             items.append(PromptItem(prompt=prompt, input_ids=list(input_ids), gold=example.gold, source=example.source))
         self.stats[f"{split}_examples"] = len(items)
         return items
@@ -221,13 +231,32 @@ class PromptDataModule(L.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         items = self._split_items("train")
-        if len(items) < self.batch_size:
-            raise DataError(f"only {len(items)} train prompts for batch_size {self.batch_size}: every batch would be dropped")
-        generator = torch.Generator().manual_seed(self.seed)
+        trainer = self.trainer
+        world, rank = (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
+        if len(items) < self.batch_size * world:
+            raise DataError(f"only {len(items)} train prompts for batch_size {self.batch_size} on {world} ranks: every batch would be dropped")
+        sampler = GlobalBatchSampler(items, self.batch_size, world, rank, self.seed, skip=self.trained_batches)
+        # Its own generator: a DataLoader otherwise draws its workers' base seed from the global
+        # RNG each epoch, which a resumed run would draw at another moment.
         return DataLoader(
-            items, batch_size=self.batch_size, shuffle=True, drop_last=True, generator=generator,
+            items, batch_size=self.batch_size, sampler=sampler, drop_last=True, generator=torch.Generator().manual_seed(self.seed),
             collate_fn=LeftPadCollator(self.get_tokenizer().pad_token_id), num_workers=self.num_workers,
         )
+
+    # ---- resuming mid-epoch ----------------------------------------------------------------
+    def on_before_batch_transfer(self, batch: dict, dataloader_idx: int) -> dict:
+        # Called once per batch the loop consumes (prefetched batches are not counted yet).
+        if self.trainer is not None and self.trainer.training:
+            epoch, taken = self.trained_batches
+            current = self.trainer.current_epoch
+            self.trained_batches = (current, taken + 1 if epoch == current else 1)
+        return batch
+
+    def state_dict(self) -> dict:
+        return {"trained_batches": list(self.trained_batches)}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.trained_batches = tuple(state_dict.get("trained_batches", (0, 0)))
 
     def val_dataloader(self) -> DataLoader:
         return DataLoader(

@@ -59,6 +59,8 @@ def _text_field(row: dict, name: str, source: str) -> str:
     value = row[name]
     if not isinstance(value, str):
         raise DataError(f"{source}: field {name!r} must be a string, got {type(value).__name__}")
+    if not value.strip():
+        raise DataError(f"{source}: field {name!r} is empty")
     return value
 
 
@@ -135,11 +137,16 @@ class MathDataModule(PromptDataModule):
 
     def _read_jsonl(self, path: Path) -> list[MathExample]:
         examples = []
-        with path.open(encoding="utf-8") as lines:
-            for number, line in enumerate(lines, start=1):
+        with path.open("rb") as lines:  # decoded line by line, so a bad byte names its line
+            for number, raw in enumerate(lines, start=1):
+                source = f"{path}:{number}"
+                try:
+                    line = raw.decode("utf-8")
+                except UnicodeDecodeError as error:
+                    self.skip_or_raise(DataError(f"{source}: not UTF-8 (byte {raw[error.start]:#04x} at column {error.start + 1})"))
+                    continue
                 if not line.strip():
                     continue
-                source = f"{path}:{number}"
                 try:
                     row = json.loads(line)
                 except json.JSONDecodeError as error:

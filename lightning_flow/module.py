@@ -8,7 +8,10 @@ Lightning refuses both on the Trainer under manual optimisation).
 
 from __future__ import annotations
 
+import logging
 import math
+import os
+import random
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
@@ -18,10 +21,12 @@ from pathlib import Path
 from typing import Literal
 
 import lightning as L
+import numpy as np
 import torch
 from torch import Tensor
 
 from lightning_flow.capture import AttentionRecorder, default_capture_layers
+from lightning_flow.checkpoint_io import CheckpointError
 from lightning_flow.loss import (
     LossType,
     ScaleRewards,
@@ -32,9 +37,12 @@ from lightning_flow.loss import (
     token_logprobs_and_entropy,
 )
 from lightning_flow.policy import PolicyConfig, SamplingConfig, eos_token_ids, generate, load_policy, position_ids_from_mask
-from lightning_flow.rewards import RewardConfig, RewardSuite, correctness_reward
+from lightning_flow.rewards import RewardConfig, RewardSuite, correctness_reward, verifier_timeouts
 from lightning_flow.rollouts import RolloutCallback, Rollouts
+from lightning_flow.seeded_sampling import response_seeds
 from lightning_flow.tokenizer import load_tokenizer
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -118,6 +126,11 @@ class GRPOModule(L.LightningModule):
         self.eos_ids = eos_token_ids(self.policy, self.tokenizer, sampling.extra_eos_token_ids)
         self.attention_layers: list[int] | None = None  # set by request_attention
         self.capture_seconds = self.credit_seconds = 0.0  # this step's, see first_pass
+        # Sampling noise comes from (seed, step, prompt source); see seeded_sampling.
+        self.sampling_seed = sampling.seed if sampling.seed is not None else int(os.environ.get("PL_GLOBAL_SEED", 0))
+        self.skipped_nonfinite_steps = 0  # optimizer steps whose gradient had a NaN or inf (no update made)
+        self.step_verifier_timeouts = 0  # completions of this step whose verification timed out (scored 0)
+        self._rng_states_to_restore: dict | None = None  # from a checkpoint, applied when training starts
 
     def request_attention(self, layers: list[int] | None = None) -> None:
         """Record head- and layer-mean attention of these decoder layers into ``rollouts.attention``
@@ -130,6 +143,14 @@ class GRPOModule(L.LightningModule):
         self.attention_layers = layers
 
     def on_fit_start(self) -> None:
+        responses = getattr(self.trainer.datamodule, "batch_size", 0) * self.sampling.num_generations
+        size = self.grpo.micro_batch_size
+        if responses and size < responses and responses % size:
+            # Unequal micro-batches would weigh the last one's responses more (per-micro-batch means).
+            raise ValueError(
+                f"model.grpo.micro_batch_size={size} must divide the {responses} responses of a step "
+                f"(data.batch_size × model.sampling.num_generations) or be at least {responses}"
+            )
         # What the data loading kept, skipped and dropped, next to the curves.
         stats = getattr(self.trainer.datamodule, "stats", None)
         if stats and self.logger:
@@ -163,15 +184,22 @@ class GRPOModule(L.LightningModule):
             "perf/credit_share": self.credit_seconds / step,
             "train/lr": self.optimizers().param_groups[0]["lr"],
         }
-        self.log_dict({k: float(v) for k, v in metrics.items()}, on_step=True, batch_size=len(rollouts))
+        # Under DDP every scalar is the mean over ranks (each rank holds the same number of
+        # responses), except the longest response (maximum) and the verifier timeouts (sum).
+        longest = metrics.pop("train/response_length_max")
+        self.log_dict({k: float(v) for k, v in metrics.items()}, on_step=True, batch_size=len(rollouts), sync_dist=True)
+        self.log("train/response_length_max", float(longest), on_step=True, batch_size=len(rollouts), sync_dist=True, reduce_fx="max")
+        self.log("train/verifier_timeouts", float(self.step_verifier_timeouts), on_step=True, batch_size=len(rollouts), sync_dist=True, reduce_fx="sum")
         progress = {"reward": metrics["train/reward"], "acc": metrics.get("train/accuracy")}
         self.log_dict({k: float(v) for k, v in progress.items() if v is not None}, prog_bar=True, logger=False, batch_size=len(rollouts))
 
     def make_rollouts(self, batch: dict) -> Rollouts:
         """Sample a group per prompt, score it, and compute group-normalised advantages."""
         group = self.sampling.num_generations
+        seeds = response_seeds(self.sampling_seed, self.global_step, batch["sources"], group)
         completion_ids = generate(
-            self.policy, batch["prompt_ids"], batch["prompt_mask"], self.sampling, self.tokenizer.pad_token_id, self.eos_ids
+            self.policy, batch["prompt_ids"], batch["prompt_mask"], self.sampling, self.tokenizer.pad_token_id, self.eos_ids,
+            row_seeds=seeds,
         )
         mask, truncated = completion_mask(completion_ids, self.eos_ids)
         completions = self.decode(completion_ids, mask)
@@ -179,7 +207,9 @@ class GRPOModule(L.LightningModule):
             mask = mask * (~truncated).unsqueeze(1)
         prompts = [p for p in batch["prompts"] for _ in range(group)]
         golds = [g for g in batch["golds"] for _ in range(group)]
+        timeouts_before = verifier_timeouts()
         rewards = self.reward_suite(prompts=prompts, completions=completions, golds=golds).to(self.device)
+        self.step_verifier_timeouts = verifier_timeouts() - timeouts_before
         total = self.reward_suite.total(rewards)
         advantages, zero_std = group_advantages(total, group, self.grpo.scale_rewards)
         return Rollouts(
@@ -248,12 +278,15 @@ class GRPOModule(L.LightningModule):
         optimizer, scheduler = self.optimizers(), self.lr_schedulers()
         micro_batches = self.micro_batches(rollouts)
         divisor = gradient_accumulation_divisor(self.grpo.loss_type, len(micro_batches))
+        # dapo divides by the tokens of the whole generation batch, over all ranks; DDP then
+        # averages the ranks' gradients, so each rank divides by the all-rank mean (as TRL does).
+        tokens_per_rank = self.trainer.strategy.reduce(rollouts.completion_mask.sum(), reduce_op="mean")
         first_pass: list[tuple[Tensor, dict[str, Tensor]]] = []  # (tokens, metrics) per micro-batch
         for iteration in range(self.grpo.num_iterations):
             # With one iteration this forward is the step's first pass (else the old log-prob pass was).
             assigns_credit = iteration == 0 and self.grpo.num_iterations == 1
             with self.recording() if assigns_credit else nullcontext() as recorder:
-                for rows in micro_batches:
+                for index, rows in enumerate(micro_batches):
                     if assigns_credit:
                         logps, entropy = self.first_pass(rollouts, rows, recorder)
                     else:
@@ -271,21 +304,32 @@ class GRPOModule(L.LightningModule):
                         ref_logps=rollouts.ref_logps[rows] if rollouts.ref_logps is not None else None,
                         token_weights=rollouts.token_weights[rows],
                         max_completion_length=self.sampling.max_new_tokens,
-                        num_items_in_batch=rollouts.completion_mask.sum(),
+                        num_items_in_batch=tokens_per_rank,
                     )
-                    self.manual_backward(loss / divisor)
+                    # Under DDP, gradients are all-reduced once per optimizer step, on the last micro-batch.
+                    with optimizer.toggle_model(sync_grad=index == len(micro_batches) - 1):
+                        self.manual_backward(loss / divisor)
                     if iteration == 0:  # where the policy still is the sampler
                         entropy_mean = (entropy.detach() * mask).sum() / mask.sum().clamp(min=1)
                         first_pass.append((mask.sum(), {"loss": loss.detach(), "entropy": entropy_mean, **asdict(stats)}))
             trainable = [p for p in self.policy.parameters() if p.requires_grad]
             grad_norm = torch.nn.utils.clip_grad_norm_(trainable, self.grpo.max_grad_norm or float("inf"))
+            if not torch.isfinite(grad_norm):  # a NaN/inf anywhere in the loss or logits ends up here
+                # AdamW skips parameters without a gradient: the step counts, weights and moments stay.
+                optimizer.zero_grad(set_to_none=True)
+                self.skipped_nonfinite_steps += 1
+                log.warning("step %d: non-finite gradient norm %s, update skipped (%d so far)", self.global_step, grad_norm, self.skipped_nonfinite_steps)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             scheduler.step()
         # Token-weighted means over the micro-batches.
         tokens = sum(n for n, _ in first_pass).clamp(min=1)
         names = first_pass[0][1]
-        return {"train/grad_norm": grad_norm, **{f"train/{k}": sum(n * m[k] for n, m in first_pass) / tokens for k in names}}
+        return {
+            "train/grad_norm": grad_norm,
+            "train/skipped_nonfinite_steps": torch.tensor(float(self.skipped_nonfinite_steps)),
+            **{f"train/{k}": sum(n * m[k] for n, m in first_pass) / tokens for k in names},
+        }
 
     # ---- helpers --------------------------------------------------------------------------
     def completion_logps(self, rollouts: Rollouts, rows: slice, recorder: AttentionRecorder | None = None) -> tuple[Tensor, Tensor]:
@@ -324,7 +368,11 @@ class GRPOModule(L.LightningModule):
         self.log("val/accuracy", sum(scores) / size, batch_size=size, prog_bar=True)
         if self.val_num_samples > 0:
             k = self.val_num_samples
-            sampled = generate(self.policy, batch["prompt_ids"], batch["prompt_mask"], self.sampling, self.tokenizer.pad_token_id, self.eos_ids, num_return_sequences=k)
+            seeds = response_seeds(self.sampling_seed, self.global_step, [f"val:{s}" for s in batch["sources"]], k)
+            sampled = generate(
+                self.policy, batch["prompt_ids"], batch["prompt_mask"], self.sampling, self.tokenizer.pad_token_id, self.eos_ids,
+                num_return_sequences=k, row_seeds=seeds,
+            )
             scores = correctness_reward(
                 prompts=[p for p in batch["prompts"] for _ in range(k)],
                 completions=self.decode(sampled, completion_mask(sampled, self.eos_ids)[0]),
@@ -337,6 +385,10 @@ class GRPOModule(L.LightningModule):
         trainable = [p for p in self.policy.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(trainable, lr=self.optim.lr, weight_decay=self.optim.weight_decay, betas=tuple(self.optim.betas))
         total = self.trainer.max_steps if self.trainer.max_steps > 0 else self.trainer.estimated_stepping_batches * self.grpo.num_iterations
+        if not math.isfinite(total):  # e.g. a run bounded by trainer.max_time only
+            if self.optim.schedule != "constant":
+                raise ValueError(f"optim.schedule={self.optim.schedule!r} decays to 0 at the last step: set trainer.max_steps")
+            total = 0  # unused by the constant schedule
         scheduler = torch.optim.lr_scheduler.LambdaLR(
             optimizer, lambda step: lr_factor(step, self.optim.warmup_steps, int(total), self.optim.schedule)
         )
@@ -349,14 +401,41 @@ class GRPOModule(L.LightningModule):
         # The base weights never change and can be reloaded from policy.name_or_path.
         keep = self.trainable_state_keys()
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in keep}
+        # Anything drawing on the global RNGs (LoRA dropout, user rewards) resumes where it was.
+        name, keys, position, has_gauss, gauss = np.random.get_state()
+        checkpoint["rng_states"] = {  # tensors and builtins only, so weights_only loading accepts them
+            "torch": torch.get_rng_state(), "numpy": (name, torch.from_numpy(keys.astype(np.int64)), position, has_gauss, gauss),
+            "python": random.getstate(),
+        }
+        checkpoint["skipped_nonfinite_steps"] = self.skipped_nonfinite_steps
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
-        missing = self.trainable_state_keys() - set(checkpoint["state_dict"])
+        source = f"checkpoint {self._trainer.ckpt_path}" if self._trainer is not None else "checkpoint"
+        saved = checkpoint["state_dict"]
+        missing = self.trainable_state_keys() - set(saved)
         if missing:
-            raise ValueError(
-                f"checkpoint lacks {len(missing)} adapter tensors of this policy (e.g. {sorted(missing)[0]}); "
+            raise CheckpointError(
+                f"{source} lacks {len(missing)} adapter tensors of this policy (e.g. {sorted(missing)[0]}); "
                 "was it written with another policy or LoRA config?"
             )
+        own = self.state_dict()
+        for key in sorted(self.trainable_state_keys()):
+            if saved[key].shape != own[key].shape:
+                raise CheckpointError(
+                    f"{source}: {key} has shape {tuple(saved[key].shape)}, this policy's has {tuple(own[key].shape)} "
+                    "(another lora_rank or model?)"
+                )
+        self._rng_states_to_restore = checkpoint.get("rng_states")
+        self.skipped_nonfinite_steps = checkpoint.get("skipped_nonfinite_steps", 0)
+
+    def on_train_start(self) -> None:
+        # Applied here, not on load: Lightning draws on the RNGs between loading and training.
+        if self._rng_states_to_restore is not None:
+            states, self._rng_states_to_restore = self._rng_states_to_restore, None
+            torch.set_rng_state(states["torch"])
+            name, keys, position, has_gauss, gauss = states["numpy"]
+            np.random.set_state((name, keys.numpy().astype(np.uint32), position, has_gauss, gauss))
+            random.setstate(states["python"])
 
     def save_adapter(self, directory: str | Path) -> None:
         """Write the adapter (peft format, loadable with ``PeftModel.from_pretrained``) and tokenizer."""
@@ -364,8 +443,9 @@ class GRPOModule(L.LightningModule):
         self.tokenizer.save_pretrained(directory)
 
     def on_train_end(self) -> None:
+        directory = Path(self.trainer.log_dir or self.trainer.default_root_dir) / "adapter"  # a collective call under DDP: every rank asks
         if self.trainer.is_global_zero:
-            self.save_adapter(Path(self.trainer.log_dir or self.trainer.default_root_dir) / "adapter")
+            self.save_adapter(directory)
 
 
 def rollout_metrics(rollouts: Rollouts, reward_names: list[str], group: int) -> dict[str, Tensor]:

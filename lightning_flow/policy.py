@@ -13,7 +13,10 @@ from dataclasses import dataclass, field
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from torch import Tensor
-from transformers import AutoModelForCausalLM, BitsAndBytesConfig, GenerationConfig, PreTrainedModel
+from transformers import AutoModelForCausalLM, BitsAndBytesConfig, GenerationConfig, LogitsProcessorList, PreTrainedModel
+
+from lightning_flow.seeded_sampling import SeededGumbelSampler
+from lightning_flow.tokenizer import model_source_errors
 
 log = logging.getLogger(__name__)
 
@@ -68,6 +71,9 @@ class SamplingConfig:
     """Top-k sampling; 0 disables it."""
     extra_eos_token_ids: list[int] = field(default_factory=list)
     """Token ids that also end a response (the tokenizer's and model's EOS always do)."""
+    seed: int | None = None
+    """Seed of the per-response sampling noise, mixed with the step and the prompt's source
+    (None: the run's ``seed_everything`` value), so responses do not depend on rank or batch layout."""
 
     def __post_init__(self) -> None:
         if self.num_generations < 2:
@@ -89,7 +95,8 @@ def load_policy(cfg: PolicyConfig) -> PeftModel:
         )
         if torch.cuda.is_available():
             kwargs["device_map"] = {"": int(os.environ.get("LOCAL_RANK", 0))}
-    base = AutoModelForCausalLM.from_pretrained(cfg.name_or_path, **kwargs)
+    with model_source_errors(cfg.name_or_path):
+        base = AutoModelForCausalLM.from_pretrained(cfg.name_or_path, **kwargs)
     if cfg.load_in_4bit:
         disable_cpu_4bit_repacking(base)
     if cfg.gradient_checkpointing:
@@ -141,15 +148,25 @@ def position_ids_from_mask(attention_mask: Tensor) -> Tensor:
 @torch.no_grad()
 def generate(
     model: PeftModel, prompt_ids: Tensor, prompt_mask: Tensor, cfg: SamplingConfig, pad_token_id: int,
-    eos_ids: list[int], greedy: bool = False, num_return_sequences: int | None = None,
+    eos_ids: list[int], greedy: bool = False, num_return_sequences: int | None = None, row_seeds: Tensor | None = None,
 ) -> Tensor:
     """Sample responses; returns completion ids [B * n, L<=max_new_tokens], groups contiguous.
 
     prompt_ids, prompt_mask: [B, P], left-padded. A fresh GenerationConfig is used so that a
     model's own defaults (top_k, repetition penalty) never change the sampling distribution
-    that the loss's log-probs assume.
+    that the loss's log-probs assume. With ``row_seeds`` ([B * n] int) each response draws its
+    noise from its own seed (``SeededGumbelSampler``) instead of the process's RNG.
     """
     n = num_return_sequences or (1 if greedy else cfg.num_generations)
+    processors = LogitsProcessorList()
+    if row_seeds is not None and not greedy:
+        if len(row_seeds) != len(prompt_ids) * n:
+            raise ValueError(f"row_seeds has {len(row_seeds)} seeds for {len(prompt_ids)} prompts x {n} responses")
+        # Greedy decoding of seeded-Gumbel-perturbed scores is sampling; rows are expanded here
+        # because transformers only repeats prompts itself when it samples or beam-searches.
+        prompt_ids, prompt_mask = prompt_ids.repeat_interleave(n, 0), prompt_mask.repeat_interleave(n, 0)
+        processors.append(SeededGumbelSampler(row_seeds, prompt_ids.shape[1], cfg.temperature, cfg.top_k, cfg.top_p))
+        greedy, n = True, 1
     generation_config = GenerationConfig(
         do_sample=not greedy,
         temperature=cfg.temperature if not greedy else None,
@@ -164,7 +181,9 @@ def generate(
     was_training = model.training
     model.eval()  # no dropout while sampling; also lets generate use the KV cache with checkpointing
     try:
-        out = model.generate(input_ids=prompt_ids, attention_mask=prompt_mask, generation_config=generation_config)
+        out = model.generate(
+            input_ids=prompt_ids, attention_mask=prompt_mask, generation_config=generation_config, logits_processor=processors
+        )
     finally:
         model.train(was_training)
     return out[:, prompt_ids.shape[1]:]

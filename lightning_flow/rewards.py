@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 from math_verify import ExprExtractionConfig, LatexExtractionConfig, parse, verify
+from math_verify.errors import TimeoutException
 
 RewardFunction = Callable[..., list[float]]
 
@@ -109,10 +110,10 @@ def _timeout() -> int | None:
     return _TIMEOUT_S if _in_main_thread() else None
 
 
-def _parse_answer(answer: str) -> list:
+def _parse_answer(answer: str, raise_on_error: bool = False) -> list:
     """math_verify parse of a bare answer string (gold, box content or "####" number)."""
     answer = _BRACELESS_FRAC.sub(r"\1{\2}{\3}", _LATEX_THOUSANDS.sub(r"\1", answer))
-    return parse(_BOXED + answer + "}", _LATEX_ONLY, fallback_mode="no_fallback", parsing_timeout=_timeout())
+    return parse(_BOXED + answer + "}", _LATEX_ONLY, fallback_mode="no_fallback", parsing_timeout=_timeout(), raise_on_error=raise_on_error)
 
 
 @lru_cache(maxsize=65536)
@@ -128,11 +129,23 @@ def parse_gold(gold: str) -> list:
 
 
 def parse_completion(completion: str) -> list:
-    """math_verify parse of a completion's final answer: last box, else "####" number, else free text."""
+    """math_verify parse of a completion's final answer: last box, else "####" number, else free text.
+
+    Errors and timeouts raise (math_verify's ``TimeoutException`` is a BaseException).
+    """
     answer = extract_answer_text(completion)
     if answer is not None:
-        return _parse_answer(answer)
-    return parse(completion, _FREE_TEXT, fallback_mode="no_fallback", parsing_timeout=_timeout())
+        return _parse_answer(answer, raise_on_error=True)
+    return parse(completion, _FREE_TEXT, fallback_mode="no_fallback", parsing_timeout=_timeout(), raise_on_error=True)
+
+
+_verifier_timeouts = 0
+
+
+def verifier_timeouts() -> int:
+    """Completions whose parse or comparison ran past math_verify's time limit (each scored 0)
+    in this process so far."""
+    return _verifier_timeouts
 
 
 def _check_lengths(prompts: list[str], completions: list[str], golds: list[str]) -> None:
@@ -147,15 +160,21 @@ def correctness_reward(prompts: list[str], completions: list[str], golds: list[s
     """1.0 where math_verify finds the completion's final answer equal to the gold, else 0.0.
 
     A gold that does not parse raises GoldParseError (a data bug); any error while parsing or
-    comparing a completion scores 0.0, so one odd sample never stops training.
+    comparing a completion scores 0.0, so one odd sample never stops training, and LaTeX whose
+    evaluation does not end (``9^{9^{9^{9}}}``) is stopped after 5 s, scored 0.0 and counted
+    in ``verifier_timeouts()``.
     """
+    global _verifier_timeouts
     _check_lengths(prompts, completions, golds)
     scores = []
     for completion, gold in zip(completions, golds):
         gold_parsed = parse_gold(gold)
         try:
             answer = parse_completion(completion)
-            ok = bool(answer) and verify(gold_parsed, answer, timeout_seconds=_timeout())
+            ok = bool(answer) and verify(gold_parsed, answer, timeout_seconds=_timeout(), raise_on_error=True)
+        except TimeoutException:
+            _verifier_timeouts += 1
+            ok = False
         except Exception:
             ok = False
         scores.append(1.0 if ok else 0.0)

@@ -3,11 +3,31 @@
 from __future__ import annotations
 
 import json
+from contextlib import contextmanager
 from pathlib import Path
 
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
 _GENERIC_CLASSES = {"PreTrainedTokenizerFast", "TokenizersBackend"}
+
+
+@contextmanager
+def model_source_errors(name_or_path: str):
+    """Loading from ``name_or_path``: a folder that does not exist gives one clear line naming it,
+    not a hub trace. Absolute, ``./``, ``../`` and ``~`` paths are never hub ids, so they fail
+    before any hub lookup; other missing names are tried on the hub first."""
+    path = Path(name_or_path).expanduser()
+    if name_or_path.startswith(("/", "./", "../", "~")) and not path.exists():
+        raise FileNotFoundError(f"model folder {name_or_path} does not exist")
+    try:
+        yield
+    except OSError as error:
+        if path.exists():
+            raise
+        first_line = str(error).strip().splitlines()[0]
+        raise OSError(
+            f"cannot load model {name_or_path!r}: no such folder ({path.resolve()}) and not loadable from the Hugging Face hub ({first_line})"
+        ) from None
 
 
 def load_tokenizer(name_or_path: str) -> PreTrainedTokenizerBase:
@@ -19,10 +39,11 @@ def load_tokenizer(name_or_path: str) -> PreTrainedTokenizerBase:
     config, rebuild a different pre-tokenizer (other ids) for a home-made tokenizer.
     """
     config_file = Path(name_or_path) / "tokenizer_config.json"
-    if config_file.is_file() and json.loads(config_file.read_text()).get("tokenizer_class") in _GENERIC_CLASSES:
-        tokenizer = PreTrainedTokenizerFast.from_pretrained(name_or_path)
-    else:
-        tokenizer = AutoTokenizer.from_pretrained(name_or_path)
+    with model_source_errors(name_or_path):
+        if config_file.is_file() and json.loads(config_file.read_text()).get("tokenizer_class") in _GENERIC_CLASSES:
+            tokenizer = PreTrainedTokenizerFast.from_pretrained(name_or_path)
+        else:
+            tokenizer = AutoTokenizer.from_pretrained(name_or_path)
     if tokenizer.pad_token is None:
         # Padding positions are always masked out, so reusing EOS as pad changes nothing.
         tokenizer.pad_token = tokenizer.eos_token

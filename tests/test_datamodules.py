@@ -37,7 +37,7 @@ def test_gsm8k_batches(shared_data: Path, gpt2_tokenizer) -> None:
     data = MathDataModule(train=str(shared_data / "gsm8k" / "train.jsonl"), val=str(test_file), limit=200, batch_size=8, val_batch_size=50)
     data.set_tokenizer(gpt2_tokenizer)
     data.setup("fit")
-    assert data.stats == {"train_examples": 200, "val_examples": 200, "skipped_invalid": 0, "unparseable_gold": 0, "dropped_too_long": 0}
+    assert data.stats == {"train_examples": 200, "val_examples": 200, "skipped_invalid": 0, "unparseable_gold": 0, "dropped_too_long": 0, "duplicate_prompts": 0}
 
     train = list(data.train_dataloader())
     assert len(train) == 200 // 8 and all(b["prompt_ids"].shape[0] == 8 for b in train)

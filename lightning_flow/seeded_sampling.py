@@ -1,0 +1,77 @@
+"""Sampling whose randomness belongs to each response, not to the process.
+
+``transformers`` samples with the process-wide torch RNG, so a response depends on everything
+sampled before it: the batch layout, the rank it runs on, a restart. Here each response row has
+its own 32-bit seed (from the run seed, the step and the prompt's source), and the token at
+position ``t`` is the Gumbel-max sample ``argmax(log p + G)`` with ``G = -log(-log U)`` and ``U``
+a counter-based hash of (row seed, t, token id). The Gumbel-max trick draws exactly from
+``softmax(log p)``, so the distribution is the sampler's; only where the noise comes from changes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+
+import numpy as np
+import torch
+from torch import Tensor
+from transformers import LogitsProcessor, TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
+
+_MASK32 = 0xFFFFFFFF
+
+
+def _hash32(x: Tensor) -> Tensor:
+    """A bijective 32-bit integer mix (Wellons' "lowbias32") on int64 tensors holding uint32 values.
+
+    int64 products wrap modulo 2**64, which leaves the low 32 bits exact, and every right
+    shift acts on a masked, non-negative value.
+    """
+    x = x ^ (x >> 16)
+    x = (x * 0x7FEB352D) & _MASK32
+    x = x ^ (x >> 15)
+    x = (x * 0x846CA68B) & _MASK32
+    return x ^ (x >> 16)
+
+
+def counter_uniforms(row_seeds: Tensor, position: int, vocab_size: int) -> Tensor:
+    """U(0, 1) noise [N, V] as float64, a pure function of (row seed, position, token id)."""
+    row = _hash32(_hash32(row_seeds.long() & _MASK32) ^ position)  # [N]
+    token = torch.arange(vocab_size, device=row_seeds.device)
+    bits = _hash32(row[:, None] ^ token[None, :])  # [N, V]
+    return (bits.double() + 0.5) / 2**32  # never exactly 0 or 1
+
+
+def response_seeds(seed: int, step: int, sources: list[str], group: int) -> Tensor:
+    """One seed per response [len(sources) * group]: prompt i's j-th response gets
+    hash(seed, step, sources[i], j), whatever rank or batch position the prompt lands on."""
+    seeds = []
+    for source in sources:
+        for member in range(group):
+            digest = hashlib.blake2b(f"{seed}:{step}:{source}:{member}".encode(), digest_size=4).digest()
+            seeds.append(int.from_bytes(digest, "little"))
+    return torch.tensor(seeds, dtype=torch.long)
+
+
+class SeededGumbelSampler(LogitsProcessor):
+    """Turns greedy decoding into per-row seeded sampling: temperature, top-k and top-p as
+    ``transformers`` applies them when sampling, then Gumbel noise, so that greedy's argmax picks
+    the sample."""
+
+    def __init__(self, row_seeds: Tensor, prompt_length: int, temperature: float, top_k: int, top_p: float) -> None:
+        self.row_seeds, self.prompt_length = row_seeds, prompt_length
+        self.warpers: list[LogitsProcessor] = [TemperatureLogitsWarper(temperature)] if temperature != 1.0 else []
+        if top_k > 0:
+            self.warpers.append(TopKLogitsWarper(top_k))
+        if top_p < 1.0:
+            self.warpers.append(TopPLogitsWarper(top_p))
+
+    def __call__(self, input_ids: Tensor, scores: Tensor) -> Tensor:  # [N, T], [N, V] -> [N, V]
+        scores = scores.float()
+        scores = torch.where(scores.isnan(), float("-inf"), scores)  # a NaN never wins; the update skips such steps
+        for warper in self.warpers:
+            scores = warper(input_ids, scores)
+        uniforms = counter_uniforms(self.row_seeds, input_ids.shape[1] - self.prompt_length, scores.shape[1])
+        # numpy's log: torch spreads this small op over its threads, which on a busy CPU cost
+        # 10 ms per token in measurements here (numpy: 0.01 ms).
+        gumbel = torch.from_numpy(-np.log(-np.log(uniforms.numpy())))
+        return scores + gumbel.to(scores.device, scores.dtype)
