@@ -277,7 +277,7 @@ def main() -> None:
                         raise SystemExit(f"{fw} on {model} failed:\n{done.stderr[-4000:]}")
                     run = json.loads(result.read_text())
                     runs[fw].append({**summarise_run(run, args.warmup), "raw": run})
-                    print(f"{model} round {round_ + 1} {fw}: step {runs[fw][-1]['step_s']:.3f} s", flush=True)
+                    print(f"{model} round {round_ + 1} {fw}: " + json.dumps({k: round(v, 4) for k, v in runs[fw][-1].items() if k != "raw"}), flush=True)
             summary = summarise(runs)
             results["models"][model] = {**summary, "runs": runs}
             print_table(model, summary)

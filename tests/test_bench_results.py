@@ -42,7 +42,7 @@ def test_curve_over_seeds_keeps_shared_steps():
 def test_read_val_curve_takes_validation_rows_only(tmp_path):
     csv_file = tmp_path / "metrics.csv"
     csv_file.write_text("epoch,step,train/reward,val/accuracy\n0,0,0.4,\n0,24,,0.35\n0,49,,0.5\n")
-    assert read_val_curve(csv_file) == {24: 0.35, 49: 0.5}
+    assert read_val_curve(csv_file) == {25: 0.35, 50: 0.5}  # row step s follows s + 1 optimizer steps
 
 
 def test_summarise_and_table_over_seeds():
