@@ -98,23 +98,29 @@ def start_accuracy(config: str, run_dir: Path, args) -> float:
 
 
 def summarise(task_runs: dict[str, list[dict]], start: float) -> dict[str, dict]:
-    """Per signal: the mean/std curve over seeds (step 0 = the warm start) and the final accuracy."""
+    """Per signal, mean and std over seeds of: the curve (step 0 = the warm start), the final
+    accuracy, and each run's mean accuracy over its validations (how early it learned)."""
     summary = {}
     for signal, runs in task_runs.items():
         curves = [{0: start, **run["curve"]} for run in runs]
         final_step = min(max(curve) for curve in curves)
-        mean, std = mean_and_std([curve[final_step] for curve in curves])
-        summary[signal] = {"curve": curve_over_seeds(curves), "final_step": final_step, "final_mean": mean, "final_std": std, "seeds": len(runs)}
+        final_mean, final_std = mean_and_std([curve[final_step] for curve in curves])
+        area_mean, area_std = mean_and_std([sum(run["curve"].values()) / len(run["curve"]) for run in runs])
+        summary[signal] = {"curve": curve_over_seeds(curves), "final_step": final_step, "final_mean": final_mean, "final_std": final_std,
+                           "first_step": min(min(run["curve"]) for run in runs), "curve_mean": area_mean, "curve_std": area_std, "seeds": len(runs)}
     return summary
 
 
 def markdown_table(summaries: dict[str, dict[str, dict]]) -> str:
-    tasks = list(summaries)
-    lines = ["| credit signal | " + " | ".join(f"{task}: accuracy at step {next(iter(s.values()))['final_step']}" for task, s in summaries.items()) + " |",
-             "|---|" + "---|" * len(tasks)]
-    for signal in next(iter(summaries.values())):
-        cells = [f"{summaries[t][signal]['final_mean']:.3f} ± {summaries[t][signal]['final_std']:.3f} (n={summaries[t][signal]['seeds']})" for t in tasks]
-        lines.append(f"| {signal} | " + " | ".join(cells) + " |")
+    """Final accuracy and mean accuracy over the validations, mean ± std over seeds, per task and signal."""
+    header, cells = ["credit signal"], {}
+    for task, summary in summaries.items():
+        any_signal = next(iter(summary.values()))
+        header += [f"{task}: step {any_signal['final_step']}", f"{task}: mean of steps {any_signal['first_step']}-{any_signal['final_step']}"]
+        for signal, s in summary.items():
+            cells.setdefault(signal, []).extend([f"{s['final_mean']:.3f} ± {s['final_std']:.3f}", f"{s['curve_mean']:.3f} ± {s['curve_std']:.3f}"])
+    lines = ["| " + " | ".join(header) + " |", "|---" * len(header) + "|"]
+    lines += [f"| {signal} | " + " | ".join(row) + " |" for signal, row in cells.items()]
     return "\n".join(lines) + "\n"
 
 
@@ -141,6 +147,17 @@ def plot(summaries: dict[str, dict[str, dict]], starts: dict[str, float], path: 
     fig.savefig(path, dpi=110)
 
 
+def write_results(out: Path, settings: dict, minutes: float, starts: dict[str, float], runs: dict[str, dict[str, list[dict]]]) -> None:
+    summaries = {task: summarise(task_runs, starts[task]) for task, task_runs in runs.items()}
+    (out / "credit-study.json").write_text(json.dumps({"settings": settings, "minutes": minutes, "start_accuracy": starts,
+                                                        "summary": summaries, "runs": runs}, indent=1))
+    table = markdown_table(summaries)
+    (out / "credit-study.md").write_text(table)
+    plot(summaries, starts, out / "credit-study.png")
+    print(f"\n{table}\nwarm start: {starts}; {minutes:.1f} min; written to {out}")
+
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="1 seed, 40 steps, validation every 20: a few minutes")
@@ -153,15 +170,21 @@ def main() -> None:
     parser.add_argument("--jobs", type=int, default=2, help="runs at a time")
     parser.add_argument("--threads", type=int, default=1, help="torch threads per run")
     parser.add_argument("--out", type=Path, default=None, help="results folder (default docs/, or runs/credit-study-quick with --quick)")
+    parser.add_argument("--replot", action="store_true", help="only redo the table and plot from <out>/credit-study.json")
     args = parser.parse_args()
     if args.quick:
         args.seeds, args.steps, args.val_every = 1, 40, 20
     runs_root = REPO / "runs" / ("credit-study-quick" if args.quick else "credit-study")  # every run's metrics.csv
     out = args.out or (runs_root if args.quick else REPO / "docs")
     out.mkdir(parents=True, exist_ok=True)
+    if args.replot:
+        saved = json.loads((out / "credit-study.json").read_text())
+        runs = {task: {signal: [{**r, "curve": {int(k): v for k, v in r["curve"].items()}} for r in rs] for signal, rs in by_signal.items()}
+                for task, by_signal in saved["runs"].items()}
+        return write_results(out, saved["settings"], saved["minutes"], saved["start_accuracy"], runs)
 
     started = time.perf_counter()
-    summaries, starts, runs = {}, {}, {}
+    starts, runs = {}, {}
     for task in args.tasks:
         config, warm_steps = TASKS[task]
         warm_start = [sys.executable, "-m", "lightning_flow.demo_policy", "--config", config, "--steps", str(warm_steps)]
@@ -169,15 +192,8 @@ def main() -> None:
         run_dir = runs_root / Path(config).stem
         starts[task] = start_accuracy(config, run_dir, args)
         runs[task] = train_runs(task, config, run_dir, args)
-        summaries[task] = summarise(runs[task], starts[task])
-    minutes = (time.perf_counter() - started) / 60
-    settings = {k: v for k, v in vars(args).items() if k != "out"}
-    (out / "credit-study.json").write_text(json.dumps({"settings": settings, "minutes": minutes, "start_accuracy": starts,
-                                                        "summary": summaries, "runs": runs}, indent=1))
-    table = markdown_table(summaries)
-    (out / "credit-study.md").write_text(table)
-    plot(summaries, starts, out / "credit-study.png")
-    print(f"\n{table}\nwarm start: {starts}; {minutes:.1f} min; written to {out}")
+    settings = {k: v for k, v in vars(args).items() if k not in ("out", "replot")}
+    write_results(out, settings, (time.perf_counter() - started) / 60, starts, runs)
 
 
 if __name__ == "__main__":

@@ -178,6 +178,8 @@ def run_trl(args, record: StepRecord, workdir: str) -> None:
 
 
 def worker(args) -> None:
+    if args.threads:
+        torch.set_num_threads(args.threads)
     record = StepRecord()
     with tempfile.TemporaryDirectory() as workdir:
         if args.worker == "trl":
@@ -251,6 +253,7 @@ def main() -> None:
     parser.add_argument("--lora-alpha", type=int, default=16)
     parser.add_argument("--loss-type", default="grpo", choices=["grpo", "bnpo", "dr_grpo", "dapo"])
     parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--threads", type=int, default=0, help="torch threads per run (0: torch's default); 1 is steadier on a busy CPU")
     parser.add_argument("--out", type=Path, default=None, help="also write runs and summaries as JSON")
     parser.add_argument("--worker", choices=FRAMEWORKS, help=argparse.SUPPRESS)
     parser.add_argument("--model-path", type=Path, help=argparse.SUPPRESS)

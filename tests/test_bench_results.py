@@ -55,9 +55,13 @@ def test_summarise_and_table_over_seeds():
     assert summary["uniform"]["final_mean"] == pytest.approx(0.5)
     assert summary["uniform"]["final_std"] == pytest.approx(math.sqrt(0.02))
     assert summary["flow"]["curve"][0] == (0, 0.25, 0.0)  # every seed starts from the warm start
+    # Per-seed means over the validations: 0.35 and 0.55 -> mean 0.45, std sqrt(0.02).
+    assert summary["uniform"]["curve_mean"] == pytest.approx(0.45)
+    assert summary["uniform"]["curve_std"] == pytest.approx(math.sqrt(0.02))
     table = markdown_table({"task": summary})
-    assert "| uniform | 0.500 ± 0.141 (n=2) |" in table
-    assert "| flow | 0.500 ± 0.000 (n=2) |" in table
+    assert "| credit signal | task: step 50 | task: mean of steps 25-50 |" in table
+    assert "| uniform | 0.500 ± 0.141 | 0.450 ± 0.141 |" in table
+    assert "| flow | 0.500 ± 0.000 | 0.450 ± 0.000 |" in table
 
 
 def test_summarise_run_rates_from_step_records():
