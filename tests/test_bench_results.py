@@ -1,0 +1,71 @@
+"""The benchmark scripts' result arithmetic: medians, paired ratios, mean and spread over seeds."""
+
+from __future__ import annotations
+
+import math
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+from bench_stats import curve_over_seeds, mean_and_std, median_after_warmup, paired_ratio  # noqa: E402
+from credit_study import markdown_table, read_val_curve, summarise  # noqa: E402
+from trl_compare import summarise_run  # noqa: E402
+
+
+def test_mean_and_std_match_the_sample_formula():
+    values = [0.30, 0.42, 0.39]
+    mean = sum(values) / 3
+    std = math.sqrt(sum((v - mean) ** 2 for v in values) / (3 - 1))
+    assert mean_and_std(values) == pytest.approx((mean, std))
+    assert mean_and_std([0.5]) == (0.5, 0.0)
+
+
+def test_median_after_warmup_skips_the_first_steps():
+    assert median_after_warmup([9.0, 9.0, 1.0, 3.0, 2.0], warmup=2) == 2.0
+    assert median_after_warmup([4.0, 6.0], warmup=5) == 5.0  # too few steps: all of them
+
+
+def test_paired_ratio_pairs_runs_of_the_same_round():
+    # Round-wise ratios 0.5, 2.0, 1.0: their median, not the ratio of the medians (3 / 3).
+    assert paired_ratio([1.0, 4.0, 3.0], [2.0, 2.0, 3.0]) == 1.0
+    with pytest.raises(ValueError):
+        paired_ratio([1.0], [1.0, 2.0])
+
+
+def test_curve_over_seeds_keeps_shared_steps():
+    curves = [{0: 0.2, 10: 0.4, 20: 0.5}, {0: 0.2, 10: 0.6}]
+    assert curve_over_seeds(curves) == [(0, 0.2, 0.0), (10, pytest.approx(0.5), pytest.approx(math.sqrt(0.02)))]
+
+
+def test_read_val_curve_takes_validation_rows_only(tmp_path):
+    csv_file = tmp_path / "metrics.csv"
+    csv_file.write_text("epoch,step,train/reward,val/accuracy\n0,0,0.4,\n0,24,,0.35\n0,49,,0.5\n")
+    assert read_val_curve(csv_file) == {25: 0.35, 50: 0.5}  # row step s follows s + 1 optimizer steps
+
+
+def test_summarise_and_table_over_seeds():
+    runs = {
+        "uniform": [{"seed": 0, "curve": {25: 0.3, 50: 0.4}}, {"seed": 1, "curve": {25: 0.5, 50: 0.6}}],
+        "flow": [{"seed": 0, "curve": {25: 0.4, 50: 0.5}}, {"seed": 1, "curve": {25: 0.4, 50: 0.5}}],
+    }
+    summary = summarise(runs, start=0.25)
+    assert summary["uniform"]["final_step"] == 50
+    assert summary["uniform"]["final_mean"] == pytest.approx(0.5)
+    assert summary["uniform"]["final_std"] == pytest.approx(math.sqrt(0.02))
+    assert summary["flow"]["curve"][0] == (0, 0.25, 0.0)  # every seed starts from the warm start
+    # Per-seed means over the validations: 0.35 and 0.55 -> mean 0.45, std sqrt(0.02).
+    assert summary["uniform"]["curve_mean"] == pytest.approx(0.45)
+    assert summary["uniform"]["curve_std"] == pytest.approx(math.sqrt(0.02))
+    table = markdown_table({"task": summary})
+    assert "| credit signal | task: step 50 | task: mean of steps 25-50 |" in table
+    assert "| uniform | 0.500 ± 0.141 | 0.450 ± 0.141 |" in table
+    assert "| flow | 0.500 ± 0.000 | 0.450 ± 0.000 |" in table
+
+
+def test_summarise_run_rates_from_step_records():
+    steps = [{"step_s": 2.0, "generation_s": 1.0, "generation_tokens": 100, "update_tokens": 150, "response_length": 10.0}] * 3
+    summary = summarise_run({"steps": steps, "peak_memory_bytes": 3 * 2**20}, warmup=1)
+    assert summary == {"step_s": 2.0, "generation_tokens_per_s": 100.0, "update_tokens_per_s": 150.0,
+                       "response_length": 10.0, "peak_memory_mib": 3.0}
