@@ -20,7 +20,7 @@ for part in "${parts[@]}"; do
   case $part in
     flow) timeout 360 python3 benchmarks/flow_overhead.py --shape qwen2.5-1.5b --lengths 256 1024 --batches 16 64 \
             --repeats 2 --sample-repeats 1 --out "$out/flow.json" 2>&1 | grep -vi warn | tee "$out/flow.log" ;;
-    flow-update) timeout 200 python3 benchmarks/flow_overhead.py --shape qwen2.5-1.5b --lengths 256 1024 4096 --batches 16 64 \
+    flow-update) timeout 170 python3 benchmarks/flow_overhead.py --shape qwen2.5-1.5b --lengths 256 1024 4096 --batches 16 64 \
             --repeats 2 --no-sampling --out "$out/flow-update.json" 2>&1 | grep -vi warn | tee "$out/flow-update.log" ;;
     trl) timeout 150 python3 benchmarks/trl_compare.py --device cuda --models qwen2.5-0.5b --steps 3 --warmup 1 --repeats 1 \
             --prompts-per-step 4 --micro-batch 16 --max-new-tokens 256 --out "$out/trl.json" 2>&1 | grep -vi warn | tee "$out/trl.log" ;;
