@@ -89,11 +89,12 @@ def make_rollouts(module: GRPOModule, n: int, prompt_length: int, length: int, s
     completion_ids = torch.randint(low, 90, (n, length), generator=generator)
     completion_ids[:, -len(tail):] = torch.tensor(tail)
     mask, truncated = completion_mask(completion_ids, module.eos_ids)
+    completions = [tokenizer.decode(row[: int(k)].tolist(), skip_special_tokens=True) for row, k in zip(completion_ids, mask.sum(1))]
     ones = torch.ones(n)
     return Rollouts(
         prompt_ids=prompt_ids.to(device), prompt_mask=torch.ones_like(prompt_ids).to(device),
         completion_ids=completion_ids.to(device), completion_mask=mask.to(device), is_truncated=truncated.to(device),
-        prompts=[""] * n, completions=[""] * n, golds=["7"] * n, rewards=ones[:, None].to(device), total_rewards=ones.to(device),
+        prompts=[""] * n, completions=completions, golds=["7"] * n, rewards=ones[:, None].to(device), total_rewards=ones.to(device),
         advantages=torch.randn(n, generator=generator).to(device), zero_std_groups=torch.zeros(n // 2, dtype=torch.bool, device=device),
         token_weights=torch.ones_like(mask).to(device),
     )
