@@ -265,8 +265,10 @@ def main() -> None:
     if args.worker:
         return worker(args)
 
-    device = torch.cuda.get_device_name() if args.device == "cuda" else f"cpu ({torch.get_num_threads()} threads)"
-    results = {"device": device, "settings": {k: str(v) for k, v in vars(args).items()}, "models": {}}
+    threads = args.threads or torch.get_num_threads()
+    device = torch.cuda.get_device_name() if args.device == "cuda" else f"cpu ({threads} torch threads per run)"
+    hidden = ("worker", "model_path", "result", "out")
+    results = {"device": device, "settings": {k: str(v) for k, v in vars(args).items() if k not in hidden}, "models": {}}
     with tempfile.TemporaryDirectory() as tmp:
         for model in args.models:
             folder = model_folder(model, Path(tmp))
