@@ -105,9 +105,9 @@ def summarise(task_runs: dict[str, list[dict]], start: float) -> dict[str, dict]
         curves = [{0: start, **run["curve"]} for run in runs]
         final_step = min(max(curve) for curve in curves)
         final_mean, final_std = mean_and_std([curve[final_step] for curve in curves])
-        area_mean, area_std = mean_and_std([sum(run["curve"].values()) / len(run["curve"]) for run in runs])
+        curve_mean, curve_std = mean_and_std([sum(run["curve"].values()) / len(run["curve"]) for run in runs])
         summary[signal] = {"curve": curve_over_seeds(curves), "final_step": final_step, "final_mean": final_mean, "final_std": final_std,
-                           "first_step": min(min(run["curve"]) for run in runs), "curve_mean": area_mean, "curve_std": area_std, "seeds": len(runs)}
+                           "first_step": min(min(run["curve"]) for run in runs), "curve_mean": curve_mean, "curve_std": curve_std, "seeds": len(runs)}
     return summary
 
 

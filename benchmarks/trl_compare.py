@@ -10,7 +10,7 @@ order (the arithmetic DataModule's training batches), the same group size, respo
 rank/alpha/targets, loss type (beta 0, one update per generated batch, no old-log-prob pass),
 learning rate, clipping and number of steps, with logging, checkpoints and progress bars off.
 Each run is its own subprocess (so its peak memory is its own); the three runs of a round (ours,
-ours with flow credit, TRL) alternate, rotating their order each round.
+TRL, ours with flow credit) alternate, rotating their order each round.
 
 Per step, timed identically in both (see ``StepRecord``):
 - whole step: from the framework's step-begin hook to its step-end hook (Lightning
@@ -45,7 +45,7 @@ from gpu_check import SHAPES, SMOKE_SHAPE, peak_memory_bytes, random_model_folde
 
 REPO = Path(__file__).resolve().parents[1]
 FOLDERS = {"demo": REPO / "artifacts" / "demo-policy", "stories260K": REPO.parent / "shared" / "data" / "models" / "stories260K" / "hf"}
-FRAMEWORKS = ["ours", "ours+flow", "trl"]
+FRAMEWORKS = ["ours", "trl", "ours+flow"]  # round 1 runs this order: ours vs TRL first, where a time limit may cut a round
 
 
 class StepRecord:
@@ -265,8 +265,10 @@ def main() -> None:
     if args.worker:
         return worker(args)
 
-    device = torch.cuda.get_device_name() if args.device == "cuda" else f"cpu ({torch.get_num_threads()} threads)"
-    results = {"device": device, "settings": {k: str(v) for k, v in vars(args).items()}, "models": {}}
+    threads = args.threads or torch.get_num_threads()
+    device = torch.cuda.get_device_name() if args.device == "cuda" else f"cpu ({threads} torch threads per run)"
+    hidden = ("worker", "model_path", "result", "out")
+    results = {"device": device, "settings": {k: str(v) for k, v in vars(args).items() if k not in hidden}, "models": {}}
     with tempfile.TemporaryDirectory() as tmp:
         for model in args.models:
             folder = model_folder(model, Path(tmp))
