@@ -370,8 +370,11 @@ class AttentionRecorder:
         head_step, row_step = _chunk_shape(n, heads, t_q, t_k)
         for h0 in range(0, heads, head_step):
             h1 = min(h0 + head_step, heads)
-            kv_heads = torch.arange(h0, h1, device=key.device) // group
-            k_t = key.index_select(1, kv_heads).float().transpose(-1, -2)  # [n, hc, d, T]
+            if group == 1:
+                k_chunk = key[:, h0:h1]
+            else:  # grouped-query attention: query head h reads key head h // group
+                k_chunk = key.index_select(1, torch.arange(h0, h1, device=key.device) // group)
+            k_t = k_chunk.float().transpose(-1, -2)  # [n, hc, d, T]
             for r0 in range(0, t_q, row_step):
                 r1 = min(r0 + row_step, t_q)
                 scores = torch.matmul(query[:, h0:h1, r0:r1].float() * scaling, k_t)  # [n, hc, r, T]
