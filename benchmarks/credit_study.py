@@ -111,6 +111,11 @@ def summarise(task_runs: dict[str, list[dict]], start: float) -> dict[str, dict]
     return summary
 
 
+def _cell(mean: float, std: float, seeds: int) -> str:
+    """'mean ± std'; one seed has no spread to report (the quick mode), so the mean alone."""
+    return f"{mean:.3f} ± {std:.3f}" if seeds > 1 else f"{mean:.3f}"
+
+
 def markdown_table(summaries: dict[str, dict[str, dict]]) -> str:
     """Final accuracy and mean accuracy over the validations, mean ± std over seeds, per task and signal."""
     header, cells = ["credit signal"], {}
@@ -118,7 +123,7 @@ def markdown_table(summaries: dict[str, dict[str, dict]]) -> str:
         any_signal = next(iter(summary.values()))
         header += [f"{task}: step {any_signal['final_step']}", f"{task}: mean of steps {any_signal['first_step']}-{any_signal['final_step']}"]
         for signal, s in summary.items():
-            cells.setdefault(signal, []).extend([f"{s['final_mean']:.3f} ± {s['final_std']:.3f}", f"{s['curve_mean']:.3f} ± {s['curve_std']:.3f}"])
+            cells.setdefault(signal, []).extend([_cell(s["final_mean"], s["final_std"], s["seeds"]), _cell(s["curve_mean"], s["curve_std"], s["seeds"])])
     lines = ["| " + " | ".join(header) + " |", "|---" * len(header) + "|"]
     lines += [f"| {signal} | " + " | ".join(row) + " |" for signal, row in cells.items()]
     return "\n".join(lines) + "\n"

@@ -62,6 +62,9 @@ def test_summarise_and_table_over_seeds():
     assert "| credit signal | task: step 50 | task: mean of steps 25-50 |" in table
     assert "| uniform | 0.500 ± 0.141 | 0.450 ± 0.141 |" in table
     assert "| flow | 0.500 ± 0.000 | 0.450 ± 0.000 |" in table
+    # One seed (the quick mode) has no spread: the table shows the mean alone.
+    single = markdown_table({"task": summarise({"flow": runs["flow"][:1]}, start=0.25)})
+    assert "| flow | 0.500 | 0.450 |" in single and "±" not in single
 
 
 def test_summarise_run_rates_from_step_records():
