@@ -291,11 +291,6 @@ class AttentionRecorder:
             maps.mul_(valid[:, :, None]).mul_(valid[:, None, :])
         return maps
 
-    @property
-    def maps(self) -> Tensor:
-        """Maps of the forwards completed since the last ``take``, without resetting (see :meth:`take`)."""
-        return self._collect()
-
     def _collect(self) -> Tensor:
         if not self._done:
             if self._seen:

@@ -233,20 +233,24 @@ class GRPOModule(L.LightningModule):
     def add_old_and_reference_logps(self, rollouts: Rollouts) -> None:
         """Log-probs of the sampling policy (μ > 1, the step's first pass) and of the adapter-disabled reference (β > 0)."""
         if self.grpo.num_iterations > 1:
-            with self.recording() as recorder:
+            with self.first_pass_recording(rollouts) as recorder:
                 rollouts.old_logps = torch.cat([self.first_pass(rollouts, rows, recorder)[0] for rows in self.micro_batches(rollouts)])
         if self.grpo.beta > 0:
             with self.policy.disable_adapter():
                 rollouts.ref_logps = torch.cat([self.completion_logps(rollouts, rows)[0] for rows in self.micro_batches(rollouts)])
 
     @contextmanager
-    def recording(self) -> Iterator[AttentionRecorder | None]:
-        """Records the requested attention layers in the forwards inside (None when none was
-        requested). Entered once per pass, since switching the attention implementation walks
+    def first_pass_recording(self, rollouts: Rollouts) -> Iterator[AttentionRecorder | None]:
+        """Opens the step's first pass over the rollouts: allocates ``rollouts.entropy`` and, when a
+        callback asked for attention, ``rollouts.attention`` and the recorder that fills it (None
+        otherwise). Entered once per pass, since switching the attention implementation walks
         every module of the model."""
+        n, t = rollouts.attention_mask.shape
+        rollouts.entropy = torch.zeros_like(rollouts.completion_mask)
         if not self.attention_layers:
             yield None
             return
+        rollouts.attention = torch.empty(n, t, t, dtype=torch.float32, device=rollouts.completion_ids.device)
         with AttentionRecorder(self.policy, self.attention_layers) as recorder:
             yield recorder
         self.capture_seconds += recorder.stopwatch.seconds()
@@ -255,14 +259,9 @@ class GRPOModule(L.LightningModule):
         """Log-probs and entropies [n, L] of ``rows`` from the step's first forward over them,
         which also records attention into ``rollouts.attention[rows]`` (with a ``recorder``) and
         keeps the entropy; then the rollout callbacks set the rows' credit (``on_credit``)."""
-        if rows.start == 0:
-            n, t = rollouts.attention_mask.shape
-            rollouts.entropy = torch.zeros_like(rollouts.completion_mask)
-            if recorder is not None:
-                rollouts.attention = torch.empty(n, t, t, dtype=torch.float32, device=rollouts.completion_ids.device)
         logps, entropy = self.completion_logps(rollouts, rows, recorder)
         if recorder is not None:
-            recorder.take(rollouts.attention_mask[rows])  # zeroes the padded rows and columns in place
+            recorder.take()  # the maps are already in rollouts.attention[rows], padding zeroed
         rollouts.entropy[rows] = entropy.detach()
         began = time.perf_counter()
         for callback in self.rollout_callbacks():
@@ -285,7 +284,7 @@ class GRPOModule(L.LightningModule):
         for iteration in range(self.grpo.num_iterations):
             # With one iteration this forward is the step's first pass (else the old log-prob pass was).
             assigns_credit = iteration == 0 and self.grpo.num_iterations == 1
-            with self.recording() if assigns_credit else nullcontext() as recorder:
+            with self.first_pass_recording(rollouts) if assigns_credit else nullcontext() as recorder:
                 for index, rows in enumerate(micro_batches):
                     if assigns_credit:
                         logps, entropy = self.first_pass(rollouts, rows, recorder)

@@ -70,8 +70,13 @@ class SeededGumbelSampler(LogitsProcessor):
         scores = torch.where(scores.isnan(), float("-inf"), scores)  # a NaN never wins; the update skips such steps
         for warper in self.warpers:
             scores = warper(input_ids, scores)
+        # On the scores' device: a [N, V] hash per token on the host would stall a GPU sampler.
+        self.row_seeds = self.row_seeds.to(scores.device)
         uniforms = counter_uniforms(self.row_seeds, input_ids.shape[1] - self.prompt_length, scores.shape[1])
-        # numpy's log: torch spreads this small op over its threads, which on a busy CPU cost
-        # 10 ms per token in measurements here (numpy: 0.01 ms).
-        gumbel = torch.from_numpy(-np.log(-np.log(uniforms.numpy())))
+        if uniforms.is_cuda:
+            gumbel = -torch.log(-torch.log(uniforms))
+        else:
+            # numpy's log: torch spreads this small op over its threads, which on a busy CPU cost
+            # 10 ms per token in measurements here (numpy: 0.01 ms).
+            gumbel = torch.from_numpy(-np.log(-np.log(uniforms.numpy())))
         return scores + gumbel.to(scores.device, scores.dtype)
