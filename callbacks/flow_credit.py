@@ -18,6 +18,7 @@ from torch import Tensor
 from lightning_flow.flow import FlowConfig, answer_flow, attention_received, credit_weights, random_signal
 from lightning_flow.flow.answer import answer_masks
 from lightning_flow.rollouts import RolloutCallback, Rollouts
+from lightning_flow.step_scalars import batch_index, is_logging_step
 
 Signal = Literal["flow", "uniform", "random", "entropy", "attention_received"]
 _NEEDS_ATTENTION = {"flow", "attention_received"}
@@ -96,11 +97,11 @@ class FlowCredit(RolloutCallback):
             "credit/top_signal_share": stats["top_share"][credited].mean() if credited.any() else torch.tensor(0.0),
             "credit/time_s": seconds,
         }
-        pl_module.log_dict({k: float(v) for k, v in metrics.items()}, on_step=True, batch_size=len(rollouts), sync_dist=True)
+        pl_module.step_scalars.add(metrics)  # logged with the module's own scalars, reduced over ranks in one go
         experiment = getattr(trainer.logger, "experiment", None)
-        if hasattr(experiment, "add_histogram") and rollouts.step % trainer.log_every_n_steps == 0:
+        if hasattr(experiment, "add_histogram") and is_logging_step(trainer) and trainer.is_global_zero:
             weights = rollouts.token_weights[rollouts.completion_mask > 0]  # [response tokens]
-            experiment.add_histogram("credit/weights", weights.float().cpu(), rollouts.step)
+            experiment.add_histogram("credit/weights", weights.float().cpu(), batch_index(trainer))
 
     def flow(self, attention: Tensor, valid: Tensor, prompt: Tensor, answer: Tensor) -> tuple[Tensor, Tensor]:
         """Throughput f [n, T] and degenerate flags [n], solved a memory-bounded chunk of responses at a time."""

@@ -40,6 +40,7 @@ from lightning_flow.policy import PolicyConfig, SamplingConfig, eos_token_ids, g
 from lightning_flow.rewards import RewardConfig, RewardSuite, correctness_reward, verifier_timeouts
 from lightning_flow.rollouts import RolloutCallback, Rollouts
 from lightning_flow.seeded_sampling import response_seeds
+from lightning_flow.step_scalars import StepScalars
 from lightning_flow.tokenizer import load_tokenizer
 
 log = logging.getLogger(__name__)
@@ -131,6 +132,7 @@ class GRPOModule(L.LightningModule):
         self.skipped_nonfinite_steps = 0  # optimizer steps whose gradient had a NaN or inf (no update made)
         self.step_verifier_timeouts = 0  # completions of this step whose verification timed out (scored 0)
         self._rng_states_to_restore: dict | None = None  # from a checkpoint, applied when training starts
+        self.step_scalars = StepScalars()  # this step's scalars; rollout callbacks add theirs in on_rollouts_end
 
     def request_attention(self, layers: list[int] | None = None) -> None:
         """Record head- and layer-mean attention of these decoder layers into ``rollouts.attention``
@@ -166,13 +168,16 @@ class GRPOModule(L.LightningModule):
         referenced = time.perf_counter()
         update = self.update(rollouts)  # else the update's own forward is the first pass
         end = time.perf_counter()
-        for callback in self.rollout_callbacks():
-            callback.on_rollouts_end(self.trainer, self, rollouts)
 
         step = end - start
         tokens = rollouts.completion_mask.sum()
-        metrics = {
-            **rollout_metrics(rollouts, self.reward_suite.names, self.sampling.num_generations),
+        described = rollout_metrics(rollouts, self.reward_suite.names, self.sampling.num_generations)
+        # Under DDP every scalar is the mean over ranks (each rank holds the same number of
+        # responses), except the longest response (maximum) and the verifier timeouts (sum).
+        self.step_scalars.add({"train/response_length_max": described.pop("train/response_length_max")}, reduce="max")
+        self.step_scalars.add({"train/verifier_timeouts": self.step_verifier_timeouts}, reduce="sum")
+        self.step_scalars.add({
+            **described,
             **update,
             "perf/generation_tokens_per_s": tokens / (generated - start),
             "perf/update_tokens_per_s": rollouts.attention_mask.sum() * self.grpo.num_iterations / (end - referenced),
@@ -183,14 +188,12 @@ class GRPOModule(L.LightningModule):
             "perf/credit_time_s": self.credit_seconds,
             "perf/credit_share": self.credit_seconds / step,
             "train/lr": self.optimizers().param_groups[0]["lr"],
-        }
-        # Under DDP every scalar is the mean over ranks (each rank holds the same number of
-        # responses), except the longest response (maximum) and the verifier timeouts (sum).
-        longest = metrics.pop("train/response_length_max")
-        self.log_dict({k: float(v) for k, v in metrics.items()}, on_step=True, batch_size=len(rollouts), sync_dist=True)
-        self.log("train/response_length_max", float(longest), on_step=True, batch_size=len(rollouts), sync_dist=True, reduce_fx="max")
-        self.log("train/verifier_timeouts", float(self.step_verifier_timeouts), on_step=True, batch_size=len(rollouts), sync_dist=True, reduce_fx="sum")
-        progress = {"reward": metrics["train/reward"], "acc": metrics.get("train/accuracy")}
+        })
+        for callback in self.rollout_callbacks():
+            callback.on_rollouts_end(self.trainer, self, rollouts)
+        self.step_scalars.write(self.trainer, self.device)
+        # The progress bar (and monitors such as ModelCheckpoint) read these two through self.log.
+        progress = {"reward": described["train/reward"], "acc": described.get("train/accuracy")}
         self.log_dict({k: float(v) for k, v in progress.items() if v is not None}, prog_bar=True, logger=False, batch_size=len(rollouts))
 
     def make_rollouts(self, batch: dict) -> Rollouts:
