@@ -87,71 +87,84 @@ class FlowCredit(RolloutCallback):
         self._seconds += time.perf_counter() - start
 
     def on_rollouts_end(self, trainer: Trainer, pl_module: LightningModule, rollouts: Rollouts) -> None:
-        stats = {key: torch.cat([part[key] for part in self._row_stats]) for key in self._row_stats[0]}  # [N] each
+        stats = {key: torch.cat([part[key] for part in self._row_stats]) for key in self._row_stats[0]}  # [k] each, credited rows
         seconds, self._row_stats, self._seconds = self._seconds, [], 0.0
-        credited = ~stats["fallback"]
-        metrics = {
-            "credit/answer_found_fraction": stats["answer_found"].float().mean(),
-            "credit/fallback_fraction": stats["fallback"].float().mean(),
-            "credit/nonfinite_attention_fraction": stats["nonfinite"].float().mean(),
-            "credit/top_signal_share": stats["top_share"][credited].mean() if credited.any() else torch.tensor(0.0),
-            "credit/time_s": seconds,
-        }
-        pl_module.step_scalars.add(metrics)  # logged with the module's own scalars, reduced over ranks in one go
+        credited, solved = len(stats["fallback"]), ~stats["fallback"]
+        # Fractions of the credited responses, summed over ranks before dividing (none logged on a step without any).
+        pl_module.step_scalars.add_ratios({
+            "credit/credited_fraction": (credited, len(rollouts)),
+            "credit/answer_found_fraction": (stats["answer_found"].sum(), credited),
+            "credit/fallback_fraction": (stats["fallback"].sum(), credited),
+            "credit/nonfinite_attention_fraction": (stats["nonfinite"].sum(), credited),
+            "credit/top_signal_share": (stats["top_share"][solved].sum(), solved.sum()),
+        })
+        pl_module.step_scalars.add({"credit/time_s": seconds})
         experiment = getattr(trainer.logger, "experiment", None)
-        if hasattr(experiment, "add_histogram") and is_logging_step(trainer) and trainer.is_global_zero:
-            weights = rollouts.token_weights[rollouts.completion_mask > 0]  # [response tokens]
+        if credited and hasattr(experiment, "add_histogram") and is_logging_step(trainer) and trainer.is_global_zero:
+            weights = rollouts.token_weights[(rollouts.completion_mask > 0) & (rollouts.advantages != 0)[:, None]]  # [credited tokens]
             experiment.add_histogram("credit/weights", weights.float().cpu(), batch_index(trainer))
 
-    def flow(self, attention: Tensor, valid: Tensor, prompt: Tensor, answer: Tensor) -> tuple[Tensor, Tensor]:
-        """Throughput f [n, T] and degenerate flags [n], solved a memory-bounded chunk of responses at a time."""
+    def flow(self, attention: Tensor, picked: Tensor, valid: Tensor, prompt: Tensor, answer: Tensor) -> tuple[Tensor, Tensor]:
+        """Throughput f [k, T] and degenerate flags [k] of the rows ``picked`` of ``attention``
+        ([N, T, T]; masks [k, T]), solved a memory-bounded chunk of responses at a time."""
         chunk = max(1, self.solver_elements // valid.shape[1] ** 2)
         parts = [
-            answer_flow(attention[rows], valid[rows], prompt[rows], answer[rows], self.flow_config)
+            answer_flow(attention[picked[rows]], valid[rows], prompt[rows], answer[rows], self.flow_config)
             for rows in (slice(i, i + chunk) for i in range(0, len(valid), chunk))
         ]
         return torch.cat([p.flow for p in parts]), torch.cat([p.degenerate for p in parts])
 
     def compute(self, rollouts: Rollouts, rows: slice, tokenizer) -> tuple[Tensor, dict[str, Tensor]]:
-        """Weights over all positions [n, T] of ``rows``, and per-row stats ([n] each:
+        """Weights over all positions [n, T] of ``rows``, and stats of its credited rows ([k] each:
         ``answer_found``, ``fallback``, ``nonfinite`` attention, ``top_share`` of the signal carried
         by the boosted tokens).
 
-        Reads ``rollouts.attention[rows]`` (flow, attention_received) or ``rollouts.entropy[rows]`` (entropy).
+        Only responses with a nonzero advantage are credited: the loss multiplies the weights into
+        the advantage, so a zero advantage (a group whose rewards were all equal) cancels any
+        weights. Those rows keep weight 1 and skip the answer search and the signal.
+        Reads ``rollouts.attention`` (flow, attention_received) or ``rollouts.entropy`` (entropy) of the credited rows.
         """
         prompt_length = rollouts.prompt_ids.shape[1]
-        kept = rollouts.completion_mask[rows]
+        device = rollouts.completion_ids.device
+        local = (rollouts.advantages[rows] != 0).nonzero().squeeze(1).to(device)  # [k] credited, within rows
+        picked = torch.arange(len(rollouts), device=device)[rows][local]  # [k] the same, as rollout rows
+        weights = torch.ones(rollouts.attention_mask[rows].shape, device=device)  # [n, T]
+        if not len(picked):
+            nothing = torch.zeros(0, dtype=torch.bool, device=device)
+            return weights, {"answer_found": nothing, "fallback": nothing, "nonfinite": nothing, "top_share": torch.zeros(0, device=device)}
+        kept = rollouts.completion_mask[picked]  # [k, L]
         # The completions were decoded before mask_truncated_completions may have emptied a row.
-        texts = [text if any_kept else "" for text, any_kept in zip(rollouts.completions[rows], (kept != 0).any(1).tolist())]
-        answer, source = answer_masks(tokenizer, rollouts.completion_ids[rows], kept, self.answer_fallback, texts=texts)
-        valid = rollouts.attention_mask[rows].bool()  # [n, T]
+        texts = [rollouts.completions[i] if any_kept else "" for i, any_kept in zip(picked.tolist(), (kept != 0).any(1).tolist())]
+        answer, source = answer_masks(tokenizer, rollouts.completion_ids[picked], kept, self.answer_fallback, texts=texts)
+        valid = rollouts.attention_mask[picked].bool()  # [k, T]
         prompt = torch.zeros_like(valid)
         prompt[:, :prompt_length] = valid[:, :prompt_length]
-        response = valid & ~prompt  # [n, T]
+        response = valid & ~prompt  # [k, T]
         answer_full = torch.zeros_like(valid)
-        answer_full[:, prompt_length:] = answer.to(valid.device)  # [n, T]
-        fallback = ~response.any(dim=1)  # [n] empty responses; flow adds its own degenerate cases
+        answer_full[:, prompt_length:] = answer.to(device)  # [k, T]
+        fallback = ~response.any(dim=1)  # [k] empty responses; flow adds its own degenerate cases
 
         if self.signal == "flow":
-            signal, degenerate = self.flow(rollouts.attention[rows], valid, prompt, answer_full)
+            signal, degenerate = self.flow(rollouts.attention, picked, valid, prompt, answer_full)
             fallback = fallback | degenerate | ~answer_full.any(dim=1)
         elif self.signal == "attention_received":
-            signal = attention_received(rollouts.attention[rows], valid)
+            signal = attention_received(rollouts.attention[picked], valid)
         elif self.signal == "entropy":
-            signal = torch.zeros(valid.shape, device=valid.device)
-            signal[:, prompt_length:] = rollouts.entropy[rows]
+            signal = torch.zeros(valid.shape, device=device)
+            signal[:, prompt_length:] = rollouts.entropy[picked]
         elif self.signal == "random":
-            signal = random_signal(valid, self.generator).to(valid.device)
+            signal = random_signal(valid, self.generator).to(device)
         else:  # uniform: every token keeps weight 1, whatever top_fraction says
-            signal = torch.ones(valid.shape, device=valid.device)
+            signal = torch.ones(valid.shape, device=device)
             fallback = torch.ones_like(fallback)
-        nonfinite = torch.zeros_like(fallback)  # [n] maps with a NaN/inf (an overflowing forward): uniform weights
+        nonfinite = torch.zeros_like(fallback)  # [k] maps with a NaN/inf (an overflowing forward): uniform weights
         if self.signal in _NEEDS_ATTENTION:
-            nonfinite = ~torch.isfinite(rollouts.attention[rows]).flatten(1).all(dim=1)
+            nonfinite = ~torch.isfinite(rollouts.attention[picked]).flatten(1).all(dim=1)
             fallback = fallback | nonfinite
-        weights = credit_weights(signal, response, self.top_fraction, self.boost, fallback)  # [n, T]
+        credited = credit_weights(signal, response, self.top_fraction, self.boost, fallback)  # [k, T]
+        weights[local] = credited
 
-        top = (weights > 1) & response
-        share = (signal * top).sum(dim=1) / (signal * response).sum(dim=1).clamp(min=1e-12)  # [n]
-        stats = {"answer_found": source.to(valid.device) < 2, "fallback": fallback, "nonfinite": nonfinite, "top_share": share}
+        top = (credited > 1) & response
+        share = (signal * top).sum(dim=1) / (signal * response).sum(dim=1).clamp(min=1e-12)  # [k]
+        stats = {"answer_found": source.to(device) < 2, "fallback": fallback, "nonfinite": nonfinite, "top_share": share}
         return weights, stats

@@ -35,7 +35,7 @@ class StepScalars:
     """Scalars of the current training step, each with how ranks combine it."""
 
     def __init__(self) -> None:
-        self._pending: dict[str, tuple[Tensor | float, Reduce]] = {}
+        self._pending: dict[str, tuple[Tensor | float | tuple[Tensor | float, Tensor | float], Reduce | Literal["ratio"]]] = {}
 
     def add(self, metrics: Mapping[str, Tensor | float], reduce: Reduce = "mean") -> None:
         """Queue scalars (0-dim tensors or numbers) for this step; a name added twice keeps the last value."""
@@ -44,21 +44,36 @@ class StepScalars:
         for name, value in metrics.items():
             self._pending[name] = (value, reduce)
 
+    def add_ratios(self, ratios: Mapping[str, tuple[Tensor | float, Tensor | float]]) -> None:
+        """Queue (numerator, denominator) pairs: each logs the sum of numerators over ranks divided
+        by the sum of denominators, exact however the rows split over ranks; nothing is logged for
+        a step whose denominators sum to 0."""
+        for name, pair in ratios.items():
+            self._pending[name] = (tuple(pair), "ratio")
+
     def write(self, trainer: Trainer, device: torch.device) -> dict[str, float]:
         """Reduce and log the queued scalars if this is a logging step (a collective call under
         DDP: every rank calls it); empties the queue. Returns what was logged (on every rank)."""
         pending, self._pending = self._pending, {}
         if not pending or not is_logging_step(trainer):
             return {}
+        names = {kind: [name for name, (_, k) in pending.items() if k == kind] for kind in ("mean", "max", "sum", "ratio")}
         logged: dict[str, float] = {}
         for reduce in ("mean", "max", "sum"):
-            names = [name for name, (_, kind) in pending.items() if kind == reduce]
-            if not names:
+            values = [pending[name][0] for name in names[reduce]]
+            if reduce == "sum":  # ratios travel as two sums each
+                values += [part for name in names["ratio"] for part in pending[name][0]]
+            if not values:
                 continue
-            values = torch.stack([torch.as_tensor(pending[name][0]).detach().to(device, torch.float64).reshape(()) for name in names])
+            reduced = torch.stack([torch.as_tensor(v).detach().to(device, torch.float64).reshape(()) for v in values])
             if trainer.world_size > 1:
-                values = trainer.strategy.reduce(values, reduce_op=reduce)
-            logged.update(zip(names, values.tolist()))
+                reduced = trainer.strategy.reduce(reduced, reduce_op=reduce)
+            reduced = reduced.tolist()
+            count = len(names[reduce])
+            logged.update(zip(names[reduce], reduced[:count]))
+            if reduce == "sum":
+                ratios = zip(names["ratio"], reduced[count::2], reduced[count + 1 :: 2])
+                logged.update({name: numerator / denominator for name, numerator, denominator in ratios if denominator > 0})
         if trainer.is_global_zero:
             for logger in trainer.loggers:
                 logger.log_metrics(logged, step=batch_index(trainer))

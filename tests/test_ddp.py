@@ -39,7 +39,7 @@ def start_fit(policy: Path, root: Path, devices: int, prompts_per_rank: int) -> 
         "--trainer.limit_val_batches=0", "--trainer.val_check_interval=null",
         f"--data.init_args.batch_size={prompts_per_rank}", "--model.grpo.loss_type=dapo", "--model.grpo.micro_batch_size=4",
         "--model.optim.lr=0.02", '--model.rewards.custom={"tests.test_fit.length_reward": 1.0}',
-        f"--trainer.callbacks+={json.dumps(record)}",
+        f"--trainer.callbacks+={json.dumps(record)}", "--trainer.callbacks+=lightning_flow.callbacks.FlowCredit",
     ]
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     return subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
@@ -70,7 +70,8 @@ def test_two_processes_match_one_with_the_same_global_batch(tiny_policy_dir, tmp
 
     # Metrics are means over ranks; the gradient norm is of the all-reduced gradient, so it checks
     # the averaging and dapo's all-rank token count (a per-rank count would double it).
-    tags = ["train/reward", "train/grad_norm", "train/response_length_max"]
+    # The credit fractions are summed over ranks before dividing, so they match however the credited rows split.
+    tags = ["train/reward", "train/grad_norm", "train/response_length_max", "credit/credited_fraction", "credit/fallback_fraction"]
     expected, got = logged_by_step(single, tags), logged_by_step(double, tags)
     for tag in tags:
         assert sorted(got[tag]) == sorted(expected[tag]) == list(range(STEPS))

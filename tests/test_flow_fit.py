@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from lightning_flow.capture import capture_attention, default_capture_layers
 from lightning_flow.cli import main
@@ -17,6 +18,8 @@ from lightning_flow.rollouts import RolloutCallback, Rollouts
 from lightning_flow.tokenizer import load_tokenizer
 
 from .test_fit import scalars, tiny_args
+
+VARYING_REWARD = '--model.rewards.custom={"tests.test_fit.length_reward": 1.0}'  # nonzero advantages, so rows get credit
 
 FLOW = "lightning_flow.callbacks.FlowCredit"
 
@@ -35,7 +38,7 @@ def fit_with_credit(policy: Path, root: Path, signal: str, *extra: str):
     return main([
         "fit", *tiny_args(policy, root, steps=2), "--trainer.limit_val_batches=0",
         f"--trainer.callbacks+={FLOW}", f"--trainer.callbacks.signal={signal}",
-        "--trainer.callbacks+=tests.test_flow_fit.RecordWeights", *extra,
+        "--trainer.callbacks+=tests.test_flow_fit.RecordWeights", VARYING_REWARD, *extra,
     ])
 
 
@@ -147,6 +150,7 @@ def test_flow_credit_fit_on_real_stories260k(stories260k, shared_data, tmp_path)
         "--model.grpo.micro_batch_size=8", "--data=lightning_flow.datamodules.MathDataModule",
         f"--data.train={shared_data / 'gsm8k' / 'test.jsonl'}", "--data.limit=16", "--data.val_size=4", "--data.batch_size=2",
         "--data.max_prompt_length=512", f"--trainer.callbacks+={FLOW}", "--trainer.callbacks+=tests.test_flow_fit.RecordWeights",
+        VARYING_REWARD,
     ])
     logged = scalars(Path(cli.trainer.log_dir))
     # A story model never writes \boxed{}: the answer falls back to the last token, and flow still routes to it.
@@ -187,3 +191,58 @@ def test_flow_invariants_on_real_stories260k_attention(stories260k):
     out_flow = edge.sum(dim=2)
     middle = valid & ~answer & (result.h > 0)
     torch.testing.assert_close(out_flow[middle], result.flow[middle], atol=1e-5, rtol=1e-4)
+
+
+class RecordAdvantages(RolloutCallback):
+    seen: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+    def on_rollouts_end(self, trainer, pl_module, rollouts):
+        RecordAdvantages.seen.append((rollouts.advantages.clone(), rollouts.token_weights.clone() * rollouts.completion_mask))
+
+
+@pytest.mark.parametrize("reward", ["varying", "constant"])
+def test_zero_advantage_responses_keep_weight_one_and_are_not_counted(tiny_policy_dir, tmp_path, reward):
+    """Rows whose group had equal rewards (advantage 0, so their weights cannot reach the
+    gradient) keep weight 1 and stay out of the fractions; with no credited row at all, only
+    the credited fraction (0) is logged."""
+    RecordAdvantages.seen = []
+    extra = [VARYING_REWARD] if reward == "varying" else ["--model.rewards.correctness=0", '--model.rewards.custom={"tests.test_numerics.constant_reward": 1.0}']
+    cli = main(["fit", *tiny_args(tiny_policy_dir, tmp_path, steps=1), "--trainer.limit_val_batches=0", f"--trainer.callbacks+={FLOW}",
+                "--trainer.callbacks+=tests.test_flow_fit.RecordAdvantages", *extra])
+    advantages, weights = RecordAdvantages.seen[0]
+    zero = advantages == 0
+    kept = weights[zero]
+    assert torch.equal(kept[kept > 0], torch.ones_like(kept[kept > 0]))
+    logged = scalars(Path(cli.trainer.log_dir))
+    assert logged["credit/credited_fraction"] == [pytest.approx((~zero).float().mean().item())]
+    if reward == "constant":
+        events = EventAccumulator(str(cli.trainer.log_dir), size_guidance={"histograms": 0})
+        events.Reload()
+        assert zero.all() and "credit/fallback_fraction" not in logged and "credit/weights" not in events.Tags()["histograms"]
+    else:
+        assert (~zero).any() and (weights[~zero] == 1.5).any()
+
+
+def test_skipping_zero_advantage_rows_leaves_the_credited_rows_weights(tiny_policy_dir):
+    """The weights of a credited response are the same whether its neighbours in the batch are credited or skipped."""
+    from lightning_flow.callbacks import FlowCredit
+
+    tokenizer = load_tokenizer(str(tiny_policy_dir))
+    generator = torch.Generator().manual_seed(0)
+    n, prompt, length = 6, 5, 9
+    completion_ids = torch.tensor([tokenizer.encode(f"{i}+{i}=\\boxed{{{2 * i}}}", add_special_tokens=False)[:length] for i in range(n)])
+    attention = torch.rand(n, prompt + length, prompt + length, generator=generator).tril()
+    attention = attention / attention.sum(-1, keepdim=True)
+    fields_ = {f.name: None for f in fields(Rollouts)}
+    base = dict(fields_, prompt_ids=torch.ones(n, prompt, dtype=torch.long), prompt_mask=torch.ones(n, prompt, dtype=torch.long),
+                completion_ids=completion_ids, completion_mask=torch.ones(n, length),
+                completions=[tokenizer.decode(row) for row in completion_ids.tolist()], attention=attention)
+    every = Rollouts(**{**base, "advantages": torch.tensor([1.0, -1.0, 0.5, -0.5, 2.0, -2.0])})
+    some = Rollouts(**{**base, "advantages": torch.tensor([1.0, 0.0, 0.5, 0.0, 0.0, -2.0])})
+    all_weights, all_stats = FlowCredit().compute(every, slice(0, n), tokenizer)
+    some_weights, some_stats = FlowCredit().compute(some, slice(0, n), tokenizer)
+    credited = some.advantages != 0
+    assert torch.equal(some_weights[credited], all_weights[credited])
+    assert torch.equal(some_weights[~credited], torch.ones_like(some_weights[~credited]))
+    assert (all_weights[~credited] == 1.5).any()  # the skipped rows would have had credit
+    assert torch.equal(some_stats["top_share"], all_stats["top_share"][credited])

@@ -65,11 +65,15 @@ def test_nonfinite_logits_skip_the_step_and_count_it(tiny_policy_dir, tmp_path, 
 
 
 class PoisonAttention(RolloutCallback):
-    """Puts a NaN into the first response's captured attention before FlowCredit sees it (listed first)."""
+    """Puts a NaN into the captured attention of the first credited response (nonzero advantage) before FlowCredit sees it (listed first)."""
+
+    row: int | None = None
 
     def on_credit(self, trainer, pl_module, rollouts, rows):
-        if rows.start == 0:
-            rollouts.attention[0, -1, 0] = float("nan")
+        credited = (rollouts.advantages[rows] != 0).nonzero()
+        if PoisonAttention.row is None and len(credited):  # this micro-batch's map was just recorded
+            PoisonAttention.row = rows.start + int(credited[0])
+            rollouts.attention[PoisonAttention.row, -1, 0] = float("nan")
 
 
 class CheckWeights(RolloutCallback):
@@ -79,24 +83,27 @@ class CheckWeights(RolloutCallback):
         self.checked = 0
 
     def on_rollouts_end(self, trainer, pl_module, rollouts):
+        poisoned = PoisonAttention.row
+        assert poisoned is not None
         assert torch.isfinite(rollouts.token_weights).all()
-        assert (rollouts.token_weights[0] == 1).all()
-        assert (rollouts.token_weights[1:] > 1).any()
+        assert (rollouts.token_weights[poisoned] == 1).all()
+        assert (rollouts.token_weights > 1).any()
+        self.credited = int((rollouts.advantages != 0).sum())
         self.checked += 1
 
 
 def test_nonfinite_attention_falls_back_to_uniform_weights(tiny_policy_dir, tmp_path):
     from lightning_flow.callbacks import FlowCredit
 
-    check = CheckWeights()
-    cli = main([*tiny_args(tiny_policy_dir, tmp_path, steps=1), *NO_VAL], run=False)
+    check, PoisonAttention.row = CheckWeights(), None
+    cli = main([*tiny_args(tiny_policy_dir, tmp_path, steps=1), *NO_VAL, VARYING_REWARD], run=False)
     credit = FlowCredit(layers=[0, 1])
     cli.trainer.callbacks.extend([PoisonAttention(), credit, check])
     credit.setup(cli.trainer, cli.model, "fit")  # callbacks added after construction: ask for attention as the CLI would
     cli.trainer.fit(cli.model, cli.datamodule)
     assert check.checked == 1
     logged = scalars(Path(cli.trainer.log_dir))
-    assert logged["credit/nonfinite_attention_fraction"] == [pytest.approx(1 / 16)]
+    assert logged["credit/nonfinite_attention_fraction"] == [pytest.approx(1 / check.credited)]  # of the credited responses
     assert logged["train/skipped_nonfinite_steps"] == [0.0]
 
 
