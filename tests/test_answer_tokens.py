@@ -85,7 +85,7 @@ def check_offsets(tokenizer, ids: list[int], text: str, offsets: list[tuple[int,
     special = set(tokenizer.all_special_ids)
     covered = 0
     rebuilt = []
-    previous_start = 0
+    previous_start = previous_end = 0
     for token, (start, end) in zip(ids, offsets):
         assert 0 <= start <= end <= len(text)
         assert start >= previous_start  # starts never go back
@@ -94,6 +94,8 @@ def check_offsets(tokenizer, ids: list[int], text: str, offsets: list[tuple[int,
             assert start == end
         if start < end:
             assert start >= covered - 1  # neighbours share at most one (split) character
+            assert end >= previous_end  # nor do the ends of spans that hold characters
+            previous_end = end
         rebuilt.append(text[max(start, covered) : end])
         covered = max(covered, end)
     assert "".join(rebuilt) == text
@@ -157,7 +159,7 @@ def test_fallback_paths_agree_with_fast_path(tokenizer, monkeypatch):
     plain = PlainTokenizer()
     assert [token_char_offsets(plain, encode(tokenizer, t)) for t in texts] == expected
     # Both incremental paths unusable: the quadratic prefix-decode path.
-    monkeypatch.setattr(answer_module, "_incremental_pieces", lambda decode, ids: [None] * (len(ids) - 1) + ["\x00"])
+    monkeypatch.setattr(answer_module, "_incremental_pieces", lambda decode, ids: [""] * (len(ids) - 1) + ["\x00"])
     assert [token_char_offsets(plain, encode(tokenizer, t)) for t in texts] == expected
 
 
@@ -177,6 +179,52 @@ def test_split_characters_belong_to_every_token_holding_their_bytes(gpt2_tokeniz
     text, offsets = token_char_offsets(tok, cut)
     assert text == tok.decode(cut) and text.endswith("\ufffd")
     check_offsets(tok, cut, text, offsets)
+
+
+def test_runs_of_several_tokens_take_the_exact_path(gpt2_tokenizer, stories260k, monkeypatch):
+    """Rows where some non-special token completes no text by itself skip the running-sum spans:
+    their runs are resolved by decoding, and agree with the quadratic prefix path."""
+    resolved_runs = []
+    place_run = answer_module._place_run
+
+    def counting_place_run(*args):
+        resolved_runs.append(args[4:6])  # (start, stop)
+        return place_run(*args)
+
+    monkeypatch.setattr(answer_module, "_place_run", counting_place_run)
+    gpt2 = gpt2_tokenizer
+    emoji = [gpt2.convert_tokens_to_ids(p) for p in ["ðŁ", "ĺ", "Ģ"]]  # the bytes of 😀, split
+    stories = load_tokenizer(str(stories260k))
+    first = stories.convert_tokens_to_ids(["▁", "F", "ir", "st"])
+    rows = [
+        # (tokenizer, ids, the text each token spans, written out by hand, the runs resolved)
+        (gpt2, encode(gpt2, "so") + emoji + encode(gpt2, "5") + [gpt2.eos_token_id], ["so", "😀", "😀", "😀", "5", ""], [(1, 4)]),
+        # SentencePiece strips the space of a leading "▁": it completes no text until "F" does.
+        (stories, first + [stories.eos_token_id], ["", "F", "ir", "st", ""], [(0, 2)]),
+        # The same "▁" inside the text is a space of its own; no run to resolve.
+        (stories, stories.convert_tokens_to_ids(["▁O", "k", "."]) + first, ["O", "k", ".", " ", "F", "ir", "st"], []),
+    ]
+    for tok, ids, spelled, runs in rows:
+        resolved_runs.clear()
+        text, offsets = token_char_offsets(tok, ids)
+        assert [text[s:e] for s, e in offsets] == spelled
+        assert resolved_runs == runs
+        decode = answer_module._decoder(tok)
+        assert offsets == answer_module._resolve_run(decode, [], ids, text, frozenset(tok.all_special_ids))
+
+
+def test_special_tokens_inside_a_response_get_empty_spans():
+    tok = build_char_tokenizer()
+    ids = encode(tok, "ab") + [tok.eos_token_id] + encode(tok, "c") + [tok.bos_token_id, tok.pad_token_id]
+    assert token_char_offsets(tok, ids) == ("abc", [(0, 1), (1, 2), (2, 2), (2, 3), (3, 3), (3, 3)])
+
+
+def test_pieces_that_disagree_with_the_text_are_rejected():
+    ids = [5, 6, 7]
+    decode = lambda ids: "?"  # never called: nothing to resolve
+    assert answer_module._assemble(decode, ids, ["a", "b", "c"], "abc", frozenset()) == [(0, 1), (1, 2), (2, 3)]
+    assert answer_module._assemble(decode, ids, ["a", "b", "c"], "abd", frozenset()) is None
+    assert answer_module._assemble(decode, ids, ["a", "b", "c"], "abcd", frozenset()) is None
 
 
 def test_random_token_sequences_keep_offsets_consistent(tokenizer):
@@ -239,6 +287,20 @@ def test_answer_mask_rules():
     assert answer_token_mask(offsets, None, exclude=[False, False, False, True, False]) == [False, True, False, False, False]
     assert answer_token_mask(offsets, (4, 4)) == [False, False, False, True, False]  # empty: fallback
     assert answer_token_mask(offsets, None, fallback="none") == [False] * 5
+    # A long token reaching into the answer, a character split over two tokens, a special token.
+    offsets = [(0, 3), (3, 6), (5, 7), (7, 7), (7, 9), (9, 9)]
+    assert answer_token_mask(offsets, (1, 2)) == [True, False, False, False, False, False]
+    assert answer_token_mask(offsets, (4, 5)) == [False, True, False, False, False, False]
+    assert answer_token_mask(offsets, (5, 6)) == [False, True, True, False, False, False]
+    assert answer_token_mask(offsets, (6, 8)) == [False, False, True, False, True, False]
+    excluded = [False, False, False, False, True, False]
+    assert answer_token_mask(offsets, (0, 9), exclude=excluded) == [True, True, True, False, False, False]
+    assert answer_token_mask(offsets, (8, 9), exclude=excluded) == [False, False, True, False, False, False]  # fallback
+    assert answer_token_mask([(0, 2), (2, 2), (2, 2), (2, 4)], (1, 3)) == [True, False, False, True]
+    # A special token between two tokens holding bytes of the answer's first character; tokens
+    # without characters are passed over on either side of the answer's start.
+    assert answer_token_mask([(0, 5), (4, 4), (4, 6), (6, 8)], (4, 8)) == [True, False, True, True]
+    assert answer_token_mask([(0, 5), (2, 2), (5, 6)], (3, 5)) == [True, False, False]
     with pytest.raises(ValueError, match="fallback"):
         answer_token_mask(offsets, None, fallback="first")
 
@@ -282,6 +344,17 @@ def test_all_zero_mask_row_marks_nothing():
     assert marks[1].tolist() == [False] * 5 + [True, True, False, False]
     with pytest.raises(ValueError, match="shape"):
         answer_masks(tok, ids, mask[:, :3])
+
+
+def test_masked_out_tokens_inside_a_row_are_skipped():
+    tok = build_char_tokenizer()
+    ids = torch.tensor([encode(tok, "ab\\boxed{12}")] * 3)  # "1" and "2" sit in columns 9 and 10
+    mask = torch.ones_like(ids)
+    mask[1, 0] = 0  # kept text "b\boxed{12}"
+    mask[2, 9] = 0  # kept text "ab\boxed{2}"
+    marks, source = answer_masks(tok, ids, mask)
+    assert source.tolist() == [SOURCE_BOXED] * 3
+    assert [row.nonzero().flatten().tolist() for row in marks] == [[9, 10], [9, 10], [10]]
 
 
 @pytest.mark.parametrize("which", ["gpt2", "stories260k"])

@@ -16,15 +16,18 @@ score. ``offsets[j] = (start, end)`` is the span of ``text`` that token ``j`` pr
 * a multi-byte UTF-8 character whose bytes are split over several tokens (byte-level BPE
   pieces such as ``"ðŁĺ"`` + ``"Ģ"``, or SentencePiece byte fallback ``<0xF0>`` ... ``<0x80>``)
   belongs to **every** token that holds some of its bytes. Such tokens' spans overlap by that
-  one character; all other spans are disjoint. So starts never decrease, and walking the spans
-  in order while skipping what was already covered (``text[max(start, covered):end]``)
-  rebuilds ``text`` exactly; without split characters the spans simply tile ``text``.
-  This way every token that carries a byte of an answer character is an answer token.
+  one character; all other spans are disjoint. So starts never decrease, nor do the ends of
+  non-empty spans, and walking the spans in order while skipping what was already covered
+  (``text[max(start, covered):end]``) rebuilds ``text`` exactly; without split characters the
+  spans simply tile ``text``. This way every token that carries a byte of an answer character
+  is an answer token.
 
 Method: the ids go through ``tokenizers``' ``DecodeStream`` (one Rust call per token, the
 decoder's own incremental mode), which yields the new characters each token completes, or
-nothing while a character is still incomplete. A token that completes text alone takes that
-text; a run of tokens that completes it together (split characters, rare) is resolved by
+nothing while a character is still incomplete. When every token either completes text alone or
+is a special token (the common case) the spans are the running sums of the pieces' lengths. A
+token that completes text alone takes that text; a run of tokens that completes it together
+(split characters, a SentencePiece space stripped at the start; rare) is resolved by
 decoding the run's prefixes after a few tokens of context and matching them against the run's
 text, which also handles invalid byte sequences (shown as U+FFFD). The result is checked piece
 by piece against the full decode. When no ``tokenizers`` backend is available, or the check
@@ -36,7 +39,10 @@ construction). Nothing here imports transformers: the tokenizer is used through 
 
 from __future__ import annotations
 
+from bisect import bisect_left
 from collections.abc import Callable, Sequence
+from itertools import accumulate, compress
+from operator import itemgetter, not_
 from typing import Any, Literal
 
 import torch
@@ -64,6 +70,7 @@ SOURCE_NONE = 3
 _BOXED = "\\boxed{"
 _REPLACEMENT = "\ufffd"
 _CONTEXT_TOKENS = 4  # tokens of context decoded before a run of split-character tokens
+_span_start = itemgetter(0)
 
 
 # ---- character offsets ------------------------------------------------------------------------
@@ -129,24 +136,24 @@ def _decoder(tokenizer: Any) -> Decode:
     return decode
 
 
-def _stream_pieces(backend: Any, ids: list[int]) -> list[str | None] | None:
-    """Per token: the text it completes (DecodeStream.step), or None; None on any error."""
+def _stream_pieces(backend: Any, ids: list[int]) -> list[str] | None:
+    """Per token: the text it completes (DecodeStream.step), or ""; None on any error."""
     try:
         stream = DecodeStream(skip_special_tokens=True)
         step = stream.step
-        return [step(backend, token) or None for token in ids]
+        return [step(backend, token) or "" for token in ids]
     except Exception:
         return None
 
 
-def _incremental_pieces(decode: Decode, ids: list[int]) -> list[str | None]:
+def _incremental_pieces(decode: Decode, ids: list[int]) -> list[str]:
     """DecodeStream's contract with plain decode calls over a short sliding window.
 
     The window starts one completed run back, so decoders that treat the first token of a
     sequence specially (SentencePiece's leading-space strip) see the same thing on both sides
-    of the difference. A token whose window decode ends in U+FFFD is incomplete (None).
+    of the difference. A token whose window decode ends in U+FFFD is incomplete ("").
     """
-    pieces: list[str | None] = []
+    pieces: list[str] = []
     window_start, read = 0, 0
     seen = ""
     for j in range(len(ids)):
@@ -156,25 +163,30 @@ def _incremental_pieces(decode: Decode, ids: list[int]) -> list[str | None]:
             window_start, read = read, j + 1
             seen = decode(ids[window_start:read])
         else:
-            pieces.append(None)
+            pieces.append("")
     return pieces
 
 
-def _assemble(decode: Decode, ids: list[int], pieces: list[str | None], text: str, special: frozenset[int]) -> list[Span] | None:
-    """Spans from per-token completed text; None when the pieces disagree with ``text``.
+def _assemble(decode: Decode, ids: list[int], pieces: list[str], text: str, special: frozenset[int]) -> list[Span] | None:
+    """Spans from per-token completed text ("" for none); None when the pieces disagree with ``text``.
 
     A run is the tokens since the last completing token, up to and including the next one
     (usually just that token). A run whose only character-producing token is the completing one
     takes its text directly; longer runs go through ``_resolve_run``. Tokens after the last
     completing token (an incomplete character at the very end) are resolved against the rest.
     """
-    joined = "".join(filter(None, pieces))
+    joined = "".join(pieces)
     if not text.startswith(joined):
         return None
+    if len(joined) == len(text) and special.issuperset(compress(ids, map(not_, pieces))):
+        # Each token completes its own text or is a special token (no text): no run to resolve,
+        # the spans are running sums of the pieces' lengths.
+        ends = list(accumulate(map(len, pieces)))
+        return list(zip([0, *ends], ends))
     spans: list[Span] = [(0, 0)] * len(ids)
     pos = start = 0
     for j, piece in enumerate(pieces):
-        if piece is None:
+        if not piece:
             continue
         if start == j:  # the common case: one token, its own text
             spans[j] = (pos, pos + len(piece))
@@ -199,7 +211,7 @@ def _assemble(decode: Decode, ids: list[int], pieces: list[str | None], text: st
 
 
 def _place_run(
-    decode: Decode, ids: list[int], pieces: list[str | None], spans: list[Span], start: int, stop: int, pos: int, target: str, special: frozenset[int]
+    decode: Decode, ids: list[int], pieces: list[str], spans: list[Span], start: int, stop: int, pos: int, target: str, special: frozenset[int]
 ) -> bool:
     """Resolve the run ``ids[start:stop]``, which produces ``target`` at ``pos``, into ``spans``."""
     # Context: whole runs, at least _CONTEXT_TOKENS tokens back (or from the response start),
@@ -207,7 +219,7 @@ def _place_run(
     # decode. A context that fuses with the run (byte-fallback bytes decoded as one group) fails
     # the prefix check; then the run is decoded on its own.
     context_start = max(0, start - _CONTEXT_TOKENS)
-    while context_start > 0 and pieces[context_start - 1] is None:
+    while context_start > 0 and not pieces[context_start - 1]:
         context_start -= 1
     local = _resolve_run(decode, ids[context_start:start], ids[start:stop], target, special)
     if local is None and start > 0:
@@ -281,37 +293,53 @@ def answer_token_mask(
 ) -> list[bool]:
     """Per token: does it produce a character of the answer span ``[start, end)``?
 
-    offsets   # [L] (start, end) per token, as token_char_offsets gives them
+    offsets   # [L] (start, end) per token, as token_char_offsets gives them (starts, and the
+              # ends of non-empty spans, never decrease)
     span      # the answer's character span, or None
     fallback  # with no span (or an empty one): "last_token" marks the last token that produces
               # characters (the last non-EOS, non-special token), "none" marks nothing
     exclude   # [L] optional, True for tokens that are never marked (e.g. EOS)
     """
-    return _mark(offsets, span, fallback, exclude)[0]
-
-
-def _mark(offsets: Sequence[Span], span: Span | None, fallback: str, exclude: Sequence[bool] | None) -> tuple[list[bool], bool]:
-    """(marks, whether the span marked anything); the fallback applies when it did not."""
-    if fallback not in ("last_token", "none"):
-        raise ValueError(f"fallback must be 'last_token' or 'none', got {fallback!r}")
     if exclude is not None and len(exclude) != len(offsets):
         raise ValueError(f"exclude has {len(exclude)} entries for {len(offsets)} tokens")
+    marked, _ = _mark(offsets, span, fallback, (lambda j: False) if exclude is None else exclude.__getitem__)
     marks = [False] * len(offsets)
+    for j in marked:
+        marks[j] = True
+    return marks
+
+
+def _mark(offsets: Sequence[Span], span: Span | None, fallback: str, excluded: Callable[[int], bool]) -> tuple[list[int], bool]:
+    """(indices of the marked tokens, whether the span marked them); the fallback applies when it did not.
+
+    Only the tokens near the span are read. Starts never decrease, so the tokens starting in
+    ``[first, last)`` are one bisected range, and all of them that produce characters touch the
+    answer. Before it, a token touches the answer only if it ends after ``first``; as the ends of
+    non-empty spans never decrease, the backward scan stops at the first one that does not.
+    """
+    if fallback not in ("last_token", "none"):
+        raise ValueError(f"fallback must be 'last_token' or 'none', got {fallback!r}")
     if span is not None and span[0] < span[1]:
         first, last = span
-        hit = False
-        for j, (start, end) in enumerate(offsets):
-            if start < last and end > first and start < end and not (exclude is not None and exclude[j]):
-                marks[j] = hit = True
-        if hit:
-            return marks, True
+        begin = bisect_left(offsets, first, key=_span_start)
+        stop = bisect_left(offsets, last, lo=begin, key=_span_start)
+        marked = [j for j in range(begin, stop) if offsets[j][0] < offsets[j][1] and not excluded(j)]
+        for j in range(begin - 1, -1, -1):
+            start, end = offsets[j]
+            if start == end:
+                continue
+            if end <= first:
+                break
+            if not excluded(j):
+                marked.insert(0, j)
+        if marked:
+            return marked, True
     if fallback == "last_token":
         for j in range(len(offsets) - 1, -1, -1):
             start, end = offsets[j]
-            if start < end and not (exclude is not None and exclude[j]):
-                marks[j] = True
-                break
-    return marks, False
+            if start < end and not excluded(j):
+                return [j], False
+    return [], False
 
 
 def answer_masks(
@@ -340,22 +368,22 @@ def answer_masks(
     if eos_token_ids is None:
         eos_token_ids = getattr(tokenizer, "eos_token_id", None)
     eos = frozenset() if eos_token_ids is None else frozenset([int(eos_token_ids)] if isinstance(eos_token_ids, int) else map(int, eos_token_ids))
-    rows = completion_ids.tolist()
-    keep = (completion_mask != 0).tolist()
+    keep = completion_mask != 0  # [N, L]
+    lengths = keep.sum(dim=1).tolist()
+    prefix_lengths = keep.int().cumprod(dim=1).sum(dim=1).tolist()  # kept tokens before the first dropped one
+    width = completion_ids.shape[1]
     special = special_token_ids(tokenizer)
-    source = [SOURCE_NONE] * len(rows)
-    marked_rows: list[int] = []
-    marked_cols: list[int] = []
-    for i, (row, row_keep) in enumerate(zip(rows, keep)):
-        positions = [j for j, k in enumerate(row_keep) if k]
-        ids = [row[j] for j in positions]
-        text, offsets = token_char_offsets(tokenizer, ids, special, None if texts is None else texts[i])
+    source = [SOURCE_NONE] * len(lengths)
+    marked: list[int] = []  # flat indices into [N, L]
+    for i, (row, length, prefix_length) in enumerate(zip(completion_ids.tolist(), lengths, prefix_lengths)):
+        # Usually the padding follows the response: then its token j sits in column j.
+        positions = None if prefix_length == length else keep[i].nonzero().squeeze(1).tolist()
+        ids = row[:length] if positions is None else [row[j] for j in positions]
+        text = tokenizer.decode(ids, skip_special_tokens=True) if texts is None else texts[i]
         span, found = find_answer(text)
-        marks, from_span = _mark(offsets, span, fallback, [token in eos for token in ids])
-        cols = [p for p, m in zip(positions, marks) if m]
-        source[i] = found if from_span else (SOURCE_FALLBACK if cols else SOURCE_NONE)
-        marked_rows += [i] * len(cols)
-        marked_cols += cols
-    answer = torch.zeros(completion_ids.shape, dtype=torch.bool)
-    answer[marked_rows, marked_cols] = True
-    return answer.to(completion_ids.device), torch.tensor(source, dtype=torch.long, device=completion_ids.device)
+        tokens, from_span = _mark(_offsets(tokenizer, ids, text, special), span, fallback, lambda j, ids=ids: ids[j] in eos)
+        source[i] = found if from_span else (SOURCE_FALLBACK if tokens else SOURCE_NONE)
+        marked += [i * width + (j if positions is None else positions[j]) for j in tokens]
+    answer = torch.zeros(completion_ids.numel(), dtype=torch.bool)
+    answer[torch.tensor(marked, dtype=torch.long)] = True
+    return answer.view(completion_ids.shape).to(completion_ids.device), torch.tensor(source, dtype=torch.long, device=completion_ids.device)
