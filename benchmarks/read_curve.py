@@ -1,4 +1,4 @@
-"""Print a run's reward curve and validation accuracy from its TensorBoard events.
+"""Print a run's reward curve, validation accuracy, step time and, with flow credit, what capture and credit cost.
 
     python benchmarks/read_curve.py runs/demo/version_0 [--window 50]
 """
@@ -15,6 +15,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("log_dir")
     parser.add_argument("--window", type=int, default=50, help="steps per averaged window")
+    parser.add_argument("--skip", type=int, default=5, help="first steps left out of the cost medians (warm-up)")
     args = parser.parse_args()
     events = EventAccumulator(args.log_dir)
     events.Reload()
@@ -28,6 +29,16 @@ def main() -> None:
         print("val/accuracy at step: " + ", ".join(f"{e.step}: {e.value:.3f}" for e in events.Scalars("val/accuracy")))
     step_times = [e.value for e in events.Scalars("perf/step_time_s")]
     print(f"median step time {statistics.median(step_times):.3f} s")
+    if "perf/capture_time_s" in tags and "credit/time_s" in tags:  # a run with a credit callback
+        skip = args.skip
+
+        def median(tag: str) -> float:
+            return statistics.median(e.value for e in events.Scalars(tag)[skip:])
+
+        shares = [a.value + b.value for a, b in zip(events.Scalars("perf/capture_share")[skip:], events.Scalars("perf/credit_share")[skip:])]
+        print(f"medians after the first {skip} steps: step {median('perf/step_time_s'):.4f} s, capture {1000 * median('perf/capture_time_s'):.2f} ms "
+              f"({100 * median('perf/capture_share'):.2f} %), credit {1000 * median('perf/credit_time_s'):.2f} ms "
+              f"({100 * median('perf/credit_share'):.2f} %), capture + credit {100 * statistics.median(shares):.2f} % of the step")
 
 
 if __name__ == "__main__":

@@ -159,7 +159,8 @@ class FlowCredit(RolloutCallback):
             fallback = torch.ones_like(fallback)
         nonfinite = torch.zeros_like(fallback)  # [k] maps with a NaN/inf (an overflowing forward): uniform weights
         if self.signal in _NEEDS_ATTENTION:
-            nonfinite = ~torch.isfinite(rollouts.attention[picked]).flatten(1).all(dim=1)
+            # One reduction over the rows' maps (a sum is non-finite iff an entry is; the maps sum to at most T).
+            nonfinite = ~torch.isfinite(rollouts.attention[rows].sum(dim=(1, 2)))[local]
             fallback = fallback | nonfinite
         credited = credit_weights(signal, response, self.top_fraction, self.boost, fallback)  # [k, T]
         weights[local] = credited

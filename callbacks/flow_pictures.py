@@ -129,14 +129,20 @@ class FlowPictures(RolloutCallback):
         writer.add_text("flow/completions", completions_table(rollouts, rows, pl_module.reward_suite.names, group, self.max_response_chars), step)
 
         drawn = [row for row, _ in rows[: self.pictures]]
-        if rollouts.attention is not None:  # every row's map is there: stats over the whole step
-            attention, layers, stat_rows = rollouts.attention, pl_module.attention_layers, list(range(len(rollouts)))
-        else:  # capture only what is drawn
+        # The rows the step recorded (with FlowCredit: those with a nonzero advantage); the drawn
+        # rows it did not record are captured here, with the same layers.
+        recorded = [] if rollouts.attention is None else rollouts.attention_recorded.nonzero().squeeze(1).tolist()
+        if recorded:
+            layers = pl_module.attention_layers
+        else:
             layers = self.trace_config.layers or pl_module.attention_layers or default_capture_layers(pl_module.policy.config.num_hidden_layers)
-            mask = rollouts.attention_mask[drawn]  # [n, T]
-            captured = capture_attention(pl_module.policy, rollouts.input_ids[drawn], mask, layers, position_ids=position_ids_from_mask(mask))
-            attention = dict(zip(drawn, captured))
-            stat_rows = drawn
+        attention = {row: rollouts.attention[row] for row in recorded}
+        missing = [row for row in drawn if row not in attention]
+        if missing:
+            mask = rollouts.attention_mask[missing]  # [n, T]
+            captured = capture_attention(pl_module.policy, rollouts.input_ids[missing], mask, layers, position_ids=position_ids_from_mask(mask))
+            attention.update(zip(missing, captured))
+        stat_rows = sorted(attention)  # stats over every row with a map
         for j, (row, label) in enumerate(rows[: self.pictures]):
             meta = {"title": f"step {step} · row {row} ({label} of group {row // group})",
                     "reward": f"{float(rollouts.total_rewards[row]):.3g}", "advantage": f"{float(rollouts.advantages[row]):+.3f}",
@@ -166,7 +172,7 @@ class FlowPictures(RolloutCallback):
             self.trace_config, weights=weights, eos_token_ids=pl_module.eos_ids, layers=layers, meta=meta,
         )
 
-    def step_flow(self, rollouts: Rollouts, rows: list[int], attention: Tensor | dict[int, Tensor], pl_module: LightningModule) -> tuple[Tensor, Tensor, Tensor]:
+    def step_flow(self, rollouts: Rollouts, rows: list[int], attention: dict[int, Tensor], pl_module: LightningModule) -> tuple[Tensor, Tensor, Tensor]:
         """Throughput f [n, T], response mask [n, T] and degenerate flags [n] of ``rows``, solved in memory-bounded chunks."""
         valid = rollouts.attention_mask[rows].bool()  # [n, T]
         p = rollouts.prompt_ids.shape[1]
@@ -181,8 +187,7 @@ class FlowPictures(RolloutCallback):
         parts = []
         for i in range(0, len(rows), chunk):
             part = rows[i : i + chunk]
-            # A tensor holds every row of the step (rows = 0..N-1), so a chunk is a view, not a copy.
-            maps = torch.stack([attention[r] for r in part]) if isinstance(attention, dict) else attention[part[0] : part[-1] + 1]  # [n, T, T]
+            maps = torch.stack([attention[r] for r in part])  # [n, T, T]
             parts.append(answer_flow(maps, valid[i : i + chunk], prompt[i : i + chunk], answer_full[i : i + chunk], cfg))
         flow, degenerate = torch.cat([r.flow for r in parts]), torch.cat([r.degenerate for r in parts])
         return flow, valid & ~prompt, degenerate

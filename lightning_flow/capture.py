@@ -220,6 +220,7 @@ class AttentionRecorder:
         self._entered = False
         self._done: list[Tensor] = []
         self._next_out: Tensor | None = None
+        self._next_rows: Tensor | None = None
         self.stopwatch = Stopwatch()
         """Time spent recording (the computation of the maps, not the pass itself)."""
         self._reset_pass()
@@ -263,21 +264,23 @@ class AttentionRecorder:
         self._entered = False
 
     # -- passes ---------------------------------------------------------------------------------
-    def run(self, *args, out: Tensor | None = None, **kwargs):
+    def run(self, *args, out: Tensor | None = None, rows: Tensor | None = None, **kwargs):
         """Call the model once inside the ``with``; returns its output, or None when the pass was stopped early.
 
         ``out``: an optional ``[n, T, T]`` float32 buffer on the model's device that this pass's
         map is accumulated into (it is zeroed first and later returned by :meth:`take`).
+        ``rows``: optional ``[k]`` indices of the batch rows to record; the maps of the other rows
+        stay zero and cost nothing.
         """
         if not self._entered:
             raise RuntimeError("AttentionRecorder.run must be called inside its `with` block")
-        self._next_out = out
+        self._next_out, self._next_rows = out, rows
         try:
             return self.model(*args, **kwargs)
         except _StopForward:
             return None
         finally:
-            self._next_out = None
+            self._next_out = self._next_rows = None
 
     def take(self, attention_mask: Tensor | None = None) -> Tensor:
         """Maps of the forwards completed since the last ``take``: ``[n, T, T]`` float32; resets.
@@ -307,13 +310,14 @@ class AttentionRecorder:
         self._seen: list[int] = []
         self._sum: Tensor | None = None
         self._valid: Tensor | None = None
-        self._mask: Tensor | None = None  # the last boolean mask seen, and its inverse
+        self._rows: Tensor | None = None  # the batch rows this forward records (None: all)
+        self._mask: Tensor | None = None  # the last boolean mask seen, and its inverse (recorded rows)
         self._blocked: Tensor | None = None
 
     def _inverted(self, mask: Tensor) -> Tensor:
-        """``~mask``, computed once per forward for each mask (layers of one kind share theirs)."""
+        """``~mask`` of the recorded rows, computed once per forward for each mask (layers of one kind share theirs)."""
         if mask is not self._mask:
-            self._mask, self._blocked = mask, mask.logical_not()
+            self._mask, self._blocked = mask, _batch_rows(mask, self._rows).logical_not()
         return self._blocked
 
     def _wants(self, layer: int | None) -> bool:
@@ -332,6 +336,14 @@ class AttentionRecorder:
                 f"attention capture needs a full pass without a filled KV cache (got {t_q} queries and {t_k} keys); "
                 "pass use_cache=False"
             )
+        if self._sum is None:  # first recorded layer of this forward
+            self._sum = self._next_out if self._next_out is not None else torch.empty(n, t_q, t_k, dtype=torch.float32, device=query.device)
+            self._sum.zero_()
+            self._valid = self._valid_positions(attention_mask, n, t_q, query.device)
+            self._rows = self._next_rows
+        rows = self._rows
+        if rows is not None:  # only these batch rows are recorded; the others' maps stay zero
+            query, key = query.index_select(0, rows), key.index_select(0, rows)
         group = heads // key.shape[1]
         scaling = kwargs.get("scaling")
         scaling = head_dim**-0.5 if scaling is None else scaling
@@ -344,26 +356,22 @@ class AttentionRecorder:
         elif attention_mask.dtype == torch.bool:
             blocked = self._inverted(attention_mask)
         else:
-            additive = attention_mask
-        position_bias = kwargs.get("position_bias")
+            additive = _batch_rows(attention_mask, rows)
+        position_bias = _batch_rows(kwargs.get("position_bias"), rows)
         softcap = kwargs.get("softcap")
         if kwargs.get("s_aux") is not None or kwargs.get("sinks") is not None:
             raise NotImplementedError(
                 f"{type(module).__name__} uses attention sink logits, which attention capture does not model"
             )
 
-        if self._sum is None:  # first recorded layer of this forward
-            self._sum = self._next_out if self._next_out is not None else torch.empty(n, t_q, t_k, dtype=torch.float32, device=query.device)
-            self._sum.zero_()
-            self._valid = self._valid_positions(attention_mask, n, t_q, query.device)
         if causal:
             blocked = torch.ones(t_q, t_k, dtype=torch.bool, device=query.device).triu_(1)[None, None]  # [1, 1, T, T]
         # The lowest float instead of -inf: a fully masked (padded) row then gives a uniform row
         # instead of NaN, and padded rows are zeroed at the end anyway.
         lowest = torch.finfo(torch.float32).min
         weight = 1.0 / (heads * len(self.layers))
-        head_step, row_step = _chunk_shape(n, heads, t_q, t_k)
-        for h0 in range(0, heads, head_step):
+        head_step, row_step = _chunk_shape(len(query), heads, t_q, t_k)
+        for h0 in range(0, heads if len(query) else 0, head_step):
             h1 = min(h0 + head_step, heads)
             if group == 1:
                 k_chunk = key[:, h0:h1]
@@ -383,8 +391,12 @@ class AttentionRecorder:
                     scores.masked_fill_(_head_rows(blocked, h0, h1, r0, r1), lowest)
                 probs = torch.softmax(scores, dim=-1)  # fused: fewer passes over the chunk than an in-place softmax
                 del scores
-                self._sum[:, r0:r1].add_(probs[:, 0] if h1 - h0 == 1 else probs.sum(1), alpha=weight)
+                head_sum = probs[:, 0] if h1 - h0 == 1 else probs.sum(1)  # [n or k, r, T]
                 del probs
+                if rows is None:
+                    self._sum[:, r0:r1].add_(head_sum, alpha=weight)
+                else:
+                    self._sum[:, r0:r1].index_add_(0, rows, head_sum, alpha=weight)
         self._seen.append(module.layer_idx)
         if tuple(self._seen) == self.layers:
             valid = self._valid
@@ -415,6 +427,13 @@ def _chunk_shape(n: int, heads: int, t_q: int, t_k: int) -> tuple[int, int]:
     if per_head <= budget:
         return budget // per_head, t_q
     return 1, max(1, budget // (n * t_k))
+
+
+def _batch_rows(tensor: Tensor | None, rows: Tensor | None) -> Tensor | None:
+    """The recorded rows of a per-sequence mask or bias (one broadcast over the batch is kept as is)."""
+    if tensor is None or rows is None or tensor.shape[0] == 1:
+        return tensor
+    return tensor.index_select(0, rows)
 
 
 def _head_rows(mask: Tensor, h0: int, h1: int, r0: int, r1: int) -> Tensor:

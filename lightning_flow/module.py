@@ -126,6 +126,7 @@ class GRPOModule(L.LightningModule):
         self.reward_suite = RewardSuite(rewards)
         self.eos_ids = eos_token_ids(self.policy, self.tokenizer, sampling.extra_eos_token_ids)
         self.attention_layers: list[int] | None = None  # set by request_attention
+        self.record_zero_advantage = False  # whether rows with a zero advantage are recorded too (request_attention)
         self.capture_seconds = self.credit_seconds = 0.0  # this step's, see first_pass
         # Sampling noise comes from (seed, step, prompt source); see seeded_sampling.
         self.sampling_seed = sampling.seed if sampling.seed is not None else int(os.environ.get("PL_GLOBAL_SEED", 0))
@@ -134,10 +135,15 @@ class GRPOModule(L.LightningModule):
         self._rng_states_to_restore: dict | None = None  # from a checkpoint, applied when training starts
         self.step_scalars = StepScalars()  # this step's scalars; rollout callbacks add theirs in on_rollouts_end
 
-    def request_attention(self, layers: list[int] | None = None) -> None:
+    def request_attention(self, layers: list[int] | None = None, zero_advantage_rows: bool = False) -> None:
         """Record head- and layer-mean attention of these decoder layers into ``rollouts.attention``
         every step, in the step's first forward over the rollouts (default: 5 layers evenly spaced
-        over the middle third). Called by credit callbacks in their ``setup``."""
+        over the middle third). Called by credit callbacks in their ``setup``.
+
+        Responses with a zero advantage are left out (their maps stay zero, see
+        ``rollouts.attention_recorded``): no credit can reach the gradient through them. A caller
+        that needs every row asks with ``zero_advantage_rows=True`` (then every caller gets them)."""
+        self.record_zero_advantage = self.record_zero_advantage or zero_advantage_rows
         num_layers = self.policy.config.num_hidden_layers
         layers = default_capture_layers(num_layers) if layers is None else sorted(set(layers))
         if not layers or not all(0 <= layer < num_layers for layer in layers):
@@ -254,6 +260,9 @@ class GRPOModule(L.LightningModule):
             yield None
             return
         rollouts.attention = torch.empty(n, t, t, dtype=torch.float32, device=rollouts.completion_ids.device)
+        rollouts.attention_recorded = torch.ones_like(rollouts.advantages, dtype=torch.bool)
+        if not self.record_zero_advantage:
+            rollouts.attention_recorded &= rollouts.advantages != 0
         with AttentionRecorder(self.policy, self.attention_layers) as recorder:
             yield recorder
         self.capture_seconds += recorder.stopwatch.seconds()
@@ -339,11 +348,15 @@ class GRPOModule(L.LightningModule):
 
         Only the last L + 1 positions go through the LM head, and the chunked log-softmax keeps
         at most a few rows of fp32 logits alive on top of this micro-batch's logits. With a
-        ``recorder`` the pass also records its attention into ``rollouts.attention[rows]``.
+        ``recorder`` the pass also records its attention into ``rollouts.attention[rows]`` (of the
+        rows marked in ``rollouts.attention_recorded``).
         """
         attention_mask = rollouts.attention_mask[rows]
         targets = rollouts.completion_ids[rows]
-        forward = self.policy if recorder is None else partial(recorder.run, out=rollouts.attention[rows])
+        forward = self.policy
+        if recorder is not None:
+            recorded = None if self.record_zero_advantage else rollouts.attention_recorded[rows].nonzero().squeeze(1)
+            forward = partial(recorder.run, out=rollouts.attention[rows], rows=recorded)
         logits = forward(
             input_ids=rollouts.input_ids[rows],
             attention_mask=attention_mask,

@@ -32,6 +32,7 @@ class Rollouts:
     old_logps: Tensor | None = None  # [N, L] float, sampling policy's log-probs (num_iterations > 1)
     ref_logps: Tensor | None = None  # [N, L] float, adapter-disabled log-probs (beta > 0)
     attention: Tensor | None = None  # [N, P + L, P + L] float32 head- and layer-mean attention (query, key), when a callback asked for it
+    attention_recorded: Tensor | None = None  # [N] bool, rows whose attention was recorded (unless asked for, not those with a zero advantage; the others are zero)
     entropy: Tensor | None = None  # [N, L] float, predictive entropy of each completion position (the step's first policy pass)
 
     @property

@@ -108,21 +108,32 @@ class KeepCreditInputs(RolloutCallback):
             "ids": rollouts.input_ids[rows].clone(), "mask": rollouts.attention_mask[rows].clone(),
             "completion": (rollouts.completion_ids[rows].clone(), rollouts.completion_mask[rows].clone()),
             "attention": rollouts.attention[rows].clone(), "entropy": rollouts.entropy[rows].clone(),
+            "recorded": rollouts.attention_recorded[rows].clone(), "advantages": rollouts.advantages[rows].clone(),
             "adapter": {k: v.detach().clone() for k, v in pl_module.policy.named_parameters() if v.requires_grad},
         })
 
 
-@pytest.mark.parametrize("iterations", [1, 2])
-def test_recorded_attention_equals_a_capture_pass(tiny_policy_dir, tmp_path, iterations):
+class AskForEveryRow(RolloutCallback):
+    def setup(self, trainer, pl_module, stage):
+        pl_module.request_attention(None, zero_advantage_rows=True)
+
+
+@pytest.mark.parametrize("iterations, every_row", [(1, False), (2, False), (1, True)])
+def test_recorded_attention_equals_a_capture_pass(tiny_policy_dir, tmp_path, iterations, every_row):
     """mu = 1 records in the update's grad forward, mu = 2 in the no-grad old log-prob pass; both
     give, micro-batch by micro-batch (16 rows in 8s), the maps and entropies of a separate pass
-    with the weights of that moment."""
+    with the weights of that moment. Rows with a zero advantage are not recorded (zero maps)
+    unless a callback asks for every row."""
     KeepCreditInputs.kept = []
+    reward = ["--trainer.callbacks+=tests.test_flow_fit.AskForEveryRow"] if every_row else [VARYING_REWARD]  # correctness alone: all advantages 0
     cli = main(["fit", *tiny_args(tiny_policy_dir, tmp_path, steps=1), "--trainer.limit_val_batches=0",
                 f"--trainer.callbacks+={FLOW}", "--trainer.callbacks+=tests.test_flow_fit.KeepCreditInputs",
-                f"--model.grpo.num_iterations={iterations}"])
+                f"--model.grpo.num_iterations={iterations}", *reward])
     module = cli.model
     assert [kept["ids"].shape[0] for kept in KeepCreditInputs.kept] == [8, 8]
+    recorded = torch.cat([kept["recorded"] for kept in KeepCreditInputs.kept])
+    advantages = torch.cat([kept["advantages"] for kept in KeepCreditInputs.kept])
+    assert torch.equal(recorded, torch.ones_like(recorded) if every_row else advantages != 0) and recorded.any()
     parameters = dict(module.policy.named_parameters())
     for kept in KeepCreditInputs.kept:
         with torch.no_grad():
@@ -130,6 +141,7 @@ def test_recorded_attention_equals_a_capture_pass(tiny_policy_dir, tmp_path, ite
                 parameters[name].copy_(value)
         expected = capture_attention(module.policy, kept["ids"], kept["mask"], module.attention_layers,
                                      position_ids=position_ids_from_mask(kept["mask"]))
+        expected[~kept["recorded"]] = 0.0
         torch.testing.assert_close(kept["attention"], expected, rtol=1e-5, atol=1e-6)
         prompt = kept["ids"].shape[1] - kept["completion"][0].shape[1]
         rollouts = Rollouts(**{**{f.name: None for f in fields(Rollouts)}, "prompt_ids": kept["ids"][:, :prompt],

@@ -28,7 +28,8 @@ class RecordingPictures(FlowPictures):
     def row_trace(self, rollouts, row, attention, pl_module, layers, meta):
         trace = super().row_trace(rollouts, row, attention, pl_module, layers, meta)
         used = rollouts.token_weights[row][rollouts.completion_mask[row] > 0]
-        RecordingPictures.traces.append((trace, used.clone(), rollouts.attention is not None))
+        recorded = rollouts.attention is not None and bool(rollouts.attention_recorded[row])
+        RecordingPictures.traces.append((trace, used.clone(), recorded, float(attention.sum())))
         return trace
 
 
@@ -51,9 +52,15 @@ def fit(policy: Path, root: Path, steps: int, *extra: str):
                  "--trainer.callbacks+=tests.test_flow_pictures.CountSteps"])
 
 
-def test_pictures_table_and_histograms_only_on_logging_steps(tiny_policy_dir, tmp_path):
+def test_pictures_table_and_histograms_only_on_logging_steps(tiny_policy_dir, tmp_path, monkeypatch):
+    import lightning_flow.callbacks.flow_pictures as module
+
+    captured = []
+    real = module.capture_attention
+    monkeypatch.setattr(module, "capture_attention", lambda model, ids, *a, **k: captured.append(ids.shape[0]) or real(model, ids, *a, **k))
     cli = fit(tiny_policy_dir, tmp_path, 4, f"--trainer.callbacks+={FLOW}", f"--trainer.callbacks+={PICTURES}",
-              "--trainer.callbacks.every_n_steps=2", "--trainer.callbacks.pictures=2")
+              "--trainer.callbacks.every_n_steps=2", "--trainer.callbacks.pictures=2",
+              '--model.rewards.custom={"tests.test_fit.length_reward": 1.0}')
     assert CountSteps.steps == [0, 1, 2, 3]
     logged = events(Path(cli.trainer.log_dir))
     tags = logged.Tags()
@@ -71,13 +78,16 @@ def test_pictures_table_and_histograms_only_on_logging_steps(tiny_policy_dir, tm
     texts = logged.Tensors(text_tag)
     assert [t.step for t in texts] == [0, 2]
     table = texts[0].tensor_proto.string_val[0].decode()
-    assert table.startswith("| row | group | pick | prompt | response | extracted | gold | correctness | total | advantage |")
+    assert table.startswith("| row | group | pick | prompt | response | extracted | gold | correctness | tests.test\\_fit.length\\_reward | total | advantage |")
     assert len(table.splitlines()) == 2 + 4  # header, rule, best and worst of two groups
 
     # The pictures show what reached the loss, and the flow the method defines.
     assert len(RecordingPictures.traces) == 4
-    for trace, used, had_attention in RecordingPictures.traces:
-        assert had_attention  # FlowCredit asked for the capture, so nothing was captured again
+    # FlowCredit had the step record the rows with a nonzero advantage; only the drawn rows it
+    # skipped (groups with equal rewards) are captured for the pictures.
+    assert sum(captured) == sum(not recorded for _, _, recorded, _ in RecordingPictures.traces)
+    for trace, used, recorded, map_total in RecordingPictures.traces:
+        assert map_total > 1  # a real map (each valid row sums to 1), recorded by the step or captured
         response = [t for t in trace.tokens if t.role != "prompt"]
         assert torch.equal(torch.tensor([t.weight for t in response]), used.float())
         if not trace.degenerate:
@@ -95,8 +105,8 @@ def test_pictures_without_flow_credit_capture_only_the_drawn_rows(tiny_policy_di
     assert calls == [1]
     logged = events(Path(cli.trainer.log_dir))
     assert [i.step for i in logged.Images("flow/picture_0")] == [0]
-    [(trace, used, had_attention)] = RecordingPictures.traces
-    assert not had_attention and torch.equal(used, torch.ones_like(used))  # plain GRPO: all ones
+    [(trace, used, recorded, _)] = RecordingPictures.traces
+    assert not recorded and torch.equal(used, torch.ones_like(used))  # plain GRPO: all ones
 
 
 def test_pick_rows_takes_best_and_worst_of_groups_that_differ():
