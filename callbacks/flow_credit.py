@@ -81,7 +81,8 @@ class FlowCredit(RolloutCallback):
 
     def on_credit(self, trainer: Trainer, pl_module: LightningModule, rollouts: Rollouts, rows: slice) -> None:
         start = time.perf_counter()
-        weights, row_stats = self.compute(rollouts, rows, pl_module.tokenizer)
+        with torch.no_grad():
+            weights, row_stats = self.compute(rollouts, rows, pl_module.tokenizer)
         rollouts.token_weights[rows] = weights[:, rollouts.prompt_ids.shape[1] :].to(rollouts.token_weights.dtype)
         self._row_stats.append(row_stats)
         self._seconds += time.perf_counter() - start
@@ -128,7 +129,7 @@ class FlowCredit(RolloutCallback):
         device = rollouts.completion_ids.device
         local = (rollouts.advantages[rows] != 0).nonzero().squeeze(1).to(device)  # [k] credited, within rows
         picked = torch.arange(len(rollouts), device=device)[rows][local]  # [k] the same, as rollout rows
-        weights = torch.ones(rollouts.attention_mask[rows].shape, device=device)  # [n, T]
+        weights = torch.ones(len(rollouts.completion_ids[rows]), prompt_length + rollouts.completion_ids.shape[1], device=device)  # [n, T]
         if not len(picked):
             nothing = torch.zeros(0, dtype=torch.bool, device=device)
             return weights, {"answer_found": nothing, "fallback": nothing, "nonfinite": nothing, "top_share": torch.zeros(0, device=device)}
@@ -136,12 +137,10 @@ class FlowCredit(RolloutCallback):
         # The completions were decoded before mask_truncated_completions may have emptied a row.
         texts = [rollouts.completions[i] if any_kept else "" for i, any_kept in zip(picked.tolist(), (kept != 0).any(1).tolist())]
         answer, source = answer_masks(tokenizer, rollouts.completion_ids[picked], kept, self.answer_fallback, texts=texts)
-        valid = rollouts.attention_mask[picked].bool()  # [k, T]
-        prompt = torch.zeros_like(valid)
-        prompt[:, :prompt_length] = valid[:, :prompt_length]
-        response = valid & ~prompt  # [k, T]
-        answer_full = torch.zeros_like(valid)
-        answer_full[:, prompt_length:] = answer.to(device)  # [k, T]
+        prompt = torch.cat([rollouts.prompt_mask[picked] != 0, torch.zeros_like(kept, dtype=torch.bool)], dim=1)  # [k, T]
+        response = torch.cat([torch.zeros_like(prompt[:, :prompt_length]), kept != 0], dim=1)  # [k, T]
+        valid = prompt | response  # [k, T]
+        answer_full = torch.cat([prompt[:, :prompt_length] & False, answer.to(device)], dim=1)  # [k, T]
         fallback = ~response.any(dim=1)  # [k] empty responses; flow adds its own degenerate cases
 
         if self.signal == "flow":

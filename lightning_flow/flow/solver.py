@@ -104,7 +104,7 @@ def _solve_flow(p: Tensor, infl: _Influence, stops: Tensor, mu: Tensor, bs: int)
         log_q = infl.log_norm[:, b, None] - infl.log_out[:, :e]  # [N, e]
         q = torch.where(stops[:, :e], 0.0, log_q.exp().clamp(max=big)).to(p.dtype)  # [N, e]
         wt = p[:, s:e, :e] * infl.hhat[:, s:e, None] * q[:, None, :]  # [N, bs (k), e (i)] = Wᵀ
-        rhs = mu[:, s:e] + torch.einsum("nki,ni->nk", wt[:, :, :s], f[:, :s])  # [N, bs]
+        rhs = mu[:, s:e] + torch.einsum("nki,ni->nk", wt[:, :, :s], f[:, :s]) if s else mu[:, s:e]  # [N, bs]
         x = torch.linalg.solve_triangular(-wt[:, :, s:], rhs[..., None], upper=False, unitriangular=True)
         f[:, s:e] = x.squeeze(-1)
     return f
