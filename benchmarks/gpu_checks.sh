@@ -4,7 +4,7 @@
 # Parts (each writes $OUT/<part>.json and $OUT/<part>.log; times measured on an H100):
 #   flow     about 6 min: benchmarks/flow_overhead.py at Qwen2.5-1.5B's shape (bf16 + LoRA, random weights),
 #            L = 256 / 1024 (4096 does not fit: sampling 4096 tokens alone takes about 6 min), N = 16 / 64
-#   flow-update  about 3 min: the same without sampling (shares of the update alone), so L = 4096 fits
+#   flow-update  about 6 min: the same without sampling (shares of the update alone), so L = 4096 fits (one repeat there)
 #   trl      at most 4 min: benchmarks/trl_compare.py, ours vs TRL's GRPOTrainer at Qwen2.5-0.5B's shape (128-token
 #            responses: generate runs about 90 ms a token there, so 256 tokens did not fit 150 s)
 #   configs  about 3 min: benchmarks/gpu_check.py, memory and step time of the real configs (needs bitsandbytes)
@@ -21,8 +21,10 @@ for part in "${parts[@]}"; do
   case $part in
     flow) timeout 360 python3 benchmarks/flow_overhead.py --shape qwen2.5-1.5b --lengths 256 1024 --batches 16 64 \
             --repeats 2 --sample-repeats 1 --out "$out/flow.json" 2>&1 | grep -vi warn | tee "$out/flow.log" ;;
-    flow-update) timeout 170 python3 benchmarks/flow_overhead.py --shape qwen2.5-1.5b --lengths 256 1024 4096 --batches 16 64 \
-            --repeats 2 --no-sampling --out "$out/flow-update.json" 2>&1 | grep -vi warn | tee "$out/flow-update.log" ;;
+    flow-update) timeout 170 python3 benchmarks/flow_overhead.py --shape qwen2.5-1.5b --lengths 256 1024 --batches 16 64 \
+            --repeats 2 --no-sampling --out "$out/flow-update.json" 2>&1 | grep -vi warn | tee "$out/flow-update.log"
+          timeout 240 python3 benchmarks/flow_overhead.py --shape qwen2.5-1.5b --lengths 4096 --batches 16 64 \
+            --repeats 1 --no-sampling --out "$out/flow-update-4096.json" 2>&1 | grep -vi warn | tee "$out/flow-update-4096.log" ;;
     trl) timeout 240 python3 benchmarks/trl_compare.py --device cuda --models qwen2.5-0.5b --steps 2 --warmup 1 --repeats 1 \
             --prompts-per-step 4 --micro-batch 16 --max-new-tokens 128 --out "$out/trl.json" 2>&1 | grep -vi warn | tee "$out/trl.log" ;;
     configs) timeout 200 python3 benchmarks/gpu_check.py --steps 2 --out "$out/configs.json" 2>&1 | grep -vi warn | tee "$out/configs.log" ;;
