@@ -115,8 +115,9 @@ def step_parts(module: GRPOModule, rollouts: Rollouts, length: int, credit: Flow
 
     def update(record: bool = False) -> float:
         n, t = rollouts.attention_mask.shape
-        if record:
+        if record:  # as GRPOModule.first_pass_recording: the rows with a nonzero advantage (here all)
             rollouts.attention = torch.empty(n, t, t, device=module.device)
+            rollouts.attention_recorded = rollouts.advantages != 0
         captured = 0.0
         for rows in module.micro_batches(rollouts):
             if record:
