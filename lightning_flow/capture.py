@@ -201,8 +201,9 @@ class AttentionRecorder:
 
     Memory: one ``[n, T, T]`` float32 sum per forward not yet taken (or the ``out`` buffer given to
     :meth:`run`), plus while a recorded layer runs one chunk of scores and its probabilities (heads ×
-    query rows, together at most a quarter of ``[n, T, T]`` or 8 MiB, see ``_chunk_shape``), one ``[n, 1, T, T]`` bool inverted
-    mask and float32 copies of the chunk's query and key.
+    query rows, together at most a quarter of ``[n, T, T]`` or 8 MiB, see ``_chunk_shape``), one ``[n, 1, T, T]`` bfloat16
+    additive mask (half a map; on a CPU also its float32 cast for one chunk) and float32 copies of
+    the chunk's query and key.
     """
 
     def __init__(self, model: nn.Module, layers: Sequence[int], stop_after_last: bool = False):
@@ -311,14 +312,19 @@ class AttentionRecorder:
         self._sum: Tensor | None = None
         self._valid: Tensor | None = None
         self._rows: Tensor | None = None  # the batch rows this forward records (None: all)
-        self._mask: Tensor | None = None  # the last boolean mask seen, and its inverse (recorded rows)
-        self._blocked: Tensor | None = None
+        self._penalty_of: tuple[Tensor | None] | None = None  # the mask the cached penalty was made from
+        self._penalty: Tensor | None = None
 
-    def _inverted(self, mask: Tensor) -> Tensor:
-        """``~mask`` of the recorded rows, computed once per forward for each mask (layers of one kind share theirs)."""
-        if mask is not self._mask:
-            self._mask, self._blocked = mask, _batch_rows(mask, self._rows).logical_not()
-        return self._blocked
+    def _additive(self, mask: Tensor | None, t: int, device: torch.device) -> Tensor:
+        """[k or 1, 1, T, T] bfloat16 additive mask of the recorded rows: 0 where a query may attend,
+        bfloat16's lowest value where the boolean ``mask`` (or, when None, causality) forbids it.
+        Made once per forward for each mask (layers of one kind share theirs): adding it costs
+        a fraction of a masked_fill broadcast over the heads on a CPU, and bfloat16 halves its memory."""
+        if self._penalty_of is None or self._penalty_of[0] is not mask:
+            allowed = torch.ones(t, t, dtype=torch.bool, device=device).tril_()[None, None] if mask is None else _batch_rows(mask, self._rows)
+            zero, lowest = (torch.tensor(v, dtype=torch.bfloat16, device=device) for v in (0.0, torch.finfo(torch.bfloat16).min))
+            self._penalty_of, self._penalty = (mask,), torch.where(allowed, zero, lowest)
+        return self._penalty
 
     def _wants(self, layer: int | None) -> bool:
         if layer is None or layer not in self.layers or _in_backward():
@@ -347,14 +353,14 @@ class AttentionRecorder:
         group = heads // key.shape[1]
         scaling = kwargs.get("scaling")
         scaling = head_dim**-0.5 if scaling is None else scaling
-        blocked = additive = None
-        causal = False
+        penalty = additive = None
         if attention_mask is None:
             is_causal = kwargs.get("is_causal")
             is_causal = getattr(module, "is_causal", True) if is_causal is None else is_causal
-            causal = bool(is_causal) and t_q > 1
+            if is_causal and t_q > 1:
+                penalty = self._additive(None, t_q, query.device)
         elif attention_mask.dtype == torch.bool:
-            blocked = self._inverted(attention_mask)
+            penalty = self._additive(attention_mask, t_q, query.device)
         else:
             additive = _batch_rows(attention_mask, rows)
         position_bias = _batch_rows(kwargs.get("position_bias"), rows)
@@ -364,8 +370,6 @@ class AttentionRecorder:
                 f"{type(module).__name__} uses attention sink logits, which attention capture does not model"
             )
 
-        if causal:
-            blocked = torch.ones(t_q, t_k, dtype=torch.bool, device=query.device).triu_(1)[None, None]  # [1, 1, T, T]
         # The lowest float instead of -inf: a fully masked (padded) row then gives a uniform row
         # instead of NaN, and padded rows are zeroed at the end anyway.
         lowest = torch.finfo(torch.float32).min
@@ -387,8 +391,8 @@ class AttentionRecorder:
                     scores.add_(_head_rows(position_bias, h0, h1, r0, r1))
                 if additive is not None:
                     scores.add_(_head_rows(additive, h0, h1, r0, r1)).clamp_min_(lowest)  # -inf in a mask stays finite
-                if blocked is not None:
-                    scores.masked_fill_(_head_rows(blocked, h0, h1, r0, r1), lowest)
+                if penalty is not None:  # float32 + bfloat16's lowest stays finite
+                    scores.add_(_head_rows(penalty, h0, h1, r0, r1))
                 probs = torch.softmax(scores, dim=-1)  # fused: fewer passes over the chunk than an in-place softmax
                 del scores
                 head_sum = probs[:, 0] if h1 - h0 == 1 else probs.sum(1)  # [n or k, r, T]
@@ -399,8 +403,8 @@ class AttentionRecorder:
                     self._sum[:, r0:r1].index_add_(0, rows, head_sum, alpha=weight)
         self._seen.append(module.layer_idx)
         if tuple(self._seen) == self.layers:
-            valid = self._valid
-            self._sum.masked_fill_(~valid[:, :, None], 0.0).masked_fill_(~valid[:, None, :], 0.0)
+            valid = self._valid.to(self._sum.dtype)  # a multiply: several times cheaper than masked_fill on a CPU
+            self._sum.mul_(valid[:, :, None]).mul_(valid[:, None, :])
             self._done.append(self._sum)
             self._reset_pass()
 
@@ -459,12 +463,13 @@ def capture_attention(
     Memory: the result ``[N, T, T]`` float32 is the only lasting allocation (each micro-batch's
     maps are summed in place into its slice). On top of it and of the truncated forward's own
     activations, only while a recorded layer runs: one chunk of scores and probabilities (together
-    at most a quarter of an ``[m, T, T]`` map, or 8 MiB), the inverted mask ``[m, 1, T, T]`` bool (a quarter of a map) and
+    at most a quarter of an ``[m, T, T]`` map, or 8 MiB), the additive mask ``[m, 1, T, T]`` bfloat16 (half a map) and
     float32 copies of the chunk's query and key (none for float32 models), m = min(N,
     micro_batch_size). Measured with torch.profiler's CPU memory events (tiny Llama, N = m = 2,
-    T = 1024, one map = 8 MiB; ``tests/test_capture.py``): the recording code's peak is 2.27 maps
-    including the result, and the whole capture peaks at 3.0 maps against 1.9 for the same sdpa
-    forward cut at that layer and 20 for an eager forward with ``output_attentions``.
+    T = 1024, one map = 8 MiB, where the 4 MiB chunk floor is half a map; ``tests/test_capture.py``): the
+    recording code's peak is 3.0 maps including the result (a CPU add casts the chunk's mask to
+    float32 first), and the whole capture peaks at 3.7 maps against 1.9 for the same sdpa forward
+    cut at that layer and 20 for an eager forward with ``output_attentions``.
     """
     if micro_batch_size < 1:
         raise ValueError(f"micro_batch_size={micro_batch_size}: must be at least 1")
