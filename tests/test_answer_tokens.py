@@ -227,6 +227,37 @@ def test_pieces_that_disagree_with_the_text_are_rejected():
     assert answer_module._assemble(decode, ids, ["a", "b", "c"], "abcd", frozenset()) is None
 
 
+def test_spans_from_the_piece_table_only_where_the_pieces_spell_the_text():
+    table = ["a", "", "bc", "d"]  # id 1 decodes to nothing alone (a special token)
+    assert answer_module._spans_from_table(table, [0, 1, 2], "abc") == [(0, 1), (1, 1), (1, 3)]
+    assert answer_module._spans_from_table(table, [0, 2], "a bc") is None  # a space the decoder put between them
+    assert answer_module._spans_from_table(table, [0, 4], "a?") is None  # an id past the table
+
+
+def test_piece_table_gives_the_masks_of_the_incremental_decode(tokenizer, monkeypatch, request):
+    """With the table, rows whose tokens' own texts spell the response skip the incremental decode;
+    the others (split characters, SentencePiece spaces) take it; the masks are the same either way."""
+    table = answer_module.piece_table(tokenizer)
+    assert len(table) == len(tokenizer)
+    rng = random.Random(1)
+    rows = [encode(tokenizer, text) + [tokenizer.eos_token_id] for text, _, _ in CASES]
+    rows += [[rng.randrange(len(tokenizer)) for _ in range(rng.randrange(1, 30))] for _ in range(8)]
+    width = max(map(len, rows))
+    ids = torch.tensor([row + [tokenizer.pad_token_id] * (width - len(row)) for row in rows])
+    mask = torch.tensor([[1.0] * len(row) + [0.0] * (width - len(row)) for row in rows])
+    expected = answer_masks(tokenizer, ids, mask)
+    decoded = []
+    real = answer_module._stream_pieces
+    monkeypatch.setattr(answer_module, "_stream_pieces", lambda backend, row_ids: decoded.append(row_ids) or real(backend, row_ids))
+    got = answer_masks(tokenizer, ids, mask, pieces=table)
+    assert torch.equal(got[0], expected[0]) and torch.equal(got[1], expected[1])
+    ascii_rows = [row for row, (text, _, _) in zip(rows, CASES) if text.isascii()]
+    if request.node.callspec.params["tokenizer"] == "stories260k":
+        assert any(row in decoded for row in ascii_rows)  # a "▁" inside the text decodes alone without its space
+    else:  # byte-level BPE and one-character vocabularies: ASCII rows come from the table
+        assert not any(row in decoded for row in ascii_rows)
+
+
 def test_random_token_sequences_keep_offsets_consistent(tokenizer):
     rng = random.Random(0)
     vocab = len(tokenizer)

@@ -22,7 +22,10 @@ score. ``offsets[j] = (start, end)`` is the span of ``text`` that token ``j`` pr
   spans simply tile ``text``. This way every token that carries a byte of an answer character
   is an answer token.
 
-Method: the ids go through ``tokenizers``' ``DecodeStream`` (one Rust call per token, the
+Method: with a table of every id's text decoded alone (``piece_table``; byte-level BPE and
+one-character vocabularies), a response whose tokens' texts concatenate to its decoded text
+takes those texts as its spans, one lookup per token. Otherwise the ids go through
+``tokenizers``' ``DecodeStream`` (one Rust call per token, the
 decoder's own incremental mode), which yields the new characters each token completes, or
 nothing while a character is still incomplete. When every token either completes text alone or
 is a special token (the common case) the spans are the running sums of the pieces' lengths. A
@@ -99,9 +102,13 @@ def special_token_ids(tokenizer: Any) -> frozenset[int]:
     return frozenset(int(i) for i in (getattr(tokenizer, "all_special_ids", None) or ()))
 
 
-def _offsets(tokenizer: Any, ids: list[int], text: str, special: frozenset[int]) -> list[Span]:
+def _offsets(tokenizer: Any, ids: list[int], text: str, special: frozenset[int], pieces: Sequence[str] | None = None) -> list[Span]:
     if not ids:
         return []
+    if pieces is not None:
+        spans = _spans_from_table(pieces, ids, text)
+        if spans is not None:
+            return spans
     backend = _backend(tokenizer)
     if backend is not None and DecodeStream is not None:
         pieces = _stream_pieces(backend, ids)
@@ -119,6 +126,30 @@ def _offsets(tokenizer: Any, ids: list[int], text: str, special: frozenset[int])
     if spans is None:  # pragma: no cover - decode(ids) differs between two identical calls
         raise RuntimeError("tokenizer.decode is not deterministic; cannot map tokens to characters")
     return spans
+
+
+def piece_table(tokenizer: Any) -> list[str] | None:
+    """Every id's text decoded on its own (``decode([id], skip_special_tokens=True)``), for
+    ``answer_masks(pieces=...)``; None without a ``tokenizers`` backend. One batch decode of the
+    whole vocabulary (tens of ms for 150K ids), so build it once per tokenizer."""
+    backend = _backend(tokenizer)
+    if backend is None:
+        return None
+    return backend.decode_batch([[i] for i in range(backend.get_vocab_size(with_added_tokens=True))], skip_special_tokens=True)
+
+
+def _spans_from_table(pieces: Sequence[str], ids: list[int], text: str) -> list[Span] | None:
+    """Spans from each token's text decoded alone, when those texts concatenate to ``text`` exactly
+    (no character split over tokens, no space that a decoder strips or adds between tokens); None
+    otherwise, or for an id outside the table. Then each token produces its own text, which is
+    also what the incremental decode would attribute to it."""
+    if max(ids) >= len(pieces):
+        return None
+    texts = [pieces[i] for i in ids]
+    if "".join(texts) != text:
+        return None
+    ends = list(accumulate(map(len, texts)))
+    return list(zip([0, *ends], ends))
 
 
 def _backend(tokenizer: Any) -> Any | None:
@@ -349,6 +380,7 @@ def answer_masks(
     fallback: Literal["last_token", "none"] = "last_token",
     eos_token_ids: int | Sequence[int] | None = None,
     texts: Sequence[str] | None = None,
+    pieces: Sequence[str] | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Answer-token masks for a batch of responses.
 
@@ -359,6 +391,9 @@ def answer_masks(
     eos_token_ids    # ids never marked; default tokenizer.eos_token_id
     texts            # [N] each row's decode(kept ids, skip_special_tokens=True) when the caller
                      # already has it (the rollouts' completions): saves a decode per row
+    pieces           # optional ``piece_table(tokenizer)``: rows whose tokens' own texts concatenate
+                     # to the row's text take their spans from it (a lookup per token instead of
+                     # an incremental decode; the others, e.g. SentencePiece's stripped spaces, do not)
     Returns (answer [N, L] bool, source [N] long): SOURCE_BOXED (0), SOURCE_HASH (1),
     SOURCE_FALLBACK (2) or SOURCE_NONE (3). Each row's text is decode(response ids,
     skip_special_tokens=True), the string the rewards score.
@@ -381,7 +416,7 @@ def answer_masks(
         ids = row[:length] if positions is None else [row[j] for j in positions]
         text = tokenizer.decode(ids, skip_special_tokens=True) if texts is None else texts[i]
         span, found = find_answer(text)
-        tokens, from_span = _mark(_offsets(tokenizer, ids, text, special), span, fallback, lambda j, ids=ids: ids[j] in eos)
+        tokens, from_span = _mark(_offsets(tokenizer, ids, text, special, pieces), span, fallback, lambda j, ids=ids: ids[j] in eos)
         source[i] = found if from_span else (SOURCE_FALLBACK if tokens else SOURCE_NONE)
         marked += [i * width + (j if positions is None else positions[j]) for j in tokens]
     answer = torch.zeros(completion_ids.numel(), dtype=torch.bool)
