@@ -24,7 +24,8 @@ class LogThroughLightning(RolloutCallback):
 def test_step_scalars_follow_lightnings_cadence_and_steps(tiny_policy_dir, tmp_path):
     cli = main(["fit", *tiny_args(tiny_policy_dir, tmp_path, steps=7), "--trainer.limit_val_batches=0",
                 "--trainer.log_every_n_steps=3", "--trainer.callbacks+=lightning_flow.callbacks.FlowCredit",
-                "--trainer.callbacks+=tests.test_step_scalars.LogThroughLightning"])
+                "--trainer.callbacks+=tests.test_step_scalars.LogThroughLightning",
+                '--model.rewards.custom={"tests.test_fit.length_reward": 1.0}'])  # nonzero advantages: credit and its histogram every step
     events = EventAccumulator(str(Path(cli.trainer.log_dir)), size_guidance={"histograms": 0, "scalars": 0})
     events.Reload()
     reference = [e.step for e in events.Scalars("probe/lightning")]
