@@ -7,6 +7,7 @@
 #   flow-update  about 6 min: the same without sampling (shares of the update alone), so L = 4096 fits (one repeat there)
 #   trl      at most 4 min: benchmarks/trl_compare.py, ours vs TRL's GRPOTrainer at Qwen2.5-0.5B's shape (128-token
 #            responses: generate runs about 90 ms a token there, so 256 tokens did not fit 150 s)
+#   trl-profile  about 5 min: the same with a torch.profiler op table of one step per framework (where ours loses to TRL)
 #   configs  about 3 min: benchmarks/gpu_check.py, memory and step time of the real configs (needs bitsandbytes)
 set -uo pipefail
 out=${OUT:-results}
@@ -27,7 +28,9 @@ for part in "${parts[@]}"; do
             --repeats 1 --no-sampling --out "$out/flow-update-4096.json" 2>&1 | grep -vi warn | tee "$out/flow-update-4096.log" ;;
     trl) timeout 240 python3 benchmarks/trl_compare.py --device cuda --models qwen2.5-0.5b --steps 2 --warmup 1 --repeats 1 \
             --prompts-per-step 4 --micro-batch 16 --max-new-tokens 128 --out "$out/trl.json" 2>&1 | grep -vi warn | tee "$out/trl.log" ;;
+    trl-profile) timeout 300 python3 benchmarks/trl_compare.py --device cuda --models qwen2.5-0.5b --steps 3 --warmup 1 --repeats 1 \
+            --prompts-per-step 4 --micro-batch 16 --max-new-tokens 128 --profile --out "$out/trl-profile.json" 2>&1 | grep -vi warn | tee "$out/trl-profile.log" ;;
     configs) timeout 200 python3 benchmarks/gpu_check.py --steps 2 --out "$out/configs.json" 2>&1 | grep -vi warn | tee "$out/configs.log" ;;
-    *) echo "unknown part $part (flow, flow-update, trl, configs)"; exit 2 ;;
+    *) echo "unknown part $part (flow, flow-update, trl, trl-profile, configs)"; exit 2 ;;
   esac
 done

@@ -49,14 +49,22 @@ FRAMEWORKS = ["ours", "trl", "ours+flow"]  # round 1 runs this order: ours vs TR
 
 
 class StepRecord:
-    """Per-step timestamps and token counts, filled by the framework's own step hooks."""
+    """Per-step timestamps and token counts, filled by the framework's own step hooks; with
+    ``profile_step`` set, that step also runs under torch.profiler (``profile_table``)."""
 
-    def __init__(self) -> None:
+    def __init__(self, profile_step: int | None = None) -> None:
         self.steps: list[dict] = []
         self._current: dict = {}
+        self.profile_step = profile_step
+        self._profiler: torch.profiler.profile | None = None
+        self.profile_table = ""
 
     def begin(self) -> None:
         synchronize()
+        if len(self.steps) == self.profile_step:
+            activities = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+            self._profiler = torch.profiler.profile(activities=activities)
+            self._profiler.start()
         self._current = {"start": time.perf_counter()}
 
     def generated(self, seconds: float, completion_mask: torch.Tensor, prompt_mask: torch.Tensor) -> None:
@@ -70,6 +78,11 @@ class StepRecord:
         step = self._current.pop("start")
         self._current["step_s"] = time.perf_counter() - step
         self.steps.append(self._current)
+        if self._profiler is not None:  # timed above without the profiler's own cost
+            self._profiler.stop()
+            sort = "self_cuda_time_total" if torch.cuda.is_available() else "self_cpu_time_total"
+            self.profile_table = self._profiler.key_averages().table(sort_by=sort, row_limit=40)
+            self._profiler = None
 
 
 def time_generation(owner, name: str, record: StepRecord, masks) -> None:
@@ -180,13 +193,13 @@ def run_trl(args, record: StepRecord, workdir: str) -> None:
 def worker(args) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
-    record = StepRecord()
+    record = StepRecord(profile_step=args.warmup if args.profile else None)
     with tempfile.TemporaryDirectory() as workdir:
         if args.worker == "trl":
             run_trl(args, record, workdir)
         else:
             run_ours(args, record, args.worker == "ours+flow", workdir)
-    args.result.write_text(json.dumps({"steps": record.steps, "peak_memory_bytes": peak_memory_bytes()}))
+    args.result.write_text(json.dumps({"steps": record.steps, "peak_memory_bytes": peak_memory_bytes(), "profile": record.profile_table}))
 
 
 def summarise_run(run: dict, warmup: int) -> dict:
@@ -255,6 +268,8 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--threads", type=int, default=0, help="torch threads per run (0: torch's default); 1 is steadier on a busy CPU")
     parser.add_argument("--out", type=Path, default=None, help="also write runs and summaries as JSON")
+    parser.add_argument("--profile", action="store_true",
+                        help="also profile each run's first step after warm-up (left out of its medians) and write the op tables next to --out")
     parser.add_argument("--worker", choices=FRAMEWORKS, help=argparse.SUPPRESS)
     parser.add_argument("--model-path", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--result", type=Path, help=argparse.SUPPRESS)
@@ -281,7 +296,11 @@ def main() -> None:
                     if done.returncode:
                         raise SystemExit(f"{fw} on {model} failed:\n{done.stderr[-4000:]}")
                     run = json.loads(result.read_text())
-                    runs[fw].append({**summarise_run(run, args.warmup), "raw": run})
+                    table = run.pop("profile")
+                    if table and args.out:
+                        args.out.parent.mkdir(parents=True, exist_ok=True)
+                        args.out.with_name(f"{args.out.stem}-{model}-{fw}-round{round_ + 1}.profile.txt").write_text(table)
+                    runs[fw].append({**summarise_run(run, args.warmup + args.profile), "raw": run})  # the profiled step left out
                     print(f"{model} round {round_ + 1} {fw}: " + json.dumps({k: round(v, 4) for k, v in runs[fw][-1].items() if k != "raw"}), flush=True)
             summary = summarise(runs)
             results["models"][model] = {**summary, "runs": runs}
