@@ -1,0 +1,111 @@
+"""What flow credit adds to a step of a config, measured A/B on identical rollouts in one process.
+
+    python benchmarks/credit_ab.py                                  # configs/demo-flow.yaml's model and FlowCredit
+    python benchmarks/credit_ab.py --config configs/demo-flow.yaml --batches 8 --repeats 12 --threads 1
+
+The config's model samples ``--batches`` batches of rollouts once; then, alternating, the same
+update runs over each of them without credit (no attention recorded, uniform weights) and with
+the config's ``FlowCredit`` (recording in the update's forward, credit per micro-batch, and its
+``on_rollouts_end``). Reported, as medians over the batches and the repeats after the first two:
+the update without and with credit, their difference (what credit adds), the logged capture and
+credit seconds, and the difference as a share of a step = sampling (timed on the same batches)
++ the update without credit. Unlike the logged ``perf/*_share`` scalars, the difference also
+holds what the stopwatches do not see (switching the attention implementation, buffers, calls).
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import statistics
+import tempfile
+import time
+
+import torch
+
+from lightning.pytorch import Callback
+
+from lightning_flow.callbacks import FlowCredit
+from lightning_flow.cli import main as cli_main
+
+
+class OnFirstBatch(Callback):
+    """Runs ``fn(trainer, module)`` when the first training batch starts."""
+
+    def __init__(self, fn) -> None:
+        self.fn = fn
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self.fn(trainer, pl_module)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", default="configs/demo-flow.yaml", help="a config whose trainer.callbacks hold a FlowCredit")
+    parser.add_argument("--batches", type=int, default=8)
+    parser.add_argument("--repeats", type=int, default=12, help="rounds over the batches; the first two are warm-up")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    workdir = tempfile.mkdtemp(prefix="credit_ab-")  # the config's checkpoints land here, not in the repo
+    cli = cli_main(["--config", args.config, "--trainer.logger=false", "--trainer.enable_progress_bar=false",
+                    f"--trainer.default_root_dir={workdir}", "--trainer.max_steps=1", "--trainer.limit_val_batches=0"], run=False)
+    credits = [c for c in cli.trainer.callbacks if isinstance(c, FlowCredit)]
+    if not credits:
+        raise SystemExit(f"{args.config} lists no FlowCredit under trainer.callbacks")
+    credit, module, trainer = credits[0], cli.model, cli.trainer
+    trainer.callbacks.remove(credit)
+    times: dict[str, list[float]] = {"sampling": [], "off": [], "on": [], "capture": [], "credit": []}
+
+    def measure(trainer_, pl_module) -> None:
+        loader = iter(trainer_.datamodule.train_dataloader())
+        batches = [next(loader) for _ in range(args.batches)]
+        rollouts = []
+        for batch_ in batches:
+            start = time.perf_counter()
+            rollouts.append(pl_module.make_rollouts(batch_))
+            times["sampling"].append(time.perf_counter() - start)
+        layers = pl_module.attention_layers
+        for repeat in range(args.repeats):
+            for mode in ("off", "on"):
+                if mode == "on":
+                    trainer_.callbacks.append(credit)
+                    credit.setup(trainer_, pl_module, "fit")  # asks the module for attention
+                for item in rollouts:
+                    item.token_weights = torch.ones_like(item.completion_mask)
+                    item.attention = item.attention_recorded = None
+                    pl_module.capture_seconds = pl_module.credit_seconds = 0.0
+                    start = time.perf_counter()
+                    pl_module.update(item)
+                    if mode == "on":
+                        credit.on_rollouts_end(trainer_, pl_module, item)
+                    elapsed = time.perf_counter() - start
+                    if repeat >= 2:
+                        times[mode].append(elapsed)
+                        if mode == "on":
+                            times["capture"].append(pl_module.capture_seconds)
+                            times["credit"].append(pl_module.credit_seconds)
+                if mode == "on":
+                    trainer_.callbacks.remove(credit)
+                    pl_module.attention_layers = layers  # back to no recording
+        trainer_.should_stop = True
+
+    trainer.callbacks.append(OnFirstBatch(measure))  # inside fit, where the update's optimizer and strategy exist
+    try:
+        trainer.fit(module, cli.datamodule)
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+
+    median = {key: statistics.median(values) for key, values in times.items()}
+    added = median["on"] - median["off"]
+    step = median["sampling"] + median["off"]
+    print(f"threads {torch.get_num_threads()}; {args.batches} batches x {args.repeats - 2} repeats")
+    print(f"step without credit {1000 * step:.1f} ms (sampling {1000 * median['sampling']:.1f} + update {1000 * median['off']:.1f})")
+    print(f"update with credit {1000 * median['on']:.1f} ms: credit adds {1000 * added:.2f} ms = {100 * added / step:.2f} % of the step "
+          f"(logged: capture {1000 * median['capture']:.2f} ms, credit {1000 * median['credit']:.2f} ms)")
+
+
+if __name__ == "__main__":
+    main()
