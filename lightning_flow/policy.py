@@ -15,7 +15,7 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from torch import Tensor
 from transformers import AutoModelForCausalLM, BitsAndBytesConfig, GenerationConfig, LogitsProcessorList, PreTrainedModel
 
-from lightning_flow.seeded_sampling import SeededGumbelSampler
+from lightning_flow.seeded_sampling import SeededSampler
 from lightning_flow.tokenizer import model_source_errors
 
 log = logging.getLogger(__name__)
@@ -155,17 +155,17 @@ def generate(
     prompt_ids, prompt_mask: [B, P], left-padded. A fresh GenerationConfig is used so that a
     model's own defaults (top_k, repetition penalty) never change the sampling distribution
     that the loss's log-probs assume. With ``row_seeds`` ([B * n] int) each response draws its
-    noise from its own seed (``SeededGumbelSampler``) instead of the process's RNG.
+    randomness from its own seed (``SeededSampler``) instead of the process's RNG.
     """
     n = num_return_sequences or (1 if greedy else cfg.num_generations)
     processors = LogitsProcessorList()
     if row_seeds is not None and not greedy:
         if len(row_seeds) != len(prompt_ids) * n:
             raise ValueError(f"row_seeds has {len(row_seeds)} seeds for {len(prompt_ids)} prompts x {n} responses")
-        # Greedy decoding of seeded-Gumbel-perturbed scores is sampling; rows are expanded here
+        # Greedy decoding of the seeded draw (its only finite score) is sampling; rows are expanded here
         # because transformers only repeats prompts itself when it samples or beam-searches.
         prompt_ids, prompt_mask = prompt_ids.repeat_interleave(n, 0), prompt_mask.repeat_interleave(n, 0)
-        processors.append(SeededGumbelSampler(row_seeds, prompt_ids.shape[1], cfg.temperature, cfg.top_k, cfg.top_p))
+        processors.append(SeededSampler(row_seeds, prompt_ids.shape[1], cfg.temperature, cfg.top_k, cfg.top_p))
         greedy, n = True, 1
     generation_config = GenerationConfig(
         do_sample=not greedy,

@@ -3,16 +3,18 @@
 ``transformers`` samples with the process-wide torch RNG, so a response depends on everything
 sampled before it: the batch layout, the rank it runs on, a restart. Here each response row has
 its own 32-bit seed (from the run seed, the step and the prompt's source), and the token at
-position ``t`` is the Gumbel-max sample ``argmax(log p + G)`` with ``G = -log(-log U)`` and ``U``
-a counter-based hash of (row seed, t, token id). The Gumbel-max trick draws exactly from
-``softmax(log p)``, so the distribution is the sampler's; only where the noise comes from changes.
+position ``t`` is drawn by inverting the sampler's CDF at ``U``, a counter-based hash of
+(row seed, t): the first token whose cumulative probability (in float64, so tail tokens keep
+their mass) exceeds ``U`` times the total. That draws exactly from the tempered, top-k/top-p
+softmax; only where the randomness comes from changes. One uniform per row and token keeps it
+cheap at large vocabularies: a Gumbel-max draw hashing a noise value for every vocabulary entry
+took 188 ms a token for 32 rows of Qwen's 151,936 entries on this project's CPU, this 27 ms.
 """
 
 from __future__ import annotations
 
 import hashlib
 
-import numpy as np
 import torch
 from torch import Tensor
 from transformers import LogitsProcessor, TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
@@ -33,12 +35,10 @@ def _hash32(x: Tensor) -> Tensor:
     return x ^ (x >> 16)
 
 
-def counter_uniforms(row_seeds: Tensor, position: int, vocab_size: int) -> Tensor:
-    """U(0, 1) noise [N, V] as float64, a pure function of (row seed, position, token id)."""
-    row = _hash32(_hash32(row_seeds.long() & _MASK32) ^ position)  # [N]
-    token = torch.arange(vocab_size, device=row_seeds.device)
-    bits = _hash32(row[:, None] ^ token[None, :])  # [N, V]
-    return (bits.double() + 0.5) / 2**32  # never exactly 0 or 1
+def counter_uniform(row_seeds: Tensor, position: int) -> Tensor:
+    """U(0, 1) [N] as float64, a pure function of (row seed, position); never exactly 0 or 1."""
+    bits = _hash32(_hash32(row_seeds.long() & _MASK32) ^ position)  # [N]
+    return (bits.double() + 0.5) / 2**32
 
 
 def response_seeds(seed: int, step: int, sources: list[str], group: int) -> Tensor:
@@ -52,10 +52,10 @@ def response_seeds(seed: int, step: int, sources: list[str], group: int) -> Tens
     return torch.tensor(seeds, dtype=torch.long)
 
 
-class SeededGumbelSampler(LogitsProcessor):
+class SeededSampler(LogitsProcessor):
     """Turns greedy decoding into per-row seeded sampling: temperature, top-k and top-p as
-    ``transformers`` applies them when sampling, then Gumbel noise, so that greedy's argmax picks
-    the sample."""
+    ``transformers`` applies them when sampling, then each row's draw (see the module docstring)
+    becomes its only finite score, so that greedy's argmax picks it."""
 
     def __init__(self, row_seeds: Tensor, prompt_length: int, temperature: float, top_k: int, top_p: float) -> None:
         self.row_seeds, self.prompt_length = row_seeds, prompt_length
@@ -70,13 +70,9 @@ class SeededGumbelSampler(LogitsProcessor):
         scores = torch.where(scores.isnan(), float("-inf"), scores)  # a NaN never wins; the update skips such steps
         for warper in self.warpers:
             scores = warper(input_ids, scores)
-        # On the scores' device: a [N, V] hash per token on the host would stall a GPU sampler.
-        self.row_seeds = self.row_seeds.to(scores.device)
-        uniforms = counter_uniforms(self.row_seeds, input_ids.shape[1] - self.prompt_length, scores.shape[1])
-        if uniforms.is_cuda:
-            gumbel = -torch.log(-torch.log(uniforms))
-        else:
-            # numpy's log: torch spreads this small op over its threads, which on a busy CPU cost
-            # 10 ms per token in measurements here (numpy: 0.01 ms).
-            gumbel = torch.from_numpy(-np.log(-np.log(uniforms.numpy())))
-        return scores + gumbel.to(scores.device, scores.dtype)
+        self.row_seeds = self.row_seeds.to(scores.device)  # on the scores' device: no host round trip per token
+        cdf = torch.softmax(scores, dim=-1).double().cumsum(dim=-1)  # [N, V]
+        target = counter_uniform(self.row_seeds, input_ids.shape[1] - self.prompt_length) * cdf[:, -1]  # [N]
+        # The first token whose CDF exceeds the target: a token of probability 0 never is.
+        token = torch.searchsorted(cdf, target[:, None], right=True).clamp_(max=scores.shape[1] - 1)  # [N, 1]
+        return torch.full_like(scores, float("-inf")).scatter_(1, token, 0.0)

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from lightning_flow.policy import PolicyConfig, SamplingConfig, eos_token_ids, generate, load_policy
-from lightning_flow.seeded_sampling import SeededGumbelSampler, counter_uniforms, response_seeds
+from lightning_flow.seeded_sampling import SeededSampler, counter_uniform, response_seeds
 from lightning_flow.tokenizer import load_tokenizer
 
 ROWS = 40_000
@@ -14,7 +14,7 @@ ROWS = 40_000
 
 def sampled_frequencies(logits: torch.Tensor, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
     """Token frequencies of ROWS independent seeded draws from one distribution (one position)."""
-    sampler = SeededGumbelSampler(torch.arange(ROWS), prompt_length=3, temperature=temperature, top_k=top_k, top_p=top_p)
+    sampler = SeededSampler(torch.arange(ROWS), prompt_length=3, temperature=temperature, top_k=top_k, top_p=top_p)
     scores = sampler(torch.zeros(ROWS, 3, dtype=torch.long), logits.expand(ROWS, -1).clone())
     return torch.bincount(scores.argmax(1), minlength=len(logits)).double() / ROWS
 
@@ -45,12 +45,25 @@ def test_top_k_and_top_p_renormalise_the_kept_tokens():
 
 
 def test_uniforms_are_uniform_and_independent_of_the_batch():
-    uniforms = counter_uniforms(torch.arange(2000), position=5, vocab_size=50)
+    uniforms = counter_uniform(torch.arange(100_000), position=5)
     assert 0 < uniforms.min() and uniforms.max() < 1
-    assert abs(uniforms.mean().item() - 0.5) < 0.005 and abs(uniforms.var().item() - 1 / 12) < 0.002
-    # A row's noise depends on its own seed and position only.
-    torch.testing.assert_close(counter_uniforms(torch.tensor([7]), 5, 50)[0], uniforms[7], rtol=0, atol=0)
-    assert not torch.equal(counter_uniforms(torch.tensor([7]), 6, 50), uniforms[7:8])
+    assert abs(uniforms.mean().item() - 0.5) < 0.003 and abs(uniforms.var().item() - 1 / 12) < 0.001
+    # A row's draw depends on its own seed and position only, and positions are uncorrelated.
+    torch.testing.assert_close(counter_uniform(torch.tensor([7]), 5)[0], uniforms[7], rtol=0, atol=0)
+    next_position = counter_uniform(torch.arange(100_000), position=6)
+    assert abs(torch.corrcoef(torch.stack([uniforms, next_position]))[0, 1].item()) < 0.01
+
+
+def test_a_long_tail_of_small_probabilities_keeps_its_mass():
+    """50K tokens share half the mass (1e-5 each, after a token of 0.5): the CDF is summed in
+    float64, so the tail is drawn as often as its total says."""
+    logits = torch.cat([torch.tensor([0.0]), torch.full((50_000,), -torch.log(torch.tensor(50_000.0)).item())])
+    tail = 0
+    for seeds in torch.arange(4000).split(500):  # 500 rows at a time: [500, 50001] float64 CDFs
+        sampler = SeededSampler(seeds, prompt_length=0, temperature=1.0, top_k=0, top_p=1.0)
+        drawn = sampler(torch.zeros(len(seeds), 1, dtype=torch.long), logits.expand(len(seeds), -1).clone()).argmax(1)
+        tail += int((drawn > 0).sum())
+    assert abs(tail / 4000 - 0.5) <= 5 * (0.25 / 4000) ** 0.5  # 5 binomial standard deviations
 
 
 def test_response_seeds_depend_on_prompt_not_position():
