@@ -98,8 +98,8 @@ def incoming_capacities(attention: Tensor, valid: Tensor, cfg: FlowConfig, size:
     size = t if size is None else size
     keep_src = (valid & ~sink_mask(valid, cfg.sink_tokens)).to(cfg.dtype)  # [N, T] may send edges
     keep_dst = valid.to(cfg.dtype)  # [N, T]
-    p = torch.zeros(n, size, size, dtype=cfg.dtype, device=attention.device)  # [N, S, S]
     rows = cfg.block_size  # query rows per step bound the temporaries to [N, rows, rows + r0]
+    p = None if size == t <= rows else torch.zeros(n, size, size, dtype=cfg.dtype, device=attention.device)  # [N, S, S]
     for r0 in range(0, t, rows):
         r1 = min(t, r0 + rows)
         # Keys i < k only: the columns past r1 are never edges, and tril drops i >= k.
@@ -108,6 +108,8 @@ def incoming_capacities(attention: Tensor, valid: Tensor, cfg: FlowConfig, size:
         a = torch.where(a >= cfg.min_capacity, a, 0.0)  # also turns NaN into "no edge"
         if cfg.max_in_degree is not None and cfg.max_in_degree < r1:
             a = _strongest(a, cfg.max_in_degree)
+        if p is None:  # one block, no padding: the block is the whole matrix
+            return a
         p[:, r0:r1, :r1] = a
     return p
 

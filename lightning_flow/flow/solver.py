@@ -37,7 +37,7 @@ class FlowResult:
 
 def _pad(x: Tensor, size: int) -> Tensor:
     """Right-pad the last dimension of a [N, T] tensor with zeros / False to `size`."""
-    return torch.nn.functional.pad(x, (0, size - x.shape[-1]))
+    return x if size == x.shape[-1] else torch.nn.functional.pad(x, (0, size - x.shape[-1]))
 
 
 def _finite_max(x: Tensor) -> Tensor:
@@ -65,16 +65,18 @@ def _solve_h(p: Tensor, answer: Tensor, bs: int) -> _Influence:
     passes_on = (~answer).to(p.dtype)  # [N, S] answer tokens feed the super-sink only
     for b in reversed(range(nb)):
         s, e = b * bs, (b + 1) * bs
-        log_later = torch.full((n, bs), _NEG_INF, dtype=torch.float64, device=p.device)  # [N, bs]
         if e < size:
             # What each later block receives from this one, in that block's own scale, combined in
             # log space so that blocks of very different magnitude neither overflow nor vanish.
             later = p[:, e:, s:e].unflatten(1, (nb - b - 1, bs))  # [N, nl, bs (k), bs (i)]
             part = torch.einsum("nlki,nlk->nil", later, hhat[:, e:].view(n, nb - b - 1, bs))  # [N, bs, nl]
             log_later = torch.logsumexp(part.double().log() + log_norm[:, None, b + 1 :], dim=-1)
-        log_rhs = torch.where(answer[:, s:e], 0.0, log_later)  # [N, bs]; h(a) = 1
-        ref = _finite_max(log_rhs)  # [N, 1]
-        rhs = (log_rhs - ref).exp().to(p.dtype)  # [N, bs] max 1 (or all 0)
+            log_rhs = torch.where(answer[:, s:e], 0.0, log_later)  # [N, bs]; h(a) = 1
+            ref = _finite_max(log_rhs)  # [N, 1]
+            rhs = (log_rhs - ref).exp().to(p.dtype)  # [N, bs] max 1 (or all 0)
+        else:  # the last block receives nothing from later ones: its right-hand side is h(a) = 1 on the answer
+            log_later, ref = None, torch.zeros(n, 1, dtype=torch.float64, device=p.device)
+            rhs = answer[:, s:e].to(p.dtype)  # [N, bs]
         inner = p[:, s:e, s:e]  # [N, bs (k), bs (i)] edges inside the block
         upper = -(inner * passes_on[:, None, s:e]).transpose(1, 2)  # [N, i, k]; unit diagonal implied
         x = torch.linalg.solve_triangular(upper, rhs[..., None], upper=True, unitriangular=True)
@@ -84,7 +86,7 @@ def _solve_h(p: Tensor, answer: Tensor, bs: int) -> _Influence:
         hhat[:, s:e] = torch.where(alive, x / torch.where(alive, top, 1.0), 0.0)
         log_norm[:, b] = torch.where(alive, ref + top.double().log(), 0.0).squeeze(-1)
         within = torch.einsum("nki,nk->ni", inner, hhat[:, s:e]).double().log() + log_norm[:, b, None]
-        log_out[:, s:e] = torch.logaddexp(log_later, within)  # [N, bs]
+        log_out[:, s:e] = within if log_later is None else torch.logaddexp(log_later, within)  # [N, bs]
     return _Influence(hhat, log_norm, log_out)
 
 
