@@ -1,8 +1,8 @@
 """A training step's scalars, reduced over ranks in one go and written to the loggers in one call.
 
-Lightning's ``self.log`` costs about 0.25 ms a key on a CPU (each call moves the metric's whole
-state to the value's device), so the ~35 scalars of a GRPO step would take about 7 % of a demo
-step. The module and the rollout callbacks ``add`` their scalars here during the step; the module
+Lightning's ``self.log`` costs about 0.26 ms a key on this project's CPU (each call moves the
+metric's whole state to the value's device): the 35 scalars of a demo step took 10.4 ms of a
+0.154 s step. The module and the rollout callbacks ``add`` their scalars here during the step; the module
 ``write``s them once at its end: on logging steps only (Lightning's rule), after one all-reduce
 per kind of reduction, straight to every logger at Lightning's step (the batch index), so they
 sit on the same axis as anything logged with ``self.log``.

@@ -131,7 +131,7 @@ def _offsets(tokenizer: Any, ids: list[int], text: str, special: frozenset[int],
 def piece_table(tokenizer: Any) -> list[str] | None:
     """Every id's text decoded on its own (``decode([id], skip_special_tokens=True)``), for
     ``answer_masks(pieces=...)``; None without a ``tokenizers`` backend. One batch decode of the
-    whole vocabulary (tens of ms for 150K ids), so build it once per tokenizer."""
+    whole vocabulary (0.2 s for GPT-2's 50K ids on this project's CPU), so build it once per tokenizer."""
     backend = _backend(tokenizer)
     if backend is None:
         return None
