@@ -53,8 +53,8 @@ _ACTIVE: dict[int, "AttentionRecorder"] = {}
 
 _SWITCHES: "weakref.WeakKeyDictionary[PreTrainedModel, dict[str, list[tuple[Any, Any]]]]" = weakref.WeakKeyDictionary()
 """Per model and recording implementation: every config and the value ``set_attn_implementation``
-gave it at the model's first recording; later recordings set those values directly (the switch
-walks every module, about 0.25 ms a step even on the 2-layer demo model)."""
+gave it at the model's first recording; later recordings set those values directly instead of
+walking every module of the model again."""
 
 
 _MIN_CHUNK_ELEMENTS = 2**20
@@ -332,8 +332,8 @@ class AttentionRecorder:
     def _additive(self, mask: Tensor | None, t: int, device: torch.device) -> Tensor:
         """[k or 1, 1, T, T] bfloat16 additive mask of the recorded rows: 0 where a query may attend,
         bfloat16's lowest value where the boolean ``mask`` (or, when None, causality) forbids it.
-        Made once per forward for each mask (layers of one kind share theirs): adding it costs
-        a fraction of a masked_fill broadcast over the heads on a CPU, and bfloat16 halves its memory."""
+        Made once per forward for each mask (layers of one kind share theirs): on a CPU an add is
+        several times cheaper than a masked_fill broadcast over the heads, and bfloat16 halves its memory."""
         if self._penalty_of is None or self._penalty_of[0] is not mask:
             allowed = torch.ones(t, t, dtype=torch.bool, device=device).tril_()[None, None] if mask is None else _batch_rows(mask, self._rows)
             zero, lowest = (torch.tensor(v, dtype=torch.bfloat16, device=device) for v in (0.0, torch.finfo(torch.bfloat16).min))
@@ -417,7 +417,7 @@ class AttentionRecorder:
                     self._sum[:, r0:r1].index_add_(0, rows, head_sum, alpha=weight)
         self._seen.append(module.layer_idx)
         if tuple(self._seen) == self.layers:
-            valid = self._valid.to(self._sum.dtype)  # a multiply: several times cheaper than masked_fill on a CPU
+            valid = self._valid.to(self._sum.dtype)  # a multiply: cheaper than masked_fill on a CPU
             self._sum.mul_(valid[:, :, None]).mul_(valid[:, None, :])
             self._done.append(self._sum)
             self._reset_pass()

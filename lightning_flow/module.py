@@ -252,17 +252,14 @@ class GRPOModule(L.LightningModule):
     def first_pass_recording(self, rollouts: Rollouts) -> Iterator[AttentionRecorder | None]:
         """Opens the step's first pass over the rollouts: allocates ``rollouts.entropy`` and, when a
         callback asked for attention, ``rollouts.attention`` and the recorder that fills it (None
-        otherwise). Entered once per pass, since switching the attention implementation walks
-        every module of the model."""
+        otherwise); entered once per pass, not per micro-batch."""
         n, t = rollouts.attention_mask.shape
         rollouts.entropy = torch.zeros_like(rollouts.completion_mask)
         if not self.attention_layers:
             yield None
             return
         rollouts.attention = torch.empty(n, t, t, dtype=torch.float32, device=rollouts.completion_ids.device)
-        rollouts.attention_recorded = torch.ones_like(rollouts.advantages, dtype=torch.bool)
-        if not self.record_zero_advantage:
-            rollouts.attention_recorded &= rollouts.advantages != 0
+        rollouts.attention_recorded = torch.ones_like(rollouts.credited) if self.record_zero_advantage else rollouts.credited
         with AttentionRecorder(self.policy, self.attention_layers) as recorder:
             yield recorder
         self.capture_seconds += recorder.stopwatch.seconds()

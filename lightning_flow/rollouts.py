@@ -28,11 +28,11 @@ class Rollouts:
     advantages: Tensor  # [N] float, group-normalised
     zero_std_groups: Tensor  # [N / G] bool, groups whose rewards were all equal
     token_weights: Tensor  # [N, L] float, per-token credit multiplying the advantage (default ones)
-    step: int = 0  # trainer.global_step when this step began: the step its pictures and histograms are logged at
+    step: int = 0  # trainer.global_step when this step began: the step FlowPictures logs at
     old_logps: Tensor | None = None  # [N, L] float, sampling policy's log-probs (num_iterations > 1)
     ref_logps: Tensor | None = None  # [N, L] float, adapter-disabled log-probs (beta > 0)
     attention: Tensor | None = None  # [N, P + L, P + L] float32 head- and layer-mean attention (query, key), when a callback asked for it
-    attention_recorded: Tensor | None = None  # [N] bool, rows whose attention was recorded (unless asked for, not those with a zero advantage; the others are zero)
+    attention_recorded: Tensor | None = None  # [N] bool, rows whose map in `attention` was recorded (by default the `credited` ones; the others are zero)
     entropy: Tensor | None = None  # [N, L] float, predictive entropy of each completion position (the step's first policy pass)
 
     @property
@@ -42,6 +42,12 @@ class Rollouts:
     @property
     def attention_mask(self) -> Tensor:  # [N, P + L]
         return torch.cat([self.prompt_mask, self.completion_mask.to(self.prompt_mask.dtype)], dim=1)
+
+    @property
+    def credited(self) -> Tensor:  # [N] bool
+        """Responses whose credit can reach the gradient: the loss multiplies token weights into
+        the advantage, so a zero advantage (a group whose rewards were all equal) cancels any."""
+        return self.advantages != 0
 
     def __len__(self) -> int:
         return self.completion_ids.shape[0]

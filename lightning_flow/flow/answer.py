@@ -131,7 +131,7 @@ def _offsets(tokenizer: Any, ids: list[int], text: str, special: frozenset[int],
 def piece_table(tokenizer: Any) -> list[str] | None:
     """Every id's text decoded on its own (``decode([id], skip_special_tokens=True)``), for
     ``answer_masks(pieces=...)``; None without a ``tokenizers`` backend. One batch decode of the
-    whole vocabulary (0.2 s for GPT-2's 50K ids on this project's CPU), so build it once per tokenizer."""
+    whole vocabulary, so build it once per tokenizer."""
     backend = _backend(tokenizer)
     if backend is None:
         return None
@@ -146,9 +146,12 @@ def _spans_from_table(pieces: Sequence[str], ids: list[int], text: str) -> list[
     if max(ids) >= len(pieces):
         return None
     texts = [pieces[i] for i in ids]
-    if "".join(texts) != text:
-        return None
-    ends = list(accumulate(map(len, texts)))
+    return _running_spans(texts) if "".join(texts) == text else None
+
+
+def _running_spans(pieces: Sequence[str]) -> list[Span]:
+    """Spans of pieces laid end to end: piece j covers [sum of the lengths before it, + its own)."""
+    ends = list(accumulate(map(len, pieces)))
     return list(zip([0, *ends], ends))
 
 
@@ -210,10 +213,8 @@ def _assemble(decode: Decode, ids: list[int], pieces: list[str], text: str, spec
     if not text.startswith(joined):
         return None
     if len(joined) == len(text) and special.issuperset(compress(ids, map(not_, pieces))):
-        # Each token completes its own text or is a special token (no text): no run to resolve,
-        # the spans are running sums of the pieces' lengths.
-        ends = list(accumulate(map(len, pieces)))
-        return list(zip([0, *ends], ends))
+        # Each token completes its own text or is a special token (no text): no run to resolve.
+        return _running_spans(pieces)
     spans: list[Span] = [(0, 0)] * len(ids)
     pos = start = 0
     for j, piece in enumerate(pieces):

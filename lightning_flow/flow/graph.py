@@ -98,19 +98,23 @@ def incoming_capacities(attention: Tensor, valid: Tensor, cfg: FlowConfig, size:
     size = t if size is None else size
     keep_src = (valid & ~sink_mask(valid, cfg.sink_tokens)).to(cfg.dtype)  # [N, T] may send edges
     keep_dst = valid.to(cfg.dtype)  # [N, T]
-    rows = cfg.block_size  # query rows per step bound the temporaries to [N, rows, rows + r0]
-    p = None if size == t <= rows else torch.zeros(n, size, size, dtype=cfg.dtype, device=attention.device)  # [N, S, S]
-    for r0 in range(0, t, rows):
-        r1 = min(t, r0 + rows)
+
+    def block(r0: int, r1: int) -> Tensor:  # [N, r1 - r0, r1] the edges into query rows r0:r1
         # Keys i < k only: the columns past r1 are never edges, and tril drops i >= k.
-        a = attention[:, r0:r1, :r1].to(cfg.dtype).tril(r0 - 1)  # [N, r, r1]
+        a = attention[:, r0:r1, :r1].to(cfg.dtype).tril(r0 - 1)
         a = a * keep_dst[:, r0:r1, None] * keep_src[:, None, :r1]
         a = torch.where(a >= cfg.min_capacity, a, 0.0)  # also turns NaN into "no edge"
         if cfg.max_in_degree is not None and cfg.max_in_degree < r1:
             a = _strongest(a, cfg.max_in_degree)
-        if p is None:  # one block, no padding: the block is the whole matrix
-            return a
-        p[:, r0:r1, :r1] = a
+        return a
+
+    rows = cfg.block_size  # query rows per step bound the temporaries to [N, rows, rows + r0]
+    if size == t <= rows:  # one block, no padding: the block is the whole matrix
+        return block(0, t)
+    p = torch.zeros(n, size, size, dtype=cfg.dtype, device=attention.device)  # [N, S, S]
+    for r0 in range(0, t, rows):
+        r1 = min(t, r0 + rows)
+        p[:, r0:r1, :r1] = block(r0, r1)
     return p
 
 
