@@ -8,7 +8,7 @@ update runs over each of them without credit (no attention recorded, uniform wei
 the config's ``FlowCredit`` (recording in the update's forward, credit per micro-batch, and its
 ``on_rollouts_end``). Reported, as medians over the batches and the repeats after the first two:
 the update without and with credit, their difference (what credit adds), the logged capture and
-credit seconds, and the difference as a share of a step = sampling (timed on the same batches)
+credit seconds, credit's parts (answer search, solver, weights), and the difference as a share of a step = sampling (timed on the same batches)
 + the update without credit. Unlike the logged ``perf/*_share`` scalars, the difference also
 holds what the stopwatches do not see (switching the attention implementation, buffers, calls).
 """
@@ -25,8 +25,26 @@ import torch
 
 from lightning.pytorch import Callback
 
+import lightning_flow.callbacks.flow_credit as flow_credit
 from lightning_flow.callbacks import FlowCredit
 from lightning_flow.cli import main as cli_main
+
+PARTS = ("answer_masks", "answer_flow", "credit_weights")
+"""FlowCredit's parts, timed where it calls them: the answer search, the solver, the weights."""
+
+
+def time_parts(seconds: dict[str, float]) -> None:
+    """Wrap FlowCredit's parts (as its module calls them) so each call adds its time to ``seconds``."""
+    for name in PARTS:
+        inner = getattr(flow_credit, name)
+
+        def timed(*args, _inner=inner, _name=name, **kwargs):
+            start = time.perf_counter()
+            out = _inner(*args, **kwargs)
+            seconds[_name] += time.perf_counter() - start
+            return out
+
+        setattr(flow_credit, name, timed)
 
 
 class OnFirstBatch(Callback):
@@ -57,7 +75,9 @@ def main() -> None:
         raise SystemExit(f"{args.config} lists no FlowCredit under trainer.callbacks")
     credit, module, trainer = credits[0], cli.model, cli.trainer
     trainer.callbacks.remove(credit)
-    times: dict[str, list[float]] = {"sampling": [], "off": [], "on": [], "capture": [], "credit": []}
+    times: dict[str, list[float]] = {key: [] for key in ("sampling", "off", "on", "capture", "credit", *PARTS)}
+    part_seconds = dict.fromkeys(PARTS, 0.0)  # this update's
+    time_parts(part_seconds)
 
     def measure(trainer_, pl_module) -> None:
         loader = iter(trainer_.datamodule.train_dataloader())
@@ -77,6 +97,7 @@ def main() -> None:
                     item.token_weights = torch.ones_like(item.completion_mask)
                     item.attention = item.attention_recorded = None
                     pl_module.capture_seconds = pl_module.credit_seconds = 0.0
+                    part_seconds.update(dict.fromkeys(PARTS, 0.0))
                     start = time.perf_counter()
                     pl_module.update(item)
                     if mode == "on":
@@ -87,6 +108,8 @@ def main() -> None:
                         if mode == "on":
                             times["capture"].append(pl_module.capture_seconds)
                             times["credit"].append(pl_module.credit_seconds)
+                            for name in PARTS:
+                                times[name].append(part_seconds[name])
                 if mode == "on":
                     trainer_.callbacks.remove(credit)
                     pl_module.attention_layers = layers  # back to no recording
@@ -105,6 +128,7 @@ def main() -> None:
     print(f"step without credit {1000 * step:.1f} ms (sampling {1000 * median['sampling']:.1f} + update {1000 * median['off']:.1f})")
     print(f"update with credit {1000 * median['on']:.1f} ms: credit adds {1000 * added:.2f} ms = {100 * added / step:.2f} % of the step "
           f"(logged: capture {1000 * median['capture']:.2f} ms, credit {1000 * median['credit']:.2f} ms)")
+    print("credit by part: " + ", ".join(f"{name} {1000 * median[name]:.2f} ms" for name in PARTS))
 
 
 if __name__ == "__main__":
