@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import subprocess
 import sys
 import tempfile
@@ -49,8 +50,9 @@ FRAMEWORKS = ["ours", "trl", "ours+flow"]  # round 1 runs this order: ours vs TR
 
 
 class StepRecord:
-    """Per-step timestamps and token counts, filled by the framework's own step hooks; with
-    ``profile_step`` set, that step also runs under torch.profiler (``profile_table``)."""
+    """Per-step timestamps and token counts, filled by the framework's own step hooks; on a GPU
+    also the peak memory of each step's generation and of its update; with ``profile_step`` set,
+    that step also runs under torch.profiler (``profile_table``)."""
 
     def __init__(self, profile_step: int | None = None) -> None:
         self.steps: list[dict] = []
@@ -58,6 +60,16 @@ class StepRecord:
         self.profile_step = profile_step
         self._profiler: torch.profiler.profile | None = None
         self.profile_table = ""
+        self.peak_bytes = 0  # the run's peak, kept across the per-phase resets
+
+    def _phase_peak_mib(self) -> float | None:
+        """Peak CUDA memory since the last call (None on a CPU), then a fresh peak count."""
+        if not torch.cuda.is_available():
+            return None
+        peak = torch.cuda.max_memory_allocated()
+        self.peak_bytes = max(self.peak_bytes, peak)
+        torch.cuda.reset_peak_memory_stats()
+        return peak / 2**20
 
     def begin(self) -> None:
         synchronize()
@@ -65,18 +77,20 @@ class StepRecord:
             activities = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
             self._profiler = torch.profiler.profile(activities=activities)
             self._profiler.start()
+        self._phase_peak_mib()  # what came before this step is not its generation's
         self._current = {"start": time.perf_counter()}
 
     def generated(self, seconds: float, completion_mask: torch.Tensor, prompt_mask: torch.Tensor) -> None:
         responses = completion_mask.sum().item()
         self._current.update(generation_s=seconds, generation_tokens=responses,
                              update_tokens=responses + prompt_mask.sum().item(),
-                             response_length=responses / completion_mask.shape[0])
+                             response_length=responses / completion_mask.shape[0], generation_peak_mib=self._phase_peak_mib())
 
     def end(self) -> None:
         synchronize()
         step = self._current.pop("start")
         self._current["step_s"] = time.perf_counter() - step
+        self._current["update_peak_mib"] = self._phase_peak_mib()
         self.steps.append(self._current)
         if self._profiler is not None:  # timed above without the profiler's own cost
             self._profiler.stop()
@@ -123,6 +137,8 @@ def run_ours(args, record: StepRecord, flow: bool, workdir: str) -> None:
             f"--model.grpo.loss_type={args.loss_type}", f"--model.grpo.micro_batch_size={args.micro_batch}",
             f"--model.optim.lr={args.lr}", f"--data.batch_size={args.prompts_per_step}",
             f"--trainer.accelerator={args.device}", f"--trainer.max_steps={args.steps}",
+            # bf16 weights: autocast around the step, as TRL's bf16=True (the fp32 LoRA matmuls then run in bf16)
+            f"--trainer.precision={'bf16-mixed' if args.dtype == 'bfloat16' else '32-true'}",
             "--trainer.limit_val_batches=0", "--trainer.enable_checkpointing=false", "--trainer.logger=false",
             "--trainer.enable_progress_bar=false", "--trainer.callbacks=[]", f"--trainer.default_root_dir={workdir}",
         ],
@@ -199,7 +215,8 @@ def worker(args) -> None:
             run_trl(args, record, workdir)
         else:
             run_ours(args, record, args.worker == "ours+flow", workdir)
-    args.result.write_text(json.dumps({"steps": record.steps, "peak_memory_bytes": peak_memory_bytes(), "profile": record.profile_table}))
+    peak = max(record.peak_bytes, peak_memory_bytes())
+    args.result.write_text(json.dumps({"steps": record.steps, "peak_memory_bytes": peak, "profile": record.profile_table}))
 
 
 def summarise_run(run: dict, warmup: int) -> dict:
@@ -215,6 +232,9 @@ def summarise_run(run: dict, warmup: int) -> dict:
         "update_tokens_per_s": median(lambda s: s["update_tokens"] / (s["step_s"] - s["generation_s"])),
         "response_length": median(lambda s: s["response_length"]),
         "peak_memory_mib": run["peak_memory_bytes"] / 2**20,
+        # GPU only (else NaN): the highest generation and update peaks over the run's steps
+        "generation_peak_mib": max(s["generation_peak_mib"] or math.nan for s in steps),
+        "update_peak_mib": max(s["update_peak_mib"] or math.nan for s in steps),
     }
 
 
@@ -222,7 +242,7 @@ def summarise(runs: dict[str, list[dict]]) -> dict:
     """Medians over repeats per framework, and ratios paired within each round."""
     import statistics
 
-    keys = ["step_s", "generation_tokens_per_s", "update_tokens_per_s", "response_length", "peak_memory_mib"]
+    keys = ["step_s", "generation_tokens_per_s", "update_tokens_per_s", "response_length", "peak_memory_mib", "generation_peak_mib", "update_peak_mib"]
     medians = {fw: {k: statistics.median(r[k] for r in rs) for k in keys} for fw, rs in runs.items()}
     ratios = {
         f"{a} / {b}": {k: paired_ratio([r[k] for r in runs[a]], [r[k] for r in runs[b]]) for k in keys}
@@ -243,11 +263,13 @@ def model_folder(name: str, workdir: Path) -> Path:
 
 def print_table(model: str, summary: dict) -> None:
     print(f"\n{model}: medians over repeats")
-    print(f"| run | step s | generation tok/s | update tok/s | peak memory MiB | mean response tokens |\n|---|---|---|---|---|---|")
+    print("| run | step s | generation tok/s | update tok/s | peak memory MiB | generation / update peak MiB | mean response tokens |\n|---|---|---|---|---|---|---|")
     for fw, m in summary["medians"].items():
-        print(f"| {fw} | {m['step_s']:.3f} | {m['generation_tokens_per_s']:.0f} | {m['update_tokens_per_s']:.0f} | {m['peak_memory_mib']:.0f} | {m['response_length']:.1f} |")
+        print(f"| {fw} | {m['step_s']:.3f} | {m['generation_tokens_per_s']:.0f} | {m['update_tokens_per_s']:.0f} | {m['peak_memory_mib']:.0f} "
+              f"| {m['generation_peak_mib']:.0f} / {m['update_peak_mib']:.0f} | {m['response_length']:.1f} |")
     for name, r in summary["ratios"].items():
-        print(f"| ratio {name} | {r['step_s']:.3f} | {r['generation_tokens_per_s']:.3f} | {r['update_tokens_per_s']:.3f} | {r['peak_memory_mib']:.3f} | {r['response_length']:.3f} |")
+        print(f"| ratio {name} | {r['step_s']:.3f} | {r['generation_tokens_per_s']:.3f} | {r['update_tokens_per_s']:.3f} | {r['peak_memory_mib']:.3f} "
+              f"| {r['generation_peak_mib']:.3f} / {r['update_peak_mib']:.3f} | {r['response_length']:.3f} |")
 
 
 def main() -> None:

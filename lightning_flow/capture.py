@@ -128,7 +128,8 @@ def _recording_attention(module: nn.Module, query: Tensor, key: Tensor, value: T
     recorder = _ACTIVE.get(id(getattr(module, "config", None)))
     eager = recorder._eager if recorder is not None else False
     if recorder is not None and recorder._wants(getattr(module, "layer_idx", None)):
-        with recorder.stopwatch(query.device):
+        # autocast off: the maps are float32 products even inside a bf16-mixed step
+        with recorder.stopwatch(query.device), torch.autocast(query.device.type, enabled=False):
             recorder._record(module, query, key, attention_mask, kwargs)
         if recorder.stop_after_last and module.layer_idx == recorder.layers[-1]:
             raise _StopForward
@@ -279,8 +280,9 @@ class AttentionRecorder:
         self._entered = False
 
     # -- passes ---------------------------------------------------------------------------------
-    def run(self, *args, out: Tensor | None = None, rows: Tensor | None = None, **kwargs):
-        """Call the model once inside the ``with``; returns its output, or None when the pass was stopped early.
+    def run(self, *args, forward: Callable | None = None, out: Tensor | None = None, rows: Tensor | None = None, **kwargs):
+        """Call the model (or ``forward``, a part of it that runs the recorded layers, such as its
+        decoder stack) once inside the ``with``; returns its output, or None when the pass was stopped early.
 
         ``out``: an optional ``[n, T, T]`` float32 buffer on the model's device that this pass's
         map is accumulated into (it is zeroed first and later returned by :meth:`take`).
@@ -291,7 +293,7 @@ class AttentionRecorder:
             raise RuntimeError("AttentionRecorder.run must be called inside its `with` block")
         self._next_out, self._next_rows = out, rows
         try:
-            return self.model(*args, **kwargs)
+            return (forward or self.model)(*args, **kwargs)
         except _StopForward:
             return None
         finally:

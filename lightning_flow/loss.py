@@ -83,7 +83,7 @@ def completion_mask(completion_ids: Tensor, eos_token_ids: int | Sequence[int], 
     return mask, is_truncated
 
 
-# ---- log-probs from logits, chunked ---------------------------------------------------------
+# ---- log-probs from logits or hidden states, chunked ----------------------------------------
 def _log_normalised(chunk: Tensor, temperature: float) -> Tensor:
     """log softmax(chunk / T) in a single fresh fp32 buffer (in-place ops after one copy)."""
     x = chunk.to(torch.float32, copy=True).div_(temperature)
@@ -107,54 +107,92 @@ class _ChunkedTokenLogprobs(torch.autograd.Function):
     """Forward and backward both walk blocks of at most `chunk_tokens` tokens.
 
     Plain autograd through log_softmax would keep an fp32 [N, L, V] output alive until backward;
-    here only the original logits are saved and each block's softmax is recomputed in backward.
+    here only the inputs are saved and each block's softmax is recomputed in backward. With a
+    head (weight, bias) the inputs are hidden states and each block's logits are recomputed too,
+    so the [N, L, V] logits and their gradient never exist. The head runs in its weight's dtype
+    with autocast off, so forward and backward see the same logits.
     """
 
     @staticmethod
-    def forward(ctx, logits: Tensor, targets: Tensor, temperature: float, chunk_tokens: int):  # [N, L, V], [N, L]
-        logps = logits.new_empty(targets.shape, dtype=torch.float32)  # [N, L]
-        entropy = logits.new_empty(targets.shape, dtype=torch.float32)  # [N, L]
+    def _block_logits(inputs: Tensor, weight: Tensor | None, bias: Tensor | None) -> Tensor:  # [r, c, D] -> [r, c, V]
+        if weight is None:
+            return inputs
+        with torch.autocast(inputs.device.type, enabled=False):
+            return torch.nn.functional.linear(inputs.to(weight.dtype), weight, bias)
+
+    @staticmethod
+    def forward(ctx, inputs: Tensor, targets: Tensor, weight: Tensor | None, bias: Tensor | None, temperature: float, chunk_tokens: int):
+        logps = inputs.new_empty(targets.shape, dtype=torch.float32)  # [N, L]
+        entropy = inputs.new_empty(targets.shape, dtype=torch.float32)  # [N, L]
         for rows, cols in _token_blocks(*targets.shape, chunk_tokens):
-            log_p = _log_normalised(logits[rows, cols], temperature)  # [r, c, V] fp32
+            logits = _ChunkedTokenLogprobs._block_logits(inputs[rows, cols], weight, bias)  # [r, c, V]
+            log_p = _log_normalised(logits, temperature)  # [r, c, V] fp32
+            del logits
             logps[rows, cols] = log_p.gather(-1, targets[rows, cols, None]).squeeze(-1)
             # H = -sum p log p; nan_to_num: a -inf logit gives 0 * -inf, whose limit is 0
             entropy[rows, cols] = -log_p.exp().mul_(log_p).nan_to_num_(nan=0.0).sum(dim=-1)
-            del log_p  # free this block before casting the next
-        ctx.save_for_backward(logits, targets)
+            del log_p  # free this block before the next
+        ctx.save_for_backward(inputs, targets, weight, bias)
         ctx.temperature, ctx.chunk_tokens = temperature, chunk_tokens
         ctx.mark_non_differentiable(entropy)
         return logps, entropy
 
     @staticmethod
     def backward(ctx, grad_logps: Tensor, _grad_entropy: Tensor):  # [N, L]
-        logits, targets = ctx.saved_tensors
-        grad_logits = torch.empty_like(logits)
+        inputs, targets, weight, bias = ctx.saved_tensors
+        grad_inputs = torch.empty_like(inputs)
+        grad_weight = torch.zeros_like(weight, dtype=torch.float32) if weight is not None and ctx.needs_input_grad[2] else None
+        grad_bias = torch.zeros_like(bias, dtype=torch.float32) if bias is not None and ctx.needs_input_grad[3] else None
         for rows, cols in _token_blocks(*targets.shape, ctx.chunk_tokens):
+            block = inputs[rows, cols]  # [r, c, D or V]
             g = grad_logps[rows, cols, None].float()  # [r, c, 1]
             # d log p_y / d z_v = (1[v == y] - p_v) / T
-            grad = _log_normalised(logits[rows, cols], ctx.temperature).exp_().mul_(-g)
-            grad.scatter_add_(-1, targets[rows, cols, None], g).div_(ctx.temperature)
-            grad_logits[rows, cols] = grad
+            grad = _log_normalised(_ChunkedTokenLogprobs._block_logits(block, weight, bias), ctx.temperature).exp_().mul_(-g)
+            grad.scatter_add_(-1, targets[rows, cols, None], g).div_(ctx.temperature)  # [r, c, V] fp32
+            if weight is None:
+                grad_inputs[rows, cols] = grad
+            else:
+                grad_inputs[rows, cols] = grad.to(weight.dtype) @ weight
+                if grad_weight is not None:
+                    grad_weight += grad.flatten(0, 1).T @ block.flatten(0, 1).float()
+                if grad_bias is not None:
+                    grad_bias += grad.sum((0, 1))
             del grad
-        return grad_logits, None, None, None
+        return (
+            grad_inputs, None,
+            None if grad_weight is None else grad_weight.to(weight.dtype),
+            None if grad_bias is None else grad_bias.to(bias.dtype),
+            None, None,
+        )
 
 
-def token_logprobs_and_entropy(logits: Tensor, targets: Tensor, temperature: float = 1.0, chunk_tokens: int = 1024) -> tuple[Tensor, Tensor]:
+def token_logprobs_and_entropy(
+    inputs: Tensor,
+    targets: Tensor,
+    temperature: float = 1.0,
+    chunk_tokens: int = 1024,
+    head_weight: Tensor | None = None,
+    head_bias: Tensor | None = None,
+) -> tuple[Tensor, Tensor]:
     """Log-prob of each target token and entropy of the tempered distribution.
 
-    logits   # [N, L, V] any float dtype
-    targets  # [N, L] long
-    Returns (logps [N, L] float32, differentiable w.r.t. logits; entropy [N, L] float32, detached).
-    At most `chunk_tokens` positions are cast to fp32 at once: with a 150K vocabulary the fp32
-    temporary is chunk_tokens × V × 4 bytes (0.6 GB at the default), whatever N and L are.
+    inputs       # [N, L, V] logits (any float dtype), or [N, L, D] hidden states with head_weight
+    targets      # [N, L] long
+    head_weight  # [V, D] optional LM head applied to `inputs` block by block (head_bias [V])
+    Returns (logps [N, L] float32, differentiable w.r.t. inputs and the head; entropy [N, L]
+    float32, detached). At most `chunk_tokens` positions are cast to fp32 at once: with a 150K
+    vocabulary the fp32 temporary is chunk_tokens × V × 4 bytes (0.6 GB at the default), whatever
+    N and L are; with a head no [N, L, V] tensor is made at all.
     """
-    if logits.dim() != 3 or targets.shape != logits.shape[:2]:
-        raise ValueError(f"expected logits [N, L, V] and targets [N, L], got {tuple(logits.shape)} and {tuple(targets.shape)}")
+    width = inputs.shape[-1] if head_weight is None else head_weight.shape[1]
+    if inputs.dim() != 3 or targets.shape != inputs.shape[:2] or inputs.shape[-1] != width:
+        expected = "logits [N, L, V]" if head_weight is None else f"hidden states [N, L, {width}] for a head of shape {tuple(head_weight.shape)}"
+        raise ValueError(f"expected {expected} and targets [N, L], got {tuple(inputs.shape)} and {tuple(targets.shape)}")
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
     if chunk_tokens < 1:
         raise ValueError(f"chunk_tokens must be >= 1, got {chunk_tokens}")
-    return _ChunkedTokenLogprobs.apply(logits, targets.long(), float(temperature), int(chunk_tokens))
+    return _ChunkedTokenLogprobs.apply(inputs, targets.long(), head_weight, head_bias, float(temperature), int(chunk_tokens))
 
 
 # ---- the clipped surrogate ------------------------------------------------------------------

@@ -36,7 +36,15 @@ from lightning_flow.loss import (
     group_advantages,
     token_logprobs_and_entropy,
 )
-from lightning_flow.policy import PolicyConfig, SamplingConfig, eos_token_ids, generate, load_policy, position_ids_from_mask
+from lightning_flow.policy import (
+    PolicyConfig,
+    SamplingConfig,
+    decoder_and_head,
+    eos_token_ids,
+    generate,
+    load_policy,
+    position_ids_from_mask,
+)
 from lightning_flow.rewards import RewardConfig, RewardSuite, correctness_reward, verifier_timeouts
 from lightning_flow.rollouts import RolloutCallback, Rollouts
 from lightning_flow.seeded_sampling import response_seeds
@@ -123,6 +131,7 @@ class GRPOModule(L.LightningModule):
         self.sampling, self.grpo, self.optim, self.val_num_samples = sampling, grpo, optim, val_num_samples
         self.tokenizer = load_tokenizer(policy.name_or_path)
         self.policy = load_policy(policy)
+        self.decoder_and_head = decoder_and_head(self.policy)  # None: log-probs from the model's own logits
         self.reward_suite = RewardSuite(rewards)
         self.eos_ids = eos_token_ids(self.policy, self.tokenizer, sampling.extra_eos_token_ids)
         self.attention_layers: list[int] | None = None  # set by request_attention
@@ -343,25 +352,30 @@ class GRPOModule(L.LightningModule):
     def completion_logps(self, rollouts: Rollouts, rows: slice, recorder: AttentionRecorder | None = None) -> tuple[Tensor, Tensor]:
         """Per-token log-probs and entropies of the completion tokens of ``rows``.  # [n, L] each
 
-        Only the last L + 1 positions go through the LM head, and the chunked log-softmax keeps
-        at most a few rows of fp32 logits alive on top of this micro-batch's logits. With a
-        ``recorder`` the pass also records its attention into ``rollouts.attention[rows]`` (of the
-        rows marked in ``rollouts.attention_recorded``).
+        Where the policy's head is a plain linear layer (``decoder_and_head``), the decoder's
+        hidden states of the last L + 1 positions go to the chunked log-softmax with the head's
+        weight, so no ``[n, L, V]`` logits exist (as TRL's fused LM head); otherwise only those
+        positions go through the model's head and the log-softmax is chunked over its logits.
+        With a ``recorder`` the pass also records its attention into ``rollouts.attention[rows]``
+        (of the rows marked in ``rollouts.attention_recorded``).
         """
         attention_mask = rollouts.attention_mask[rows]
         targets = rollouts.completion_ids[rows]
-        forward = self.policy
+        inputs = dict(
+            input_ids=rollouts.input_ids[rows], attention_mask=attention_mask,
+            position_ids=position_ids_from_mask(attention_mask), use_cache=False,
+        )
+        forward = self.policy if self.decoder_and_head is None else self.decoder_and_head[0]
         if recorder is not None:
             recorded = None if self.record_zero_advantage else rollouts.attention_recorded[rows].nonzero().squeeze(1)
-            forward = partial(recorder.run, out=rollouts.attention[rows], rows=recorded)
-        logits = forward(
-            input_ids=rollouts.input_ids[rows],
-            attention_mask=attention_mask,
-            position_ids=position_ids_from_mask(attention_mask),
-            logits_to_keep=targets.shape[1] + 1,
-            use_cache=False,
-        ).logits[:, :-1]
-        return token_logprobs_and_entropy(logits, targets, temperature=self.sampling.temperature)
+            forward = partial(recorder.run, forward=forward, out=rollouts.attention[rows], rows=recorded)
+        temperature = self.sampling.temperature
+        if self.decoder_and_head is None:
+            logits = forward(**inputs, logits_to_keep=targets.shape[1] + 1).logits[:, :-1]
+            return token_logprobs_and_entropy(logits, targets, temperature)
+        head = self.decoder_and_head[1]
+        hidden = forward(**inputs).last_hidden_state[:, -targets.shape[1] - 1:-1]
+        return token_logprobs_and_entropy(hidden, targets, temperature, head_weight=head.weight, head_bias=head.bias)
 
     def micro_batches(self, rollouts: Rollouts) -> list[slice]:
         size = self.grpo.micro_batch_size

@@ -132,6 +132,23 @@ def disable_cpu_4bit_repacking(model: PreTrainedModel) -> int:
     return len(layers)
 
 
+# Causal LMs whose logits are exactly ``lm_head(decoder(...).last_hidden_state)``: no soft-capping
+# or scaling after the head (Gemma 2 and Granite have some), checked against their modeling code.
+_PLAIN_HEAD_MODEL_TYPES = frozenset({"llama", "mistral", "qwen2", "qwen3", "phi3"})
+
+
+def decoder_and_head(model: PeftModel | PreTrainedModel) -> tuple[torch.nn.Module, torch.nn.Linear] | None:
+    """The decoder stack and the plain linear LM head of a causal LM, so a caller can apply the
+    head to hidden states itself (in chunks, without the ``[N, L, V]`` logits); None where the
+    model's logits are anything else (another family, an adapter or quantization on the head).
+    Adapters inside the decoder stay in effect, including ``disable_adapter()``."""
+    base = model.get_base_model() if isinstance(model, PeftModel) else model
+    head = base.get_output_embeddings()
+    if base.config.model_type not in _PLAIN_HEAD_MODEL_TYPES or type(head) is not torch.nn.Linear:
+        return None
+    return base.get_decoder(), head
+
+
 def eos_token_ids(model: PreTrainedModel, tokenizer, extra: list[int] = ()) -> list[int]:
     """All ids that end a response: the tokenizer's EOS, the model's generation EOS(s), extras."""
     ids = {tokenizer.eos_token_id, *extra}

@@ -68,7 +68,12 @@ def test_summarise_and_table_over_seeds():
 
 
 def test_summarise_run_rates_from_step_records():
-    steps = [{"step_s": 2.0, "generation_s": 1.0, "generation_tokens": 100, "update_tokens": 150, "response_length": 10.0}] * 3
-    summary = summarise_run({"steps": steps, "peak_memory_bytes": 3 * 2**20}, warmup=1)
-    assert summary == {"step_s": 2.0, "generation_tokens_per_s": 100.0, "update_tokens_per_s": 150.0,
-                       "response_length": 10.0, "peak_memory_mib": 3.0}
+    step = {"step_s": 2.0, "generation_s": 1.0, "generation_tokens": 100, "update_tokens": 150, "response_length": 10.0}
+    phases = [(None, None)] * 3  # a CPU run records no per-phase peaks
+    summary = summarise_run({"steps": [{**step, "generation_peak_mib": g, "update_peak_mib": u} for g, u in phases], "peak_memory_bytes": 3 * 2**20}, warmup=1)
+    assert {k: v for k, v in summary.items() if "_peak_" not in k} == {
+        "step_s": 2.0, "generation_tokens_per_s": 100.0, "update_tokens_per_s": 150.0, "response_length": 10.0, "peak_memory_mib": 3.0}
+    assert math.isnan(summary["generation_peak_mib"]) and math.isnan(summary["update_peak_mib"])
+    phases = [(50.0, 70.0), (60.0, 65.0), (55.0, 80.0)]  # GPU: the highest of each phase over the steps
+    summary = summarise_run({"steps": [{**step, "generation_peak_mib": g, "update_peak_mib": u} for g, u in phases], "peak_memory_bytes": 3 * 2**20}, warmup=1)
+    assert (summary["generation_peak_mib"], summary["update_peak_mib"]) == (60.0, 80.0)

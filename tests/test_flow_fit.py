@@ -118,17 +118,18 @@ class AskForEveryRow(RolloutCallback):
         pl_module.request_attention(None, zero_advantage_rows=True)
 
 
-@pytest.mark.parametrize("iterations, every_row", [(1, False), (2, False), (1, True)])
-def test_recorded_attention_equals_a_capture_pass(tiny_policy_dir, tmp_path, iterations, every_row):
+@pytest.mark.parametrize("iterations, every_row, precision", [(1, False, "32"), (2, False, "32"), (1, True, "32"), (1, False, "bf16-mixed")])
+def test_recorded_attention_equals_a_capture_pass(tiny_policy_dir, tmp_path, iterations, every_row, precision):
     """mu = 1 records in the update's grad forward, mu = 2 in the no-grad old log-prob pass; both
     give, micro-batch by micro-batch (16 rows in 8s), the maps and entropies of a separate pass
-    with the weights of that moment. Rows with a zero advantage are not recorded (zero maps)
-    unless a callback asks for every row."""
+    with the weights of that moment (under the step's autocast with bf16-mixed precision). Rows
+    with a zero advantage are not recorded (zero maps) unless a callback asks for every row."""
     KeepCreditInputs.kept = []
     reward = ["--trainer.callbacks+=tests.test_flow_fit.AskForEveryRow"] if every_row else [VARYING_REWARD]  # correctness alone: all advantages 0
     cli = main(["fit", *tiny_args(tiny_policy_dir, tmp_path, steps=1), "--trainer.limit_val_batches=0",
                 f"--trainer.callbacks+={FLOW}", "--trainer.callbacks+=tests.test_flow_fit.KeepCreditInputs",
-                f"--model.grpo.num_iterations={iterations}", *reward])
+                f"--model.grpo.num_iterations={iterations}", f"--trainer.precision={precision}", *reward])
+    autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16-mixed")
     module = cli.model
     assert [kept["ids"].shape[0] for kept in KeepCreditInputs.kept] == [8, 8]
     recorded = torch.cat([kept["recorded"] for kept in KeepCreditInputs.kept])
@@ -139,15 +140,17 @@ def test_recorded_attention_equals_a_capture_pass(tiny_policy_dir, tmp_path, ite
         with torch.no_grad():
             for name, value in kept["adapter"].items():
                 parameters[name].copy_(value)
-        expected = capture_attention(module.policy, kept["ids"], kept["mask"], module.attention_layers,
-                                     position_ids=position_ids_from_mask(kept["mask"]))
+        with autocast:
+            expected = capture_attention(module.policy, kept["ids"], kept["mask"], module.attention_layers,
+                                         position_ids=position_ids_from_mask(kept["mask"]))
+        assert expected.dtype == torch.float32
         expected[~kept["recorded"]] = 0.0
         torch.testing.assert_close(kept["attention"], expected, rtol=1e-5, atol=1e-6)
         prompt = kept["ids"].shape[1] - kept["completion"][0].shape[1]
         rollouts = Rollouts(**{**{f.name: None for f in fields(Rollouts)}, "prompt_ids": kept["ids"][:, :prompt],
                                "prompt_mask": kept["mask"][:, :prompt], "completion_ids": kept["completion"][0],
                                "completion_mask": kept["completion"][1]})
-        with torch.no_grad():
+        with torch.no_grad(), autocast:
             entropy = module.completion_logps(rollouts, slice(0, None))[1]
         torch.testing.assert_close(kept["entropy"], entropy, rtol=1e-5, atol=1e-6)
 

@@ -359,6 +359,54 @@ def test_chunked_logps_match_unchunked_values_and_gradients(dtype, temperature, 
     torch.testing.assert_close(a.grad.float(), b.grad.float(), **tol)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("chunk_tokens", [1, 4, 100])
+@pytest.mark.parametrize("head_trainable", [False, True])
+def test_head_on_hidden_states_matches_autograd_through_linear_and_log_softmax(dtype, chunk_tokens, head_trainable):
+    gen = torch.Generator().manual_seed(2)
+    hidden_full = torch.randn(5, 7, 16, generator=gen).to(dtype)
+    weight0 = (torch.randn(33, 16, generator=gen) / 2).to(dtype)
+    bias0 = torch.randn(33, generator=gen).to(dtype)
+    targets = torch.randint(0, 33, (5, 6), generator=gen)
+    upstream = torch.randn(5, 6, generator=gen)
+
+    def leaves():
+        return (hidden_full.clone().requires_grad_(True), weight0.clone().requires_grad_(head_trainable), bias0.clone().requires_grad_(head_trainable))
+
+    h, w, b = leaves()
+    logps, entropy = token_logprobs_and_entropy(h[:, :-1], targets, 0.8, chunk_tokens, head_weight=w, head_bias=b)
+    rh, rw, rb = leaves()
+    ref_logps, ref_entropy = reference_logps_entropy(torch.nn.functional.linear(rh[:, :-1], rw, rb), targets, 0.8)
+    tol = {"rtol": 1e-5, "atol": 1e-5} if dtype == torch.float32 else {"rtol": 2e-2, "atol": 2e-2}
+    torch.testing.assert_close(logps, ref_logps, **tol)
+    torch.testing.assert_close(entropy, ref_entropy, **tol)
+    (logps * upstream).sum().backward()
+    (ref_logps * upstream).sum().backward()
+    assert h.grad.dtype == dtype
+    torch.testing.assert_close(h.grad.float(), rh.grad.float(), **tol)
+    if head_trainable:
+        torch.testing.assert_close(w.grad.float(), rw.grad.float(), **tol)
+        torch.testing.assert_close(b.grad.float(), rb.grad.float(), **tol)
+    else:
+        assert w.grad is None and b.grad is None
+
+
+def test_head_never_saves_logits_and_ignores_autocast():
+    gen = torch.Generator().manual_seed(3)
+    hidden = torch.randn(4, 5, 8, generator=gen, requires_grad=True)
+    weight = torch.randn(50, 8, generator=gen)
+    targets = torch.randint(0, 50, (4, 5), generator=gen)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.shape[-1]) or t, lambda t: t):
+        with torch.autocast("cpu", dtype=torch.bfloat16):  # the head runs in its weight's dtype, as in backward
+            logps, _ = token_logprobs_and_entropy(hidden, targets, chunk_tokens=3, head_weight=weight)
+    assert saved and 50 not in saved  # hidden states, targets and the [V, D] weight; no [..., V] logits
+    ref_logps, _ = reference_logps_entropy(hidden.detach() @ weight.T, targets, 1.0)
+    torch.testing.assert_close(logps, ref_logps, rtol=1e-6, atol=1e-6)
+    with pytest.raises(ValueError, match=r"hidden states \[N, L, 8\]"):
+        token_logprobs_and_entropy(torch.randn(4, 5, 9), targets, head_weight=weight)
+
+
 def test_no_full_fp32_logits_are_saved_for_backward():
     logits = torch.randn(6, 4, 50, dtype=torch.bfloat16, requires_grad=True)
     saved = []

@@ -21,7 +21,8 @@ def lora(module) -> dict[str, torch.Tensor]:
 
 
 class PoisonLogits(Callback):
-    """At step 0 only, a forward hook puts ``value`` into one logit of every training forward."""
+    """At step 0 only, a forward hook puts ``value`` into the last hidden state (so into every
+    logit) of the first response of every training forward."""
 
     def __init__(self, value: float) -> None:
         self.value, self.hook, self.before, self.after_step0 = value, None, None, None
@@ -33,12 +34,13 @@ class PoisonLogits(Callback):
 
             def poison(module, args, output):
                 if torch.is_grad_enabled():
-                    bump = torch.zeros_like(output.logits)
-                    bump[0, 0, 0] = self.value  # position 0 scores the first response token
-                    output.logits = output.logits + bump
+                    bump = torch.zeros_like(output.last_hidden_state)
+                    bump[0, -2, 0] = self.value  # position -2 scores the last response token (-1 scores none)
+                    output.last_hidden_state = output.last_hidden_state + bump
                 return output
 
-            self.hook = pl_module.policy.register_forward_hook(poison)
+            decoder, _ = pl_module.decoder_and_head  # the module applies the head to these states itself
+            self.hook = decoder.register_forward_hook(poison)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         if self.hook is not None:

@@ -8,7 +8,16 @@ from bitsandbytes.functional import has_avx512bf16
 from peft import PeftModel
 from transformers import AutoModelForCausalLM
 
-from lightning_flow.policy import PolicyConfig, SamplingConfig, disable_cpu_4bit_repacking, generate, load_policy, position_ids_from_mask
+from lightning_flow.loss import token_logprobs_and_entropy
+from lightning_flow.policy import (
+    PolicyConfig,
+    SamplingConfig,
+    decoder_and_head,
+    disable_cpu_4bit_repacking,
+    generate,
+    load_policy,
+    position_ids_from_mask,
+)
 from lightning_flow.tokenizer import load_tokenizer
 
 from .lora import perturb_lora
@@ -73,6 +82,55 @@ def test_training_forward_reproduces_generation_logits_with_left_padding(tiny_po
         logits = model(input_ids=ids, attention_mask=mask, position_ids=position_ids_from_mask(mask), logits_to_keep=completion.shape[1] + 1).logits[:, :-1]
     torch.testing.assert_close(logits, generation_logits, rtol=1e-4, atol=1e-4)
     assert torch.equal(logits.argmax(-1), completion)
+
+
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_head_on_decoder_states_gives_the_models_log_probs_and_lora_gradients(tiny_policy_dir, checkpointing):
+    """The module's fused path (decoder, then the head block by block) against the model's own logits."""
+    model = load_policy(PolicyConfig(str(tiny_policy_dir), lora_rank=4, gradient_checkpointing=checkpointing))
+    perturb_lora(model)
+    decoder, head = decoder_and_head(model)
+    assert head is model.get_output_embeddings()
+    gen = torch.Generator().manual_seed(3)
+    ids = torch.randint(4, 90, (3, 14), generator=gen)
+    mask = torch.ones_like(ids)
+    mask[0, :4] = 0  # left padding
+    inputs = dict(input_ids=ids, attention_mask=mask, position_ids=position_ids_from_mask(mask), use_cache=False)
+    targets = ids[:, -6:]
+
+    def logps_and_grads(fused: bool, adapter: bool = True):
+        model.zero_grad(set_to_none=True)
+        with model.disable_adapter() if not adapter else torch.enable_grad():
+            if fused:
+                hidden = decoder(**inputs).last_hidden_state[:, -7:-1]
+                logps, _ = token_logprobs_and_entropy(hidden, targets, 0.7, chunk_tokens=4, head_weight=head.weight, head_bias=head.bias)
+            else:
+                logits = model(**inputs).logits[:, -7:-1]
+                logps = torch.log_softmax(logits / 0.7, -1).gather(-1, targets[..., None]).squeeze(-1)
+        if not adapter:
+            return logps, None
+        logps.sum().backward()
+        return logps, torch.cat([p.grad.flatten() for p in model.parameters() if p.requires_grad])
+
+    fused, fused_grads = logps_and_grads(True)
+    plain, plain_grads = logps_and_grads(False)
+    torch.testing.assert_close(fused, plain, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(fused_grads, plain_grads, rtol=1e-4, atol=1e-6)
+    assert fused_grads.abs().sum() > 0
+    reference, _ = logps_and_grads(True, adapter=False)
+    torch.testing.assert_close(reference, logps_and_grads(False, adapter=False)[0], rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(reference, fused)  # disable_adapter reaches the decoder's LoRA layers
+
+
+def test_decoder_and_head_is_refused_where_logits_are_more_than_a_plain_head(tiny_policy_dir):
+    adapted_head = load_policy(PolicyConfig(str(tiny_policy_dir), lora_rank=4, lora_target_modules=["q_proj", "lm_head"]))
+    assert decoder_and_head(adapted_head) is None  # a LoRA on the head: its logits come from the model
+    from transformers import GraniteConfig, GraniteForCausalLM
+
+    granite = GraniteForCausalLM(GraniteConfig(vocab_size=50, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                               num_attention_heads=2, logits_scaling=4.0))
+    assert type(granite.get_output_embeddings()) is torch.nn.Linear
+    assert decoder_and_head(granite) is None  # its logits are the head's divided by logits_scaling
 
 
 def test_reference_policy_is_the_base_model_without_a_copy(tiny_policy_dir):
