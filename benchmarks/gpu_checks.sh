@@ -26,11 +26,12 @@ for part in "${parts[@]}"; do
             --repeats 2 --no-sampling --out "$out/flow-update.json" 2>&1 | grep -vi warn | tee "$out/flow-update.log"
           timeout 240 python3 benchmarks/flow_overhead.py --shape qwen2.5-1.5b --lengths 4096 --batches 16 64 \
             --repeats 1 --no-sampling --out "$out/flow-update-4096.json" 2>&1 | grep -vi warn | tee "$out/flow-update-4096.log" ;;
-    trl) timeout 240 python3 benchmarks/trl_compare.py --device cuda --models qwen2.5-0.5b --steps 2 --warmup 1 --repeats 1 \
-            --prompts-per-step 4 --micro-batch 16 --max-new-tokens 128 --out "$out/trl.json" 2>&1 | grep -vi warn | tee "$out/trl.log" ;;
+    trl|trl-round2|trl-round3) round=${part#trl-round}; [ "$round" = trl ] && round=1  # one round a call: each round starts its rotation elsewhere
+        timeout 240 python3 benchmarks/trl_compare.py --device cuda --models qwen2.5-0.5b --steps 2 --warmup 1 --repeats 1 --first-round "$round" \
+            --prompts-per-step 4 --micro-batch 16 --max-new-tokens 128 --out "$out/$part.json" 2>&1 | grep -vi warn | tee "$out/$part.log" ;;
     trl-profile) timeout 300 python3 benchmarks/trl_compare.py --device cuda --models qwen2.5-0.5b --steps 3 --warmup 1 --repeats 1 \
             --prompts-per-step 4 --micro-batch 16 --max-new-tokens 128 --profile --out "$out/trl-profile.json" 2>&1 | grep -vi warn | tee "$out/trl-profile.log" ;;
     configs) timeout 200 python3 benchmarks/gpu_check.py --steps 2 --out "$out/configs.json" 2>&1 | grep -vi warn | tee "$out/configs.log" ;;
-    *) echo "unknown part $part (flow, flow-update, trl, trl-profile, configs)"; exit 2 ;;
+    *) echo "unknown part $part (flow, flow-update, trl, trl-round2, trl-round3, trl-profile, configs)"; exit 2 ;;
   esac
 done

@@ -1,10 +1,17 @@
-"""Peak memory of the loss's log-prob pass (forward + backward) versus plain log_softmax.
+"""Peak memory of the LM head plus the loss's log-probs (forward + backward), three ways.
 
-    python benchmarks/logprob_memory.py [--rows 4 --length 1024 --vocab 151936]
+    python benchmarks/logprob_memory.py [--rows 4 --length 1024 --hidden 1536 --vocab 151936 --chunk-tokens N]
 
-Each method runs in a fresh subprocess on the CPU; the figure is the growth of the process's
-peak RSS over the logits themselves, which both methods must hold (bf16 logits, as a bf16
-policy's LM head produces them). The default shape is one micro-batch of the QLoRA 1.5B config.
+From one micro-batch's final hidden states ``[rows, length, hidden]`` (bf16, as a bf16 policy
+makes them) and a frozen bf16 head ``[vocab, hidden]``:
+- ``fused``: ``token_logprobs_and_entropy(hidden, ..., head_weight=W)`` (what the module runs):
+  the head is applied block by block, no ``[rows, length, vocab]`` logits exist;
+- ``chunked``: the head's full bf16 logits, then the chunked log-softmax over them (the module's
+  path for models whose logits are more than a plain head);
+- ``log_softmax``: the head's logits, then plain ``log_softmax(logits.float())``.
+Each runs in a fresh subprocess on the CPU; the figure is the growth of the process's peak RSS
+over the inputs and the hidden states' gradient, which every method needs. The default shape is
+one micro-batch of the QLoRA 1.5B config.
 """
 
 from __future__ import annotations
@@ -19,21 +26,29 @@ import torch
 
 from lightning_flow.loss import token_logprobs_and_entropy
 
+METHODS = ["fused", "chunked", "log_softmax"]
+
 
 def peak_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-def run(method: str, rows: int, length: int, vocab: int) -> int:
-    """Extra peak bytes of one forward+backward beyond the logits and their gradient."""
-    logits = torch.randn(rows, length, vocab, dtype=torch.bfloat16).requires_grad_(True)
+def run(method: str, rows: int, length: int, hidden_size: int, vocab: int, chunk_tokens: int | None) -> int:
+    """Extra peak bytes of one forward+backward beyond the inputs and the hidden states' gradient."""
+    hidden = torch.randn(rows, length, hidden_size, dtype=torch.bfloat16).requires_grad_(True)
+    weight = torch.randn(vocab, hidden_size, dtype=torch.bfloat16).mul_(hidden_size**-0.5)  # no fp32 temporary to raise the baseline
     targets = torch.randint(vocab, (rows, length))
-    logits.grad = torch.zeros_like(logits)  # the gradient buffer exists in both methods
+    hidden.grad = torch.zeros_like(hidden)  # the gradient buffer exists in every method
     baseline = peak_rss_bytes()
-    if method == "chunked":
-        logps, _ = token_logprobs_and_entropy(logits, targets)
+    if method == "fused":
+        logps, _ = token_logprobs_and_entropy(hidden, targets, chunk_tokens=chunk_tokens, head_weight=weight)
     else:
-        logps = torch.log_softmax(logits.float(), dim=-1).gather(-1, targets[..., None]).squeeze(-1)
+        logits = torch.nn.functional.linear(hidden, weight)
+        if method == "chunked":
+            logps, _ = token_logprobs_and_entropy(logits, targets, chunk_tokens=chunk_tokens)
+        else:
+            logps = torch.log_softmax(logits.float(), dim=-1).gather(-1, targets[..., None]).squeeze(-1)
+        del logits
     logps.sum().backward()
     return peak_rss_bytes() - baseline
 
@@ -42,16 +57,21 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rows", type=int, default=4)
     parser.add_argument("--length", type=int, default=1024)
+    parser.add_argument("--hidden", type=int, default=1536)
     parser.add_argument("--vocab", type=int, default=151936)
-    parser.add_argument("--method", choices=["chunked", "log_softmax"], help=argparse.SUPPRESS)
+    parser.add_argument("--chunk-tokens", type=int, default=None, help="positions per log-prob block (default: the loss's, 2^25 / vocab)")
+    parser.add_argument("--method", choices=METHODS, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    shape = [args.rows, args.length, args.hidden, args.vocab]
     if args.method:
-        print(json.dumps(run(args.method, args.rows, args.length, args.vocab)))
+        print(json.dumps(run(args.method, *shape, args.chunk_tokens)))
         return
     logits_gib = args.rows * args.length * args.vocab * 2 / 2**30
-    print(f"logits [{args.rows}, {args.length}, {args.vocab}] bf16: {logits_gib:.2f} GiB")
-    for method in ["chunked", "log_softmax"]:
-        cmd = [sys.executable, __file__, "--method", method, f"--rows={args.rows}", f"--length={args.length}", f"--vocab={args.vocab}"]
+    print(f"hidden [{args.rows}, {args.length}, {args.hidden}], head [{args.vocab}, {args.hidden}] bf16; "
+          f"full logits would be {logits_gib:.2f} GiB")
+    for method in METHODS:
+        chunk = [f"--chunk-tokens={args.chunk_tokens}"] if args.chunk_tokens else []
+        cmd = [sys.executable, __file__, "--method", method, *(f"--{k}={v}" for k, v in zip(["rows", "length", "hidden", "vocab"], shape)), *chunk]
         extra = int(subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.strip().splitlines()[-1])
         print(f"{method:>12}: extra peak {extra / 2**30:.2f} GiB")
 

@@ -280,6 +280,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--warmup", type=int, default=5, help="first steps of each run left out of its medians")
     parser.add_argument("--repeats", type=int, default=3, help="rounds of (ours, ours+flow, TRL)")
+    parser.add_argument("--first-round", type=int, default=1,
+                        help="number of the first round, whose order rotation it takes (a second call with --first-round 2 continues a first's rotation)")
     parser.add_argument("--prompts-per-step", type=int, default=8)
     parser.add_argument("--group", type=int, default=8, help="responses per prompt")
     parser.add_argument("--max-new-tokens", type=int, default=48)
@@ -310,7 +312,7 @@ def main() -> None:
         for model in args.models:
             folder = model_folder(model, Path(tmp))
             runs = {fw: [] for fw in FRAMEWORKS}
-            for round_ in range(args.repeats):
+            for round_ in range(args.first_round - 1, args.first_round - 1 + args.repeats):
                 for fw in FRAMEWORKS[round_ % 3:] + FRAMEWORKS[:round_ % 3]:
                     result = Path(tmp) / "result.json"
                     command = [sys.executable, __file__, *sys.argv[1:], "--worker", fw, "--model-path", str(folder), "--result", str(result)]

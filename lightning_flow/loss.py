@@ -18,6 +18,7 @@ LossType = Literal["grpo", "bnpo", "dr_grpo", "dapo"]
 ScaleRewards = Literal["group", "batch", "none"]
 
 _STD_EPS = 1e-4  # added to the std, as TRL does, so tiny spreads do not explode
+_BLOCK_ELEMENTS = 2**25  # vocabulary entries per log-prob block by default: 128 MiB per fp32 temporary
 
 
 def _check_choice(name: str, value: str, allowed: tuple[str, ...]) -> None:
@@ -170,7 +171,7 @@ def token_logprobs_and_entropy(
     inputs: Tensor,
     targets: Tensor,
     temperature: float = 1.0,
-    chunk_tokens: int = 1024,
+    chunk_tokens: int | None = None,
     head_weight: Tensor | None = None,
     head_bias: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
@@ -180,9 +181,11 @@ def token_logprobs_and_entropy(
     targets      # [N, L] long
     head_weight  # [V, D] optional LM head applied to `inputs` block by block (head_bias [V])
     Returns (logps [N, L] float32, differentiable w.r.t. inputs and the head; entropy [N, L]
-    float32, detached). At most `chunk_tokens` positions are cast to fp32 at once: with a 150K
-    vocabulary the fp32 temporary is chunk_tokens × V × 4 bytes (0.6 GB at the default), whatever
-    N and L are; with a head no [N, L, V] tensor is made at all.
+    float32, detached). At most `chunk_tokens` positions are cast to fp32 at once (default: as
+    many as make 2^25 vocabulary entries, 220 with a 152K vocabulary, all of a small model's
+    micro-batch), so each fp32 temporary is chunk_tokens × V × 4 bytes (128 MiB at the default)
+    whatever N and L are; a block holds at most two of them; with a head no [N, L, V] tensor is
+    made at all.
     """
     width = inputs.shape[-1] if head_weight is None else head_weight.shape[1]
     if inputs.dim() != 3 or targets.shape != inputs.shape[:2] or inputs.shape[-1] != width:
@@ -190,6 +193,9 @@ def token_logprobs_and_entropy(
         raise ValueError(f"expected {expected} and targets [N, L], got {tuple(inputs.shape)} and {tuple(targets.shape)}")
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
+    if chunk_tokens is None:
+        vocabulary = inputs.shape[-1] if head_weight is None else head_weight.shape[0]
+        chunk_tokens = max(1, _BLOCK_ELEMENTS // vocabulary)
     if chunk_tokens < 1:
         raise ValueError(f"chunk_tokens must be >= 1, got {chunk_tokens}")
     return _ChunkedTokenLogprobs.apply(inputs, targets.long(), head_weight, head_bias, float(temperature), int(chunk_tokens))
