@@ -3,11 +3,12 @@
     python benchmarks/credit_ab.py                                  # configs/demo-flow.yaml's model and FlowCredit
     python benchmarks/credit_ab.py --config configs/demo-flow.yaml --batches 8 --repeats 12 --threads 1
 
-The config's model samples ``--batches`` batches of rollouts once; then, alternating, the same
-update runs over each of them without credit (no attention recorded, uniform weights) and with
-the config's ``FlowCredit`` (recording in the update's forward, credit per micro-batch, and its
-``on_rollouts_end``). Reported, as medians over the batches and the repeats after the first two:
-the update without and with credit, their difference (what credit adds), the logged capture and
+The config's model samples ``--batches`` batches of rollouts once; then, back to back on each
+batch (in alternating order), the same update runs over it without credit (no attention
+recorded, uniform weights) and with the config's ``FlowCredit`` (recording in the update's
+forward, credit per micro-batch, and its ``on_rollouts_end``). Reported, as medians over the
+batches and the repeats after the first two: the update without and with credit, the paired
+difference on the same batch (what credit adds), the logged capture and
 credit seconds, credit's parts (answer search, solver, weights), and the difference as a share of a step = sampling (timed on the same batches)
 + the update without credit. Unlike the logged ``perf/*_share`` scalars, the difference also
 holds what the stopwatches do not see (switching the attention implementation, buffers, calls).
@@ -75,7 +76,7 @@ def main() -> None:
         raise SystemExit(f"{args.config} lists no FlowCredit under trainer.callbacks")
     credit, module, trainer = credits[0], cli.model, cli.trainer
     trainer.callbacks.remove(credit)
-    times: dict[str, list[float]] = {key: [] for key in ("sampling", "off", "on", "capture", "credit", *PARTS)}
+    times: dict[str, list[float]] = {key: [] for key in ("sampling", "off", "on", "added", "capture", "credit", *PARTS)}
     part_seconds = dict.fromkeys(PARTS, 0.0)  # this update's
     time_parts(part_seconds)
 
@@ -89,11 +90,13 @@ def main() -> None:
             times["sampling"].append(time.perf_counter() - start)
         layers = pl_module.attention_layers
         for repeat in range(args.repeats):
-            for mode in ("off", "on"):
-                if mode == "on":
-                    trainer_.callbacks.append(credit)
-                    credit.setup(trainer_, pl_module, "fit")  # asks the module for attention
-                for item in rollouts:
+            for index, item in enumerate(rollouts):
+                # Off and on back to back on each batch, their order alternating: both see the same
+                # allocator state (whole rounds of one mode made page faults land on one side).
+                for mode in ("off", "on") if (repeat + index) % 2 == 0 else ("on", "off"):
+                    if mode == "on":
+                        trainer_.callbacks.append(credit)
+                        credit.setup(trainer_, pl_module, "fit")  # asks the module for attention
                     item.token_weights = torch.ones_like(item.completion_mask)
                     item.attention = item.attention_recorded = None
                     pl_module.capture_seconds = pl_module.credit_seconds = 0.0
@@ -103,16 +106,19 @@ def main() -> None:
                     if mode == "on":
                         credit.on_rollouts_end(trainer_, pl_module, item)
                     elapsed = time.perf_counter() - start
-                    if repeat >= 2:
-                        times[mode].append(elapsed)
-                        if mode == "on":
-                            times["capture"].append(pl_module.capture_seconds)
-                            times["credit"].append(pl_module.credit_seconds)
-                            for name in PARTS:
-                                times[name].append(part_seconds[name])
-                if mode == "on":
-                    trainer_.callbacks.remove(credit)
-                    pl_module.attention_layers = layers  # back to no recording
+                    if mode == "on":
+                        trainer_.callbacks.remove(credit)
+                        pl_module.attention_layers = layers  # back to no recording
+                    if repeat < 2:
+                        continue
+                    times[mode].append(elapsed)
+                    if mode == "on":
+                        times["capture"].append(pl_module.capture_seconds)
+                        times["credit"].append(pl_module.credit_seconds)
+                        for name in PARTS:
+                            times[name].append(part_seconds[name])
+                if repeat >= 2:
+                    times["added"].append(times["on"][-1] - times["off"][-1])
         trainer_.should_stop = True
 
     trainer.callbacks.append(OnFirstBatch(measure))  # inside fit, where the update's optimizer and strategy exist
@@ -122,7 +128,7 @@ def main() -> None:
         shutil.rmtree(workdir, ignore_errors=True)
 
     median = {key: statistics.median(values) for key, values in times.items()}
-    added = median["on"] - median["off"]
+    added = median["added"]  # the median over batches and repeats of (on - off) on the same batch
     step = median["sampling"] + median["off"]
     print(f"threads {torch.get_num_threads()}; {args.batches} batches x {args.repeats - 2} repeats")
     print(f"step without credit {1000 * step:.1f} ms (sampling {1000 * median['sampling']:.1f} + update {1000 * median['off']:.1f})")

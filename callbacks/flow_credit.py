@@ -112,12 +112,12 @@ class FlowCredit(RolloutCallback):
             self._pieces = (tokenizer, piece_table(tokenizer))
         return self._pieces[1]
 
-    def flow(self, attention: Tensor, picked: Tensor, valid: Tensor, prompt: Tensor, answer: Tensor) -> tuple[Tensor, Tensor]:
-        """Throughput f [k, T] and degenerate flags [k] of the rows ``picked`` of ``attention``
-        ([N, T, T]; masks [k, T]), solved a memory-bounded chunk of responses at a time."""
+    def flow(self, maps: Tensor, valid: Tensor, prompt: Tensor, answer: Tensor) -> tuple[Tensor, Tensor]:
+        """Throughput f [k, T] and degenerate flags [k] of the credited responses' ``maps``
+        ([k, T, T]; masks [k, T]), solved a memory-bounded chunk of responses at a time."""
         chunk = max(1, self.solver_elements // valid.shape[1] ** 2)
         parts = [
-            answer_flow(attention[picked[rows]], valid[rows], prompt[rows], answer[rows], self.flow_config)
+            answer_flow(maps[rows], valid[rows], prompt[rows], answer[rows], self.flow_config)
             for rows in (slice(i, i + chunk) for i in range(0, len(valid), chunk))
         ]
         return torch.cat([p.flow for p in parts]), torch.cat([p.degenerate for p in parts])
@@ -151,12 +151,13 @@ class FlowCredit(RolloutCallback):
         valid = prompt | response  # [k, T]
         answer_full = torch.cat([no_prompt, answer.to(device)], dim=1)  # [k, T]
         fallback = ~response.any(dim=1)  # [k] empty responses; flow adds its own degenerate cases
+        maps = rollouts.attention[picked] if self.signal in _NEEDS_ATTENTION else None  # [k, T, T]
 
         if self.signal == "flow":
-            signal, degenerate = self.flow(rollouts.attention, picked, valid, prompt, answer_full)
+            signal, degenerate = self.flow(maps, valid, prompt, answer_full)
             fallback = fallback | degenerate | ~answer_full.any(dim=1)
         elif self.signal == "attention_received":
-            signal = attention_received(rollouts.attention[picked], valid)
+            signal = attention_received(maps, valid)
         elif self.signal == "entropy":
             signal = torch.zeros(valid.shape, device=device)
             signal[:, prompt_length:] = rollouts.entropy[picked]
@@ -166,9 +167,9 @@ class FlowCredit(RolloutCallback):
             signal = torch.ones(valid.shape, device=device)
             fallback = torch.ones_like(fallback)
         nonfinite = torch.zeros_like(fallback)  # [k] maps with a NaN/inf (an overflowing forward): uniform weights
-        if self.signal in _NEEDS_ATTENTION:
-            # One reduction over the rows' maps (a sum is non-finite iff an entry is; the maps sum to at most T).
-            nonfinite = ~torch.isfinite(rollouts.attention[rows].sum(dim=(1, 2)))[local]
+        if maps is not None:
+            # One reduction over the maps (a sum is non-finite iff an entry is; the maps sum to at most T).
+            nonfinite = ~torch.isfinite(maps.sum(dim=(1, 2)))
             fallback = fallback | nonfinite
         credited = credit_weights(signal, response, self.top_fraction, self.boost, fallback)  # [k, T]
         weights[local] = credited

@@ -15,7 +15,7 @@ import random
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 from typing import Literal
@@ -328,8 +328,8 @@ class GRPOModule(L.LightningModule):
                         self.manual_backward(loss / divisor)
                     if iteration == 0:  # where the policy still is the sampler
                         entropy_mean = (entropy.detach() * mask).sum() / mask.sum().clamp(min=1)
-                        first_pass.append((mask.sum(), {"loss": loss.detach(), "entropy": entropy_mean, **asdict(stats)}))
-            trainable = [p for p in self.policy.parameters() if p.requires_grad]
+                        first_pass.append((mask.sum(), {"loss": loss.detach(), "entropy": entropy_mean, **vars(stats)}))  # vars: asdict deep-copies tensors
+            trainable = [p for group in optimizer.param_groups for p in group["params"]]  # configure_optimizers' (no module walk)
             grad_norm = torch.nn.utils.clip_grad_norm_(trainable, self.grpo.max_grad_norm or float("inf"))
             if not torch.isfinite(grad_norm):  # a NaN/inf anywhere in the loss or logits ends up here
                 # AdamW skips parameters without a gradient: the step counts, weights and moments stay.

@@ -101,8 +101,8 @@ def incoming_capacities(attention: Tensor, valid: Tensor, cfg: FlowConfig, size:
 
     def block(r0: int, r1: int) -> Tensor:  # [N, r1 - r0, r1] the edges into query rows r0:r1
         # Keys i < k only: the columns past r1 are never edges, and tril drops i >= k.
-        a = attention[:, r0:r1, :r1].to(cfg.dtype).tril(r0 - 1)
-        a = a * keep_dst[:, r0:r1, None] * keep_src[:, None, :r1]
+        a = attention[:, r0:r1, :r1].to(cfg.dtype).tril(r0 - 1)  # a fresh tensor, so the masks apply in place
+        a.mul_(keep_dst[:, r0:r1, None]).mul_(keep_src[:, None, :r1])
         a = torch.where(a >= cfg.min_capacity, a, 0.0)  # also turns NaN into "no edge"
         if cfg.max_in_degree is not None and cfg.max_in_degree < r1:
             a = _strongest(a, cfg.max_in_degree)

@@ -62,7 +62,7 @@ def _solve_h(p: Tensor, answer: Tensor, bs: int) -> _Influence:
     hhat = p.new_zeros(n, size)  # [N, S]
     log_norm = torch.zeros(n, nb, dtype=torch.float64, device=p.device)  # [N, nb]
     log_out = torch.full((n, size), _NEG_INF, dtype=torch.float64, device=p.device)  # [N, S]
-    passes_on = (~answer).to(p.dtype)  # [N, S] answer tokens feed the super-sink only
+    minus_passes_on = -(~answer).to(p.dtype)  # [N, S] -1, 0 on answer tokens (they feed the super-sink only)
     for b in reversed(range(nb)):
         s, e = b * bs, (b + 1) * bs
         if e < size:
@@ -78,7 +78,7 @@ def _solve_h(p: Tensor, answer: Tensor, bs: int) -> _Influence:
             log_later, ref = None, torch.zeros(n, 1, dtype=torch.float64, device=p.device)
             rhs = answer[:, s:e].to(p.dtype)  # [N, bs]
         inner = p[:, s:e, s:e]  # [N, bs (k), bs (i)] edges inside the block
-        upper = -(inner * passes_on[:, None, s:e]).transpose(1, 2)  # [N, i, k]; unit diagonal implied
+        upper = (inner * minus_passes_on[:, None, s:e]).transpose(1, 2)  # [N, i, k] -M; unit diagonal implied
         x = torch.linalg.solve_triangular(upper, rhs[..., None], upper=True, unitriangular=True)
         x = x.squeeze(-1).clamp_min(0)  # [N, bs]
         top = x.amax(-1, keepdim=True)  # [N, 1]
@@ -102,12 +102,13 @@ def _solve_flow(p: Tensor, infl: _Influence, stops: Tensor, mu: Tensor, bs: int)
     big = torch.finfo(p.dtype).max
     for b, s in enumerate(range(0, size, bs)):
         e = s + bs
-        # h(k) / out(i) = hhat(k) · q(i): the block's scale folded into one factor per source.
+        # h(k) / out(i) = hhat(k) · q(i): the block's scale folded into one factor per source
+        # (negated here, so that -Wᵀ costs no pass of its own over the block).
         log_q = infl.log_norm[:, b, None] - infl.log_out[:, :e]  # [N, e]
-        q = torch.where(stops[:, :e], 0.0, log_q.exp().clamp(max=big)).to(p.dtype)  # [N, e]
-        wt = p[:, s:e, :e] * infl.hhat[:, s:e, None] * q[:, None, :]  # [N, bs (k), e (i)] = Wᵀ
-        rhs = mu[:, s:e] + torch.einsum("nki,ni->nk", wt[:, :, :s], f[:, :s]) if s else mu[:, s:e]  # [N, bs]
-        x = torch.linalg.solve_triangular(-wt[:, :, s:], rhs[..., None], upper=False, unitriangular=True)
+        minus_q = torch.where(stops[:, :e], 0.0, log_q.exp().clamp(max=big).neg()).to(p.dtype)  # [N, e]
+        minus_wt = (p[:, s:e, :e] * infl.hhat[:, s:e, None]).mul_(minus_q[:, None, :])  # [N, bs (k), e (i)] = -Wᵀ
+        rhs = mu[:, s:e] - torch.einsum("nki,ni->nk", minus_wt[:, :, :s], f[:, :s]) if s else mu[:, s:e]  # [N, bs]
+        x = torch.linalg.solve_triangular(minus_wt[:, :, s:], rhs[..., None], upper=False, unitriangular=True)
         f[:, s:e] = x.squeeze(-1)
     return f
 
