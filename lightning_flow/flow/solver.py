@@ -15,6 +15,7 @@ The limit left: within one block, h may not span more than the dtype's range (fl
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 from torch import Tensor
@@ -113,6 +114,42 @@ def _solve_flow(p: Tensor, infl: _Influence, stops: Tensor, mu: Tensor, bs: int)
     return f
 
 
+def _solve_blocks(p: Tensor, answer: Tensor, prompt: Tensor, bs: int) -> tuple[Tensor, Tensor, Tensor]:
+    """(log h [N, S] float64, f [N, S], has_source [N, 1]) by the blocked sweeps, each block in its own scale."""
+    infl = _solve_h(p, answer, bs)
+    log_h = infl.hhat.double().log() + infl.log_norm.repeat_interleave(bs, dim=1)  # [N, S] float64
+    # Super-source over the prompt, conditioned like every other edge: μ(i) ∝ h(i).
+    log_src = torch.where(prompt, log_h, _NEG_INF)  # [N, S]
+    log_z = torch.logsumexp(log_src, dim=-1, keepdim=True)  # [N, 1] log Σ_P h
+    has_source = torch.isfinite(log_z)  # [N, 1]
+    mu = (log_src - torch.where(has_source, log_z, 0.0)).exp().to(p.dtype)  # [N, S]
+    stops = answer | ~torch.isfinite(infl.log_out)  # [N, S] answer tokens absorb; h = 0 carry nothing
+    return log_h, _solve_flow(p, infl, stops, mu, bs), has_source
+
+
+def _solve_one_block(p: Tensor, answer: Tensor, prompt: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """What ``_solve_blocks`` returns, when all positions are one block: the same two solves with
+    one scale per response (h normalised to max 1 once), so no log-space bookkeeping; about half
+    the small tensor operations, which dominate on short responses."""
+    minus_passes_on = -(~answer).to(p.dtype)  # [N, S] -1, 0 on answer tokens (they feed the super-sink only)
+    upper = (p * minus_passes_on[:, None, :]).transpose(1, 2)  # [N, i, k] -M; unit diagonal implied
+    x = torch.linalg.solve_triangular(upper, answer.to(p.dtype)[..., None], upper=True, unitriangular=True)
+    x = x.squeeze(-1).clamp_min(0)  # [N, S] h, up to its scale
+    top = x.amax(-1, keepdim=True)  # [N, 1]
+    hhat = x / torch.where(top > 0, top, 1.0)  # [N, S] max 1 (or all 0)
+    out = torch.einsum("nki,nk->ni", p, hhat)  # [N, S] Σ_k c(i, k) hhat(k): hhat(i) off the answer
+    source = hhat * prompt  # [N, S] super-source weights μ(i) ∝ h(i) over the prompt
+    total = source.sum(-1, keepdim=True)  # [N, 1]
+    has_source = total > 0
+    mu = source / torch.where(has_source, total, 1.0)  # [N, S]
+    # w(i, k) = c(i, k) hhat(k) / out(i), negated through the per-source factor; answer tokens and h = 0 send nothing.
+    minus_q = torch.where(answer | (out <= 0), 0.0, out.reciprocal().neg_())  # [N, S]
+    minus_wt = (p * hhat[:, :, None]).mul_(minus_q[:, None, :])  # [N, k, i] = -Wᵀ
+    f = torch.linalg.solve_triangular(minus_wt, mu[..., None], upper=False, unitriangular=True).squeeze(-1)
+    log_h = hhat.double().log() + top.double().log()  # [N, S] -inf where h = 0
+    return log_h, f, has_source
+
+
 @torch.no_grad()
 def answer_flow(
     attention: Tensor, valid: Tensor, prompt: Tensor, answer: Tensor, cfg: FlowConfig | None = None
@@ -128,19 +165,11 @@ def answer_flow(
     answer = answer & response  # [N, T]
     p = incoming_capacities(attention, valid, cfg, size)  # [N, S, S] p[n, k, i] = c(i, k)
     answer_p, prompt_p = _pad(answer, size), _pad(prompt, size)  # [N, S]
-
-    infl = _solve_h(p, answer_p, bs)
-    log_h = infl.hhat.double().log() + infl.log_norm.repeat_interleave(bs, dim=1)  # [N, S] float64
-    # Super-source over the prompt, conditioned like every other edge: μ(i) ∝ h(i).
-    log_src = torch.where(prompt_p, log_h, _NEG_INF)  # [N, S]
-    log_z = torch.logsumexp(log_src, dim=-1, keepdim=True)  # [N, 1] log Σ_P h
-    has_source = torch.isfinite(log_z)  # [N, 1]
-    mu = (log_src - torch.where(has_source, log_z, 0.0)).exp().to(p.dtype)  # [N, S]
-    stops = answer_p | ~torch.isfinite(infl.log_out)  # [N, S] answer tokens absorb; h = 0 carry nothing
-    flow = _solve_flow(p, infl, stops, mu, bs)[:, :t]  # [N, T]
+    solve = _solve_one_block if size == bs else partial(_solve_blocks, bs=bs)
+    log_h, flow, has_source = solve(p, answer_p, prompt_p)  # [N, S] float64, [N, S], [N, 1]
 
     degenerate = ~answer.any(-1) | ~response.any(-1) | (valid.sum(-1) < 2) | ~has_source.squeeze(-1)  # [N]
-    flow = torch.where(degenerate[:, None], 0.0, flow).clamp(0.0, 1.0)  # [N, T]
+    flow = torch.where(degenerate[:, None], 0.0, flow[:, :t]).clamp(0.0, 1.0)  # [N, T]
     log_h = log_h[:, :t]  # [N, T]
     h = (log_h - _finite_max(log_h)).exp().to(p.dtype)  # [N, T] max 1, 0 where log h = -inf
     absorbed = (flow * answer).sum(-1)  # [N]
