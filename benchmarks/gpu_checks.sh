@@ -5,9 +5,11 @@
 #   flow     about 6 min: benchmarks/flow_overhead.py at Qwen2.5-1.5B's shape (bf16 + LoRA, random weights),
 #            L = 256 / 1024 (4096 does not fit: sampling 4096 tokens alone takes about 6 min), N = 16 / 64
 #   flow-update  about 6 min: the same without sampling (shares of the update alone), so L = 4096 fits (one repeat there)
-#   trl      at most 4 min: benchmarks/trl_compare.py, ours vs TRL's GRPOTrainer at Qwen2.5-0.5B's shape (128-token
-#            responses: generate runs about 90 ms a token there, so 256 tokens did not fit 150 s)
-#   trl-profile  about 5 min: the same with a torch.profiler op table of one step per framework (where ours loses to TRL)
+#   trl      about 2.5 min: benchmarks/trl_compare.py, one round of ours vs TRL's GRPOTrainer at Qwen2.5-0.5B's shape
+#            (128-token responses: generate runs about 50-90 ms a token there, host-bound); trl-round2 and trl-round3
+#            run the next rounds (the order of the three runs rotated), one per call
+#   trl-profile  more than 5 min: the same with a torch.profiler op table of one step per framework; on an H100 only
+#            ours' run fitted the 300 s limit (its table: docs/trl-profile-h100-ours.txt)
 #   configs  about 3 min: benchmarks/gpu_check.py, memory and step time of the real configs (needs bitsandbytes)
 set -uo pipefail
 out=${OUT:-results}

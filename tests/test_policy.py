@@ -180,3 +180,33 @@ def test_group_size_below_two_is_refused():
 def test_unknown_dtype_names_the_choices():
     with pytest.raises(ValueError, match="bfloat16"):
         PolicyConfig("x", dtype="fp8")
+
+
+def test_module_log_probs_are_the_same_from_the_fused_head_and_from_the_models_logits(tiny_policy_dir):
+    """GRPOModule.completion_logps on both of its paths: decoder + blockwise head, and (for models
+    without a plain head) the model's own logits."""
+    from dataclasses import fields
+
+    from lightning_flow.module import GRPOModule
+    from lightning_flow.rollouts import Rollouts
+
+    module = GRPOModule(PolicyConfig(str(tiny_policy_dir), lora_rank=4), SamplingConfig(num_generations=2, max_new_tokens=6, temperature=0.7))
+    perturb_lora(module.policy)
+    assert module.decoder_and_head is not None
+    gen = torch.Generator().manual_seed(4)
+    prompt_mask = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1], [0, 1, 1, 1, 1]])
+    completion_mask = torch.tensor([[1, 1, 1, 1, 0, 0], [1, 1, 1, 1, 1, 1], [1, 1, 0, 0, 0, 0]])
+    rollouts = Rollouts(**{**{f.name: None for f in fields(Rollouts)},
+                           "prompt_ids": torch.randint(4, 90, (3, 5), generator=gen), "prompt_mask": prompt_mask,
+                           "completion_ids": torch.randint(4, 90, (3, 6), generator=gen), "completion_mask": completion_mask})
+    results = []
+    for path in ("fused", "logits"):
+        if path == "logits":
+            module.decoder_and_head = None
+        module.policy.zero_grad(set_to_none=True)
+        logps, entropy = module.completion_logps(rollouts, slice(0, None))
+        (logps * completion_mask).sum().backward()
+        grads = torch.cat([p.grad.flatten() for p in module.policy.parameters() if p.requires_grad])
+        results.append((logps.detach(), entropy, grads))
+    for fused, plain in zip(*results):
+        torch.testing.assert_close(fused, plain, rtol=1e-5, atol=1e-6)
