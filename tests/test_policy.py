@@ -182,15 +182,17 @@ def test_unknown_dtype_names_the_choices():
         PolicyConfig("x", dtype="fp8")
 
 
-def test_module_log_probs_are_the_same_from_the_fused_head_and_from_the_models_logits(tiny_policy_dir):
+@pytest.mark.parametrize("load_in_4bit", [False, True])
+def test_module_log_probs_are_the_same_from_the_fused_head_and_from_the_models_logits(tiny_policy_dir, load_in_4bit):
     """GRPOModule.completion_logps on both of its paths: decoder + blockwise head, and (for models
-    without a plain head) the model's own logits."""
+    without a plain head) the model's own logits; a 4-bit base keeps its head unquantised."""
     from dataclasses import fields
 
     from lightning_flow.module import GRPOModule
     from lightning_flow.rollouts import Rollouts
 
-    module = GRPOModule(PolicyConfig(str(tiny_policy_dir), lora_rank=4), SamplingConfig(num_generations=2, max_new_tokens=6, temperature=0.7))
+    module = GRPOModule(PolicyConfig(str(tiny_policy_dir), lora_rank=4, load_in_4bit=load_in_4bit),
+                        SamplingConfig(num_generations=2, max_new_tokens=6, temperature=0.7))
     perturb_lora(module.policy)
     assert module.decoder_and_head is not None
     gen = torch.Generator().manual_seed(4)

@@ -10,6 +10,8 @@ is combined from the later blocks in log space, normalised to max 1 and solved i
 dtype. W is bounded (w <= 1), so it is formed from hhat and one scale factor per source.
 The limit left: within one block, h may not span more than the dtype's range (float32: about
 1e38, i.e. a growth or decay factor per position of at most 1e38 ** (1 / block_size)).
+Responses that fit one block (T <= block_size) have no scales to combine and take a direct path
+(``_solve_one_block``) with the same limit.
 """
 
 from __future__ import annotations
