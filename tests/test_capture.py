@@ -202,6 +202,29 @@ def test_chunked_recording_matches_eager(build, padded, min_elements, chunks, mo
     torch.testing.assert_close(maps, eager_reference(model, ids, mask, positions, [0, 1, 2]), rtol=0, atol=1e-5)
 
 
+@pytest.mark.parametrize("t, min_elements, rows_per_chunk", [(14, 200, 2), (256, 2**20, 64)],
+                         ids=["2-row chunks by memory", "4 chunks of a 256-row causal layer"])
+def test_causal_chunks_compute_only_the_keys_their_queries_see(monkeypatch, t, min_elements, rows_per_chunk):
+    """A causal layer's chunk of query rows ending at row r1 scores keys :r1 only: with chunks of
+    2 rows (T = 14, a small memory floor) 2 × (2 + 4 + ... + 14) = 112 of each head's 196 scores;
+    a layer of 256 rows or more is split in 4 chunks, 64 × (64 + 128 + 192 + 256) of 256². The maps stay exact."""
+    import lightning_flow.capture as capture
+
+    monkeypatch.setattr(capture, "_MIN_CHUNK_ELEMENTS", min_elements)
+    torch.manual_seed(0)
+    model = _qwen2_sdpa().eval()
+    n = 5 if t == 14 else 2
+    ids, mask, positions = make_batch(100, n=n, t=t, padded=True)
+    scored = []
+    softmax = torch.softmax
+    monkeypatch.setattr(torch, "softmax", lambda x, *args, **kwargs: scored.append(x.numel()) or softmax(x, *args, **kwargs))
+    maps = capture_attention(model, ids, mask, [0, 1, 2], micro_batch_size=n, position_ids=positions)
+    monkeypatch.setattr(torch, "softmax", softmax)
+    per_head = rows_per_chunk * sum(range(rows_per_chunk, t + 1, rows_per_chunk))
+    assert sum(scored) == n * model.config.num_attention_heads * 3 * per_head < n * model.config.num_attention_heads * 3 * t * t
+    torch.testing.assert_close(maps, eager_reference(model, ids, mask, positions, [0, 1, 2]), rtol=0, atol=1e-5)
+
+
 @pytest.mark.parametrize("rows", [[1, 3, 4], [2], []], ids=["three", "one", "none"])
 @pytest.mark.parametrize("build, padded", [(_gemma2_eager, True), (_qwen2_sdpa, False), (_qwen2_sdpa, True)],
                          ids=["gemma2-eager-padded", "qwen2-sdpa-causal", "qwen2-sdpa-padded"])
