@@ -6,7 +6,7 @@
 #            L = 256 / 1024 (4096 does not fit: sampling 4096 tokens alone takes about 6 min), N = 16 / 64
 #   flow-update  about 6 min: the same without sampling (shares of the update alone), so L = 4096 fits (one repeat there)
 #   trl      about 2.5 min: benchmarks/trl_compare.py, one round of ours vs TRL's GRPOTrainer at Qwen2.5-0.5B's shape
-#            (128-token responses: generate runs about 50-90 ms a token there, host-bound); trl-round2 and trl-round3
+#            (128-token responses: generate ran 40-70 ms a token there, host-bound); trl-round2 and trl-round3
 #            run the next rounds (the order of the three runs rotated), one per call
 #   trl-profile  more than 5 min: the same with a torch.profiler op table of one step per framework; on an H100 only
 #            ours' run fitted the 300 s limit (its table: docs/trl-profile-h100-ours.txt)

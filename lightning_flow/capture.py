@@ -58,8 +58,9 @@ walking every module of the model again."""
 
 
 _MIN_CHUNK_ELEMENTS = 2**20
-_CAUSAL_SPLIT = 256  # causal layers with this many query rows or more are recorded in at least 4 row chunks
 """Score elements a recorded chunk may always use (4 MiB in float32), however small the map: short sequences take all heads in one product."""
+_CAUSAL_SPLIT = 256
+"""Causal layers with this many query rows or more are recorded in at least 4 row chunks (see ``_record``)."""
 
 
 class _StopForward(Exception):
@@ -372,18 +373,19 @@ class AttentionRecorder:
         scaling = head_dim**-0.5 if scaling is None else scaling
         penalty = additive = None
         is_causal = kwargs.get("is_causal")
+        if is_causal is None:
+            is_causal = getattr(module, "is_causal", None)  # None: the layer does not say
         if attention_mask is None:
-            is_causal = getattr(module, "is_causal", True) if is_causal is None else is_causal
-            if is_causal and t_q > 1:
+            if is_causal is not False and t_q > 1:  # no mask: causal unless the layer says otherwise
                 penalty = self._additive(None, t_q, query.device)
         elif attention_mask.dtype == torch.bool:
             penalty = self._additive(attention_mask, t_q, query.device)
         else:
             additive = _batch_rows(attention_mask, rows)
-        # A causal layer's query rows r0:r1 see keys :r1 only, so a chunk of rows skips the keys after
-        # it: 4 chunks score 10/16 of the square, many chunks about half (short sequences stay whole,
-        # where a chunk's fixed cost outweighs what it skips).
-        causal = (getattr(module, "is_causal", False) if is_causal is None else is_causal) is True
+        # A layer that declares itself causal: its query rows r0:r1 see keys :r1 only, so a chunk of
+        # rows skips the keys after it: 4 chunks score 10/16 of the square, many chunks about half
+        # (short sequences stay whole, where a chunk's fixed cost outweighs what it skips).
+        causal = is_causal is True
         position_bias = _batch_rows(kwargs.get("position_bias"), rows)
         softcap = kwargs.get("softcap")
         if kwargs.get("s_aux") is not None or kwargs.get("sinks") is not None:

@@ -49,6 +49,20 @@ def _finite_max(x: Tensor) -> Tensor:
     return torch.where(torch.isfinite(top), top, torch.zeros_like(top))
 
 
+def _back_substitute(inner: Tensor, minus_passes_on: Tensor, rhs: Tensor) -> tuple[Tensor, Tensor]:
+    """Solve (I - M) x = rhs within one block and scale x to max 1: (hhat [N, b], top [N, 1], 0 where x is all 0).
+
+    inner            # [N, b (k), b (i)] capacities of the block's edges, p[n, k, i] = c(i, k)
+    minus_passes_on  # [N, b] -1, 0 on answer tokens (they feed the super-sink only): M's columns
+    rhs              # [N, b]
+    """
+    upper = (inner * minus_passes_on[:, None, :]).transpose(1, 2)  # [N, i, k] -M; unit diagonal implied
+    x = torch.linalg.solve_triangular(upper, rhs[..., None], upper=True, unitriangular=True)
+    x = x.squeeze(-1).clamp_min(0)  # [N, b]
+    top = x.amax(-1, keepdim=True)  # [N, 1]
+    return x / torch.where(top > 0, top, 1.0), top
+
+
 @dataclass
 class _Influence:
     """h of a padded batch in blocks of `bs` positions: h = hhat · exp(log_norm of its block)."""
@@ -81,13 +95,8 @@ def _solve_h(p: Tensor, answer: Tensor, bs: int) -> _Influence:
             log_later, ref = None, torch.zeros(n, 1, dtype=torch.float64, device=p.device)
             rhs = answer[:, s:e].to(p.dtype)  # [N, bs]
         inner = p[:, s:e, s:e]  # [N, bs (k), bs (i)] edges inside the block
-        upper = (inner * minus_passes_on[:, None, s:e]).transpose(1, 2)  # [N, i, k] -M; unit diagonal implied
-        x = torch.linalg.solve_triangular(upper, rhs[..., None], upper=True, unitriangular=True)
-        x = x.squeeze(-1).clamp_min(0)  # [N, bs]
-        top = x.amax(-1, keepdim=True)  # [N, 1]
-        alive = top > 0
-        hhat[:, s:e] = torch.where(alive, x / torch.where(alive, top, 1.0), 0.0)
-        log_norm[:, b] = torch.where(alive, ref + top.double().log(), 0.0).squeeze(-1)
+        hhat[:, s:e], top = _back_substitute(inner, minus_passes_on[:, s:e], rhs)
+        log_norm[:, b] = torch.where(top > 0, ref + top.double().log(), 0.0).squeeze(-1)
         within = torch.einsum("nki,nk->ni", inner, hhat[:, s:e]).double().log() + log_norm[:, b, None]
         log_out[:, s:e] = within if log_later is None else torch.logaddexp(log_later, within)  # [N, bs]
     return _Influence(hhat, log_norm, log_out)
@@ -133,12 +142,7 @@ def _solve_one_block(p: Tensor, answer: Tensor, prompt: Tensor) -> tuple[Tensor,
     """What ``_solve_blocks`` returns, when all positions are one block: the same two solves with
     one scale per response (h normalised to max 1 once), so no log-space bookkeeping; about half
     the small tensor operations, which dominate on short responses."""
-    minus_passes_on = -(~answer).to(p.dtype)  # [N, S] -1, 0 on answer tokens (they feed the super-sink only)
-    upper = (p * minus_passes_on[:, None, :]).transpose(1, 2)  # [N, i, k] -M; unit diagonal implied
-    x = torch.linalg.solve_triangular(upper, answer.to(p.dtype)[..., None], upper=True, unitriangular=True)
-    x = x.squeeze(-1).clamp_min(0)  # [N, S] h, up to its scale
-    top = x.amax(-1, keepdim=True)  # [N, 1]
-    hhat = x / torch.where(top > 0, top, 1.0)  # [N, S] max 1 (or all 0)
+    hhat, top = _back_substitute(p, -(~answer).to(p.dtype), answer.to(p.dtype))  # [N, S] h / top, [N, 1]
     out = torch.einsum("nki,nk->ni", p, hhat)  # [N, S] Σ_k c(i, k) hhat(k): hhat(i) off the answer
     source = hhat * prompt  # [N, S] super-source weights μ(i) ∝ h(i) over the prompt
     total = source.sum(-1, keepdim=True)  # [N, 1]
