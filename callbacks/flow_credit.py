@@ -12,6 +12,7 @@ import time
 from typing import Literal
 
 import torch
+from torch.nn.functional import pad
 from lightning.pytorch import LightningModule, Trainer
 from torch import Tensor
 
@@ -116,6 +117,9 @@ class FlowCredit(RolloutCallback):
         """Throughput f [k, T] and degenerate flags [k] of the credited responses' ``maps``
         ([k, T, T]; masks [k, T]), solved a memory-bounded chunk of responses at a time."""
         chunk = max(1, self.solver_elements // valid.shape[1] ** 2)
+        if chunk >= len(valid):
+            result = answer_flow(maps, valid, prompt, answer, self.flow_config)
+            return result.flow, result.degenerate
         parts = [
             answer_flow(maps[rows], valid[rows], prompt[rows], answer[rows], self.flow_config)
             for rows in (slice(i, i + chunk) for i in range(0, len(valid), chunk))
@@ -134,28 +138,31 @@ class FlowCredit(RolloutCallback):
         """
         prompt_length = rollouts.prompt_ids.shape[1]
         device = rollouts.completion_ids.device
-        local = rollouts.credited[rows].nonzero().squeeze(1).to(device)  # [k] credited, within rows
-        picked = torch.arange(len(rollouts), device=device)[rows][local]  # [k] the same, as rollout rows
+        first, _, step = rows.indices(len(rollouts))
+        if step != 1:
+            raise ValueError(f"rows={rows}: credit is computed over a contiguous slice of the rollouts")
+        local = rollouts.credited[rows].nonzero().squeeze(1)  # [k] credited, within rows
+        picked = local + first  # [k] the same, as rollout rows
         weights = torch.ones(len(rollouts.completion_ids[rows]), prompt_length + rollouts.completion_ids.shape[1], device=device)  # [n, T]
         if not len(picked):
             nothing = torch.zeros(0, dtype=torch.bool, device=device)
             return weights, {"answer_found": nothing, "fallback": nothing, "nonfinite": nothing, "top_share": torch.zeros(0, device=device)}
         kept = rollouts.completion_mask[picked]  # [k, L]
+        in_response = kept != 0  # [k, L]
+        fallback = ~in_response.any(dim=1)  # [k] empty responses; flow adds its own degenerate cases
         # The completions were decoded before mask_truncated_completions may have emptied a row.
-        texts = [rollouts.completions[i] if any_kept else "" for i, any_kept in zip(picked.tolist(), (kept != 0).any(1).tolist())]
+        texts = [rollouts.completions[i] if not empty else "" for i, empty in zip(picked.tolist(), fallback.tolist())]
         answer, source = answer_masks(tokenizer, rollouts.completion_ids[picked], kept, self.answer_fallback, texts=texts, pieces=self.piece_table(tokenizer))
-        in_prompt, in_response = rollouts.prompt_mask[picked] != 0, kept != 0  # [k, P], [k, L]
-        no_prompt, no_response = torch.zeros_like(in_prompt), torch.zeros_like(in_response)
-        prompt = torch.cat([in_prompt, no_response], dim=1)  # [k, T]
-        response = torch.cat([no_prompt, in_response], dim=1)  # [k, T]
-        valid = prompt | response  # [k, T]
-        answer_full = torch.cat([no_prompt, answer.to(device)], dim=1)  # [k, T]
-        fallback = ~response.any(dim=1)  # [k] empty responses; flow adds its own degenerate cases
+        # [k, T] masks over prompt + response positions
+        prompt = pad(rollouts.prompt_mask[picked] != 0, (0, in_response.shape[1]))
+        response = pad(in_response, (prompt_length, 0))
+        valid = prompt | response
+        answer_full = pad(answer, (prompt_length, 0))
         maps = rollouts.attention[picked] if self.signal in _NEEDS_ATTENTION else None  # [k, T, T]
 
         if self.signal == "flow":
             signal, degenerate = self.flow(maps, valid, prompt, answer_full)
-            fallback = fallback | degenerate | ~answer_full.any(dim=1)
+            fallback = fallback | degenerate  # degenerate: also no answer found
         elif self.signal == "attention_received":
             signal = attention_received(maps, valid)
         elif self.signal == "entropy":

@@ -70,8 +70,7 @@ def check_inputs(attention: Tensor, valid: Tensor, *masks: Tensor) -> None:
 
 def sink_mask(valid: Tensor, sink_tokens: int) -> Tensor:
     """[N, T] bool: the first `sink_tokens` valid tokens of each row, wherever the row starts."""
-    rank = valid.long().cumsum(-1) - 1  # [N, T] index among the valid tokens
-    return valid & (rank < sink_tokens)
+    return valid & (valid.cumsum(-1) <= sink_tokens)  # cumsum: 1 + index among the valid tokens
 
 
 def _strongest(a: Tensor, k: int) -> Tensor:

@@ -33,19 +33,18 @@ def credit_weights(
     if signal.shape != response.shape or response.dtype != torch.bool:
         raise ValueError(f"signal {tuple(signal.shape)} and bool response {tuple(response.shape)} must match")
     dtype = signal.dtype if signal.is_floating_point() else torch.float32
-    key = torch.nan_to_num(signal.to(dtype), nan=float("-inf"))  # [N, T]
+    # NaN and -inf of response tokens become the lowest finite value, so every response token
+    # ranks before every other position (-inf) and a row's top tokens are the first of its order.
+    lowest = torch.finfo(dtype).min
+    key = torch.nan_to_num(signal.to(dtype), nan=lowest, neginf=lowest, posinf=float("inf"))  # [N, T]
     key = torch.where(response, key, float("-inf"))  # [N, T]
     order = torch.sort(key, dim=-1, descending=True, stable=True).indices  # [N, T]
-    # Rank among the response tokens only, so -inf signals cannot lose their place to padding.
-    in_response = response.gather(-1, order)  # [N, T] in rank order
-    rank = in_response.long().cumsum(-1) - 1  # [N, T]
     n_top = boosted_count(response.sum(-1), top_fraction)  # [N]
-    chosen = in_response & (rank < n_top[:, None])  # [N, T] in rank order
-    boosted = torch.zeros_like(response).scatter(-1, order, chosen)  # [N, T] back in position order
     if fallback is not None:
-        boosted &= ~fallback[:, None]
-    ones = torch.ones_like(key)  # [N, T]
-    return torch.where(boosted, ones * boost, ones)
+        n_top = n_top.masked_fill(fallback, 0)
+    chosen = torch.arange(key.shape[-1], device=key.device) < n_top[:, None]  # [N, T] in rank order
+    boosted = torch.zeros_like(response).scatter(-1, order, chosen)  # [N, T] back in position order
+    return torch.where(boosted, boost, torch.ones_like(key))
 
 
 @torch.no_grad()

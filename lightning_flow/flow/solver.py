@@ -17,7 +17,7 @@ Responses that fit one block (T <= block_size) have no scales to combine and tak
 from __future__ import annotations
 
 from dataclasses import dataclass
-from functools import partial
+from functools import cached_property, partial
 
 import torch
 from torch import Tensor
@@ -29,13 +29,25 @@ _NEG_INF = float("-inf")
 
 @dataclass
 class FlowResult:
-    """Answer-conditioned influence and throughput of a batch of responses."""
+    """Answer-conditioned influence and throughput of a batch of responses.
 
-    h: Tensor  # [N, T] influence on the answer, scaled to max 1 per response; 0 where no path
+    ``h`` and ``absorbed`` are derived on first use: the credit reads only ``flow`` and ``degenerate``.
+    """
+
     flow: Tensor  # [N, T] throughput f in [0, 1]; all 0 on degenerate rows
-    absorbed: Tensor  # [N] flow absorbed by the answer: 1 where not degenerate, 0 where degenerate
     degenerate: Tensor  # [N] bool: no answer, empty response, < 2 valid tokens or Σ_prompt h = 0
     log_h: Tensor  # [N, T] float64 log of the unscaled h (-inf where h = 0); what edge_flows uses
+    answer: Tensor  # [N, T] bool: the answer tokens the flow was conditioned on (within the response)
+
+    @cached_property
+    def h(self) -> Tensor:
+        """[N, T] influence on the answer, scaled to max 1 per response; 0 where no path."""
+        return (self.log_h - _finite_max(self.log_h)).exp().to(self.flow.dtype)
+
+    @cached_property
+    def absorbed(self) -> Tensor:
+        """[N] flow absorbed by the answer: 1 where not degenerate, 0 where degenerate."""
+        return (self.flow * self.answer).sum(-1)
 
 
 def _pad(x: Tensor, size: int) -> Tensor:
@@ -142,14 +154,15 @@ def _solve_one_block(p: Tensor, answer: Tensor, prompt: Tensor) -> tuple[Tensor,
     """What ``_solve_blocks`` returns, when all positions are one block: the same two solves with
     one scale per response (h normalised to max 1 once), so no log-space bookkeeping; about half
     the small tensor operations, which dominate on short responses."""
-    hhat, top = _back_substitute(p, -(~answer).to(p.dtype), answer.to(p.dtype))  # [N, S] h / top, [N, 1]
+    rhs = answer.to(p.dtype)  # [N, S] h(a) = 1
+    hhat, top = _back_substitute(p, rhs - 1, rhs)  # [N, S] h / top, [N, 1]; rhs - 1: -1, 0 on the answer
     out = torch.einsum("nki,nk->ni", p, hhat)  # [N, S] Σ_k c(i, k) hhat(k): hhat(i) off the answer
     source = hhat * prompt  # [N, S] super-source weights μ(i) ∝ h(i) over the prompt
     total = source.sum(-1, keepdim=True)  # [N, 1]
     has_source = total > 0
     mu = source / torch.where(has_source, total, 1.0)  # [N, S]
     # w(i, k) = c(i, k) hhat(k) / out(i), negated through the per-source factor; answer tokens and h = 0 send nothing.
-    minus_q = torch.where(answer | (out <= 0), 0.0, out.reciprocal().neg_())  # [N, S]
+    minus_q = torch.where(answer | (out <= 0), 0.0, torch.div(-1.0, out))  # [N, S]
     minus_wt = (p * hhat[:, :, None]).mul_(minus_q[:, None, :])  # [N, k, i] = -Wᵀ
     f = torch.linalg.solve_triangular(minus_wt, mu[..., None], upper=False, unitriangular=True).squeeze(-1)
     log_h = hhat.double().log() + top.double().log()  # [N, S] -inf where h = 0
@@ -174,12 +187,11 @@ def answer_flow(
     solve = _solve_one_block if size == bs else partial(_solve_blocks, bs=bs)
     log_h, flow, has_source = solve(p, answer_p, prompt_p)  # [N, S] float64, [N, S], [N, 1]
 
-    degenerate = ~answer.any(-1) | ~response.any(-1) | (valid.sum(-1) < 2) | ~has_source.squeeze(-1)  # [N]
+    # No answer, an empty response or fewer than two valid tokens all leave Σ_prompt h = 0 (h is
+    # exactly 0 without an answer to reach), so the source's existence decides every case.
+    degenerate = ~has_source.squeeze(-1)  # [N]
     flow = torch.where(degenerate[:, None], 0.0, flow[:, :t]).clamp(0.0, 1.0)  # [N, T]
-    log_h = log_h[:, :t]  # [N, T]
-    h = (log_h - _finite_max(log_h)).exp().to(p.dtype)  # [N, T] max 1, 0 where log h = -inf
-    absorbed = (flow * answer).sum(-1)  # [N]
-    return FlowResult(h=h, flow=flow, absorbed=absorbed, degenerate=degenerate, log_h=log_h)
+    return FlowResult(flow=flow, degenerate=degenerate, log_h=log_h[:, :t], answer=answer)
 
 
 @torch.no_grad()
