@@ -90,16 +90,16 @@ class FlowCredit(RolloutCallback):
         self._seconds += time.perf_counter() - start
 
     def on_rollouts_end(self, trainer: Trainer, pl_module: LightningModule, rollouts: Rollouts) -> None:
-        stats = {key: torch.cat([part[key] for part in self._row_stats]) for key in self._row_stats[0]}  # [k] each, credited rows
-        seconds, self._row_stats, self._seconds = self._seconds, [], 0.0
-        credited, solved = len(stats["fallback"]), ~stats["fallback"]
+        parts, seconds, self._row_stats, self._seconds = self._row_stats, self._seconds, [], 0.0
+        stats = parts[0] if len(parts) == 1 else {key: torch.cat([part[key] for part in parts]) for key in parts[0]}  # [k] each, credited rows
+        credited, fallback = len(stats["fallback"]), stats["fallback"].sum()
         # Fractions of the credited responses, summed over ranks before dividing (none logged on a step without any).
         pl_module.step_scalars.add_ratios({
             "credit/credited_fraction": (credited, len(rollouts)),
             "credit/answer_found_fraction": (stats["answer_found"].sum(), credited),
-            "credit/fallback_fraction": (stats["fallback"].sum(), credited),
+            "credit/fallback_fraction": (fallback, credited),
             "credit/nonfinite_attention_fraction": (stats["nonfinite"].sum(), credited),
-            "credit/top_signal_share": (stats["top_share"][solved].sum(), solved.sum()),
+            "credit/top_signal_share": (stats["top_share"].sum(), credited - fallback),  # 0 on fallback rows (nothing boosted)
         })
         pl_module.step_scalars.add({"credit/time_s": seconds})
         experiment = getattr(trainer.logger, "experiment", None)
@@ -181,7 +181,7 @@ class FlowCredit(RolloutCallback):
         credited = credit_weights(signal, response, self.top_fraction, self.boost, fallback)  # [k, T]
         weights[local] = credited
 
-        top = (credited > 1) & response
+        top = (credited != 1) & response  # the boosted tokens (a boost below 1 too)
         share = (signal * top).sum(dim=1) / (signal * response).sum(dim=1).clamp(min=1e-12)  # [k]
         stats = {"answer_found": source.to(device) < 2, "fallback": fallback, "nonfinite": nonfinite, "top_share": share}
         return weights, stats

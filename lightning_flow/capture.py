@@ -202,6 +202,9 @@ class AttentionRecorder:
     rows sum to 1 over the keys they may attend to. Calls made by a backward (checkpoint recompute)
     are ignored.
 
+    A recorder may be entered again once its block has ended (one block at a time): each block
+    starts with no maps and a fresh ``stopwatch``, and a caller that records every step keeps one.
+
     On entry the outermost ``PreTrainedModel`` (the one a ``PeftModel`` wraps) is switched with
     ``set_attn_implementation`` to a registered recording implementation; on exit, normal or by any
     exception, the attention implementation of every config of the model is written back as it was.
@@ -239,6 +242,8 @@ class AttentionRecorder:
     def __enter__(self) -> "AttentionRecorder":
         if self._entered:
             raise RuntimeError("this AttentionRecorder is already in use")
+        self._done, self.stopwatch = [], Stopwatch()  # a recorder entered again starts afresh
+        self._reset_pass()
         _register()
         known = _SWITCHES.setdefault(self._top, {})
         if not getattr(self._top, "_can_set_attn_implementation", lambda: True)():  # transformers' own (cached) check

@@ -368,6 +368,22 @@ def test_several_passes_in_one_recorder_are_concatenated(tiny_peft):
     torch.testing.assert_close(both, capture_attention(tiny_peft, ids, mask, [0, 1], position_ids=positions), rtol=0, atol=1e-6)
 
 
+def test_a_recorder_entered_again_starts_afresh(tiny_peft):
+    ids, mask, positions = make_batch(tiny_peft.config.vocab_size, n=4)
+    rec = AttentionRecorder(tiny_peft, [0, 1], stop_after_last=True)
+    with rec:
+        rec.run(input_ids=ids[:2], attention_mask=mask[:2], position_ids=positions[:2])  # never taken
+    first = rec.stopwatch
+    first_seconds = first.seconds()
+    with rec:
+        rec.run(input_ids=ids[2:], attention_mask=mask[2:], position_ids=positions[2:])
+        again = rec.take()  # only this block's map: the first block's untaken one is gone
+    assert first_seconds > 0 and rec.stopwatch is not first and rec.stopwatch.seconds() > 0
+    assert tiny_peft.config._attn_implementation == "sdpa"
+    expected = capture_attention(tiny_peft, ids[2:], mask[2:], [0, 1], position_ids=positions[2:])
+    torch.testing.assert_close(again, expected, rtol=0, atol=1e-6)
+
+
 # ---------------------------------------------------------------------------------------------
 # early stop
 # ---------------------------------------------------------------------------------------------
