@@ -31,13 +31,19 @@ _NEG_INF = float("-inf")
 class FlowResult:
     """Answer-conditioned influence and throughput of a batch of responses.
 
-    ``h`` and ``absorbed`` are derived on first use: the credit reads only ``flow`` and ``degenerate``.
+    ``log_h``, ``h`` and ``absorbed`` are derived on first use: the credit reads only ``flow`` and ``degenerate``.
     """
 
     flow: Tensor  # [N, T] throughput f in [0, 1]; all 0 on degenerate rows
     degenerate: Tensor  # [N] bool: no answer, empty response, < 2 valid tokens or Σ_prompt h = 0
-    log_h: Tensor  # [N, T] float64 log of the unscaled h (-inf where h = 0); what edge_flows uses
     answer: Tensor  # [N, T] bool: the answer tokens the flow was conditioned on (within the response)
+    scaled_h: Tensor  # [N, T] h divided by its row's (or block's) scale, in the working dtype
+    log_scale: Tensor  # [N, 1] or [N, T] float64 log of that scale
+
+    @cached_property
+    def log_h(self) -> Tensor:
+        """[N, T] float64 log of the unscaled h (-inf where h = 0); what edge_flows uses."""
+        return self.scaled_h.double().log() + self.log_scale
 
     @cached_property
     def h(self) -> Tensor:
@@ -137,20 +143,22 @@ def _solve_flow(p: Tensor, infl: _Influence, stops: Tensor, mu: Tensor, bs: int)
     return f
 
 
-def _solve_blocks(p: Tensor, answer: Tensor, prompt: Tensor, bs: int) -> tuple[Tensor, Tensor, Tensor]:
-    """(log h [N, S] float64, f [N, S], has_source [N, 1]) by the blocked sweeps, each block in its own scale."""
+def _solve_blocks(p: Tensor, answer: Tensor, prompt: Tensor, bs: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(h scaled per block [N, S], its log scale [N, S] float64, f [N, S], has_source [N, 1]) by the
+    blocked sweeps, each block in its own scale."""
     infl = _solve_h(p, answer, bs)
-    log_h = infl.hhat.double().log() + infl.log_norm.repeat_interleave(bs, dim=1)  # [N, S] float64
+    log_scale = infl.log_norm.repeat_interleave(bs, dim=1)  # [N, S]
+    log_h = infl.hhat.double().log() + log_scale  # [N, S] float64
     # Super-source over the prompt, conditioned like every other edge: μ(i) ∝ h(i).
     log_src = torch.where(prompt, log_h, _NEG_INF)  # [N, S]
     log_z = torch.logsumexp(log_src, dim=-1, keepdim=True)  # [N, 1] log Σ_P h
     has_source = torch.isfinite(log_z)  # [N, 1]
     mu = (log_src - torch.where(has_source, log_z, 0.0)).exp().to(p.dtype)  # [N, S]
     stops = answer | ~torch.isfinite(infl.log_out)  # [N, S] answer tokens absorb; h = 0 carry nothing
-    return log_h, _solve_flow(p, infl, stops, mu, bs), has_source
+    return infl.hhat, log_scale, _solve_flow(p, infl, stops, mu, bs), has_source
 
 
-def _solve_one_block(p: Tensor, answer: Tensor, prompt: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+def _solve_one_block(p: Tensor, answer: Tensor, prompt: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """What ``_solve_blocks`` returns, when all positions are one block: the same two solves with
     one scale per response (h normalised to max 1 once), so no log-space bookkeeping; about half
     the small tensor operations, which dominate on short responses."""
@@ -165,8 +173,7 @@ def _solve_one_block(p: Tensor, answer: Tensor, prompt: Tensor) -> tuple[Tensor,
     minus_q = torch.where(answer | (out <= 0), 0.0, torch.div(-1.0, out))  # [N, S]
     minus_wt = (p * hhat[:, :, None]).mul_(minus_q[:, None, :])  # [N, k, i] = -Wᵀ
     f = torch.linalg.solve_triangular(minus_wt, mu[..., None], upper=False, unitriangular=True).squeeze(-1)
-    log_h = hhat.double().log() + top.double().log()  # [N, S] -inf where h = 0
-    return log_h, f, has_source
+    return hhat, top.double().log(), f, has_source
 
 
 @torch.no_grad()
@@ -185,13 +192,13 @@ def answer_flow(
     p = incoming_capacities(attention, valid, cfg, size)  # [N, S, S] p[n, k, i] = c(i, k)
     answer_p, prompt_p = _pad(answer, size), _pad(prompt, size)  # [N, S]
     solve = _solve_one_block if size == bs else partial(_solve_blocks, bs=bs)
-    log_h, flow, has_source = solve(p, answer_p, prompt_p)  # [N, S] float64, [N, S], [N, 1]
+    scaled_h, log_scale, flow, has_source = solve(p, answer_p, prompt_p)  # [N, S], [N, 1 or S] float64, [N, S], [N, 1]
 
     # No answer, an empty response or fewer than two valid tokens all leave Σ_prompt h = 0 (h is
     # exactly 0 without an answer to reach), so the source's existence decides every case.
     degenerate = ~has_source.squeeze(-1)  # [N]
     flow = torch.where(degenerate[:, None], 0.0, flow[:, :t]).clamp(0.0, 1.0)  # [N, T]
-    return FlowResult(flow=flow, degenerate=degenerate, log_h=log_h[:, :t], answer=answer)
+    return FlowResult(flow=flow, degenerate=degenerate, answer=answer, scaled_h=scaled_h[:, :t], log_scale=log_scale[:, :t])
 
 
 @torch.no_grad()
