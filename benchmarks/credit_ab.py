@@ -4,14 +4,17 @@
     python benchmarks/credit_ab.py --config configs/demo-flow.yaml --batches 8 --repeats 12 --threads 1
 
 The config's model samples ``--batches`` batches of rollouts once; then, back to back on each
-batch (in alternating order), the same update runs over it without credit (no attention
-recorded, uniform weights) and with the config's ``FlowCredit`` (recording in the update's
-forward, credit per micro-batch, and its ``on_rollouts_end``). Reported, as medians over the
-batches and the repeats after the first two: the update without and with credit, the paired
-difference on the same batch (what credit adds), the logged capture and
-credit seconds, credit's parts (answer search, solver, weights), and the difference as a share of a step = sampling (timed on the same batches)
-+ the update without credit. Unlike the logged ``perf/*_share`` scalars, the difference also
-holds what the stopwatches do not see (switching the attention implementation, buffers, calls).
+batch (in alternating order), the rest of the training step (``GRPOModule.learn``: no-grad passes,
+update, the step's scalars written to the config's logger) runs over it without credit (no
+attention recorded, uniform weights) and with the config's ``FlowCredit`` (recording in the
+update's forward, credit per micro-batch, its ``on_rollouts_end`` with its scalars and weight
+histogram). Reported, as medians over the batches and the repeats after the first two: that
+part of the step without and with credit, the paired difference on the same batch (what credit
+adds), the logged capture and credit seconds, credit's parts (answer search, solver, weights),
+and the difference as a share of a step = sampling (timed on the same batches) + the rest without
+credit. Unlike the logged ``perf/*_share`` scalars, the difference also holds what the
+stopwatches do not see (switching the attention implementation, buffers, calls, logging).
+``--no-logging`` leaves the logger out (nothing written, in either mode).
 """
 
 from __future__ import annotations
@@ -21,8 +24,10 @@ import shutil
 import statistics
 import tempfile
 import time
+from pathlib import Path
 
 import torch
+import yaml
 
 from lightning.pytorch import Callback
 
@@ -64,12 +69,18 @@ def main() -> None:
     parser.add_argument("--batches", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=12, help="rounds over the batches; the first two are warm-up")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    parser.add_argument("--no-logging", action="store_true", help="leave out the credit's per-step scalars and weight histogram")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    workdir = tempfile.mkdtemp(prefix="credit_ab-")  # the config's checkpoints land here, not in the repo
-    cli = cli_main(["--config", args.config, "--trainer.logger=false", "--trainer.enable_progress_bar=false",
+    workdir = tempfile.mkdtemp(prefix="credit_ab-")  # the config's checkpoints and logs land here, not in the repo
+    logger = (yaml.safe_load(Path(args.config).read_text()).get("trainer") or {}).get("logger")
+    if args.no_logging or not logger:
+        logging = ["--trainer.logger=false"]
+    else:  # the config's logger, writing into the work folder
+        logging = [f"--trainer.logger.init_args.save_dir={workdir}"] if "save_dir" in (logger.get("init_args") or {}) else []
+    cli = cli_main(["--config", args.config, *logging, "--trainer.enable_progress_bar=false",
                     f"--trainer.default_root_dir={workdir}", "--trainer.max_steps=1", "--trainer.limit_val_batches=0"], run=False)
     credits = [c for c in cli.trainer.callbacks if isinstance(c, FlowCredit)]
     if not credits:
@@ -88,6 +99,7 @@ def main() -> None:
             start = time.perf_counter()
             rollouts.append(pl_module.make_rollouts(batch_))
             times["sampling"].append(time.perf_counter() - start)
+        sampled = list(times["sampling"])  # each batch's, handed to learn for its scalars
         layers = pl_module.attention_layers
         for repeat in range(args.repeats):
             for index, item in enumerate(rollouts):
@@ -99,12 +111,9 @@ def main() -> None:
                         credit.setup(trainer_, pl_module, "fit")  # asks the module for attention
                     item.token_weights = torch.ones_like(item.completion_mask)
                     item.attention = item.attention_recorded = None
-                    pl_module.capture_seconds = pl_module.credit_seconds = 0.0
                     part_seconds.update(dict.fromkeys(PARTS, 0.0))
                     start = time.perf_counter()
-                    pl_module.update(item)
-                    if mode == "on":
-                        credit.on_rollouts_end(trainer_, pl_module, item)
+                    pl_module.learn(item, sampling_seconds=sampled[index])  # the step after sampling, scalars and logging included
                     elapsed = time.perf_counter() - start
                     if mode == "on":
                         trainer_.callbacks.remove(credit)
@@ -131,8 +140,8 @@ def main() -> None:
     added = median["added"]  # the median over batches and repeats of (on - off) on the same batch
     step = median["sampling"] + median["off"]
     print(f"threads {torch.get_num_threads()}; {args.batches} batches x {args.repeats - 2} repeats")
-    print(f"step without credit {1000 * step:.1f} ms (sampling {1000 * median['sampling']:.1f} + update {1000 * median['off']:.1f})")
-    print(f"update with credit {1000 * median['on']:.1f} ms: credit adds {1000 * added:.2f} ms = {100 * added / step:.2f} % of the step "
+    print(f"step without credit {1000 * step:.1f} ms (sampling {1000 * median['sampling']:.1f} + the rest {1000 * median['off']:.1f})")
+    print(f"the rest with credit {1000 * median['on']:.1f} ms: credit adds {1000 * added:.2f} ms = {100 * added / step:.2f} % of the step "
           f"(logged: capture {1000 * median['capture']:.2f} ms, credit {1000 * median['credit']:.2f} ms)")
     print("credit by part: " + ", ".join(f"{name} {1000 * median[name]:.2f} ms" for name in PARTS))
 

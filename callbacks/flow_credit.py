@@ -102,10 +102,22 @@ class FlowCredit(RolloutCallback):
             "credit/top_signal_share": (stats["top_share"].sum(), credited - fallback),  # 0 on fallback rows (nothing boosted)
         })
         pl_module.step_scalars.add({"credit/time_s": seconds})
-        experiment = getattr(trainer.logger, "experiment", None)
-        if credited and hasattr(experiment, "add_histogram") and is_logging_step(trainer) and trainer.is_global_zero:
-            weights = rollouts.token_weights[(rollouts.completion_mask > 0) & rollouts.credited[:, None]]  # [credited tokens]
-            experiment.add_histogram("credit/weights", weights.float().cpu(), batch_index(trainer))
+        if credited and is_logging_step(trainer) and trainer.is_global_zero:
+            experiment = getattr(trainer.logger, "experiment", None)
+            if hasattr(experiment, "add_histogram_raw"):
+                self.log_weight_histogram(experiment, rollouts, batch_index(trainer))
+
+    @staticmethod
+    def log_weight_histogram(experiment, rollouts: Rollouts, step: int) -> None:
+        """The credited responses' token weights as a TensorBoard histogram with one bucket per
+        distinct weight (there are a few: 1 and ``boost``), counted in torch rather than binned
+        into TensorBoard's default ~1,500 buckets by numpy (a tenth of the cost)."""
+        weights = rollouts.token_weights[(rollouts.completion_mask > 0) & rollouts.credited[:, None]].double()  # [credited tokens]
+        values, counts = torch.unique(weights, return_counts=True)  # sorted
+        experiment.add_histogram_raw(
+            "credit/weights", min=values[0].item(), max=values[-1].item(), num=len(weights), sum=weights.sum().item(),
+            sum_squares=weights.square().sum().item(), bucket_limits=values.tolist(), bucket_counts=counts.tolist(), global_step=step,
+        )
 
     def piece_table(self, tokenizer) -> list[str] | None:
         """Each id's text decoded alone, made once per tokenizer (one batch decode of the vocabulary)."""

@@ -1,4 +1,4 @@
-"""The LightningModule: one GRPO-family step, read top to bottom in ``training_step``.
+"""The LightningModule: one GRPO-family step, read top to bottom in ``training_step`` and ``learn``.
 
 Manual optimisation: a step samples a group of responses per prompt, scores them, lets
 ``RolloutCallback``s set per-token credit, then runs ``num_iterations`` optimizer steps over
@@ -178,14 +178,19 @@ class GRPOModule(L.LightningModule):
     def training_step(self, batch: dict, batch_idx: int) -> None:
         start = time.perf_counter()
         rollouts = self.make_rollouts(batch)
-        generated = time.perf_counter()
+        self.learn(rollouts, sampling_seconds=time.perf_counter() - start)
+
+    def learn(self, rollouts: Rollouts, sampling_seconds: float) -> None:
+        """The step after sampling: the no-grad passes, credit, the update, and the step's scalars
+        (a method of its own so that ``benchmarks/credit_ab.py`` runs exactly this on fixed rollouts)."""
+        start = time.perf_counter()
         self.capture_seconds = self.credit_seconds = 0.0
         self.add_old_and_reference_logps(rollouts)  # the first pass (credit) when num_iterations > 1
         referenced = time.perf_counter()
         update = self.update(rollouts)  # else the update's own forward is the first pass
         end = time.perf_counter()
 
-        step = end - start
+        step = sampling_seconds + end - start
         tokens = rollouts.completion_mask.sum()
         described = rollout_metrics(rollouts, self.reward_suite.names, self.sampling.num_generations)
         # Under DDP every scalar is the mean over ranks (each rank holds the same number of
@@ -195,10 +200,10 @@ class GRPOModule(L.LightningModule):
         self.step_scalars.add({
             **described,
             **update,
-            "perf/generation_tokens_per_s": tokens / (generated - start),
+            "perf/generation_tokens_per_s": tokens / sampling_seconds,
             "perf/update_tokens_per_s": rollouts.attention_mask.sum() * self.grpo.num_iterations / (end - referenced),
             "perf/step_time_s": step,
-            "perf/reference_time_s": referenced - generated,
+            "perf/reference_time_s": referenced - start,
             "perf/capture_time_s": self.capture_seconds,
             "perf/capture_share": self.capture_seconds / step,
             "perf/credit_time_s": self.credit_seconds,

@@ -3,6 +3,8 @@ the flow invariants on real attention captured from stories260K."""
 
 from __future__ import annotations
 
+from collections import Counter
+
 from dataclasses import fields
 from pathlib import Path
 
@@ -236,6 +238,14 @@ def test_zero_advantage_responses_keep_weight_one_and_are_not_counted(tiny_polic
         assert zero.all() and "credit/fallback_fraction" not in logged and "credit/weights" not in events.Tags()["histograms"]
     else:
         assert (~zero).any() and (weights[~zero] == 1.5).any()
+        # The weight histogram counts the credited responses' tokens, one bucket per distinct weight.
+        events = EventAccumulator(str(cli.trainer.log_dir), size_guidance={"histograms": 0})
+        events.Reload()
+        histogram = events.Histograms("credit/weights")[0].histogram_value
+        tokens = [w for w in weights[~zero].flatten().tolist() if w > 0]  # weights were multiplied by the completion mask
+        expected = sorted(Counter(tokens).items())
+        assert list(zip(histogram.bucket_limit, histogram.bucket)) == [(value, float(count)) for value, count in expected]
+        assert histogram.num == len(tokens) and histogram.sum == pytest.approx(sum(tokens))
 
 
 def test_skipping_zero_advantage_rows_leaves_the_credited_rows_weights(tiny_policy_dir):
