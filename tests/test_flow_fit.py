@@ -4,7 +4,6 @@ the flow invariants on real attention captured from stories260K."""
 from __future__ import annotations
 
 from collections import Counter
-
 from dataclasses import fields
 from pathlib import Path
 
