@@ -105,18 +105,21 @@ class FlowCredit(RolloutCallback):
         if credited and is_logging_step(trainer) and trainer.is_global_zero:
             experiment = getattr(trainer.logger, "experiment", None)
             if hasattr(experiment, "add_histogram_raw"):
-                self.log_weight_histogram(experiment, rollouts, batch_index(trainer))
+                boosted, tokens = int(stats["boosted"].sum()), int(stats["tokens"].sum())
+                self.log_weight_histogram(experiment, {1.0: tokens - boosted, self.boost: boosted}, batch_index(trainer))
 
     @staticmethod
-    def log_weight_histogram(experiment, rollouts: Rollouts, step: int) -> None:
-        """The credited responses' token weights as a TensorBoard histogram with one bucket per
-        distinct weight (there are a few: 1 and ``boost``), counted in torch rather than binned
-        into TensorBoard's default ~1,500 buckets by numpy (a tenth of the cost)."""
-        weights = rollouts.token_weights[(rollouts.completion_mask > 0) & rollouts.credited[:, None]].double()  # [credited tokens]
-        values, counts = torch.unique(weights, return_counts=True)  # sorted
+    def log_weight_histogram(experiment, counts: dict[float, int], step: int) -> None:
+        """The weights this callback gave the credited responses' tokens ({weight: tokens}, from the
+        counts ``compute`` keeps) as a TensorBoard histogram with one bucket per weight: no pass over
+        the weights, and none of TensorBoard's numpy binning into ~1,500 buckets."""
+        buckets = sorted((weight, count) for weight, count in counts.items() if count)
+        if not buckets:
+            return
         experiment.add_histogram_raw(
-            "credit/weights", min=values[0].item(), max=values[-1].item(), num=len(weights), sum=weights.sum().item(),
-            sum_squares=weights.square().sum().item(), bucket_limits=values.tolist(), bucket_counts=counts.tolist(), global_step=step,
+            "credit/weights", min=buckets[0][0], max=buckets[-1][0], num=sum(c for _, c in buckets),
+            sum=sum(w * c for w, c in buckets), sum_squares=sum(w * w * c for w, c in buckets),
+            bucket_limits=[w for w, _ in buckets], bucket_counts=[c for _, c in buckets], global_step=step,
         )
 
     def piece_table(self, tokenizer) -> list[str] | None:
@@ -141,7 +144,7 @@ class FlowCredit(RolloutCallback):
     def compute(self, rollouts: Rollouts, rows: slice, tokenizer) -> tuple[Tensor, dict[str, Tensor]]:
         """Weights over all positions [n, T] of ``rows``, and stats of its credited rows ([k] each:
         ``answer_found``, ``fallback``, ``nonfinite`` attention, ``top_share`` of the signal carried
-        by the boosted tokens).
+        by the boosted tokens, and counts of ``boosted`` and all response ``tokens``).
 
         Only responses with a nonzero advantage are credited: the loss multiplies the weights into
         the advantage, so a zero advantage (a group whose rewards were all equal) cancels any
@@ -158,7 +161,8 @@ class FlowCredit(RolloutCallback):
         weights = torch.ones(len(rollouts.completion_ids[rows]), prompt_length + rollouts.completion_ids.shape[1], device=device)  # [n, T]
         if not len(picked):
             nothing = torch.zeros(0, dtype=torch.bool, device=device)
-            return weights, {"answer_found": nothing, "fallback": nothing, "nonfinite": nothing, "top_share": torch.zeros(0, device=device)}
+            count = torch.zeros(0, dtype=torch.long, device=device)
+            return weights, {"answer_found": nothing, "fallback": nothing, "nonfinite": nothing, "top_share": torch.zeros(0, device=device), "boosted": count, "tokens": count}
         kept = rollouts.completion_mask[picked]  # [k, L]
         in_response = kept != 0  # [k, L]
         fallback = ~in_response.any(dim=1)  # [k] empty responses; flow adds its own degenerate cases
@@ -195,5 +199,8 @@ class FlowCredit(RolloutCallback):
 
         top = (credited != 1) & response  # the boosted tokens (a boost below 1 too)
         share = (signal * top).sum(dim=1) / (signal * response).sum(dim=1).clamp(min=1e-12)  # [k]
-        stats = {"answer_found": source.to(device) < 2, "fallback": fallback, "nonfinite": nonfinite, "top_share": share}
+        stats = {
+            "answer_found": source.to(device) < 2, "fallback": fallback, "nonfinite": nonfinite, "top_share": share,
+            "boosted": top.sum(dim=1), "tokens": response.sum(dim=1),  # for the weight histogram
+        }
         return weights, stats
