@@ -12,9 +12,9 @@ import time
 from typing import Literal
 
 import torch
-from torch.nn.functional import pad
 from lightning.pytorch import LightningModule, Trainer
 from torch import Tensor
+from torch.nn.functional import pad
 
 from lightning_flow.flow import FlowConfig, answer_flow, attention_received, credit_weights, random_signal
 from lightning_flow.flow.answer import answer_masks, piece_table
@@ -99,7 +99,7 @@ class FlowCredit(RolloutCallback):
             "credit/answer_found_fraction": (stats["answer_found"].sum(), credited),
             "credit/fallback_fraction": (fallback, credited),
             "credit/nonfinite_attention_fraction": (stats["nonfinite"].sum(), credited),
-            "credit/top_signal_share": (stats["top_share"].sum(), credited - fallback),  # 0 on fallback rows (nothing boosted)
+            "credit/top_signal_share": (stats["top_share"].sum(), credited - fallback),  # 0 on fallback rows
         })
         pl_module.step_scalars.add({"credit/time_s": seconds})
         if credited and is_logging_step(trainer) and trainer.is_global_zero:
@@ -199,6 +199,7 @@ class FlowCredit(RolloutCallback):
 
         top = (credited != 1) & response  # the boosted tokens (a boost below 1 too)
         share = (signal * top).sum(dim=1) / (signal * response).sum(dim=1).clamp(min=1e-12)  # [k]
+        share = torch.where(fallback, 0.0, share)  # nothing boosted there (and a non-finite signal stays out of the sum)
         stats = {
             "answer_found": source.to(device) < 2, "fallback": fallback, "nonfinite": nonfinite, "top_share": share,
             "boosted": top.sum(dim=1), "tokens": response.sum(dim=1),  # for the weight histogram

@@ -247,22 +247,30 @@ def test_zero_advantage_responses_keep_weight_one_and_are_not_counted(tiny_polic
         assert histogram.num == len(tokens) and histogram.sum == pytest.approx(sum(tokens))
 
 
+def hand_made_rollouts(tokenizer, advantages: list[float], prompt: int = 5, length: int = 9) -> Rollouts:
+    """Responses "i+i=\\boxed{2i}" after a prompt of ones, with random causal attention maps."""
+    n = len(advantages)
+    generator = torch.Generator().manual_seed(0)
+    completion_ids = torch.tensor([tokenizer.encode(f"{i}+{i}=\\boxed{{{2 * i}}}", add_special_tokens=False)[:length] for i in range(n)])
+    attention = torch.rand(n, prompt + length, prompt + length, generator=generator).tril()
+    attention = attention / attention.sum(-1, keepdim=True)
+    return Rollouts(**{
+        **{f.name: None for f in fields(Rollouts)},
+        "prompt_ids": torch.ones(n, prompt, dtype=torch.long), "prompt_mask": torch.ones(n, prompt, dtype=torch.long),
+        "completion_ids": completion_ids, "completion_mask": torch.ones(n, length),
+        "completions": [tokenizer.decode(row) for row in completion_ids.tolist()], "attention": attention,
+        "advantages": torch.tensor(advantages),
+    })
+
+
 def test_skipping_zero_advantage_rows_leaves_the_credited_rows_weights(tiny_policy_dir):
     """The weights of a credited response are the same whether its neighbours in the batch are credited or skipped."""
     from lightning_flow.callbacks import FlowCredit
 
     tokenizer = load_tokenizer(str(tiny_policy_dir))
-    generator = torch.Generator().manual_seed(0)
-    n, prompt, length = 6, 5, 9
-    completion_ids = torch.tensor([tokenizer.encode(f"{i}+{i}=\\boxed{{{2 * i}}}", add_special_tokens=False)[:length] for i in range(n)])
-    attention = torch.rand(n, prompt + length, prompt + length, generator=generator).tril()
-    attention = attention / attention.sum(-1, keepdim=True)
-    fields_ = {f.name: None for f in fields(Rollouts)}
-    base = dict(fields_, prompt_ids=torch.ones(n, prompt, dtype=torch.long), prompt_mask=torch.ones(n, prompt, dtype=torch.long),
-                completion_ids=completion_ids, completion_mask=torch.ones(n, length),
-                completions=[tokenizer.decode(row) for row in completion_ids.tolist()], attention=attention)
-    every = Rollouts(**{**base, "advantages": torch.tensor([1.0, -1.0, 0.5, -0.5, 2.0, -2.0])})
-    some = Rollouts(**{**base, "advantages": torch.tensor([1.0, 0.0, 0.5, 0.0, 0.0, -2.0])})
+    every = hand_made_rollouts(tokenizer, [1.0, -1.0, 0.5, -0.5, 2.0, -2.0])
+    some = hand_made_rollouts(tokenizer, [1.0, 0.0, 0.5, 0.0, 0.0, -2.0])
+    n = len(every)
     all_weights, all_stats = FlowCredit().compute(every, slice(0, n), tokenizer)
     some_weights, some_stats = FlowCredit().compute(some, slice(0, n), tokenizer)
     credited = some.advantages != 0
@@ -270,3 +278,24 @@ def test_skipping_zero_advantage_rows_leaves_the_credited_rows_weights(tiny_poli
     assert torch.equal(some_weights[~credited], torch.ones_like(some_weights[~credited]))
     assert (all_weights[~credited] == 1.5).any()  # the skipped rows would have had credit
     assert torch.equal(some_stats["top_share"], all_stats["top_share"][credited])
+
+
+def test_top_share_and_token_counts_of_the_credited_rows(tiny_policy_dir):
+    """top_share = signal on the boosted tokens / signal on all response tokens, written out here;
+    a row whose map is not finite falls back with share 0 (not NaN) and nothing boosted."""
+    from lightning_flow.callbacks import FlowCredit
+
+    tokenizer = load_tokenizer(str(tiny_policy_dir))
+    rollouts = hand_made_rollouts(tokenizer, [1.0, -1.0, 0.5, 2.0])
+    rollouts.attention[2, -1, 0] = float("nan")
+    weights, stats = FlowCredit(signal="attention_received").compute(rollouts, slice(0, 4), tokenizer)
+    prompt = rollouts.prompt_ids.shape[1]
+    assert stats["fallback"].tolist() == [False, False, True, False] and stats["top_share"][2] == 0
+    assert stats["tokens"].tolist() == [9] * 4 and stats["boosted"].tolist() == [4, 4, 0, 4]  # round(0.4 · 9)
+    for row in (0, 1, 3):
+        # attention_received: mean attention a response token gets from the later valid tokens
+        att = rollouts.attention[row]
+        signal = [float(att[k + 1 :, k].mean()) if k + 1 < att.shape[0] else 0.0 for k in range(prompt, att.shape[0])]
+        boosted = weights[row, prompt:] == 1.5
+        expected = sum(s for s, b in zip(signal, boosted.tolist()) if b) / sum(signal)
+        assert float(stats["top_share"][row]) == pytest.approx(expected, rel=1e-5)
