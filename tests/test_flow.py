@@ -437,6 +437,8 @@ def test_credit_weights_rank_response_tokens_stably() -> None:
     # 4 of 5: NaN and -inf tie for last (the earlier wins); all 5: both, and still no padding.
     assert credit_weights(signal, response, 0.8, 1.5)[1].tolist() == [1, 1.5, 1.5, 1.5, 1.5, 1, 1, 1]
     assert credit_weights(signal, response, 1.0, 1.5)[1].tolist() == [1, 1.5, 1.5, 1.5, 1.5, 1.5, 1, 1]
+    with pytest.raises(ValueError, match="top_fraction=1.2"):
+        credit_weights(signal, response, 1.2, 1.5)
     fallback = credit_weights(signal, response, 0.4, 1.5, fallback=torch.tensor([True, False]))
     assert fallback[0].tolist() == [1.0] * 8 and torch.equal(fallback[1], w[1])
 

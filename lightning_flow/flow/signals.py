@@ -32,6 +32,8 @@ def credit_weights(
     """
     if signal.shape != response.shape or response.dtype != torch.bool:
         raise ValueError(f"signal {tuple(signal.shape)} and bool response {tuple(response.shape)} must match")
+    if not 0.0 <= top_fraction <= 1.0:  # so the top tokens are always response tokens
+        raise ValueError(f"top_fraction={top_fraction}: expected a value in [0, 1]")
     dtype = signal.dtype if signal.is_floating_point() else torch.float32
     # NaN and -inf of response tokens become the lowest finite value, so every response token
     # ranks before every other position (-inf) and a row's top tokens are the first of its order.
