@@ -99,7 +99,6 @@ def main() -> None:
             start = time.perf_counter()
             rollouts.append(pl_module.make_rollouts(batch_))
             times["sampling"].append(time.perf_counter() - start)
-        sampled = list(times["sampling"])  # each batch's, handed to learn for its scalars
         layers = pl_module.attention_layers
         for repeat in range(args.repeats):
             for index, item in enumerate(rollouts):
@@ -113,7 +112,7 @@ def main() -> None:
                     item.attention = item.attention_recorded = None
                     part_seconds.update(dict.fromkeys(PARTS, 0.0))
                     start = time.perf_counter()
-                    pl_module.learn(item, sampling_seconds=sampled[index])  # the step after sampling, scalars and logging included
+                    pl_module.learn(item, sampling_seconds=times["sampling"][index])  # the step after sampling, scalars and logging included
                     elapsed = time.perf_counter() - start
                     if mode == "on":
                         trainer_.callbacks.remove(credit)

@@ -132,13 +132,12 @@ class FlowCredit(RolloutCallback):
         """Throughput f [k, T] and degenerate flags [k] of the credited responses' ``maps``
         ([k, T, T]; masks [k, T]), solved a memory-bounded chunk of responses at a time."""
         chunk = max(1, self.solver_elements // valid.shape[1] ** 2)
-        if chunk >= len(valid):
-            result = answer_flow(maps, valid, prompt, answer, self.flow_config)
-            return result.flow, result.degenerate
         parts = [
             answer_flow(maps[rows], valid[rows], prompt[rows], answer[rows], self.flow_config)
             for rows in (slice(i, i + chunk) for i in range(0, len(valid), chunk))
         ]
+        if len(parts) == 1:  # the usual case: no concatenation copies
+            return parts[0].flow, parts[0].degenerate
         return torch.cat([p.flow for p in parts]), torch.cat([p.degenerate for p in parts])
 
     def compute(self, rollouts: Rollouts, rows: slice, tokenizer) -> tuple[Tensor, dict[str, Tensor]]:

@@ -137,7 +137,7 @@ class GRPOModule(L.LightningModule):
         self.attention_layers: list[int] | None = None  # set by request_attention
         self.record_zero_advantage = False  # whether rows with a zero advantage are recorded too (request_attention)
         self.capture_seconds = self.credit_seconds = 0.0  # this step's, see first_pass
-        self.attention_recorder: AttentionRecorder | None = None  # of attention_layers, made at the first recorded pass and kept
+        self.attention_recorder: AttentionRecorder | None = None  # of attention_layers, made by request_attention, entered each step
         # Sampling noise comes from (seed, step, prompt source); see seeded_sampling.
         self.sampling_seed = sampling.seed if sampling.seed is not None else int(os.environ.get("PL_GLOBAL_SEED", 0))
         self.skipped_nonfinite_steps = 0  # optimizer steps whose gradient had a NaN or inf (no update made)
@@ -159,6 +159,7 @@ class GRPOModule(L.LightningModule):
         if not layers or not all(0 <= layer < num_layers for layer in layers):
             raise ValueError(f"attention layers {layers} must be in [0, {num_layers}) for this {num_layers}-layer policy")
         self.attention_layers = layers
+        self.attention_recorder = AttentionRecorder(self.policy, layers)
 
     def on_fit_start(self) -> None:
         responses = getattr(self.trainer.datamodule, "batch_size", 0) * self.sampling.num_generations
@@ -275,10 +276,7 @@ class GRPOModule(L.LightningModule):
             return
         rollouts.attention = torch.empty(n, t, t, dtype=torch.float32, device=rollouts.completion_ids.device)
         rollouts.attention_recorded = torch.ones_like(rollouts.credited) if self.record_zero_advantage else rollouts.credited
-        recorder = self.attention_recorder
-        if recorder is None or recorder.layers != tuple(self.attention_layers):
-            recorder = self.attention_recorder = AttentionRecorder(self.policy, self.attention_layers)
-        with recorder:
+        with self.attention_recorder as recorder:
             yield recorder
         self.capture_seconds += recorder.stopwatch.seconds()
 
