@@ -1,13 +1,16 @@
 #!/usr/bin/env bash
 # The prepared GPU checks, for a lent GPU machine (run tool, carry [".whl"] made by benchmarks/gpu_wheels.sh):
-#   bash benchmarks/gpu_checks.sh flow-update trl
+#   bash benchmarks/gpu_checks.sh trl      (then, in a second call: flow-update)
 # Parts (each writes $OUT/<part>.json and $OUT/<part>.log; times measured on an H100):
 #   flow     about 6 min: benchmarks/flow_overhead.py at Qwen2.5-1.5B's shape (bf16 + LoRA, random weights),
 #            L = 256 / 1024 (4096 does not fit: sampling 4096 tokens alone takes about 6 min), N = 16 / 64
-#   flow-update  about 6 min: the same without sampling (shares of the update alone), so L = 4096 fits (one repeat there)
-#   trl      about 2.5 min: benchmarks/trl_compare.py, one round of ours vs TRL's GRPOTrainer at Qwen2.5-0.5B's shape
-#            (128-token responses: generate ran 40-70 ms a token there, host-bound); trl-round2 and trl-round3
-#            run the next rounds (the order of the three runs rotated), one per call
+#   flow-update  about 3 min: the same without sampling (shares of the update alone), L = 256 / 1024
+#   flow-update-4096  about 4 min: the same at L = 4096 (one repeat), which fits without sampling
+#   trl      about 6 min: benchmarks/trl_compare.py at Qwen2.5-0.5B's shape, rounds 1 and 2 of ours vs TRL's
+#            GRPOTrainer (the order of the three runs rotated), 3 steps a run of which the first is warm-up
+#            (128-token responses: generate ran 40-70 ms a token there, host-bound), after a 20-second
+#            warm-up of the GPU and the libraries so that no timed run is a machine's cold first process;
+#            trl-round3 runs round 3 alone (about 3 min)
 #   trl-profile  more than 5 min: the same with a torch.profiler op table of one step per framework; on an H100 only
 #            ours' run fitted the 300 s limit (its table: docs/trl-profile-h100-ours.txt)
 #   configs  about 3 min: benchmarks/gpu_check.py, memory and step time of the real configs (needs bitsandbytes)
@@ -19,21 +22,25 @@ python3 -m pip install -q --no-deps --no-build-isolation --no-compile --target /
 export PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total --format=csv
 parts=("$@")
-[ ${#parts[@]} -gt 0 ] || parts=(flow-update trl)
+[ ${#parts[@]} -gt 0 ] || parts=(trl)
 for part in "${parts[@]}"; do
   case $part in
     flow) timeout 360 python3 benchmarks/flow_overhead.py --shape qwen2.5-1.5b --lengths 256 1024 --batches 16 64 \
             --repeats 2 --sample-repeats 1 --out "$out/flow.json" 2>&1 | grep -vi warn | tee "$out/flow.log" ;;
     flow-update) timeout 170 python3 benchmarks/flow_overhead.py --shape qwen2.5-1.5b --lengths 256 1024 --batches 16 64 \
-            --repeats 2 --no-sampling --out "$out/flow-update.json" 2>&1 | grep -vi warn | tee "$out/flow-update.log"
-          timeout 240 python3 benchmarks/flow_overhead.py --shape qwen2.5-1.5b --lengths 4096 --batches 16 64 \
+            --repeats 2 --no-sampling --out "$out/flow-update.json" 2>&1 | grep -vi warn | tee "$out/flow-update.log" ;;
+    flow-update-4096) timeout 240 python3 benchmarks/flow_overhead.py --shape qwen2.5-1.5b --lengths 4096 --batches 16 64 \
             --repeats 1 --no-sampling --out "$out/flow-update-4096.json" 2>&1 | grep -vi warn | tee "$out/flow-update-4096.log" ;;
-    trl|trl-round2|trl-round3) round=${part#trl-round}; [ "$round" = trl ] && round=1  # one round a call: each round starts its rotation elsewhere
-        timeout 240 python3 benchmarks/trl_compare.py --device cuda --models qwen2.5-0.5b --steps 2 --warmup 1 --repeats 1 --first-round "$round" \
+    trl|trl-round3) if [ "$part" = trl ]; then first=1 repeats=2; else first=3 repeats=1; fi
+        # Warm the GPU's clocks and the page cache of the libraries: round 1's first run was otherwise the slowest in every part.
+        timeout 60 python3 -c "import time, torch, trl, lightning, peft; x = torch.randn(4096, 4096, device='cuda'); t = time.time()
+while time.time() - t < 20: x = (x @ x).tanh_()
+torch.cuda.synchronize()"
+        timeout 420 python3 benchmarks/trl_compare.py --device cuda --models qwen2.5-0.5b --steps 3 --warmup 1 --repeats $repeats --first-round $first \
             --prompts-per-step 4 --micro-batch 16 --max-new-tokens 128 --out "$out/$part.json" 2>&1 | grep -vi warn | tee "$out/$part.log" ;;
     trl-profile) timeout 300 python3 benchmarks/trl_compare.py --device cuda --models qwen2.5-0.5b --steps 3 --warmup 1 --repeats 1 \
             --prompts-per-step 4 --micro-batch 16 --max-new-tokens 128 --profile --out "$out/trl-profile.json" 2>&1 | grep -vi warn | tee "$out/trl-profile.log" ;;
     configs) timeout 200 python3 benchmarks/gpu_check.py --steps 2 --out "$out/configs.json" 2>&1 | grep -vi warn | tee "$out/configs.log" ;;
-    *) echo "unknown part $part (flow, flow-update, trl, trl-round2, trl-round3, trl-profile, configs)"; exit 2 ;;
+    *) echo "unknown part $part (flow, flow-update, flow-update-4096, trl, trl-round3, trl-profile, configs)"; exit 2 ;;
   esac
 done
