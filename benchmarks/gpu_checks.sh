@@ -11,6 +11,8 @@
 #            (128-token responses: generate ran 40-70 ms a token there, host-bound), after a 20-second
 #            warm-up of the GPU and the libraries so that no timed run is a machine's cold first process;
 #            trl-round3 runs round 3 alone (about 3 min)
+#   trl-phases  about 3 min: benchmarks/trl_phases.py, the same workload with both frameworks in one process,
+#            generation and update timed call by call in alternation (5 measured alternations after 1 warm-up)
 #   trl-profile  more than 5 min: the same with a torch.profiler op table of one step per framework; on an H100 only
 #            ours' run fitted the 300 s limit (its table: docs/trl-profile-h100-ours.txt)
 #   configs  about 3 min: benchmarks/gpu_check.py, memory and step time of the real configs (needs bitsandbytes)
@@ -38,9 +40,11 @@ while time.time() - t < 20: x = (x @ x).tanh_()
 torch.cuda.synchronize()"
         timeout 420 python3 benchmarks/trl_compare.py --device cuda --models qwen2.5-0.5b --steps 3 --warmup 1 --repeats $repeats --first-round $first \
             --prompts-per-step 4 --micro-batch 16 --max-new-tokens 128 --out "$out/$part.json" 2>&1 | grep -vi warn | tee "$out/$part.log" ;;
+    trl-phases) timeout 300 python3 benchmarks/trl_phases.py --device cuda --models qwen2.5-0.5b --warmup 1 --repeats 5 \
+            --prompts-per-step 4 --micro-batch 16 --max-new-tokens 128 --out "$out/trl-phases.json" 2>&1 | grep -vi warn | tee "$out/trl-phases.log" ;;
     trl-profile) timeout 300 python3 benchmarks/trl_compare.py --device cuda --models qwen2.5-0.5b --steps 3 --warmup 1 --repeats 1 \
             --prompts-per-step 4 --micro-batch 16 --max-new-tokens 128 --profile --out "$out/trl-profile.json" 2>&1 | grep -vi warn | tee "$out/trl-profile.log" ;;
     configs) timeout 200 python3 benchmarks/gpu_check.py --steps 2 --out "$out/configs.json" 2>&1 | grep -vi warn | tee "$out/configs.log" ;;
-    *) echo "unknown part $part (flow, flow-update, flow-update-4096, trl, trl-round3, trl-profile, configs)"; exit 2 ;;
+    *) echo "unknown part $part (flow, flow-update, flow-update-4096, trl, trl-round3, trl-phases, trl-profile, configs)"; exit 2 ;;
   esac
 done

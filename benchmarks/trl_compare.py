@@ -124,14 +124,14 @@ class LightningSteps(Callback):
         self.record.end()
 
 
-def run_ours(args, record: StepRecord, flow: bool, workdir: str) -> None:
-    from lightning_flow.callbacks import FlowCredit
+def our_cli(args, folder: Path, workdir: str, callbacks: list):
+    """Our LightningCLI for the workload (demo config's task, the comparison's settings), not run."""
     from lightning_flow.cli import main as cli_main
 
     cli = cli_main(
         [
             "--config", str(REPO / "configs" / "demo.yaml"),
-            f"--model.policy.name_or_path={args.model_path}", f"--model.policy.dtype={args.dtype}",
+            f"--model.policy.name_or_path={folder}", f"--model.policy.dtype={args.dtype}",
             f"--model.policy.lora_rank={args.lora_rank}", f"--model.policy.lora_alpha={args.lora_alpha}",
             f"--model.sampling.num_generations={args.group}", f"--model.sampling.max_new_tokens={args.max_new_tokens}",
             f"--model.grpo.loss_type={args.loss_type}", f"--model.grpo.micro_batch_size={args.micro_batch}",
@@ -144,19 +144,26 @@ def run_ours(args, record: StepRecord, flow: bool, workdir: str) -> None:
         ],
         run=False,
     )
+    cli.trainer.callbacks.extend(callbacks)
+    return cli
+
+
+def run_ours(args, record: StepRecord, flow: bool, workdir: str) -> None:
+    from lightning_flow.callbacks import FlowCredit
+
     # FlowCredit's defaults are configs/demo-flow.yaml's settings (signal flow, top 40 %, boost 1.5).
-    cli.trainer.callbacks.extend([LightningSteps(record), *([FlowCredit(signal="flow")] if flow else [])])
+    cli = our_cli(args, args.model_path, workdir, [LightningSteps(record), *([FlowCredit(signal="flow")] if flow else [])])
     time_generation(cli.model, "make_rollouts", record, lambda rollouts: (rollouts.completion_mask, rollouts.prompt_mask))
     cli.trainer.fit(cli.model, datamodule=cli.datamodule)
 
 
-def prompts_in_our_order(args) -> tuple[list[str], list[str]]:
+def prompts_in_our_order(args, folder: Path) -> tuple[list[str], list[str]]:
     """The prompts and golds of our first ``steps`` training batches, in the order our DataModule yields them."""
     from lightning_flow.datamodules import ArithmeticDataModule
     from lightning_flow.demo_policy import demo_settings
 
     _, data_args = demo_settings(str(REPO / "configs" / "demo.yaml"))
-    data = ArithmeticDataModule(**{**data_args, "tokenizer": str(args.model_path), "batch_size": args.prompts_per_step})
+    data = ArithmeticDataModule(**{**data_args, "tokenizer": str(folder), "batch_size": args.prompts_per_step})
     data.setup("fit")
     prompts, golds = [], []
     for _, batch in zip(range(args.steps), data.train_dataloader()):
@@ -165,23 +172,16 @@ def prompts_in_our_order(args) -> tuple[list[str], list[str]]:
     return prompts, golds
 
 
-def run_trl(args, record: StepRecord, workdir: str) -> None:
+def trl_trainer(args, folder: Path, workdir: str, prompts: list[str], golds: list[str], callbacks: list):
+    """TRL's GRPOTrainer for the same workload as ``our_cli``, on ``prompts`` in this order, not run."""
     from datasets import Dataset
     from peft import LoraConfig
-    from transformers import AutoModelForCausalLM, TrainerCallback
+    from transformers import AutoModelForCausalLM
     from trl import GRPOConfig, GRPOTrainer
 
     from lightning_flow.rewards import correctness_reward
     from lightning_flow.tokenizer import load_tokenizer
 
-    class TrainerSteps(TrainerCallback):
-        def on_step_begin(self, *_, **__) -> None:
-            record.begin()
-
-        def on_step_end(self, *_, **__) -> None:
-            record.end()
-
-    prompts, golds = prompts_in_our_order(args)
     responses = args.prompts_per_step * args.group
     config = GRPOConfig(
         output_dir=workdir, max_steps=args.steps, seed=0, use_cpu=args.device == "cpu", bf16=args.dtype == "bfloat16",
@@ -193,15 +193,27 @@ def run_trl(args, record: StepRecord, workdir: str) -> None:
         weight_decay=0.0, gradient_checkpointing=False, shuffle_dataset=False,
         report_to="none", logging_steps=args.steps, save_strategy="no", disable_tqdm=True, log_completions=False,
     )
-    dtype = getattr(torch, args.dtype)
-    model = AutoModelForCausalLM.from_pretrained(args.model_path, dtype=dtype, attn_implementation="sdpa")
-    trainer = GRPOTrainer(
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=getattr(torch, args.dtype), attn_implementation="sdpa")
+    return GRPOTrainer(
         model=model, reward_funcs=correctness_reward, args=config,
         train_dataset=Dataset.from_dict({"prompt": prompts, "golds": golds}),
-        processing_class=load_tokenizer(str(args.model_path)),
+        processing_class=load_tokenizer(str(folder)),
         peft_config=LoraConfig(r=args.lora_rank, lora_alpha=args.lora_alpha, lora_dropout=0.0, target_modules="all-linear", task_type="CAUSAL_LM"),
-        callbacks=[TrainerSteps()],
+        callbacks=callbacks,
     )
+
+
+def run_trl(args, record: StepRecord, workdir: str) -> None:
+    from transformers import TrainerCallback
+
+    class TrainerSteps(TrainerCallback):
+        def on_step_begin(self, *_, **__) -> None:
+            record.begin()
+
+        def on_step_end(self, *_, **__) -> None:
+            record.end()
+
+    trainer = trl_trainer(args, args.model_path, workdir, *prompts_in_our_order(args, args.model_path), callbacks=[TrainerSteps()])
     time_generation(trainer, "_generate_and_score_completions", record, lambda out: (out["completion_mask"], out["prompt_mask"]))
     trainer.train()
 
@@ -272,16 +284,9 @@ def print_table(model: str, summary: dict) -> None:
               f"| {r['generation_peak_mib']:.3f} / {r['update_peak_mib']:.3f} | {r['response_length']:.3f} |")
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--models", nargs="+", default=["demo", "stories260K"],
-                        help=f"demo, stories260K, smoke (2-layer random Qwen2) or a real shape with random weights: {', '.join(SHAPES)}")
+def add_workload_arguments(parser: argparse.ArgumentParser) -> None:
+    """The workload both frameworks run (shared with trl_phases.py)."""
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    parser.add_argument("--steps", type=int, default=30)
-    parser.add_argument("--warmup", type=int, default=5, help="first steps of each run left out of its medians")
-    parser.add_argument("--repeats", type=int, default=3, help="rounds of (ours, ours+flow, TRL)")
-    parser.add_argument("--first-round", type=int, default=1,
-                        help="number of the first round, whose order rotation it takes (a second call with --first-round 2 continues a first's rotation)")
     parser.add_argument("--prompts-per-step", type=int, default=8)
     parser.add_argument("--group", type=int, default=8, help="responses per prompt")
     parser.add_argument("--max-new-tokens", type=int, default=48)
@@ -290,6 +295,18 @@ def main() -> None:
     parser.add_argument("--lora-alpha", type=int, default=16)
     parser.add_argument("--loss-type", default="grpo", choices=["grpo", "bnpo", "dr_grpo", "dapo"])
     parser.add_argument("--lr", type=float, default=1e-3)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", nargs="+", default=["demo", "stories260K"],
+                        help=f"demo, stories260K, smoke (2-layer random Qwen2) or a real shape with random weights: {', '.join(SHAPES)}")
+    parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--warmup", type=int, default=5, help="first steps of each run left out of its medians")
+    parser.add_argument("--repeats", type=int, default=3, help="rounds of (ours, ours+flow, TRL)")
+    parser.add_argument("--first-round", type=int, default=1,
+                        help="number of the first round, whose order rotation it takes (a second call with --first-round 2 continues a first's rotation)")
+    add_workload_arguments(parser)
     parser.add_argument("--threads", type=int, default=0, help="torch threads per run (0: torch's default); 1 is steadier on a busy CPU")
     parser.add_argument("--out", type=Path, default=None, help="also write runs and summaries as JSON")
     parser.add_argument("--profile", action="store_true",
