@@ -1,6 +1,7 @@
-"""Peak memory of the LM head plus the loss's log-probs (forward + backward), three ways.
+"""Peak memory (and optionally time) of the LM head plus the loss's log-probs (forward + backward), three ways.
 
     python benchmarks/logprob_memory.py [--rows 4 --length 1024 --hidden 1536 --vocab 151936 --chunk-tokens N]
+    python benchmarks/logprob_memory.py --rows 2 --length 129 --hidden 16 --repeats 7   # time of the softmax passes
 
 From one micro-batch's final hidden states ``[rows, length, hidden]`` (bf16, as a bf16 policy
 makes them) and a frozen bf16 head ``[vocab, hidden]``:
@@ -10,7 +11,10 @@ makes them) and a frozen bf16 head ``[vocab, hidden]``:
   path for models whose logits are more than a plain head);
 - ``log_softmax``: the head's logits, then plain ``log_softmax(logits.float())``.
 Each runs in a fresh subprocess on the CPU; the figure is the growth of the process's peak RSS
-over the inputs and the hidden states' gradient, which every method needs. The default shape is
+over the inputs and the hidden states' gradient, which every method needs. With ``--repeats N``
+each also reports the median seconds of N more forward + backward calls after the measured one
+(a small ``--hidden`` leaves the head's products out of it: what remains is the passes over the
+``[positions, vocab]`` blocks). The default shape is
 one micro-batch of the QLoRA 1.5B config.
 """
 
@@ -18,9 +22,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import resource
+import statistics
 import subprocess
 import sys
+import time
 
 import torch
 
@@ -33,24 +40,35 @@ def peak_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-def run(method: str, rows: int, length: int, hidden_size: int, vocab: int, chunk_tokens: int | None) -> int:
-    """Extra peak bytes of one forward+backward beyond the inputs and the hidden states' gradient."""
+def run(method: str, rows: int, length: int, hidden_size: int, vocab: int, chunk_tokens: int | None, repeats: int) -> tuple[int, float]:
+    """Extra peak bytes of one forward+backward beyond the inputs and the hidden states' gradient,
+    and the median seconds of ``repeats`` more (NaN for none)."""
     hidden = torch.randn(rows, length, hidden_size, dtype=torch.bfloat16).requires_grad_(True)
     weight = torch.randn(vocab, hidden_size, dtype=torch.bfloat16).mul_(hidden_size**-0.5)  # no fp32 temporary to raise the baseline
     targets = torch.randint(vocab, (rows, length))
     hidden.grad = torch.zeros_like(hidden)  # the gradient buffer exists in every method
     baseline = peak_rss_bytes()
-    if method == "fused":
-        logps, _ = token_logprobs_and_entropy(hidden, targets, chunk_tokens=chunk_tokens, head_weight=weight)
-    else:
-        logits = torch.nn.functional.linear(hidden, weight)
-        if method == "chunked":
-            logps, _ = token_logprobs_and_entropy(logits, targets, chunk_tokens=chunk_tokens)
+
+    def forward_backward() -> None:
+        if method == "fused":
+            logps, _ = token_logprobs_and_entropy(hidden, targets, chunk_tokens=chunk_tokens, head_weight=weight)
         else:
-            logps = torch.log_softmax(logits.float(), dim=-1).gather(-1, targets[..., None]).squeeze(-1)
-        del logits
-    logps.sum().backward()
-    return peak_rss_bytes() - baseline
+            logits = torch.nn.functional.linear(hidden, weight)
+            if method == "chunked":
+                logps, _ = token_logprobs_and_entropy(logits, targets, chunk_tokens=chunk_tokens)
+            else:
+                logps = torch.log_softmax(logits.float(), dim=-1).gather(-1, targets[..., None]).squeeze(-1)
+            del logits
+        logps.sum().backward()
+
+    forward_backward()
+    extra = peak_rss_bytes() - baseline
+    seconds = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        forward_backward()
+        seconds.append(time.perf_counter() - start)
+    return extra, statistics.median(seconds) if seconds else math.nan
 
 
 def main() -> None:
@@ -60,20 +78,23 @@ def main() -> None:
     parser.add_argument("--hidden", type=int, default=1536)
     parser.add_argument("--vocab", type=int, default=151936)
     parser.add_argument("--chunk-tokens", type=int, default=None, help="positions per log-prob block (default: the loss's, 2^25 / vocab)")
+    parser.add_argument("--repeats", type=int, default=0, help="also time this many forward + backward calls per method (median)")
     parser.add_argument("--method", choices=METHODS, help=argparse.SUPPRESS)
     args = parser.parse_args()
     shape = [args.rows, args.length, args.hidden, args.vocab]
     if args.method:
-        print(json.dumps(run(args.method, *shape, args.chunk_tokens)))
+        print(json.dumps(run(args.method, *shape, args.chunk_tokens, args.repeats)))
         return
     logits_gib = args.rows * args.length * args.vocab * 2 / 2**30
     print(f"hidden [{args.rows}, {args.length}, {args.hidden}], head [{args.vocab}, {args.hidden}] bf16; "
           f"full logits would be {logits_gib:.2f} GiB")
     for method in METHODS:
         chunk = [f"--chunk-tokens={args.chunk_tokens}"] if args.chunk_tokens else []
-        cmd = [sys.executable, __file__, "--method", method, *(f"--{k}={v}" for k, v in zip(["rows", "length", "hidden", "vocab"], shape)), *chunk]
-        extra = int(subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.strip().splitlines()[-1])
-        print(f"{method:>12}: extra peak {extra / 2**30:.2f} GiB")
+        cmd = [sys.executable, __file__, "--method", method, f"--repeats={args.repeats}",
+               *(f"--{k}={v}" for k, v in zip(["rows", "length", "hidden", "vocab"], shape)), *chunk]
+        extra, seconds = json.loads(subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.strip().splitlines()[-1])
+        timing = f", forward + backward {seconds:.3f} s (median of {args.repeats})" if args.repeats else ""
+        print(f"{method:>12}: extra peak {extra / 2**30:.2f} GiB{timing}")
 
 
 if __name__ == "__main__":

@@ -85,10 +85,20 @@ def completion_mask(completion_ids: Tensor, eos_token_ids: int | Sequence[int], 
 
 
 # ---- log-probs from logits or hidden states, chunked ----------------------------------------
+def _tempered(chunk: Tensor, temperature: float) -> Tensor:
+    """chunk / T, left in its dtype at T = 1 (the softmax kernels then read it and write float32
+    in one pass, instead of reading a float32 copy made first)."""
+    return chunk if temperature == 1.0 else chunk.float() / temperature
+
+
 def _log_normalised(chunk: Tensor, temperature: float) -> Tensor:
-    """log softmax(chunk / T) in a single fresh fp32 buffer (in-place ops after one copy)."""
-    x = chunk.to(torch.float32, copy=True).div_(temperature)
-    return x.sub_(torch.logsumexp(x, dim=-1, keepdim=True))
+    """log softmax(chunk / T) in float32."""
+    return torch.log_softmax(_tempered(chunk, temperature), dim=-1, dtype=torch.float32)
+
+
+def _normalised(chunk: Tensor, temperature: float) -> Tensor:
+    """softmax(chunk / T) in float32."""
+    return torch.softmax(_tempered(chunk, temperature), dim=-1, dtype=torch.float32)
 
 
 def _token_blocks(n: int, length: int, chunk_tokens: int):
@@ -148,8 +158,10 @@ class _ChunkedTokenLogprobs(torch.autograd.Function):
             block = inputs[rows, cols]  # [r, c, D or V]
             g = grad_logps[rows, cols, None].float()  # [r, c, 1]
             # d log p_y / d z_v = (1[v == y] - p_v) / T
-            grad = _log_normalised(_ChunkedTokenLogprobs._block_logits(block, weight, bias), ctx.temperature).exp_().mul_(-g)
-            grad.scatter_add_(-1, targets[rows, cols, None], g).div_(ctx.temperature)  # [r, c, V] fp32
+            grad = _normalised(_ChunkedTokenLogprobs._block_logits(block, weight, bias), ctx.temperature).mul_(-g)
+            grad.scatter_add_(-1, targets[rows, cols, None], g)  # [r, c, V] fp32
+            if ctx.temperature != 1.0:
+                grad.div_(ctx.temperature)
             if weight is None:
                 grad_inputs[rows, cols] = grad
             else:

@@ -334,6 +334,27 @@ def test_logps_and_entropy_match_explicit_formula():
             assert entropy[i, t].item() == pytest.approx(-sum(math.exp(v - log_norm) * (v - log_norm) for v in z), abs=1e-6)
 
 
+@pytest.mark.parametrize("temperature", [1.0, 0.5])
+def test_masked_vocabulary_entries_leave_entropy_and_gradient_finite_and_logits_unchanged(temperature):
+    # -inf logits (a masked vocabulary entry) have probability 0: the entropy and the gradient are
+    # those of the finite entries alone, computed here as a softmax over them.
+    logits = torch.tensor([[[2.0, float("-inf"), 0.5, -1.0], [float("-inf"), 1.0, 1.0, float("-inf")]]])
+    targets = torch.tensor([[0, 2]])
+    leaf = logits.clone().requires_grad_(True)
+    logps, entropy = token_logprobs_and_entropy(leaf, targets, temperature, chunk_tokens=1)
+    logps.sum().backward()
+    assert torch.equal(leaf.detach(), logits)  # the caller's logits are not scaled or normalised in place
+    for t, finite in enumerate([[0, 2, 3], [1, 2]]):
+        z = [logits[0, t, v].item() / temperature for v in finite]
+        log_norm = math.log(sum(math.exp(v) for v in z))
+        p = [math.exp(v - log_norm) for v in z]
+        assert entropy[0, t].item() == pytest.approx(-sum(q * math.log(q) for q in p), abs=1e-6)
+        expected_grad = [0.0] * 4  # d log p_y / d z_v = (1[v == y] - p_v) / T
+        for v, q in zip(finite, p):
+            expected_grad[v] = ((v == targets[0, t].item()) - q) / temperature
+        assert leaf.grad[0, t].tolist() == pytest.approx(expected_grad, abs=1e-6)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("temperature", [1.0, 0.6])
 # L = 6: 1 and 4 split rows (4 leaves a piece of 2), 12 takes 2 of the 5 rows a block, 100 all.
