@@ -411,11 +411,15 @@ class AttentionRecorder:
                 k_chunk = key[:, h0:h1]
             else:  # grouped-query attention: query head h reads key head h // group
                 k_chunk = key.index_select(1, torch.arange(h0, h1, device=key.device) // group)
-            k_t = k_chunk.float().transpose(-1, -2)  # [n, hc, d, T]
+            # Scaling folded into the keys and queries made float32 once per head chunk (not per row
+            # chunk): each row chunk then launches only its product, mask, softmax and sum, which
+            # matters on a GPU, where a long sequence's many small chunks are launch-bound.
+            k_t = (k_chunk.float() * scaling).transpose(-1, -2)  # [n, hc, d, T]
+            q_chunk = query[:, h0:h1].float()  # [n, hc, T, d]
             for r0 in range(0, t_q, row_step):
                 r1 = min(r0 + row_step, t_q)
                 c1 = r1 if causal else t_k  # keys this chunk's queries may see
-                scores = torch.matmul(query[:, h0:h1, r0:r1].float() * scaling, k_t[..., :c1])  # [n, hc, r, c1]
+                scores = torch.matmul(q_chunk[:, :, r0:r1], k_t[..., :c1])  # [n, hc, r, c1]
                 if softcap is not None:  # as the eager functions of models with logit soft-capping (Gemma 2)
                     scores.div_(softcap).tanh_().mul_(softcap)
                 if position_bias is not None:
