@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The prepared GPU checks, for a lent GPU machine (run tool, carry [".whl"] made by benchmarks/gpu_wheels.sh):
-#   bash benchmarks/gpu_checks.sh trl      (then, in a second call: flow-update)
+#   bash benchmarks/gpu_checks.sh flow-update trl-phases   (about 6 min: the capture and log-prob changes of
+#   commits a0785d4 and 8fd9ca6, not yet measured on a GPU; then, in a second call: trl)
 # Parts (each writes $OUT/<part>.json and $OUT/<part>.log; times measured on an H100):
 #   flow     about 6 min: benchmarks/flow_overhead.py at Qwen2.5-1.5B's shape (bf16 + LoRA, random weights),
 #            L = 256 / 1024 (4096 does not fit: sampling 4096 tokens alone takes about 6 min), N = 16 / 64
