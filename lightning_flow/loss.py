@@ -186,6 +186,7 @@ def token_logprobs_and_entropy(
     chunk_tokens: int | None = None,
     head_weight: Tensor | None = None,
     head_bias: Tensor | None = None,
+    positions: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Log-prob of each target token and entropy of the tempered distribution.
 
@@ -197,7 +198,9 @@ def token_logprobs_and_entropy(
     many as make 2^25 vocabulary entries, 220 with a 152K vocabulary, all of a small model's
     micro-batch), so each fp32 temporary is chunk_tokens × V × 4 bytes (128 MiB at the default)
     whatever N and L are; a block holds at most two of them; with a head no [N, L, V] tensor is
-    made at all.
+    made at all. With ``positions`` ([N, L] bool) only those positions are scored (the loss's
+    completion tokens, not the padding after EOS); the others get 0 and no gradient. Selecting
+    them copies their inputs, so pass it with hidden states, not with full logits.
     """
     width = inputs.shape[-1] if head_weight is None else head_weight.shape[1]
     if inputs.dim() != 3 or targets.shape != inputs.shape[:2] or inputs.shape[-1] != width:
@@ -210,7 +213,17 @@ def token_logprobs_and_entropy(
         chunk_tokens = max(1, _BLOCK_ELEMENTS // vocabulary)
     if chunk_tokens < 1:
         raise ValueError(f"chunk_tokens must be >= 1, got {chunk_tokens}")
-    return _ChunkedTokenLogprobs.apply(inputs, targets.long(), head_weight, head_bias, float(temperature), int(chunk_tokens))
+    if positions is None:
+        return _ChunkedTokenLogprobs.apply(inputs, targets.long(), head_weight, head_bias, float(temperature), int(chunk_tokens))
+    if positions.shape != targets.shape:
+        raise ValueError(f"positions must be [N, L] like targets {tuple(targets.shape)}, got {tuple(positions.shape)}")
+    positions = positions.bool()
+    picked = _ChunkedTokenLogprobs.apply(  # the M scored positions as one row: [1, M] each
+        inputs[positions][None], targets[positions].long()[None], head_weight, head_bias, float(temperature), int(chunk_tokens)
+    )
+    zeros = inputs.new_zeros(targets.shape, dtype=torch.float32)
+    logps, entropy = (zeros.masked_scatter(positions, values[0]) for values in picked)
+    return logps, entropy
 
 
 # ---- the clipped surrogate ------------------------------------------------------------------

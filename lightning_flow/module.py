@@ -360,9 +360,11 @@ class GRPOModule(L.LightningModule):
         """Per-token log-probs and entropies of the completion tokens of ``rows``.  # [n, L] each
 
         Where the policy's head is a plain linear layer (``decoder_and_head``), the decoder's
-        hidden states of the last L + 1 positions go to the chunked log-softmax with the head's
-        weight, so no ``[n, L, V]`` logits exist (as TRL's fused LM head); otherwise only those
-        positions go through the model's head and the log-softmax is chunked over its logits.
+        hidden states of the completion tokens that the loss counts go to the chunked log-softmax
+        with the head's weight, so no ``[n, L, V]`` logits exist (as TRL's fused LM head) and the
+        other positions get 0 (they are masked out of the loss and the credit); otherwise the
+        model's own head runs on the last L + 1 positions only and the log-softmax is chunked over
+        their logits.
         With a ``recorder`` the pass also records its attention into ``rollouts.attention[rows]``
         (of the rows marked in ``rollouts.attention_recorded``).
         """
@@ -382,7 +384,10 @@ class GRPOModule(L.LightningModule):
             return token_logprobs_and_entropy(logits, targets, temperature)
         head = self.decoder_and_head[1]
         hidden = forward(**inputs).last_hidden_state[:, -targets.shape[1] - 1:-1]
-        return token_logprobs_and_entropy(hidden, targets, temperature, head_weight=head.weight, head_bias=head.bias)
+        # Only the loss's tokens go through the head: the padding after EOS costs no vocabulary pass.
+        return token_logprobs_and_entropy(
+            hidden, targets, temperature, head_weight=head.weight, head_bias=head.bias, positions=rollouts.completion_mask[rows] > 0
+        )
 
     def micro_batches(self, rollouts: Rollouts) -> list[slice]:
         size = self.grpo.micro_batch_size

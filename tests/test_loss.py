@@ -444,3 +444,39 @@ def test_logps_work_without_grad_and_validate_shapes():
     assert logps.shape == (3, 2) and not logps.requires_grad
     with pytest.raises(ValueError, match=r"\(3, 2, 5\) and \(3, 3\)"):
         token_logprobs_and_entropy(torch.randn(3, 2, 5), torch.zeros(3, 3, dtype=torch.long))
+
+
+@pytest.mark.parametrize("chunk_tokens", [2, 100])
+def test_scored_positions_match_all_positions_there_and_are_zero_elsewhere(chunk_tokens):
+    gen = torch.Generator().manual_seed(4)
+    hidden_full = torch.randn(3, 6, 8, generator=gen)
+    weight = torch.randn(40, 8, generator=gen)
+    targets = torch.randint(0, 40, (3, 6), generator=gen)
+    upstream = torch.randn(3, 6, generator=gen)
+    # Responses of 6, 2 and 0 scored tokens (an all-padding row, as a masked truncated response is).
+    positions = torch.tensor([[1] * 6, [1, 1, 0, 0, 0, 0], [0] * 6], dtype=torch.bool)
+    h = hidden_full.clone().requires_grad_(True)
+    logps, entropy = token_logprobs_and_entropy(h, targets, 0.9, chunk_tokens, head_weight=weight, positions=positions)
+    rh = hidden_full.clone().requires_grad_(True)
+    ref_logps, ref_entropy = reference_logps_entropy(torch.nn.functional.linear(rh, weight), targets, 0.9)
+    torch.testing.assert_close(logps[positions], ref_logps[positions], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(entropy[positions], ref_entropy[positions], rtol=1e-5, atol=1e-5)
+    assert logps[~positions].eq(0).all() and entropy[~positions].eq(0).all()
+    (logps * upstream).sum().backward()
+    (ref_logps * upstream * positions).sum().backward()
+    torch.testing.assert_close(h.grad, rh.grad, rtol=1e-5, atol=1e-6)
+    assert h.grad[~positions].eq(0).all()
+
+
+def test_no_scored_position_gives_zeros_and_a_zero_gradient():
+    hidden = torch.randn(2, 3, 4, requires_grad=True)
+    logps, entropy = token_logprobs_and_entropy(
+        hidden, torch.zeros(2, 3, dtype=torch.long), head_weight=torch.randn(5, 4), positions=torch.zeros(2, 3, dtype=torch.bool)
+    )
+    logps.sum().backward()
+    assert logps.eq(0).all() and entropy.eq(0).all() and hidden.grad.eq(0).all()
+
+
+def test_positions_of_another_shape_are_refused():
+    with pytest.raises(ValueError, match="positions must be"):
+        token_logprobs_and_entropy(torch.randn(2, 3, 4), torch.zeros(2, 3, dtype=torch.long), head_weight=torch.randn(5, 4), positions=torch.ones(2, 4, dtype=torch.bool))

@@ -184,8 +184,9 @@ def test_unknown_dtype_names_the_choices():
 
 @pytest.mark.parametrize("load_in_4bit", [False, True])
 def test_module_log_probs_are_the_same_from_the_fused_head_and_from_the_models_logits(tiny_policy_dir, load_in_4bit):
-    """GRPOModule.completion_logps on both of its paths: decoder + blockwise head, and (for models
-    without a plain head) the model's own logits; a 4-bit base keeps its head unquantised."""
+    """GRPOModule.completion_logps on both of its paths, at the loss's tokens: decoder + blockwise
+    head, and (for models without a plain head) the model's own logits; a 4-bit base keeps its
+    head unquantised."""
     from dataclasses import fields
 
     from lightning_flow.module import GRPOModule
@@ -210,5 +211,8 @@ def test_module_log_probs_are_the_same_from_the_fused_head_and_from_the_models_l
         (logps * completion_mask).sum().backward()
         grads = torch.cat([p.grad.flatten() for p in module.policy.parameters() if p.requires_grad])
         results.append((logps.detach(), entropy, grads))
-    for fused, plain in zip(*results):
-        torch.testing.assert_close(fused, plain, rtol=1e-5, atol=1e-6)
+    scored = completion_mask.bool()
+    for fused, plain in zip(results[0][:2], results[1][:2]):
+        torch.testing.assert_close(fused[scored], plain[scored], rtol=1e-5, atol=1e-6)
+        assert fused[~scored].eq(0).all()  # the fused head scores only the loss's tokens
+    torch.testing.assert_close(results[0][2], results[1][2], rtol=1e-5, atol=1e-6)
