@@ -14,7 +14,7 @@ so that a difference between the frameworks' code shows apart from the machine's
   each framework's bf16 setting puts around it;
 - update: the forward, loss and backward over one generation batch in micro-batches, without the
   optimizer step (AdamW over the same LoRA parameters on both sides): ours
-  ``GRPOModule.completion_logps`` with ``clipped_surrogate_loss``, TRL's ``compute_loss``.
+  ``GRPOModule.completion_logps`` and ``micro_batch_loss``, TRL's ``compute_loss``.
 
 Per phase: the median seconds of each framework and the median of the per-repeat ratios
 ours / TRL (after ``--warmup`` repeats).
@@ -38,9 +38,6 @@ from bench_stats import paired_ratio  # noqa: E402
 from gpu_check import synchronize  # noqa: E402
 from trl_compare import add_workload_arguments, model_folder, our_cli, prompts_in_our_order, trl_trainer  # noqa: E402
 
-from lightning_flow.loss import clipped_surrogate_loss  # noqa: E402
-
-
 def timed(call) -> float:
     synchronize()
     start = time.perf_counter()
@@ -49,32 +46,25 @@ def timed(call) -> float:
     return time.perf_counter() - start
 
 
-def micro_batch_rows(rows: int, size: int) -> list[slice]:
-    return [slice(start, start + size) for start in range(0, rows, size)]
-
-
 def trl_micro_batch(inputs: dict, rows: slice) -> dict:
     """TRL's generation output restricted to ``rows`` (per-row tensors sliced, the rest as is)."""
     count = len(inputs["completion_ids"])
     return {k: v[rows] if isinstance(v, torch.Tensor) and v.dim() and len(v) == count else v for k, v in inputs.items()}
 
 
-def our_update(module, rollouts, micro_batch: int) -> None:
-    for rows in micro_batch_rows(len(rollouts), micro_batch):
+def our_update(module, rollouts) -> None:
+    """The update's forward, loss and backward per micro-batch as ``GRPOModule.update`` runs them, without the optimizer step."""
+    tokens = rollouts.completion_mask.sum()
+    for rows in module.micro_batches(rollouts):
         logps, _ = module.completion_logps(rollouts, rows)
-        loss, _ = clipped_surrogate_loss(
-            logps, logps.detach(), rollouts.advantages[rows], rollouts.completion_mask[rows],
-            loss_type=module.grpo.loss_type, epsilon_low=module.grpo.epsilon, epsilon_high=module.grpo.epsilon_high,
-            token_weights=rollouts.token_weights[rows], max_completion_length=module.sampling.max_new_tokens,
-            num_items_in_batch=rollouts.completion_mask.sum(),
-        )
+        loss, _ = module.micro_batch_loss(rollouts, rows, logps, tokens)
         loss.backward()
     module.policy.zero_grad(set_to_none=True)
 
 
-def trl_update(trainer, inputs: dict, micro_batch: int) -> None:
-    rows_total = len(inputs["completion_ids"])
-    for rows in micro_batch_rows(rows_total, micro_batch):
+def trl_update(trainer, inputs: dict, micro_batches: list[slice]) -> None:
+    """TRL's ``compute_loss`` and backward over the same micro-batches."""
+    for rows in micro_batches:
         with trainer.accelerator.autocast():
             loss = trainer.compute_loss(trainer.model, trl_micro_batch(inputs, rows))
         loss.backward()
@@ -108,10 +98,10 @@ def measure(args, folder: Path, workdir: str) -> dict:
 
     def ours_update():
         with autocast:
-            our_update(module, last["ours"], args.micro_batch)
+            our_update(module, last["ours"])
 
     def trl_update_():
-        trl_update(trainer, last["trl"], args.micro_batch)
+        trl_update(trainer, last["trl"], module.micro_batches(last["ours"]))  # both batches hold prompts x group rows
 
     times = {phase: {"ours": [], "trl": []} for phase in ("generation", "update")}
     for repeat in range(args.warmup + args.repeats):

@@ -28,6 +28,7 @@ from torch import Tensor
 from lightning_flow.capture import AttentionRecorder, default_capture_layers
 from lightning_flow.checkpoint_io import CheckpointError
 from lightning_flow.loss import (
+    LossStats,
     LossType,
     ScaleRewards,
     clipped_surrogate_loss,
@@ -316,20 +317,7 @@ class GRPOModule(L.LightningModule):
                     else:
                         logps, entropy = self.completion_logps(rollouts, rows)
                     mask = rollouts.completion_mask[rows]
-                    loss, stats = clipped_surrogate_loss(
-                        logps,
-                        rollouts.old_logps[rows] if rollouts.old_logps is not None else logps.detach(),
-                        rollouts.advantages[rows],
-                        mask,
-                        loss_type=self.grpo.loss_type,
-                        epsilon_low=self.grpo.epsilon,
-                        epsilon_high=self.grpo.epsilon_high,
-                        beta=self.grpo.beta,
-                        ref_logps=rollouts.ref_logps[rows] if rollouts.ref_logps is not None else None,
-                        token_weights=rollouts.token_weights[rows],
-                        max_completion_length=self.sampling.max_new_tokens,
-                        num_items_in_batch=tokens_per_rank,
-                    )
+                    loss, stats = self.micro_batch_loss(rollouts, rows, logps, tokens_per_rank)
                     # Under DDP, gradients are all-reduced once per optimizer step, on the last micro-batch.
                     with optimizer.toggle_model(sync_grad=index == len(micro_batches) - 1):
                         self.manual_backward(loss / divisor)
@@ -356,6 +344,24 @@ class GRPOModule(L.LightningModule):
         }
 
     # ---- helpers --------------------------------------------------------------------------
+    def micro_batch_loss(self, rollouts: Rollouts, rows: slice, logps: Tensor, num_items_in_batch: Tensor) -> tuple[Tensor, LossStats]:
+        """The clipped surrogate of ``rows`` from their log-probs under the current policy (the
+        sampling policy's are these, detached, when no old-log-prob pass ran)."""
+        return clipped_surrogate_loss(
+            logps,
+            rollouts.old_logps[rows] if rollouts.old_logps is not None else logps.detach(),
+            rollouts.advantages[rows],
+            rollouts.completion_mask[rows],
+            loss_type=self.grpo.loss_type,
+            epsilon_low=self.grpo.epsilon,
+            epsilon_high=self.grpo.epsilon_high,
+            beta=self.grpo.beta,
+            ref_logps=rollouts.ref_logps[rows] if rollouts.ref_logps is not None else None,
+            token_weights=rollouts.token_weights[rows],
+            max_completion_length=self.sampling.max_new_tokens,
+            num_items_in_batch=num_items_in_batch,
+        )
+
     def completion_logps(self, rollouts: Rollouts, rows: slice, recorder: AttentionRecorder | None = None) -> tuple[Tensor, Tensor]:
         """Per-token log-probs and entropies of the completion tokens of ``rows``.  # [n, L] each
 
