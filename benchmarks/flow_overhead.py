@@ -25,6 +25,7 @@ import statistics
 import sys
 import tempfile
 import time
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -33,6 +34,7 @@ from torch.profiler import ProfilerActivity, profile
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from gpu_check import SHAPES, random_model_folder  # noqa: E402
 
+from lightning_flow.adapter_merge import merged_lora  # noqa: E402
 from lightning_flow.callbacks.flow_credit import FlowCredit  # noqa: E402
 from lightning_flow.capture import AttentionRecorder, capture_attention  # noqa: E402
 from lightning_flow.loss import clipped_surrogate_loss, completion_mask  # noqa: E402
@@ -105,8 +107,8 @@ def step_parts(module: GRPOModule, rollouts: Rollouts, length: int, credit: Flow
     assigns credit per micro-batch as the training step does (returns its capture seconds)."""
 
     def sample() -> None:
-        with torch.no_grad():
-            module.policy.eval()
+        with torch.no_grad(), merged_lora(module.policy) if module.sampling.merge_adapter else nullcontext():
+            module.policy.eval()  # as lightning_flow.policy.generate samples: eval mode, adapter merged
             module.policy.generate(
                 input_ids=rollouts.prompt_ids, attention_mask=rollouts.prompt_mask, do_sample=True,
                 min_new_tokens=length, max_new_tokens=length, pad_token_id=module.tokenizer.pad_token_id,

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 
 import torch
@@ -15,6 +16,7 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from torch import Tensor
 from transformers import AutoModelForCausalLM, BitsAndBytesConfig, GenerationConfig, LogitsProcessorList, PreTrainedModel
 
+from lightning_flow.adapter_merge import merged_lora
 from lightning_flow.seeded_sampling import SeededSampler
 from lightning_flow.tokenizer import model_source_errors
 
@@ -74,6 +76,9 @@ class SamplingConfig:
     seed: int | None = None
     """Seed of the per-response sampling noise, mixed with the step and the prompt's source
     (None: the run's ``seed_everything`` value), so responses do not depend on rank or batch layout."""
+    merge_adapter: bool = True
+    """Sample with the LoRA adapter merged into a copy of the base weights (one product per projection
+    instead of three; the copy lives while sampling). Bases it cannot merge exactly (4-bit, DoRA) sample unmerged."""
 
     def __post_init__(self) -> None:
         if self.num_generations < 2:
@@ -198,9 +203,10 @@ def generate(
     was_training = model.training
     model.eval()  # no dropout while sampling; also lets generate use the KV cache with checkpointing
     try:
-        out = model.generate(
-            input_ids=prompt_ids, attention_mask=prompt_mask, generation_config=generation_config, logits_processor=processors
-        )
+        with merged_lora(model) if cfg.merge_adapter else nullcontext():
+            out = model.generate(
+                input_ids=prompt_ids, attention_mask=prompt_mask, generation_config=generation_config, logits_processor=processors
+            )
     finally:
         model.train(was_training)
     return out[:, prompt_ids.shape[1]:]

@@ -67,6 +67,7 @@ def count_calls(module) -> list[int]:
 # ---------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def tiny_peft(tiny_policy_dir):
+    torch.manual_seed(0)  # LoRA's A is drawn from the global generator: the same model whatever ran before
     model = load_policy(PolicyConfig(str(tiny_policy_dir), lora_rank=4))
     perturb_lora(model, scale=0.3, match="lora_B")
     return model
@@ -79,6 +80,7 @@ def tiny_plain(tiny_policy_dir):
 
 @pytest.fixture(scope="module")
 def stories_peft(stories260k):
+    torch.manual_seed(0)  # as tiny_peft
     model = load_policy(PolicyConfig(str(stories260k), lora_rank=4, lora_target_modules=["q_proj", "k_proj", "v_proj"]))
     perturb_lora(model, seed=1, scale=0.3, match="lora_B")
     return model

@@ -1,0 +1,72 @@
+"""Sampling with the LoRA adapter merged into the base weights, restored bit for bit afterwards.
+
+An unmerged LoRA projection runs three matrix products (base, A, B) plus a scale and an add for
+every generated token; merged, it runs one. Generation is many small products per token (on a
+GPU it is bound by launching them), so merging for the length of ``generate`` cuts most of that
+work. The merge is not peft's ``merge_adapter``/``unmerge_adapter``: that pair adds and then
+subtracts the delta in place, which in bfloat16 does not give the base weights back. Here each
+adapted ``nn.Linear`` gets a new tensor ``W + ΔW`` (summed in float32, rounded once to W's dtype)
+while the original tensor is held aside and put back on exit; the extra memory is one copy of the
+adapted weights while sampling.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import torch
+from peft.tuners.lora import LoraLayer
+from torch import nn
+
+
+def _plain_adapters(layer: LoraLayer) -> list[str] | None:
+    """The layer's active LoRA adapters when merging them is exact W + ΔW on a float ``nn.Linear``
+    weight; None when the layer cannot be merged that way (quantised or non-linear base, DoRA or
+    another variant, LoRA bias, adapters switched off or already merged)."""
+    base = layer.get_base_layer()
+    weight = getattr(base, "weight", None)
+    if layer.disable_adapters or layer.merged or type(base) is not nn.Linear:  # bitsandbytes layers subclass nn.Linear
+        return None
+    if type(weight) is not nn.Parameter or not weight.dtype.is_floating_point:
+        return None
+    names = [name for name in layer.active_adapters if name in layer.lora_A]
+    variants, biases = getattr(layer, "lora_variant", {}), getattr(layer, "lora_bias", {})
+    if any(name in variants or biases.get(name, False) for name in names):
+        return None
+    return names
+
+
+@contextmanager
+def merged_lora(model: nn.Module) -> Iterator[bool]:
+    """Inside the block every LoRA layer of ``model`` runs as merged (one product with ``W + ΔW``);
+    yields True. On exit, normal or by an exception, each base weight is the very tensor it was
+    before and the layers run unmerged again.
+
+    All or nothing: when any LoRA layer cannot be merged exactly (see ``_plain_adapters``: a 4-bit
+    base, DoRA, adapters disabled) nothing is changed and the block gets False. A model without
+    LoRA layers also gets False.
+    """
+    layers = [module for module in model.modules() if isinstance(module, LoraLayer)]
+    plans = [(layer, _plain_adapters(layer)) for layer in layers]
+    if not layers or any(names is None for _, names in plans):
+        yield False
+        return
+    kept: list[tuple[LoraLayer, nn.Parameter, torch.Tensor, list[str]]] = []
+    try:
+        with torch.no_grad():
+            for layer, names in plans:
+                weight = layer.get_base_layer().weight
+                merged = weight.float()  # a new tensor, also for a float32 weight (the add below is out of place)
+                for name in names:
+                    merged = merged + layer.get_delta_weight(name).float()
+                kept.append((layer, weight, weight.data, names))
+                weight.data = merged.to(weight.dtype)
+                layer.merged_adapters.extend(names)
+        yield True
+    finally:
+        for layer, weight, original, names in kept:
+            weight.data = original
+            for name in names:
+                layer.merged_adapters.remove(name)
+
