@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The prepared GPU checks, for a lent GPU machine (run tool, carry [".whl"] made by benchmarks/gpu_wheels.sh):
-#   bash benchmarks/gpu_checks.sh flow-update trl-phases   (about 6 min: the capture and log-prob changes of
-#   commits a0785d4 and 8fd9ca6, not yet measured on a GPU; then, in a second call: trl)
+#   bash benchmarks/gpu_checks.sh merge flow-update trl-phases   (about 8 min: sampling with the adapter merged
+#   (a324bfa) and the capture and log-prob changes of a0785d4 and 8fd9ca6, none yet measured on a GPU;
+#   then, in a second call: trl)
 # Parts (each writes $OUT/<part>.json and $OUT/<part>.log; times measured on an H100):
 #   flow     about 6 min: benchmarks/flow_overhead.py at Qwen2.5-1.5B's shape (bf16 + LoRA, random weights),
 #            L = 256 / 1024 (4096 does not fit: sampling 4096 tokens alone takes about 6 min), N = 16 / 64
@@ -16,6 +17,8 @@
 #            generation and update timed call by call in alternation (5 measured alternations after 1 warm-up)
 #   trl-profile  more than 5 min: the same with a torch.profiler op table of one step per framework; on an H100 only
 #            ours' run fitted the 300 s limit (its table: docs/trl-profile-h100-ours.txt)
+#   merge    about 1.5 min (estimated from generate's 40-70 ms a token): benchmarks/sampling_merge.py at
+#            Qwen2.5-0.5B's shape, generate with the LoRA adapter merged against unmerged, 4 calls each
 #   configs  about 3 min: benchmarks/gpu_check.py, memory and step time of the real configs (needs bitsandbytes)
 set -uo pipefail
 out=${OUT:-results}
@@ -45,7 +48,9 @@ torch.cuda.synchronize()"
             --prompts-per-step 4 --micro-batch 16 --max-new-tokens 128 --out "$out/trl-phases.json" 2>&1 | grep -vi warn | tee "$out/trl-phases.log" ;;
     trl-profile) timeout 300 python3 benchmarks/trl_compare.py --device cuda --models qwen2.5-0.5b --steps 3 --warmup 1 --repeats 1 \
             --prompts-per-step 4 --micro-batch 16 --max-new-tokens 128 --profile --out "$out/trl-profile.json" 2>&1 | grep -vi warn | tee "$out/trl-profile.log" ;;
+    merge) timeout 200 python3 benchmarks/sampling_merge.py --device cuda --models qwen2.5-0.5b --prompts 4 --group 8 \
+            --max-new-tokens 128 --lora-rank 16 --repeats 4 --out "$out/merge.json" 2>&1 | grep -vi warn | tee "$out/merge.log" ;;
     configs) timeout 200 python3 benchmarks/gpu_check.py --steps 2 --out "$out/configs.json" 2>&1 | grep -vi warn | tee "$out/configs.log" ;;
-    *) echo "unknown part $part (flow, flow-update, flow-update-4096, trl, trl-round3, trl-phases, trl-profile, configs)"; exit 2 ;;
+    *) echo "unknown part $part (flow, flow-update, flow-update-4096, trl, trl-round3, trl-phases, trl-profile, merge, configs)"; exit 2 ;;
   esac
 done

@@ -1,0 +1,108 @@
+"""What merging the LoRA adapter for sampling saves: ``generate`` merged against unmerged, one process.
+
+    python benchmarks/sampling_merge.py                                   # demo policy and stories260K, CPU
+    python benchmarks/sampling_merge.py --models qwen2.5-0.5b --device cuda --max-new-tokens 128
+
+The same policy (LoRA on all linear layers, its B drawn at random so the adapter changes the
+output) samples the same prompts with the same per-response seeds through
+``lightning_flow.policy.generate``, with ``sampling.merge_adapter`` on and off in alternating
+order, ``--repeats`` calls each after one warm-up call of each. Responses run to
+``--max-new-tokens`` only where the model never samples EOS (random real-shape weights); the
+token count is reported. Printed: each side's median time and tokens/s, the median over the
+alternations of merged / unmerged time, and the number of responses whose tokens differ (the
+merged weights are rounded once, so a rare draw at a CDF boundary may differ).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_stats import paired_ratio  # noqa: E402
+from gpu_check import SHAPES, SMOKE_SHAPE, random_model_folder, synchronize  # noqa: E402
+
+from lightning_flow.policy import PolicyConfig, SamplingConfig, eos_token_ids, generate, load_policy  # noqa: E402
+from lightning_flow.tokenizer import load_tokenizer  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+SHAPES = {**SHAPES, "smoke": SMOKE_SHAPE}  # smoke: a 2-layer random Qwen2 that checks the real-shape path on the CPU
+LOCAL = {"demo": REPO / "artifacts" / "demo-policy", "stories260K": REPO.parent / "shared" / "data" / "models" / "stories260K" / "hf"}
+
+
+def compare(folder: Path, args: argparse.Namespace) -> dict:
+    dtype = "bfloat16" if args.device == "cuda" else "float32"
+    torch.manual_seed(0)
+    policy = load_policy(PolicyConfig(str(folder), dtype=dtype, lora_rank=args.lora_rank, lora_alpha=2 * args.lora_rank)).to(args.device)
+    with torch.no_grad():
+        for name, parameter in policy.named_parameters():
+            if "lora_B" in name:
+                parameter.normal_(0, 0.02)
+    tokenizer = load_tokenizer(str(folder))
+    eos = eos_token_ids(policy, tokenizer)
+    generator = torch.Generator().manual_seed(0)
+    low = len(tokenizer.all_special_ids) + 1
+    prompts = torch.randint(low, min(90, len(tokenizer)), (args.prompts, args.prompt_length), generator=generator).to(args.device)
+    mask = torch.ones_like(prompts)
+    seeds = torch.arange(args.prompts * args.group)
+    times: dict[bool, list[float]] = {True: [], False: []}
+    outputs: dict[bool, torch.Tensor] = {}
+    for call in range(args.repeats + 1):
+        for merge in (True, False) if call % 2 == 0 else (False, True):
+            sampling = SamplingConfig(num_generations=args.group, max_new_tokens=args.max_new_tokens, merge_adapter=merge)
+            synchronize()
+            start = time.perf_counter()
+            outputs[merge] = generate(policy, prompts, mask, sampling, tokenizer.pad_token_id, eos, row_seeds=seeds)
+            synchronize()
+            if call > 0:  # the first call of each is warm-up
+                times[merge].append(time.perf_counter() - start)
+    tokens = int((outputs[True] != tokenizer.pad_token_id).sum())
+    width = min(outputs[True].shape[1], outputs[False].shape[1])
+    differing = int((outputs[True][:, :width] != outputs[False][:, :width]).any(1).sum()) + int(outputs[True].shape != outputs[False].shape)
+    merged, unmerged = statistics.median(times[True]), statistics.median(times[False])
+    return dict(merged_s=merged, unmerged_s=unmerged, merged_over_unmerged=paired_ratio(times[True], times[False]),
+                tokens=tokens, merged_tok_s=tokens / merged, unmerged_tok_s=tokens / unmerged,
+                responses=len(seeds), responses_differing=differing, times=times)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", nargs="+", default=["demo", "stories260K"], help=f"{sorted(LOCAL)} or real shapes {sorted(SHAPES)}")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--prompts", type=int, default=8)
+    parser.add_argument("--group", type=int, default=8, help="responses per prompt")
+    parser.add_argument("--prompt-length", type=int, default=12)
+    parser.add_argument("--max-new-tokens", type=int, default=48)
+    parser.add_argument("--lora-rank", type=int, default=8)
+    parser.add_argument("--repeats", type=int, default=12, help="measured calls of each side")
+    parser.add_argument("--out", help="write the results as JSON here")
+    args = parser.parse_args()
+    results = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in args.models:
+            if name in SHAPES:
+                folder = Path(tmp) / name
+                random_model_folder(SHAPES[name], folder)
+            else:
+                folder = LOCAL[name]
+                if not (folder / "config.json").is_file():
+                    raise SystemExit(f"{folder} is missing (demo: python -m lightning_flow.demo_policy --config configs/demo.yaml)")
+            row = results[name] = compare(folder, args)
+            print(f"{name}: merged {row['merged_s'] * 1e3:.1f} ms ({row['merged_tok_s']:,.0f} tok/s), "
+                  f"unmerged {row['unmerged_s'] * 1e3:.1f} ms ({row['unmerged_tok_s']:,.0f} tok/s); "
+                  f"merged / unmerged {row['merged_over_unmerged']:.3f}; {row['tokens']} tokens; "
+                  f"{row['responses_differing']} of {row['responses']} responses differ", flush=True)
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(dict(args=vars(args), device=args.device, results=results), indent=1, default=str))
+
+
+if __name__ == "__main__":
+    main()
