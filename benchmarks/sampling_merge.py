@@ -9,8 +9,9 @@ output) samples the same prompts with the same per-response seeds through
 order, ``--repeats`` calls each after one warm-up call of each. Responses run to
 ``--max-new-tokens`` only where the model never samples EOS (random real-shape weights); the
 token count is reported. Printed: each side's median time and tokens/s, the median over the
-alternations of merged / unmerged time, and the number of responses whose tokens differ (the
-merged weights are rounded once, so a rare draw at a CDF boundary may differ).
+alternations of merged / unmerged time, the number of responses whose tokens differ (the
+merged weights are rounded once, so a rare draw at a CDF boundary may differ), and on a GPU each
+side's allocator peak above what was allocated before the call (the merged copy shows there).
 """
 
 from __future__ import annotations
@@ -53,23 +54,30 @@ def compare(folder: Path, args: argparse.Namespace) -> dict:
     mask = torch.ones_like(prompts)
     seeds = torch.arange(args.prompts * args.group)
     times: dict[bool, list[float]] = {True: [], False: []}
+    peaks = {True: 0, False: 0}  # CUDA allocator peak above the call's start (the merged copy shows here)
     outputs: dict[bool, torch.Tensor] = {}
     for call in range(args.repeats + 1):
         for merge in (True, False) if call % 2 == 0 else (False, True):
             sampling = SamplingConfig(num_generations=args.group, max_new_tokens=args.max_new_tokens, merge_adapter=merge)
             synchronize()
+            if args.device == "cuda":
+                torch.cuda.reset_peak_memory_stats()
+                before = torch.cuda.memory_allocated()
             start = time.perf_counter()
             outputs[merge] = generate(policy, prompts, mask, sampling, tokenizer.pad_token_id, eos, row_seeds=seeds)
             synchronize()
             if call > 0:  # the first call of each is warm-up
                 times[merge].append(time.perf_counter() - start)
+            if args.device == "cuda":
+                peaks[merge] = max(peaks[merge], torch.cuda.max_memory_allocated() - before)
     tokens = int((outputs[True] != tokenizer.pad_token_id).sum())
     width = min(outputs[True].shape[1], outputs[False].shape[1])
     differing = int((outputs[True][:, :width] != outputs[False][:, :width]).any(1).sum()) + int(outputs[True].shape != outputs[False].shape)
     merged, unmerged = statistics.median(times[True]), statistics.median(times[False])
     return dict(merged_s=merged, unmerged_s=unmerged, merged_over_unmerged=paired_ratio(times[True], times[False]),
                 tokens=tokens, merged_tok_s=tokens / merged, unmerged_tok_s=tokens / unmerged,
-                responses=len(seeds), responses_differing=differing, times=times)
+                responses=len(seeds), responses_differing=differing, times=times,
+                merged_peak_mib=peaks[True] / 2**20, unmerged_peak_mib=peaks[False] / 2**20)
 
 
 def main() -> None:
@@ -98,7 +106,9 @@ def main() -> None:
             print(f"{name}: merged {row['merged_s'] * 1e3:.1f} ms ({row['merged_tok_s']:,.0f} tok/s), "
                   f"unmerged {row['unmerged_s'] * 1e3:.1f} ms ({row['unmerged_tok_s']:,.0f} tok/s); "
                   f"merged / unmerged {row['merged_over_unmerged']:.3f}; {row['tokens']} tokens; "
-                  f"{row['responses_differing']} of {row['responses']} responses differ", flush=True)
+                  f"{row['responses_differing']} of {row['responses']} responses differ"
+                  + (f"; sampling's peak above the weights {row['merged_peak_mib']:.0f} vs {row['unmerged_peak_mib']:.0f} MiB" if args.device == "cuda" else ""),
+                  flush=True)
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(dict(args=vars(args), device=args.device, results=results), indent=1, default=str))
