@@ -36,7 +36,7 @@ from gpu_check import SHAPES, random_model_folder  # noqa: E402
 
 from lightning_flow.adapter_merge import merged_lora  # noqa: E402
 from lightning_flow.callbacks.flow_credit import FlowCredit  # noqa: E402
-from lightning_flow.capture import AttentionRecorder, capture_attention  # noqa: E402
+from lightning_flow.capture import PROFILER_RANGE, AttentionRecorder, capture_attention  # noqa: E402
 from lightning_flow.loss import clipped_surrogate_loss, completion_mask  # noqa: E402
 from lightning_flow.module import GRPOConfig, GRPOModule  # noqa: E402
 from lightning_flow.policy import PolicyConfig, SamplingConfig  # noqa: E402
@@ -172,6 +172,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--sample-repeats", type=int, default=None, help="repeats of the sampling part (default: --repeats; it is the slow part at L = 4096)")
     parser.add_argument("--no-sampling", action="store_true", help="leave sampling out: 'step' is the update alone, so shares are of the update (an upper bound of the step's)")
+    parser.add_argument("--profile", action="store_true", help="per row, also profile one recorded update: the recording's host and device time, and the top operators")
     parser.add_argument("--out", type=Path, default=None, help="also write the rows as JSON")
     args = parser.parse_args()
 
@@ -220,12 +221,35 @@ def main() -> None:
                 row = dict(length=length, n=n, step_s=step, capture_s=capture, solver_s=solver,
                            capture_share=capture / step, solver_share=solver / step, update_recorded_over_plain=update_ratio,
                            capture_per_map=capture_ratio, capture_one_mib=capture_one, eager_one_mib=eager_one)
+                if args.profile:
+                    row["profile"] = profile_recording(lambda: update(record=True), cuda)
                 rows.append(row)
                 print(f"{length:>5} {n:>4} {step:>8.2f} {capture:>9.3f} {solver:>8.3f} {100 * capture / step:>8.1f}% {100 * solver / step:>7.1f}% "
                       f"{update_ratio:>17.3f} {capture_ratio:>11.2f} {capture_one:>17.1f} {eager_one:>15.0f}", flush=True)
+                if args.profile:
+                    print(row["profile"]["summary"], row["profile"]["table"], sep="\n", flush=True)
                 if args.out:  # after every row, so a run cut short by a time limit keeps what it measured
                     args.out.parent.mkdir(parents=True, exist_ok=True)
                     args.out.write_text(json.dumps({"shape": args.shape, "device": device_name, "step_includes_sampling": not args.no_sampling, "rows": rows}, indent=2))
+
+
+def profile_recording(fn, cuda: bool) -> dict:
+    """One call of ``fn`` (a recorded update) under torch.profiler: the recording's ranges (calls,
+    host time of the code inside them, device time of the kernels they launched) and the operators
+    with the most self time. Host time well above device time means the recording is launch-bound."""
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with profile(activities=activities) as prof:
+        fn()
+        synchronize()
+    averages = prof.key_averages()
+    ranges = [event for event in averages if event.key == PROFILER_RANGE]
+    calls = sum(event.count for event in ranges)
+    host_ms = sum(event.cpu_time_total for event in ranges) / 1e3
+    device_ms = sum(event.device_time_total for event in ranges) / 1e3
+    summary = (f"  recording: {calls} layer calls, host {host_ms:.1f} ms, kernels {device_ms:.1f} ms"
+               if cuda else f"  recording: {calls} layer calls, host {host_ms:.1f} ms")
+    table = averages.table(sort_by="self_device_time_total" if cuda else "self_cpu_time_total", row_limit=12)
+    return dict(calls=calls, host_ms=host_ms, device_ms=device_ms, summary=summary, table=table)
 
 
 def small_slice(rollouts: Rollouts, rows: slice) -> Rollouts:

@@ -37,11 +37,15 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.profiler import record_function
 from transformers import AttentionInterface, PreTrainedModel
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, eager_mask, sdpa_mask
 
-__all__ = ["AttentionRecorder", "Stopwatch", "capture_attention", "default_capture_layers"]
+__all__ = ["PROFILER_RANGE", "AttentionRecorder", "Stopwatch", "capture_attention", "default_capture_layers"]
+
+PROFILER_RANGE = "lightning_flow.capture"
+"""torch.profiler range around each recorded layer's recording."""
 
 _SDPA_NAME = "lightning_flow_capture_sdpa"
 """Registered implementation that records and delegates to ``sdpa`` (with sdpa's boolean masks)."""
@@ -130,8 +134,9 @@ def _recording_attention(module: nn.Module, query: Tensor, key: Tensor, value: T
     recorder = _ACTIVE.get(id(getattr(module, "config", None)))
     eager = recorder._eager if recorder is not None else False
     if recorder is not None and recorder._wants(getattr(module, "layer_idx", None)):
-        # autocast off: the maps are float32 products even inside a bf16-mixed step
-        with recorder.stopwatch(query.device), torch.autocast(query.device.type, enabled=False):
+        # autocast off: the maps are float32 products even inside a bf16-mixed step; the named
+        # range lets a profiler tell the recording's host time from its kernels' time
+        with recorder.stopwatch(query.device), torch.autocast(query.device.type, enabled=False), record_function(PROFILER_RANGE):
             recorder._record(module, query, key, attention_mask, kwargs)
         if recorder.stop_after_last and module.layer_idx == recorder.layers[-1]:
             raise _StopForward
