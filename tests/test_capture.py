@@ -7,7 +7,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 from transformers import AutoModelForCausalLM
 
-from lightning_flow.capture import AttentionRecorder, capture_attention, default_capture_layers
+from lightning_flow.capture import PROFILER_RANGE, AttentionRecorder, capture_attention, default_capture_layers
 from lightning_flow.policy import PolicyConfig, load_policy, position_ids_from_mask
 
 from .lora import perturb_lora
@@ -481,3 +481,11 @@ def test_extra_memory_is_about_one_map(tiny_plain, monkeypatch):
     assert one_map <= recording_peak <= 3 * one_map  # at least the accumulator is seen
     assert capture_peak - base_peak < 3 * one_map
     assert capture_peak < eager_peak
+
+
+def test_a_profiler_sees_one_recording_range_per_recorded_layer(tiny_peft):
+    ids, mask, positions = make_batch(64, n=3)
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        capture_attention(tiny_peft, ids, mask, [0, 1], micro_batch_size=2, position_ids=positions)
+    ranges = [event for event in prof.key_averages() if event.key == PROFILER_RANGE]
+    assert sum(event.count for event in ranges) == 2 * 2  # two layers in each of two micro-batches
