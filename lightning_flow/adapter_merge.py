@@ -56,12 +56,12 @@ def merged_lora(model: nn.Module) -> Iterator[bool]:
     try:
         with torch.no_grad():
             for layer, names in plans:
+                if not names:  # no active LoRA adapter on this layer
+                    continue
                 weight = layer.get_base_layer().weight
-                merged = weight.float()  # a new tensor, also for a float32 weight (the add below is out of place)
-                for name in names:
-                    merged = merged + layer.get_delta_weight(name).float()
+                delta = sum(layer.get_delta_weight(name).float() for name in names)
                 kept.append((layer, weight, weight.data, names))
-                weight.data = merged.to(weight.dtype)
+                weight.data = (weight.float() + delta).to(weight.dtype)  # a new tensor: summed in float32, rounded once
                 layer.merged_adapters.extend(names)
         yield True
     finally:
