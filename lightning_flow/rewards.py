@@ -128,6 +128,14 @@ def parse_gold(gold: str) -> list:
     return parsed
 
 
+@lru_cache(maxsize=65536)
+def _parse_answer_text(answer: str) -> tuple:
+    """``_parse_answer`` of a completion's answer text, raising on errors and timeouts. Cached: the
+    same answers come back step after step (a group's responses, small integers), and a parse is
+    most of what scoring costs; a raise is not cached, so each timeout is met and counted anew."""
+    return tuple(_parse_answer(answer, raise_on_error=True))
+
+
 def parse_completion(completion: str) -> list:
     """math_verify parse of a completion's final answer: last box, else "####" number, else free text.
 
@@ -135,7 +143,7 @@ def parse_completion(completion: str) -> list:
     """
     answer = extract_answer_text(completion)
     if answer is not None:
-        return _parse_answer(answer, raise_on_error=True)
+        return list(_parse_answer_text(answer))  # a list of its own: the cached parse stays as parsed
     return parse(completion, _FREE_TEXT, fallback_mode="no_fallback", parsing_timeout=_timeout(), raise_on_error=True)
 
 

@@ -23,6 +23,7 @@ from lightning_flow.rewards import (
     extract_answer_text,
     format_reward,
     load_reward_function,
+    parse_completion,
     parse_gold,
 )
 
@@ -258,3 +259,13 @@ def test_reward_suite_errors(custom_module: str) -> None:
         RewardSuite(RewardConfig(format=math.inf))
     with pytest.raises(ValueError, match="shape"):
         RewardSuite().total(torch.zeros(3, 2))
+
+
+def test_completion_parses_are_cached_per_answer_text_and_handed_out_as_fresh_lists():
+    rewards._parse_answer_text.cache_clear()
+    first = parse_completion("so \\boxed{12}")
+    first.append("changed by a caller")
+    second = parse_completion("then #### 12")  # the same answer text, "12"
+    assert second == first[:-1] and second
+    assert rewards._parse_answer_text.cache_info().hits == 1
+    assert correctness_reward([""], ["\\boxed{12}"], ["12"]) == [1.0]
