@@ -161,8 +161,23 @@ def build_policy_folder(args, folder: Path) -> None:
         random_model_folder(SHAPES[args.shape], folder)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def build_module(args: argparse.Namespace, folder: Path) -> GRPOModule:
+    """The policy (``--shape``, bf16 on a GPU, LoRA r 16, checkpointing for real shapes) in a
+    GRPOModule on the GPU when there is one, asking for attention at the default layers."""
+    build_policy_folder(args, folder)
+    cuda = torch.cuda.is_available()
+    module = GRPOModule(
+        PolicyConfig(str(folder), dtype="bfloat16" if cuda else "float32", load_in_4bit=args.qlora, lora_rank=16,
+                     gradient_checkpointing=args.shape != "tiny"),
+        SamplingConfig(num_generations=2),
+        GRPOConfig(micro_batch_size=args.micro_batch),
+    ).to("cuda" if cuda else "cpu")
+    module.request_attention(None)
+    return module
+
+
+def add_shape_arguments(parser: argparse.ArgumentParser) -> None:
+    """The model and workload options this script shares with capture_chunks.py."""
     parser.add_argument("--shape", default="tiny", choices=["tiny", *SHAPES], help="tiny: 6-layer 8-head Llama (CPU); else Qwen2.5's real dimensions")
     parser.add_argument("--qlora", action="store_true", help="4-bit NF4 base weights")
     parser.add_argument("--lengths", type=int, nargs="+", default=[256, 1024, 4096])
@@ -170,6 +185,11 @@ def main() -> None:
     parser.add_argument("--prompt-length", type=int, default=64)
     parser.add_argument("--micro-batch", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=3)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_shape_arguments(parser)
     parser.add_argument("--sample-repeats", type=int, default=None, help="repeats of the sampling part (default: --repeats; it is the slow part at L = 4096)")
     parser.add_argument("--no-sampling", action="store_true", help="leave sampling out: 'step' is the update alone, so shares are of the update (an upper bound of the step's)")
     parser.add_argument("--profile", action="store_true", help="per row, also profile one recorded update: the recording's host and device time, and the top operators")
@@ -177,17 +197,10 @@ def main() -> None:
     args = parser.parse_args()
 
     cuda = torch.cuda.is_available()
-    dtype = "bfloat16" if cuda else "float32"
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        build_policy_folder(args, Path(tmp))
-        module = GRPOModule(
-            PolicyConfig(tmp, dtype=dtype, load_in_4bit=args.qlora, lora_rank=16, gradient_checkpointing=args.shape != "tiny"),
-            SamplingConfig(num_generations=2),
-            GRPOConfig(micro_batch_size=args.micro_batch),
-        ).to("cuda" if cuda else "cpu")
+        module = build_module(args, Path(tmp))
         credit = FlowCredit(signal="flow")
-        module.request_attention(None)
         device_name = torch.cuda.get_device_name() if cuda else "cpu"
         print(f"device: {device_name}; model: {args.shape}; capture layers {module.attention_layers}; "
               f"step = {'the update alone' if args.no_sampling else 'sampling + update'}")

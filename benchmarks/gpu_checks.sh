@@ -1,14 +1,17 @@
 #!/usr/bin/env bash
 # The prepared GPU checks, for a lent GPU machine (run tool, carry [".whl"] made by benchmarks/gpu_wheels.sh):
-#   bash benchmarks/gpu_checks.sh merge flow-profile trl-phases   (about 7 min: sampling with the adapter merged
-#   (a324bfa), the capture with a profile of its host and kernel time, and the log-prob changes of a0785d4
-#   and 8fd9ca6, none yet measured on a GPU; then, in a second call: trl, or flow-update)
+#   bash benchmarks/gpu_checks.sh merge flow-profile capture-chunks trl-phases   (about 8 min: sampling with the
+#   adapter merged (a324bfa), the capture's host and kernel time and its chunk settings against each other,
+#   and the log-prob changes of a0785d4 and 8fd9ca6, none yet measured on a GPU; then, in a second call: trl)
 # Parts (each writes $OUT/<part>.json and $OUT/<part>.log; times measured on an H100):
 #   flow     about 6 min: benchmarks/flow_overhead.py at Qwen2.5-1.5B's shape (bf16 + LoRA, random weights),
 #            L = 256 / 1024 (4096 does not fit: sampling 4096 tokens alone takes about 6 min), N = 16 / 64
 #   flow-update  about 3 min: the same without sampling (shares of the update alone), L = 256 / 1024
 #   flow-profile  about 1.5 min (estimated): flow-update at N = 16 with one repeat, plus a torch.profiler run of
 #            one recorded update per row: the recording's host time against its kernels' time, top operators
+#   capture-chunks  about 1.5 min (estimated): benchmarks/capture_chunks.py at the same shape, L = 256 / 1024,
+#            N = 16: the capture under the default chunking, without the causal row split, with a 16M-element
+#            chunk floor, and both, alternating in one process (picks the GPU's chunking)
 #   flow-update-4096  about 4 min: the same at L = 4096 (one repeat), which fits without sampling
 #   trl      about 6 min: benchmarks/trl_compare.py at Qwen2.5-0.5B's shape, rounds 1 and 2 of ours vs TRL's
 #            GRPOTrainer (the order of the three runs rotated), 3 steps a run of which the first is warm-up
@@ -39,6 +42,8 @@ for part in "${parts[@]}"; do
             --repeats 2 --no-sampling --out "$out/flow-update.json" 2>&1 | grep -vi warn | tee "$out/flow-update.log" ;;
     flow-profile) timeout 200 python3 benchmarks/flow_overhead.py --shape qwen2.5-1.5b --lengths 256 1024 --batches 16 \
             --repeats 1 --no-sampling --profile --out "$out/flow-profile.json" 2>&1 | grep -vi warn | tee "$out/flow-profile.log" ;;
+    capture-chunks) timeout 200 python3 benchmarks/capture_chunks.py --shape qwen2.5-1.5b --lengths 256 1024 --batches 16 \
+            --repeats 3 2>&1 | grep -vi warn | tee "$out/capture-chunks.log" ;;
     flow-update-4096) timeout 240 python3 benchmarks/flow_overhead.py --shape qwen2.5-1.5b --lengths 4096 --batches 16 64 \
             --repeats 1 --no-sampling --out "$out/flow-update-4096.json" 2>&1 | grep -vi warn | tee "$out/flow-update-4096.log" ;;
     trl|trl-round3) if [ "$part" = trl ]; then first=1 repeats=2; else first=3 repeats=1; fi
@@ -55,6 +60,6 @@ torch.cuda.synchronize()"
     merge) timeout 200 python3 benchmarks/sampling_merge.py --device cuda --models qwen2.5-0.5b --prompts 4 --group 8 \
             --max-new-tokens 128 --lora-rank 16 --repeats 4 --out "$out/merge.json" 2>&1 | grep -vi warn | tee "$out/merge.log" ;;
     configs) timeout 200 python3 benchmarks/gpu_check.py --steps 2 --out "$out/configs.json" 2>&1 | grep -vi warn | tee "$out/configs.log" ;;
-    *) echo "unknown part $part (flow, flow-update, flow-profile, flow-update-4096, trl, trl-round3, trl-phases, trl-profile, merge, configs)"; exit 2 ;;
+    *) echo "unknown part $part (flow, flow-update, flow-profile, capture-chunks, flow-update-4096, trl, trl-round3, trl-phases, trl-profile, merge, configs)"; exit 2 ;;
   esac
 done
