@@ -36,9 +36,10 @@ SETTINGS = {
     "chunk floor 16M": (2**24, capture._CAUSAL_SPLIT),
     "chunk floor 16M, no split": (2**24, sys.maxsize),
 }
-"""Name -> (``_MIN_CHUNK_ELEMENTS``, ``_CAUSAL_SPLIT``). A 16M-element floor (64 MiB of float32
-scores, as much again for the probabilities) takes all 12 heads of a 1.5B model's 8 x 1088-token
-micro-batch in two chunks instead of 96."""
+"""Name -> (``_MIN_CHUNK_ELEMENTS``, ``_CAUSAL_SPLIT``). Chunks per recorded layer of Qwen2.5-1.5B
+(12 heads) in micro-batches of 8 (by ``_chunk_shape``): at L = 256 (T = 320) 48, 12, 4 and 1 in
+this order; at L = 1024 (T = 1088) 96, 96, 48 and 12. A 16M-element floor allows 64 MiB of float32
+scores, and as much again for their probabilities, per chunk."""
 
 
 def record_with(setting: str, update, rollouts) -> tuple[float, torch.Tensor]:
