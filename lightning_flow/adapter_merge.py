@@ -12,6 +12,7 @@ adapted weights while sampling.
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -44,12 +45,15 @@ def merged_lora(model: nn.Module) -> Iterator[bool]:
     before and the layers run unmerged again.
 
     All or nothing: when any LoRA layer cannot be merged exactly (see ``_plain_adapters``: a 4-bit
-    base, DoRA, adapters disabled) nothing is changed and the block gets False. A model without
-    LoRA layers also gets False.
+    base, DoRA, adapters disabled) or its base weight is tied to another module (an adapted LM head
+    sharing the embedding), nothing is changed and the block gets False. A model without LoRA
+    layers also gets False.
     """
     layers = [module for module in model.modules() if isinstance(module, LoraLayer)]
     plans = [(layer, _plain_adapters(layer)) for layer in layers]
-    if not layers or any(names is None for _, names in plans):
+    holders = Counter(id(parameter) for _, parameter in model.named_parameters(remove_duplicate=False))
+    tied = any(holders[id(layer.get_base_layer().weight)] > 1 for layer, names in plans if names)
+    if not layers or tied or any(names is None for _, names in plans):  # tied: W + ΔW would reach the other holder too
         yield False
         return
     kept: list[tuple[LoraLayer, nn.Parameter, torch.Tensor, list[str]]] = []

@@ -91,6 +91,17 @@ def test_4bit_base_disabled_adapter_and_dora_are_left_unmerged(tiny_policy_dir):
         assert not merged  # no LoRA layers at all
 
 
+def test_a_base_weight_tied_to_another_module_is_left_unmerged(tiny_policy_dir):
+    base = AutoModelForCausalLM.from_pretrained(tiny_policy_dir)
+    base.lm_head.weight = base.model.embed_tokens.weight  # one tensor for the head and the embedding
+    model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "lm_head"], task_type="CAUSAL_LM"))
+    perturb_lora(model)
+    embedding = model.get_input_embeddings().weight.clone()
+    with torch.no_grad(), merged_lora(model) as merged:
+        assert not merged
+        assert torch.equal(model.get_input_embeddings().weight, embedding)
+
+
 def test_generate_samples_the_same_tokens_merged_and_unmerged(tiny_policy_dir):
     model = policy(tiny_policy_dir).train()
     originals = [layer.get_base_layer().weight.data_ptr() for layer in lora_layers(model)]
