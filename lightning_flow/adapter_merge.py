@@ -73,4 +73,3 @@ def merged_lora(model: nn.Module) -> Iterator[bool]:
             weight.data = original
             for name in names:
                 layer.merged_adapters.remove(name)
-

@@ -177,7 +177,8 @@ def generate(
     prompt_ids, prompt_mask: [B, P], left-padded. A fresh GenerationConfig is used so that a
     model's own defaults (top_k, repetition penalty) never change the sampling distribution
     that the loss's log-probs assume. With ``row_seeds`` ([B * n] int) each response draws its
-    randomness from its own seed (``SeededSampler``) instead of the process's RNG.
+    randomness from its own seed (``SeededSampler``) instead of the process's RNG. With
+    ``cfg.merge_adapter`` the LoRA adapter is merged for the call (``adapter_merge.merged_lora``).
     """
     n = num_return_sequences or (1 if greedy else cfg.num_generations)
     processors = LogitsProcessorList()
