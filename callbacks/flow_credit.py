@@ -162,6 +162,16 @@ class FlowCredit(RolloutCallback):
             nothing = torch.zeros(0, dtype=torch.bool, device=device)
             count = torch.zeros(0, dtype=torch.long, device=device)
             return weights, {"answer_found": nothing, "fallback": nothing, "nonfinite": nothing, "top_share": torch.zeros(0, device=device), "boosted": count, "tokens": count}
+        copy_of = None  # [k]: where copies exist, each credited row's first copy among the rows solved below
+        if self.signal in _NEEDS_ATTENTION and rollouts.first_copy is not None:
+            # Identical tokens give an identical map, hence identical credit: solve each once. A first
+            # copy with a zero advantage (the same prompt twice in a batch) is not solved, so its
+            # copies are solved themselves.
+            sources = torch.where(rollouts.credited[rollouts.first_copy[picked]], rollouts.first_copy[picked], picked)
+            own = sources == picked
+            if not bool(own.all()):
+                every_local, local, picked = local, local[own], picked[own]
+                copy_of = torch.searchsorted(picked, sources)
         kept = rollouts.completion_mask[picked]  # [k, L]
         in_response = kept != 0  # [k, L]
         fallback = ~in_response.any(dim=1)  # [k] empty responses; flow adds its own degenerate cases
@@ -194,6 +204,11 @@ class FlowCredit(RolloutCallback):
             nonfinite = ~torch.isfinite(maps.sum(dim=(1, 2)))
             fallback = fallback | nonfinite
         credited = credit_weights(signal, response, self.top_fraction, self.boost, fallback)  # [k, T]
+        if copy_of is not None:  # every credited row, copies included, gets its first copy's results
+            local = every_local
+            signal, response, credited, fallback, nonfinite, source = (
+                value[copy_of] for value in (signal, response, credited, fallback, nonfinite, source.to(device))
+            )
         weights[local] = credited
 
         top = (credited != 1) & response  # the boosted tokens (a boost below 1 too)

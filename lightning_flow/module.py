@@ -47,7 +47,7 @@ from lightning_flow.policy import (
     position_ids_from_mask,
 )
 from lightning_flow.rewards import RewardConfig, RewardSuite, correctness_reward, verifier_timeouts
-from lightning_flow.rollouts import RolloutCallback, Rollouts
+from lightning_flow.rollouts import RolloutCallback, Rollouts, copy_first_maps, first_identical_rows
 from lightning_flow.seeded_sampling import response_seeds
 from lightning_flow.step_scalars import StepScalars
 from lightning_flow.tokenizer import load_tokenizer
@@ -277,6 +277,10 @@ class GRPOModule(L.LightningModule):
             return
         rollouts.attention = torch.empty(n, t, t, dtype=torch.float32, device=rollouts.completion_ids.device)
         rollouts.attention_recorded = torch.ones_like(rollouts.credited) if self.record_zero_advantage else rollouts.credited
+        tokens = rollouts.input_ids.masked_fill(rollouts.attention_mask == 0, -1)
+        rollouts.first_copy = torch.cat([
+            first_identical_rows(tokens[rows], rollouts.attention_recorded[rows]) + rows.start for rows in self.micro_batches(rollouts)
+        ])
         with self.attention_recorder as recorder:
             yield recorder
         self.capture_seconds += recorder.stopwatch.seconds()
@@ -288,6 +292,7 @@ class GRPOModule(L.LightningModule):
         logps, entropy = self.completion_logps(rollouts, rows, recorder)
         if recorder is not None:
             recorder.take()  # the maps are already in rollouts.attention[rows], padding zeroed
+            copy_first_maps(rollouts, rows)
         rollouts.entropy[rows] = entropy.detach()
         began = time.perf_counter()
         for callback in self.rollout_callbacks():
@@ -372,7 +377,7 @@ class GRPOModule(L.LightningModule):
         model's own head runs on the last L + 1 positions only and the log-softmax is chunked over
         their logits.
         With a ``recorder`` the pass also records its attention into ``rollouts.attention[rows]``
-        (of the rows marked in ``rollouts.attention_recorded``).
+        (of the rows marked in ``rollouts.attention_recorded`` that are their own ``first_copy``).
         """
         attention_mask = rollouts.attention_mask[rows]
         targets = rollouts.completion_ids[rows]
@@ -381,8 +386,10 @@ class GRPOModule(L.LightningModule):
             position_ids=position_ids_from_mask(attention_mask), use_cache=False,
         )
         forward = self.policy if self.decoder_and_head is None else self.decoder_and_head[0]
-        if recorder is not None:
-            recorded = None if self.record_zero_advantage else rollouts.attention_recorded[rows].nonzero().squeeze(1)
+        if recorder is not None:  # the recorded rows that are no copy of an earlier one
+            first = rollouts.first_copy[rows]
+            own = first == torch.arange(rows.start, rows.start + len(first), device=first.device)
+            recorded = (rollouts.attention_recorded[rows] & own).nonzero().squeeze(1)
             forward = partial(recorder.run, forward=forward, out=rollouts.attention[rows], rows=recorded)
         temperature = self.sampling.temperature
         if self.decoder_and_head is None:

@@ -34,6 +34,7 @@ class Rollouts:
     attention: Tensor | None = None  # [N, P + L, P + L] float32 head- and layer-mean attention (query, key), when a callback asked for it
     attention_recorded: Tensor | None = None  # [N] bool, rows whose map in `attention` was recorded (by default the `credited` ones; the others are zero)
     entropy: Tensor | None = None  # [N, L] float, predictive entropy of each completion position (the step's first policy pass)
+    first_copy: Tensor | None = None  # [N] long, with attention: the first recorded row of the same micro-batch with the same tokens (itself if none earlier); only it is recorded, its copies get its map
 
     @property
     def input_ids(self) -> Tensor:  # [N, P + L]
@@ -51,6 +52,23 @@ class Rollouts:
 
     def __len__(self) -> int:
         return self.completion_ids.shape[0]
+
+
+def first_identical_rows(tokens: Tensor, candidates: Tensor) -> Tensor:
+    """For each row of ``tokens`` [n, T], the first row among ``candidates`` ([n] bool) with the same
+    tokens; itself when it is not a candidate or no earlier candidate matches.  # -> [n] long
+
+    Identical prompt + response tokens (padding included, e.g. ``ids.masked_fill(mask == 0, -1)``)
+    give identical attention, flow and credit, so one computation serves every copy: a small
+    policy's group often repeats a short answer word for word."""
+    index = torch.arange(len(tokens), device=tokens.device)
+    rows = candidates.nonzero().squeeze(1)
+    if len(rows) < 2:
+        return index
+    _, inverse = torch.unique(tokens[rows], dim=0, return_inverse=True)
+    first = torch.full((len(rows),), len(tokens), dtype=torch.long, device=tokens.device)
+    index[rows] = first.scatter_reduce_(0, inverse, rows, reduce="amin")[inverse]
+    return index
 
 
 class RolloutCallback(Callback):
@@ -72,3 +90,13 @@ class RolloutCallback(Callback):
 
     def on_rollouts_end(self, trainer: Trainer, pl_module: LightningModule, rollouts: Rollouts) -> None:
         """Inspect the step's rollouts after the update (log, draw)."""
+
+
+def copy_first_maps(rollouts: Rollouts, rows: slice) -> None:
+    """Give each row of ``rows`` that is a copy of an earlier one (``rollouts.first_copy``) that
+    row's recorded attention map: the tokens, hence the attention, are the same."""
+    first = rollouts.first_copy[rows]
+    own = torch.arange(rows.start, rows.start + len(first), device=first.device)
+    copies = (first != own).nonzero().squeeze(1) + rows.start
+    if len(copies):
+        rollouts.attention[copies] = rollouts.attention[rollouts.first_copy[copies]]

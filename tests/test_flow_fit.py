@@ -15,7 +15,7 @@ from lightning_flow.capture import capture_attention, default_capture_layers
 from lightning_flow.cli import main
 from lightning_flow.flow import FlowConfig, answer_flow, capacities, edge_flows
 from lightning_flow.policy import PolicyConfig, load_policy, position_ids_from_mask
-from lightning_flow.rollouts import RolloutCallback, Rollouts
+from lightning_flow.rollouts import RolloutCallback, Rollouts, copy_first_maps, first_identical_rows
 from lightning_flow.tokenizer import load_tokenizer
 
 from .test_fit import scalars, tiny_args
@@ -299,3 +299,62 @@ def test_top_share_and_token_counts_of_the_credited_rows(tiny_policy_dir):
         boosted = weights[row, prompt:] == 1.5
         expected = sum(s for s, b in zip(signal, boosted.tolist()) if b) / sum(signal)
         assert float(stats["top_share"][row]) == pytest.approx(expected, rel=1e-5)
+
+
+def test_first_identical_rows_points_each_candidate_to_the_first_candidate_with_its_tokens():
+    tokens = torch.tensor([[1, 2], [3, 4], [1, 2], [5, 6], [3, 4], [1, 2]])
+    everyone = torch.ones(6, dtype=torch.bool)
+    assert first_identical_rows(tokens, everyone).tolist() == [0, 1, 0, 3, 1, 0]
+    not_first = torch.tensor([False, True, True, True, True, True])  # row 0 is no candidate: row 2 is the first [1, 2]
+    assert first_identical_rows(tokens, not_first).tolist() == [0, 1, 2, 3, 1, 2]
+    assert first_identical_rows(tokens[:1], everyone[:1]).tolist() == [0]
+
+
+def test_copies_are_solved_once_and_get_the_weights_and_stats_of_solving_each(tiny_policy_dir, monkeypatch):
+    """Rows 0, 2 and 4 share their tokens and map (row 4 with a zero advantage, so not credited)."""
+    import lightning_flow.callbacks.flow_credit as flow_credit
+    from lightning_flow.callbacks import FlowCredit
+
+    tokenizer = load_tokenizer(str(tiny_policy_dir))
+    rollouts = hand_made_rollouts(tokenizer, [1.0, -1.0, 1.0, 0.5, 0.0, -0.5])
+    for row in (2, 4):
+        rollouts.completion_ids[row], rollouts.completions[row], rollouts.attention[row] = (
+            rollouts.completion_ids[0], rollouts.completions[0], rollouts.attention[0])
+    solved = []
+    inner = flow_credit.answer_flow
+    monkeypatch.setattr(flow_credit, "answer_flow", lambda maps, *a, **k: solved.append(len(maps)) or inner(maps, *a, **k))
+    each_weights, each_stats = FlowCredit().compute(rollouts, slice(0, 6), tokenizer)  # no first_copy: every row solved
+    tokens = rollouts.input_ids.masked_fill(rollouts.attention_mask == 0, -1)
+    rollouts.first_copy = first_identical_rows(tokens, rollouts.credited)
+    assert rollouts.first_copy.tolist() == [0, 1, 0, 3, 4, 5]
+    once_weights, once_stats = FlowCredit().compute(rollouts, slice(0, 6), tokenizer)
+    assert solved == [5, 4]  # the credited rows, then without row 2
+    assert torch.equal(once_weights, each_weights) and (once_weights == 1.5).any()
+    for key, value in each_stats.items():
+        assert torch.equal(once_stats[key], value), key
+
+
+def test_a_copy_is_not_recorded_and_gets_its_first_rows_map(tiny_policy_dir, monkeypatch):
+    from lightning_flow.module import GRPOConfig, GRPOModule
+    from lightning_flow.policy import SamplingConfig
+
+    module = GRPOModule(PolicyConfig(str(tiny_policy_dir), lora_rank=4), SamplingConfig(num_generations=2), GRPOConfig(micro_batch_size=4))
+    module.request_attention(None)
+    tokenizer = load_tokenizer(str(tiny_policy_dir))
+    rollouts = hand_made_rollouts(tokenizer, [1.0, -1.0, 1.0, 0.5, -0.5, 0.5, 1.0, -1.0])
+    rollouts.completion_ids[2] = rollouts.completion_ids[0]  # a copy in the same micro-batch
+    rollouts.completion_ids[4] = rollouts.completion_ids[0]  # the same tokens in the next micro-batch: recorded there
+    recorded_rows = []
+    run = module.attention_recorder.run
+    monkeypatch.setattr(module.attention_recorder, "run", lambda *a, rows=None, **k: recorded_rows.append(rows.tolist()) or run(*a, rows=rows, **k))
+    with torch.no_grad(), module.first_pass_recording(rollouts) as recorder:
+        for rows in module.micro_batches(rollouts):
+            module.completion_logps(rollouts, rows, recorder)
+            recorder.take()
+            copy_first_maps(rollouts, rows)
+    assert rollouts.first_copy.tolist() == [0, 1, 0, 3, 4, 5, 6, 7]
+    assert recorded_rows == [[0, 1, 3], [0, 1, 2, 3]]  # per micro-batch, local rows; row 2 left out
+    expected = capture_attention(module.policy, rollouts.input_ids, rollouts.attention_mask, module.attention_layers,
+                                 position_ids=position_ids_from_mask(rollouts.attention_mask))
+    torch.testing.assert_close(rollouts.attention, expected, rtol=1e-5, atol=1e-6)
+    assert torch.equal(rollouts.attention[2], rollouts.attention[0])
