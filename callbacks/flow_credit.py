@@ -147,7 +147,9 @@ class FlowCredit(RolloutCallback):
 
         Only responses with a nonzero advantage are credited: the loss multiplies the weights into
         the advantage, so a zero advantage (a group whose rewards were all equal) cancels any
-        weights. Those rows keep weight 1 and skip the answer search and the signal.
+        weights. Those rows keep weight 1 and skip the answer search and the signal. For the
+        signals that read attention, a credited row whose tokens repeat an earlier credited row's
+        (``rollouts.first_copy``) takes that row's weights and stats instead of being solved again.
         Reads ``rollouts.attention`` (flow, attention_received) or ``rollouts.entropy`` (entropy) of the credited rows.
         """
         prompt_length = rollouts.prompt_ids.shape[1]
