@@ -377,7 +377,8 @@ class GRPOModule(L.LightningModule):
         model's own head runs on the last L + 1 positions only and the log-softmax is chunked over
         their logits.
         With a ``recorder`` the pass also records its attention into ``rollouts.attention[rows]``
-        (of the rows marked in ``rollouts.attention_recorded`` that are their own ``first_copy``).
+        (of the rows marked in ``rollouts.attention_recorded``, less the copies of earlier rows when
+        ``rollouts.first_copy`` is set).
         """
         attention_mask = rollouts.attention_mask[rows]
         targets = rollouts.completion_ids[rows]
@@ -386,11 +387,12 @@ class GRPOModule(L.LightningModule):
             position_ids=position_ids_from_mask(attention_mask), use_cache=False,
         )
         forward = self.policy if self.decoder_and_head is None else self.decoder_and_head[0]
-        if recorder is not None:  # the recorded rows that are no copy of an earlier one
-            first = rollouts.first_copy[rows]
-            own = first == torch.arange(rows.start, rows.start + len(first), device=first.device)
-            recorded = (rollouts.attention_recorded[rows] & own).nonzero().squeeze(1)
-            forward = partial(recorder.run, forward=forward, out=rollouts.attention[rows], rows=recorded)
+        if recorder is not None:
+            recorded = rollouts.attention_recorded[rows]
+            if rollouts.first_copy is not None:  # a copy of an earlier row gets that row's map afterwards (copy_first_maps)
+                first = rollouts.first_copy[rows]
+                recorded = recorded & (first == torch.arange(rows.start, rows.start + len(first), device=first.device))
+            forward = partial(recorder.run, forward=forward, out=rollouts.attention[rows], rows=recorded.nonzero().squeeze(1))
         temperature = self.sampling.temperature
         if self.decoder_and_head is None:
             logits = forward(**inputs, logits_to_keep=targets.shape[1] + 1).logits[:, :-1]

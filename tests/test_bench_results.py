@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 from bench_stats import curve_over_seeds, mean_and_std, median_after_warmup, paired_ratio  # noqa: E402
@@ -77,3 +78,27 @@ def test_summarise_run_rates_from_step_records():
     phases = [(50.0, 70.0), (60.0, 65.0), (55.0, 80.0)]  # GPU: the highest of each phase over the steps
     summary = summarise_run({"steps": [{**step, "generation_peak_mib": g, "update_peak_mib": u} for g, u in phases], "peak_memory_bytes": 3 * 2**20}, warmup=1)
     assert (summary["generation_peak_mib"], summary["update_peak_mib"]) == (60.0, 80.0)
+
+
+def test_every_capture_chunk_setting_records_the_maps_of_a_capture_pass(tmp_path):
+    """capture_chunks.py's settings change how the scores are cut, not the maps; its recorded
+    update is flow_overhead.py's, the path the GPU checks time (T = 264: the causal split is on)."""
+    import argparse
+
+    from capture_chunks import SETTINGS, record_with
+    from flow_overhead import build_module, make_rollouts, step_parts
+
+    from lightning_flow.callbacks.flow_credit import FlowCredit
+    from lightning_flow.capture import capture_attention
+    from lightning_flow.policy import position_ids_from_mask
+
+    args = argparse.Namespace(shape="tiny", qlora=False, micro_batch=2)
+    module = build_module(args, tmp_path)
+    rollouts = make_rollouts(module, 2, 64, 200, seed=0)
+    _, update, _ = step_parts(module, rollouts, 200, FlowCredit())
+    expected = capture_attention(module.policy, rollouts.input_ids, rollouts.attention_mask, module.attention_layers,
+                                 position_ids=position_ids_from_mask(rollouts.attention_mask))
+    for setting in SETTINGS:
+        seconds, maps = record_with(setting, update, rollouts)
+        assert seconds > 0
+        torch.testing.assert_close(maps, expected, rtol=1e-5, atol=1e-6)
