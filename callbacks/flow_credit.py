@@ -100,6 +100,7 @@ class FlowCredit(RolloutCallback):
             "credit/fallback_fraction": (fallback, credited),
             "credit/nonfinite_attention_fraction": (stats["nonfinite"].sum(), credited),
             "credit/top_signal_share": (stats["top_share"].sum(), credited - fallback),  # 0 on fallback rows
+            "credit/copy_fraction": (stats["copy"].sum(), credited),
         })
         pl_module.step_scalars.add({"credit/time_s": seconds})
         if credited and is_logging_step(trainer) and trainer.is_global_zero:
@@ -143,7 +144,8 @@ class FlowCredit(RolloutCallback):
     def compute(self, rollouts: Rollouts, rows: slice, tokenizer) -> tuple[Tensor, dict[str, Tensor]]:
         """Weights over all positions [n, T] of ``rows``, and stats of its credited rows ([k] each:
         ``answer_found``, ``fallback``, ``nonfinite`` attention, ``top_share`` of the signal carried
-        by the boosted tokens, and counts of ``boosted`` and all response ``tokens``).
+        by the boosted tokens, counts of ``boosted`` and all response ``tokens``, and ``copy``: the
+        row took an earlier identical row's results).
 
         Only responses with a nonzero advantage are credited: the loss multiplies the weights into
         the advantage, so a zero advantage (a group whose rewards were all equal) cancels any
@@ -163,7 +165,7 @@ class FlowCredit(RolloutCallback):
         if not len(picked):
             nothing = torch.zeros(0, dtype=torch.bool, device=device)
             count = torch.zeros(0, dtype=torch.long, device=device)
-            return weights, {"answer_found": nothing, "fallback": nothing, "nonfinite": nothing, "top_share": torch.zeros(0, device=device), "boosted": count, "tokens": count}
+            return weights, {"answer_found": nothing, "fallback": nothing, "nonfinite": nothing, "top_share": torch.zeros(0, device=device), "boosted": count, "tokens": count, "copy": nothing}
         copy_of = None  # [k]: where copies exist, each credited row's first copy among the rows solved below
         if self.signal in _NEEDS_ATTENTION and rollouts.first_copy is not None:
             # Identical tokens give an identical map, hence identical credit: solve each once. A first
@@ -219,5 +221,6 @@ class FlowCredit(RolloutCallback):
         stats = {
             "answer_found": source.to(device) < 2, "fallback": fallback, "nonfinite": nonfinite, "top_share": share,
             "boosted": top.sum(dim=1), "tokens": response.sum(dim=1),  # for the weight histogram
+            "copy": torch.zeros_like(fallback) if copy_of is None else ~own,  # solved as a copy of an earlier row
         }
         return weights, stats

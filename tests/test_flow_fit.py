@@ -47,8 +47,9 @@ def test_flow_credit_fit_logs_and_boosts_the_top_tokens(tiny_policy_dir, tmp_pat
     cli = fit_with_credit(tiny_policy_dir, tmp_path, "flow")
     logged = scalars(Path(cli.trainer.log_dir))
     for tag in ["credit/answer_found_fraction", "credit/fallback_fraction", "credit/top_signal_share", "credit/time_s",
-                "perf/capture_time_s", "perf/capture_share", "perf/credit_time_s", "perf/credit_share"]:
+                "credit/copy_fraction", "perf/capture_time_s", "perf/capture_share", "perf/credit_time_s", "perf/credit_share"]:
         assert tag in logged and all(v == v for v in logged[tag]), tag
+    assert all(0 <= v <= 1 for v in logged["credit/copy_fraction"])
     assert logged["perf/capture_time_s"][0] > 0  # recorded in the update's forward (mu = 1, beta = 0)
     weights = RecordWeights.seen[0]
     used = weights[weights > 0]
@@ -330,6 +331,8 @@ def test_copies_are_solved_once_and_get_the_weights_and_stats_of_solving_each(ti
     once_weights, once_stats = FlowCredit().compute(rollouts, slice(0, 6), tokenizer)
     assert solved == [5, 4]  # the credited rows, then without row 2
     assert torch.equal(once_weights, each_weights) and (once_weights == 1.5).any()
+    assert once_stats.pop("copy").tolist() == [False, False, True, False, False]  # the credited rows 0, 1, 2, 3, 5
+    assert not each_stats.pop("copy").any()
     for key, value in each_stats.items():
         assert torch.equal(once_stats[key], value), key
 
