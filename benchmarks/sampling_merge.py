@@ -28,14 +28,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_stats import paired_ratio  # noqa: E402
-from gpu_check import SHAPES, SMOKE_SHAPE, random_model_folder, synchronize  # noqa: E402
+from gpu_check import SHAPES, synchronize  # noqa: E402
+from trl_compare import FOLDERS, model_folder  # noqa: E402
 
 from lightning_flow.policy import PolicyConfig, SamplingConfig, eos_token_ids, generate, load_policy  # noqa: E402
 from lightning_flow.tokenizer import load_tokenizer  # noqa: E402
 
-REPO = Path(__file__).resolve().parents[1]
-SHAPES = {**SHAPES, "smoke": SMOKE_SHAPE}  # smoke: a 2-layer random Qwen2 that checks the real-shape path on the CPU
-LOCAL = {"demo": REPO / "artifacts" / "demo-policy", "stories260K": REPO.parent / "shared" / "data" / "models" / "stories260K" / "hf"}
 
 
 def compare(folder: Path, args: argparse.Namespace) -> dict:
@@ -82,7 +80,7 @@ def compare(folder: Path, args: argparse.Namespace) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--models", nargs="+", default=["demo", "stories260K"], help=f"{sorted(LOCAL)} or real shapes {sorted(SHAPES)}")
+    parser.add_argument("--models", nargs="+", default=["demo", "stories260K"], help=f"{sorted(FOLDERS)}, smoke (2-layer random Qwen2) or real shapes {sorted(SHAPES)}")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--prompts", type=int, default=8)
     parser.add_argument("--group", type=int, default=8, help="responses per prompt")
@@ -95,13 +93,7 @@ def main() -> None:
     results = {}
     with tempfile.TemporaryDirectory() as tmp:
         for name in args.models:
-            if name in SHAPES:
-                folder = Path(tmp) / name
-                random_model_folder(SHAPES[name], folder)
-            else:
-                folder = LOCAL[name]
-                if not (folder / "config.json").is_file():
-                    raise SystemExit(f"{folder} is missing (demo: python -m lightning_flow.demo_policy --config configs/demo.yaml)")
+            folder = model_folder(name, Path(tmp))
             row = results[name] = compare(folder, args)
             print(f"{name}: merged {row['merged_s'] * 1e3:.1f} ms ({row['merged_tok_s']:,.0f} tok/s), "
                   f"unmerged {row['unmerged_s'] * 1e3:.1f} ms ({row['unmerged_tok_s']:,.0f} tok/s); "

@@ -166,16 +166,14 @@ class FlowCredit(RolloutCallback):
             nothing = torch.zeros(0, dtype=torch.bool, device=device)
             count = torch.zeros(0, dtype=torch.long, device=device)
             return weights, {"answer_found": nothing, "fallback": nothing, "nonfinite": nothing, "top_share": torch.zeros(0, device=device), "boosted": count, "tokens": count, "copy": nothing}
+        # Identical tokens give an identical map, hence identical credit: each is solved once, and a
+        # copy (its first copy is a credited row of the same micro-batch) takes that row's results.
+        is_copy = rollouts.copies(rows)[local] if self.signal in _NEEDS_ATTENTION else torch.zeros_like(local, dtype=torch.bool)
         copy_of = None  # [k]: where copies exist, each credited row's first copy among the rows solved below
-        if self.signal in _NEEDS_ATTENTION and rollouts.first_copy is not None:
-            # Identical tokens give an identical map, hence identical credit: solve each once. A first
-            # copy with a zero advantage (the same prompt twice in a batch) is not solved, so its
-            # copies are solved themselves.
-            sources = torch.where(rollouts.credited[rollouts.first_copy[picked]], rollouts.first_copy[picked], picked)
-            own = sources == picked
-            if not bool(own.all()):
-                every_local, local, picked = local, local[own], picked[own]
-                copy_of = torch.searchsorted(picked, sources)
+        if bool(is_copy.any()):
+            sources = rollouts.first_copy[picked]
+            every_local, local, picked = local, local[~is_copy], picked[~is_copy]
+            copy_of = torch.searchsorted(picked, sources)
         kept = rollouts.completion_mask[picked]  # [k, L]
         in_response = kept != 0  # [k, L]
         fallback = ~in_response.any(dim=1)  # [k] empty responses; flow adds its own degenerate cases
@@ -221,6 +219,6 @@ class FlowCredit(RolloutCallback):
         stats = {
             "answer_found": source.to(device) < 2, "fallback": fallback, "nonfinite": nonfinite, "top_share": share,
             "boosted": top.sum(dim=1), "tokens": response.sum(dim=1),  # for the weight histogram
-            "copy": torch.zeros_like(fallback) if copy_of is None else ~own,  # solved as a copy of an earlier row
+            "copy": is_copy,  # took an earlier identical row's results
         }
         return weights, stats

@@ -278,8 +278,9 @@ class GRPOModule(L.LightningModule):
         rollouts.attention = torch.empty(n, t, t, dtype=torch.float32, device=rollouts.completion_ids.device)
         rollouts.attention_recorded = torch.ones_like(rollouts.credited) if self.record_zero_advantage else rollouts.credited
         tokens = rollouts.input_ids.masked_fill(rollouts.attention_mask == 0, -1)
+        # Among credited rows only: a credited row's first copy is then credited too, so credit can read its solve.
         rollouts.first_copy = torch.cat([
-            first_identical_rows(tokens[rows], rollouts.attention_recorded[rows]) + rows.start for rows in self.micro_batches(rollouts)
+            first_identical_rows(tokens[rows], rollouts.credited[rows]) + rows.start for rows in self.micro_batches(rollouts)
         ])
         with self.attention_recorder as recorder:
             yield recorder
@@ -388,10 +389,7 @@ class GRPOModule(L.LightningModule):
         )
         forward = self.policy if self.decoder_and_head is None else self.decoder_and_head[0]
         if recorder is not None:
-            recorded = rollouts.attention_recorded[rows]
-            if rollouts.first_copy is not None:  # a copy of an earlier row gets that row's map afterwards (copy_first_maps)
-                first = rollouts.first_copy[rows]
-                recorded = recorded & (first == torch.arange(rows.start, rows.start + len(first), device=first.device))
+            recorded = rollouts.attention_recorded[rows] & ~rollouts.copies(rows)  # a copy gets its first row's map (copy_first_maps)
             forward = partial(recorder.run, forward=forward, out=rollouts.attention[rows], rows=recorded.nonzero().squeeze(1))
         temperature = self.sampling.temperature
         if self.decoder_and_head is None:

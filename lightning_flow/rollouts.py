@@ -34,7 +34,7 @@ class Rollouts:
     attention: Tensor | None = None  # [N, P + L, P + L] float32 head- and layer-mean attention (query, key), when a callback asked for it
     attention_recorded: Tensor | None = None  # [N] bool, rows whose map in `attention` was recorded (by default the `credited` ones; the others are zero)
     entropy: Tensor | None = None  # [N, L] float, predictive entropy of each completion position (the step's first policy pass)
-    first_copy: Tensor | None = None  # [N] long, with attention: the first recorded row of the same micro-batch with the same tokens (itself if none earlier); only it is recorded, its copies get its map
+    first_copy: Tensor | None = None  # [N] long, with attention: the first credited row of the same micro-batch with the same tokens (itself if none earlier); only it is recorded, its copies get its map
 
     @property
     def input_ids(self) -> Tensor:  # [N, P + L]
@@ -52,6 +52,11 @@ class Rollouts:
 
     def __len__(self) -> int:
         return self.completion_ids.shape[0]
+
+    def copies(self, rows: slice) -> Tensor:  # [n] bool
+        """Rows of ``rows`` that copy an earlier row (``first_copy``); none when it is not set."""
+        own = torch.arange(rows.start, rows.start + len(self.completion_ids[rows]), device=self.completion_ids.device)
+        return torch.zeros_like(own, dtype=torch.bool) if self.first_copy is None else self.first_copy[rows] != own
 
 
 def first_identical_rows(tokens: Tensor, candidates: Tensor) -> Tensor:
@@ -95,8 +100,6 @@ class RolloutCallback(Callback):
 def copy_first_maps(rollouts: Rollouts, rows: slice) -> None:
     """Give each row of ``rows`` that is a copy of an earlier one (``rollouts.first_copy``) that
     row's recorded attention map: the tokens, hence the attention, are the same."""
-    first = rollouts.first_copy[rows]
-    own = torch.arange(rows.start, rows.start + len(first), device=first.device)
-    copies = (first != own).nonzero().squeeze(1) + rows.start
+    copies = rollouts.copies(rows).nonzero().squeeze(1) + rows.start
     if len(copies):
         rollouts.attention[copies] = rollouts.attention[rollouts.first_copy[copies]]
