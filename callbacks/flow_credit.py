@@ -92,21 +92,23 @@ class FlowCredit(RolloutCallback):
     def on_rollouts_end(self, trainer: Trainer, pl_module: LightningModule, rollouts: Rollouts) -> None:
         parts, seconds, self._row_stats, self._seconds = self._row_stats, self._seconds, [], 0.0
         stats = parts[0] if len(parts) == 1 else {key: torch.cat([part[key] for part in parts]) for key in parts[0]}  # [k] each, credited rows
-        credited, fallback = len(stats["fallback"]), stats["fallback"].sum()
+        # Every count in one reduction and one read: a sum of a few rows costs as much as a large one.
+        sums = dict(zip(stats, torch.stack(list(stats.values())).double().sum(dim=1).tolist()))
+        credited, fallback = len(stats["fallback"]), sums["fallback"]
         # Fractions of the credited responses, summed over ranks before dividing (none logged on a step without any).
         pl_module.step_scalars.add_ratios({
             "credit/credited_fraction": (credited, len(rollouts)),
-            "credit/answer_found_fraction": (stats["answer_found"].sum(), credited),
+            "credit/answer_found_fraction": (sums["answer_found"], credited),
             "credit/fallback_fraction": (fallback, credited),
-            "credit/nonfinite_attention_fraction": (stats["nonfinite"].sum(), credited),
-            "credit/top_signal_share": (stats["top_share"].sum(), credited - fallback),  # 0 on fallback rows
-            "credit/copy_fraction": (stats["copy"].sum(), credited),
+            "credit/nonfinite_attention_fraction": (sums["nonfinite"], credited),
+            "credit/top_signal_share": (sums["top_share"], credited - fallback),  # 0 on fallback rows
+            "credit/copy_fraction": (sums["copy"], credited),
         })
         pl_module.step_scalars.add({"credit/time_s": seconds})
         if credited and is_logging_step(trainer) and trainer.is_global_zero:
             experiment = getattr(trainer.logger, "experiment", None)
             if hasattr(experiment, "add_histogram_raw"):
-                boosted, tokens = int(stats["boosted"].sum()), int(stats["tokens"].sum())
+                boosted, tokens = int(sums["boosted"]), int(sums["tokens"])
                 self.log_weight_histogram(experiment, {1.0: tokens - boosted, self.boost: boosted}, batch_index(trainer))
 
     @staticmethod
@@ -156,12 +158,12 @@ class FlowCredit(RolloutCallback):
         """
         prompt_length = rollouts.prompt_ids.shape[1]
         device = rollouts.completion_ids.device
-        first, _, step = rows.indices(len(rollouts))
+        first, stop, step = rows.indices(len(rollouts))
         if step != 1:
             raise ValueError(f"rows={rows}: credit is computed over a contiguous slice of the rollouts")
         local = rollouts.credited[rows].nonzero().squeeze(1)  # [k] credited, within rows
         picked = local + first  # [k] the same, as rollout rows
-        weights = torch.ones(len(rollouts.completion_ids[rows]), prompt_length + rollouts.completion_ids.shape[1], device=device)  # [n, T]
+        weights = torch.ones(stop - first, prompt_length + rollouts.completion_ids.shape[1], device=device)  # [n, T]
         if not len(picked):
             nothing = torch.zeros(0, dtype=torch.bool, device=device)
             count = torch.zeros(0, dtype=torch.long, device=device)
@@ -200,16 +202,17 @@ class FlowCredit(RolloutCallback):
         else:  # uniform: every token keeps weight 1, whatever top_fraction says
             signal = torch.ones(valid.shape, device=device)
             fallback = torch.ones_like(fallback)
-        nonfinite = torch.zeros_like(fallback)  # [k] maps with a NaN/inf (an overflowing forward): uniform weights
-        if maps is not None:
+        if maps is not None:  # [k] maps with a NaN/inf (an overflowing forward): uniform weights
             # One reduction over the maps (a sum is non-finite iff an entry is; the maps sum to at most T).
             nonfinite = ~torch.isfinite(maps.sum(dim=(1, 2)))
             fallback = fallback | nonfinite
+        else:
+            nonfinite = torch.zeros_like(fallback)
         credited = credit_weights(signal, response, self.top_fraction, self.boost, fallback)  # [k, T]
         if copy_of is not None:  # every credited row, copies included, gets its first copy's results
             local = every_local
             signal, response, credited, fallback, nonfinite, source = (
-                value[copy_of] for value in (signal, response, credited, fallback, nonfinite, source.to(device))
+                value[copy_of] for value in (signal, response, credited, fallback, nonfinite, source)
             )
         weights[local] = credited
 
@@ -217,7 +220,7 @@ class FlowCredit(RolloutCallback):
         share = (signal * top).sum(dim=1) / (signal * response).sum(dim=1).clamp(min=1e-12)  # [k]
         share = torch.where(fallback, 0.0, share)  # nothing boosted there (and a non-finite signal stays out of the sum)
         stats = {
-            "answer_found": source.to(device) < 2, "fallback": fallback, "nonfinite": nonfinite, "top_share": share,
+            "answer_found": source < 2, "fallback": fallback, "nonfinite": nonfinite, "top_share": share,
             "boosted": top.sum(dim=1), "tokens": response.sum(dim=1),  # for the weight histogram
             "copy": is_copy,  # took an earlier identical row's results
         }

@@ -32,7 +32,7 @@ import sys
 import time
 import weakref
 from collections.abc import Callable, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from typing import Any
 
 import torch
@@ -135,8 +135,15 @@ def _recording_attention(module: nn.Module, query: Tensor, key: Tensor, value: T
     eager = recorder._eager if recorder is not None else False
     if recorder is not None and recorder._wants(getattr(module, "layer_idx", None)):
         # autocast off: the maps are float32 products even inside a bf16-mixed step; the named
-        # range lets a profiler tell the recording's host time from its kernels' time
-        with recorder.stopwatch(query.device), torch.autocast(query.device.type, enabled=False), record_function(PROFILER_RANGE):
+        # range lets a profiler tell the recording's host time from its kernels' time (each
+        # context only where it does something: they cost as much as a small layer's products)
+        autocast = torch.is_autocast_enabled(query.device.type)
+        profiling = torch.autograd.profiler._is_profiler_enabled
+        with (
+            recorder.stopwatch(query.device),
+            torch.autocast(query.device.type, enabled=False) if autocast else nullcontext(),
+            record_function(PROFILER_RANGE) if profiling else nullcontext(),
+        ):
             recorder._record(module, query, key, attention_mask, kwargs)
         if recorder.stop_after_last and module.layer_idx == recorder.layers[-1]:
             raise _StopForward

@@ -65,10 +65,11 @@ class StepScalars:
                 values += [part for pair in ratios.values() for part in pair]
             if not values:
                 continue
-            reduced = torch.stack([torch.as_tensor(v).detach().to(device, torch.float64).reshape(()) for v in values])
-            if trainer.world_size > 1:
-                reduced = trainer.strategy.reduce(reduced, reduce_op=reduce)
-            reduced = reduced.tolist()
+            if trainer.world_size > 1 or device.type != "cpu":  # one tensor: one collective, one copy to the host
+                reduced = torch.stack([torch.as_tensor(v).detach().to(device, torch.float64).reshape(()) for v in values])
+                reduced = trainer.strategy.reduce(reduced, reduce_op=reduce).tolist()
+            else:  # nothing to gather: reading each value is cheaper than casting each into a stack
+                reduced = [float(v) for v in values]
             logged.update(zip(names, reduced))
             if reduce == "sum":
                 parts = reduced[len(names) :]

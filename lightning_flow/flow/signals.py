@@ -18,7 +18,7 @@ _ROUND_EPS = 1e-9
 def boosted_count(num_tokens: Tensor, top_fraction: float) -> Tensor:
     """[N] long: how many of `num_tokens` [N] tokens are boosted, round(fraction · n) with halves
     rounded up (the boosted share is then as close to `top_fraction` as a whole count allows)."""
-    return torch.floor(num_tokens.double() * top_fraction + 0.5 + _ROUND_EPS).long()
+    return torch.floor(num_tokens.double() * top_fraction + (0.5 + _ROUND_EPS)).long()
 
 
 @torch.no_grad()
