@@ -32,7 +32,7 @@ import sys
 import time
 import weakref
 from collections.abc import Callable, Sequence
-from contextlib import contextmanager, nullcontext
+from contextlib import nullcontext
 from typing import Any
 
 import torch
@@ -167,24 +167,34 @@ def _in_backward() -> bool:
 
 
 class Stopwatch:
-    """Accumulated wall time of the timed blocks; CUDA work is timed with events (no stall), read at ``seconds()``."""
+    """Accumulated wall time of the timed blocks (``with stopwatch(device): ...``, one at a time);
+    CUDA work is timed with events (no stall), read at ``seconds()``. A plain class rather than a
+    generator context manager: it times every recorded layer, where each call's overhead shows."""
 
     def __init__(self) -> None:
         self._host_seconds = 0.0
         self._events: list[tuple[torch.cuda.Event, torch.cuda.Event]] = []
+        self._cuda = False  # the current block's device is a GPU
+        self._began: float | torch.cuda.Event = 0.0
 
-    @contextmanager
-    def __call__(self, device: torch.device):
-        if device.type == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            yield
-            end.record()
-            self._events.append((start, end))
+    def __call__(self, device: torch.device) -> "Stopwatch":
+        self._cuda = device.type == "cuda"
+        return self
+
+    def __enter__(self) -> None:
+        if self._cuda:
+            self._began = torch.cuda.Event(enable_timing=True)
+            self._began.record()
         else:
-            began = time.perf_counter()
-            yield
-            self._host_seconds += time.perf_counter() - began
+            self._began = time.perf_counter()
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if self._cuda:
+            end = torch.cuda.Event(enable_timing=True)
+            end.record()
+            self._events.append((self._began, end))
+        else:
+            self._host_seconds += time.perf_counter() - self._began
 
     def seconds(self) -> float:
         for start, end in self._events:
