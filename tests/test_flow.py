@@ -166,6 +166,20 @@ def hand_attention() -> tuple[torch.Tensor, ...]:
     return att, valid, prompt, answer
 
 
+def test_vector_matrix_is_the_sum_over_the_shared_index_in_any_layout() -> None:
+    from lightning_flow.flow.solver import vector_matrix
+
+    g = torch.Generator().manual_seed(0)
+    x, m = torch.rand(3, 5, generator=g, dtype=torch.float64), torch.rand(3, 5, 4, generator=g, dtype=torch.float64)
+    expected = [[sum(x[n, a] * m[n, a, b] for a in range(5)) for b in range(4)] for n in range(3)]
+    assert torch.allclose(vector_matrix(x, m), torch.tensor(expected, dtype=torch.float64))
+    square = torch.rand(3, 5, 5, generator=g, dtype=torch.float64)  # a transposed view: the sum over the last index
+    assert torch.allclose(vector_matrix(x, square.mT), torch.tensor([[sum(square[n, k, a] * x[n, a] for a in range(5)) for k in range(5)] for n in range(3)], dtype=torch.float64))
+    blocks = torch.rand(2, 3, 5, 4, generator=g, dtype=torch.float64)  # two batch dims, as the blocked sweep uses it
+    y = torch.rand(2, 3, 5, generator=g, dtype=torch.float64)
+    assert torch.allclose(vector_matrix(y, blocks), (y[..., None] * blocks).sum(-2))
+
+
 def test_graph_hand_built() -> None:
     att, valid, prompt, answer = hand_attention()
     cfg = FlowConfig(sink_tokens=1, max_in_degree=2, min_capacity=1e-4)

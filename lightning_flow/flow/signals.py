@@ -10,6 +10,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from .solver import vector_matrix
+
 # Added before flooring so that a product like 0.4 * 5 that lands a hair under 2.0 still rounds
 # as the exact value would.
 _ROUND_EPS = 1e-9
@@ -54,7 +56,7 @@ def attention_received(attention: Tensor, valid: Tensor) -> Tensor:
     """[N, T] mean attention Ā[k, i] that token i gets from the later valid tokens k > i;
     0 for the last valid token and for padding."""
     v = valid.to(attention.dtype)  # [N, T]
-    received = torch.einsum("nk,nki->ni", v, torch.tril(attention, diagonal=-1))  # [N, T]
+    received = vector_matrix(v, torch.tril(attention, diagonal=-1))  # [N, T] Σ_k v(k) Ā[k, i] over k > i
     later = valid.flip(-1).long().cumsum(-1).flip(-1) - valid.long()  # [N, T] valid tokens after i
     mean = received / later.clamp_min(1)
     return torch.where(valid & (later > 0), mean, torch.zeros_like(mean))
