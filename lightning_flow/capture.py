@@ -138,7 +138,7 @@ def _recording_attention(module: nn.Module, query: Tensor, key: Tensor, value: T
         # range lets a profiler tell the recording's host time from its kernels' time (each
         # context only where it does something: they cost as much as a small layer's products)
         autocast = torch.is_autocast_enabled(query.device.type)
-        profiling = torch.autograd.profiler._is_profiler_enabled
+        profiling = torch.autograd._profiler_enabled()  # any profiler: torch.profiler, NVTX or ITT ranges
         with (
             recorder.stopwatch(query.device),
             torch.autocast(query.device.type, enabled=False) if autocast else nullcontext(),
