@@ -135,8 +135,8 @@ def _recording_attention(module: nn.Module, query: Tensor, key: Tensor, value: T
     eager = recorder._eager if recorder is not None else False
     if recorder is not None and recorder._wants(getattr(module, "layer_idx", None)):
         # autocast off: the maps are float32 products even inside a bf16-mixed step; the named
-        # range lets a profiler tell the recording's host time from its kernels' time (each
-        # context only where it does something: they cost as much as a small layer's products)
+        # range lets a profiler tell the recording's host time from its kernels' time (each context
+        # entered only where it acts: entering it costs time on every recorded layer of every step)
         autocast = torch.is_autocast_enabled(query.device.type)
         profiling = torch.autograd._profiler_enabled()  # any profiler: torch.profiler, NVTX or ITT ranges
         with (

@@ -270,17 +270,18 @@ class GRPOModule(L.LightningModule):
         """Opens the step's first pass over the rollouts: allocates ``rollouts.entropy`` and, when a
         callback asked for attention, ``rollouts.attention`` and the recorder that fills it (None
         otherwise); entered once per pass, not per micro-batch."""
-        n, t = rollouts.attention_mask.shape
         rollouts.entropy = torch.zeros_like(rollouts.completion_mask)
         if not self.attention_layers:
             yield None
             return
+        mask, credited = rollouts.attention_mask, rollouts.credited  # [N, T], [N]: each property builds a tensor
+        n, t = mask.shape
         rollouts.attention = torch.empty(n, t, t, dtype=torch.float32, device=rollouts.completion_ids.device)
-        rollouts.attention_recorded = torch.ones_like(rollouts.credited) if self.record_zero_advantage else rollouts.credited
-        tokens = rollouts.input_ids.masked_fill(rollouts.attention_mask == 0, -1)
+        rollouts.attention_recorded = torch.ones_like(credited) if self.record_zero_advantage else credited
+        tokens = rollouts.input_ids.masked_fill(mask == 0, -1)
         # Among credited rows only: a credited row's first copy is then credited too, so credit can read its solve.
         rollouts.first_copy = torch.cat([
-            first_identical_rows(tokens[rows], rollouts.credited[rows]) + rows.start for rows in self.micro_batches(rollouts)
+            first_identical_rows(tokens[rows], credited[rows]) + rows.start for rows in self.micro_batches(rollouts)
         ])
         with self.attention_recorder as recorder:
             yield recorder

@@ -55,7 +55,7 @@ class Rollouts:
 
     def copies(self, rows: slice) -> Tensor:  # [n] bool
         """Rows of ``rows`` that copy an earlier row (``first_copy``); none when it is not set."""
-        own = torch.arange(rows.start, rows.start + len(self.completion_ids[rows]), device=self.completion_ids.device)
+        own = torch.arange(*rows.indices(len(self))[:2], device=self.completion_ids.device)
         return torch.zeros_like(own, dtype=torch.bool) if self.first_copy is None else self.first_copy[rows] != own
 
 
