@@ -3,23 +3,28 @@
     python benchmarks/credit_ab.py                                  # configs/demo-flow.yaml's model and FlowCredit
     python benchmarks/credit_ab.py --config configs/demo-flow.yaml --batches 8 --repeats 12 --threads 1
 
-The config's model samples ``--batches`` batches of rollouts once; then, back to back on each
-batch (in alternating order), the rest of the training step (``GRPOModule.learn``: no-grad passes,
-update, the step's scalars written to the config's logger) runs over it without credit (no
-attention recorded, uniform weights) and with the config's ``FlowCredit`` (recording in the
-update's forward, credit per micro-batch, its ``on_rollouts_end`` with its scalars and weight
-histogram). Reported, as medians over the batches and the repeats after the first two: that
-part of the step without and with credit, the paired difference on the same batch (what credit
-adds), the logged capture and credit seconds, credit's parts (answer search, solver, weights),
-and the difference as a share of a step = sampling (timed on the same batches) + the rest without
-credit. Unlike the logged ``perf/*_share`` scalars, the difference also holds what the
-stopwatches do not see (switching the attention implementation, buffers, calls, logging).
+The config's model samples ``--batches`` batches of rollouts once; then, in each round, every
+batch is sampled again (timed) and, right after, the rest of the training step
+(``GRPOModule.learn``: no-grad passes, update, the step's scalars written to the config's logger)
+runs over its rollouts twice back to back, in alternating order: without credit (no attention
+recorded, uniform weights) and with the config's ``FlowCredit`` (recording in the update's
+forward, credit per micro-batch, its ``on_rollouts_end`` with its scalars and weight histogram).
+Each such pair gives what credit adds (the paired difference) and its share of a step timed at
+the same moment (sampling + the rest without credit), so that the machine's drift in speed over
+a run cancels out. The adapter, optimizer and schedule are set back after every update
+(``TrainingState``), so every update starts from the same state and every sampling samples the
+policy that wrote the rollouts. Reported, as medians over the batches and the rounds after the first two:
+sampling, the rest without and with credit, the paired difference, the share, the logged capture
+and credit seconds and credit's parts (answer search, solver, weights). Unlike the logged
+``perf/*_share`` scalars, the difference also holds what the stopwatches do not see (switching
+the attention implementation, buffers, calls, logging).
 ``--no-logging`` leaves the logger out (nothing written, in either mode).
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import shutil
 import statistics
 import tempfile
@@ -51,6 +56,28 @@ def time_parts(seconds: dict[str, float]) -> None:
             return out
 
         setattr(flow_credit, name, timed)
+
+
+class TrainingState:
+    """The adapter's weights and the optimizer's and the schedule's states, restored after every
+    update: each update then starts where the others did, and sampling timed between updates
+    samples from the same policy as the rollouts were (at lr 1e-3 the demo's policy, and the
+    length of what it writes, would drift over the run's ~200 updates)."""
+
+    def __init__(self, pl_module) -> None:
+        self.optimizer, self.scheduler = pl_module.optimizers().optimizer, pl_module.lr_schedulers()
+        self.params = [p for group in self.optimizer.param_groups for p in group["params"]]
+        self.weights = [p.detach().clone() for p in self.params]
+        self.optimizer_state = copy.deepcopy(self.optimizer.state_dict())
+        self.scheduler_state = copy.deepcopy(self.scheduler.state_dict())
+
+    @torch.no_grad()
+    def restore(self) -> None:
+        for param, weight in zip(self.params, self.weights):
+            param.copy_(weight)
+        # Copies: loading keeps the given tensors, which the next step would update in place.
+        self.optimizer.load_state_dict(copy.deepcopy(self.optimizer_state))
+        self.scheduler.load_state_dict(copy.deepcopy(self.scheduler_state))
 
 
 class OnFirstBatch(Callback):
@@ -87,21 +114,24 @@ def main() -> None:
         raise SystemExit(f"{args.config} lists no FlowCredit under trainer.callbacks")
     credit, module, trainer = credits[0], cli.model, cli.trainer
     trainer.callbacks.remove(credit)
-    times: dict[str, list[float]] = {key: [] for key in ("sampling", "off", "on", "added", "capture", "credit", *PARTS)}
+    times: dict[str, list[float]] = {key: [] for key in ("sampling", "off", "on", "added", "share", "capture", "credit", *PARTS)}
     part_seconds = dict.fromkeys(PARTS, 0.0)  # this update's
     time_parts(part_seconds)
 
     def measure(trainer_, pl_module) -> None:
         loader = iter(trainer_.datamodule.train_dataloader())
         batches = [next(loader) for _ in range(args.batches)]
-        rollouts = []
-        for batch_ in batches:
-            start = time.perf_counter()
-            rollouts.append(pl_module.make_rollouts(batch_))
-            times["sampling"].append(time.perf_counter() - start)
+        rollouts = [pl_module.make_rollouts(batch_) for batch_ in batches]
         layers = pl_module.attention_layers
+        state = None  # taken after the first update, when the optimizer holds its moments
         for repeat in range(args.repeats):
             for index, item in enumerate(rollouts):
+                # The batch's sampling again (seeded: the same rollouts), right before its pair, so that
+                # each pair's share is read against a step timed at the same moment: this machine's
+                # speed drifts by tens of percent over a run.
+                start = time.perf_counter()
+                pl_module.make_rollouts(batches[index])
+                sampling = time.perf_counter() - start
                 # Off and on back to back on each batch, their order alternating: both see the same
                 # allocator state (whole rounds of one mode made page faults land on one side).
                 for mode in ("off", "on") if (repeat + index) % 2 == 0 else ("on", "off"):
@@ -112,8 +142,10 @@ def main() -> None:
                     item.attention = item.attention_recorded = None
                     part_seconds.update(dict.fromkeys(PARTS, 0.0))
                     start = time.perf_counter()
-                    pl_module.learn(item, sampling_seconds=times["sampling"][index])  # the step after sampling, scalars and logging included
+                    pl_module.learn(item, sampling_seconds=sampling)  # the step after sampling, scalars and logging included
                     elapsed = time.perf_counter() - start
+                    state = state or TrainingState(pl_module)
+                    state.restore()
                     if mode == "on":
                         trainer_.callbacks.remove(credit)
                         pl_module.attention_layers = layers  # back to no recording
@@ -126,7 +158,9 @@ def main() -> None:
                         for name in PARTS:
                             times[name].append(part_seconds[name])
                 if repeat >= 2:
+                    times["sampling"].append(sampling)
                     times["added"].append(times["on"][-1] - times["off"][-1])
+                    times["share"].append(times["added"][-1] / (sampling + times["off"][-1]))
         trainer_.should_stop = True
 
     trainer.callbacks.append(OnFirstBatch(measure))  # inside fit, where the update's optimizer and strategy exist
@@ -140,7 +174,7 @@ def main() -> None:
     step = median["sampling"] + median["off"]
     print(f"threads {torch.get_num_threads()}; {args.batches} batches x {args.repeats - 2} repeats")
     print(f"step without credit {1000 * step:.1f} ms (sampling {1000 * median['sampling']:.1f} + the rest {1000 * median['off']:.1f})")
-    print(f"the rest with credit {1000 * median['on']:.1f} ms: credit adds {1000 * added:.2f} ms = {100 * added / step:.2f} % of the step "
+    print(f"the rest with credit {1000 * median['on']:.1f} ms: credit adds {1000 * added:.2f} ms = {100 * median['share']:.2f} % of the step "
           f"(logged: capture {1000 * median['capture']:.2f} ms, credit {1000 * median['credit']:.2f} ms)")
     print("credit by part: " + ", ".join(f"{name} {1000 * median[name]:.2f} ms" for name in PARTS))
 

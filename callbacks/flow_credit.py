@@ -18,6 +18,7 @@ from torch.nn.functional import pad
 
 from lightning_flow.flow import FlowConfig, answer_flow, attention_received, credit_weights, random_signal
 from lightning_flow.flow.answer import answer_masks, piece_table
+from lightning_flow.loggers import write_bucket_histogram
 from lightning_flow.rollouts import RolloutCallback, Rollouts
 from lightning_flow.step_scalars import batch_index, is_logging_step
 
@@ -106,24 +107,11 @@ class FlowCredit(RolloutCallback):
         })
         pl_module.step_scalars.add({"credit/time_s": seconds})
         if credited and is_logging_step(trainer) and trainer.is_global_zero:
+            # The weights this callback gave the credited responses' tokens, {weight: tokens}, from
+            # the counts compute keeps: no pass over the weights.
+            boosted, tokens = int(sums["boosted"]), int(sums["tokens"])
             experiment = getattr(trainer.logger, "experiment", None)
-            if hasattr(experiment, "add_histogram_raw"):
-                boosted, tokens = int(sums["boosted"]), int(sums["tokens"])
-                self.log_weight_histogram(experiment, {1.0: tokens - boosted, self.boost: boosted}, batch_index(trainer))
-
-    @staticmethod
-    def log_weight_histogram(experiment, counts: dict[float, int], step: int) -> None:
-        """The weights this callback gave the credited responses' tokens ({weight: tokens}, from the
-        counts ``compute`` keeps) as a TensorBoard histogram with one bucket per weight: no pass over
-        the weights, and none of TensorBoard's numpy binning into ~1,500 buckets."""
-        buckets = sorted((weight, count) for weight, count in counts.items() if count)
-        if not buckets:
-            return
-        experiment.add_histogram_raw(
-            "credit/weights", min=buckets[0][0], max=buckets[-1][0], num=sum(c for _, c in buckets),
-            sum=sum(w * c for w, c in buckets), sum_squares=sum(w * w * c for w, c in buckets),
-            bucket_limits=[w for w, _ in buckets], bucket_counts=[c for _, c in buckets], global_step=step,
-        )
+            write_bucket_histogram(experiment, "credit/weights", {1.0: tokens - boosted, self.boost: boosted}, batch_index(trainer))
 
     def piece_table(self, tokenizer) -> list[str] | None:
         """Each id's text decoded alone, made once per tokenizer (one batch decode of the vocabulary)."""
@@ -158,24 +146,15 @@ class FlowCredit(RolloutCallback):
         """
         prompt_length = rollouts.prompt_ids.shape[1]
         device = rollouts.completion_ids.device
-        first, stop, step = rows.indices(len(rollouts))
-        if step != 1:
-            raise ValueError(f"rows={rows}: credit is computed over a contiguous slice of the rollouts")
-        local = rollouts.credited[rows].nonzero().squeeze(1)  # [k] credited, within rows
-        picked = local + first  # [k] the same, as rollout rows
+        # Identical tokens give an identical map, hence identical credit: each is solved once, and a
+        # copy (its first copy is a credited row of the same micro-batch) takes that row's results.
+        local, picked, copy_of, is_copy = rollouts.credited_rows(rows, follow_copies=self.signal in _NEEDS_ATTENTION)  # [k], [s], [k] or None, [k]
+        first, stop, _ = rows.indices(len(rollouts))
         weights = torch.ones(stop - first, prompt_length + rollouts.completion_ids.shape[1], device=device)  # [n, T]
-        if not len(picked):
+        if not len(local):
             nothing = torch.zeros(0, dtype=torch.bool, device=device)
             count = torch.zeros(0, dtype=torch.long, device=device)
             return weights, {"answer_found": nothing, "fallback": nothing, "nonfinite": nothing, "top_share": torch.zeros(0, device=device), "boosted": count, "tokens": count, "copy": nothing}
-        # Identical tokens give an identical map, hence identical credit: each is solved once, and a
-        # copy (its first copy is a credited row of the same micro-batch) takes that row's results.
-        is_copy = rollouts.copies(rows)[local] if self.signal in _NEEDS_ATTENTION else torch.zeros_like(local, dtype=torch.bool)
-        copy_of = None  # [k]: where copies exist, each credited row's first copy among the rows solved below
-        if bool(is_copy.any()):
-            sources = rollouts.first_copy[picked]
-            every_local, local, picked = local, local[~is_copy], picked[~is_copy]
-            copy_of = torch.searchsorted(picked, sources)
         kept = rollouts.completion_mask[picked]  # [k, L]
         in_response = kept != 0  # [k, L]
         fallback = ~in_response.any(dim=1)  # [k] empty responses; flow adds its own degenerate cases
@@ -210,7 +189,6 @@ class FlowCredit(RolloutCallback):
             nonfinite = torch.zeros_like(fallback)
         credited = credit_weights(signal, response, self.top_fraction, self.boost, fallback)  # [k, T]
         if copy_of is not None:  # every credited row, copies included, gets its first copy's results
-            local = every_local
             signal, response, credited, fallback, nonfinite, source = (
                 value[copy_of] for value in (signal, response, credited, fallback, nonfinite, source)
             )

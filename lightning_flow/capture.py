@@ -28,6 +28,7 @@ logits (``s_aux``/``sinks``, gpt-oss: ``NotImplementedError``), a pass over a fi
 
 from __future__ import annotations
 
+import functools
 import sys
 import time
 import weakref
@@ -367,8 +368,7 @@ class AttentionRecorder:
         several times cheaper than a masked_fill broadcast over the heads, and bfloat16 halves its memory."""
         if self._penalty_of is None or self._penalty_of[0] is not mask:
             allowed = torch.ones(t, t, dtype=torch.bool, device=device).tril_()[None, None] if mask is None else _batch_rows(mask, self._rows)
-            zero, lowest = (torch.tensor(v, dtype=torch.bfloat16, device=device) for v in (0.0, torch.finfo(torch.bfloat16).min))
-            self._penalty_of, self._penalty = (mask,), torch.where(allowed, zero, lowest)
+            self._penalty_of, self._penalty = (mask,), torch.where(allowed, *_zero_and_lowest(device))
         return self._penalty
 
     def _wants(self, layer: int | None) -> bool:
@@ -460,8 +460,9 @@ class AttentionRecorder:
                     self._sum[:, r0:r1, :c1].index_add_(0, rows, head_sum, alpha=weight)
         self._seen.append(module.layer_idx)
         if tuple(self._seen) == self.layers:
-            valid = self._valid.to(self._sum.dtype)  # a multiply: cheaper than masked_fill on a CPU
-            self._sum.mul_(valid[:, :, None]).mul_(valid[:, None, :])
+            # Padded keys got probability exactly 0 from the mask in every row; a padded query's row
+            # (all its keys masked: uniform) is zeroed here, by a multiply (cheaper than masked_fill on a CPU).
+            self._sum.mul_(self._valid.to(self._sum.dtype)[:, :, None])
             self._done.append(self._sum)
             self._reset_pass()
 
@@ -474,6 +475,12 @@ class AttentionRecorder:
         if diagonal.dtype != torch.bool:
             diagonal = diagonal > torch.finfo(diagonal.dtype).min / 2
         return diagonal.expand(n, t)
+
+
+@functools.cache
+def _zero_and_lowest(device: torch.device) -> tuple[Tensor, Tensor]:
+    """bfloat16 0 and lowest value on ``device``, made once: the additive mask's two values."""
+    return tuple(torch.tensor(v, dtype=torch.bfloat16, device=device) for v in (0.0, torch.finfo(torch.bfloat16).min))
 
 
 def _chunk_shape(n: int, heads: int, t_q: int, t_k: int) -> tuple[int, int]:

@@ -280,9 +280,7 @@ class GRPOModule(L.LightningModule):
         rollouts.attention_recorded = torch.ones_like(credited) if self.record_zero_advantage else credited
         tokens = rollouts.input_ids.masked_fill(mask == 0, -1)
         # Among credited rows only: a credited row's first copy is then credited too, so credit can read its solve.
-        rollouts.first_copy = torch.cat([
-            first_identical_rows(tokens[rows], credited[rows]) + rows.start for rows in self.micro_batches(rollouts)
-        ])
+        rollouts.first_copy = first_identical_rows(tokens, credited, block=self.grpo.micro_batch_size)
         with self.attention_recorder as recorder:
             yield recorder
         self.capture_seconds += recorder.stopwatch.seconds()
@@ -390,8 +388,8 @@ class GRPOModule(L.LightningModule):
         )
         forward = self.policy if self.decoder_and_head is None else self.decoder_and_head[0]
         if recorder is not None:
-            recorded = rollouts.attention_recorded[rows] & ~rollouts.copies(rows)  # a copy gets its first row's map (copy_first_maps)
-            forward = partial(recorder.run, forward=forward, out=rollouts.attention[rows], rows=recorded.nonzero().squeeze(1))
+            # a copy gets its first row's map (copy_first_maps)
+            forward = partial(recorder.run, forward=forward, out=rollouts.attention[rows], rows=rollouts.recorded_rows(rows))
         temperature = self.sampling.temperature
         if self.decoder_and_head is None:
             logits = forward(**inputs, logits_to_keep=targets.shape[1] + 1).logits[:, :-1]

@@ -7,6 +7,7 @@ length, L = padded completion length. Each stage reads what it needs and fills w
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
@@ -34,7 +35,7 @@ class Rollouts:
     attention: Tensor | None = None  # [N, P + L, P + L] float32 head- and layer-mean attention (query, key), when a callback asked for it
     attention_recorded: Tensor | None = None  # [N] bool, rows whose map in `attention` was recorded (by default the `credited` ones; the others are zero)
     entropy: Tensor | None = None  # [N, L] float, predictive entropy of each completion position (the step's first policy pass)
-    first_copy: Tensor | None = None  # [N] long, with attention: the first credited row of the same micro-batch with the same tokens (itself if none earlier); only it is recorded, its copies get its map
+    first_copy: list[int] | None = None  # [N], with attention: the first credited row of the same micro-batch with the same tokens (itself if none earlier); only it is recorded, its copies get its map
 
     @property
     def input_ids(self) -> Tensor:  # [N, P + L]
@@ -53,27 +54,58 @@ class Rollouts:
     def __len__(self) -> int:
         return self.completion_ids.shape[0]
 
-    def copies(self, rows: slice) -> Tensor:  # [n] bool
-        """Rows of ``rows`` that copy an earlier row (``first_copy``); none when it is not set."""
-        own = torch.arange(*rows.indices(len(self))[:2], device=self.completion_ids.device)
-        return torch.zeros_like(own, dtype=torch.bool) if self.first_copy is None else self.first_copy[rows] != own
+    def recorded_rows(self, rows: slice) -> Tensor:  # [r] long
+        """Rows of ``rows`` (counted from its start) whose map a forward records: those marked in
+        ``attention_recorded``, less the copies of an earlier row (``first_copy``), which take its map."""
+        start, stop, _ = rows.indices(len(self))
+        marked = self.attention_recorded[rows].tolist()
+        first = self.first_copy or range(len(self))
+        recorded = [j for j, row in enumerate(range(start, stop)) if marked[j] and first[row] == row]
+        return torch.tensor(recorded, dtype=torch.long, device=self.completion_ids.device)
+
+    def credited_rows(self, rows: slice, follow_copies: bool = True) -> "CreditedRows":
+        """The credited rows of ``rows`` and, with ``follow_copies`` and ``first_copy`` set, which of
+        them are copies: those are not solved, each takes the results of its first copy."""
+        start, stop, step = rows.indices(len(self))
+        if step != 1:
+            raise ValueError(f"rows={rows}: credit is computed over a contiguous slice of the rollouts")
+        local = [j for j, credited in enumerate(self.credited[rows].tolist()) if credited]
+        first = self.first_copy if follow_copies else None
+        solved = [start + j for j in local if first is None or first[start + j] == start + j]
+        device = self.completion_ids.device
+        as_tensor = lambda values, dtype=torch.long: torch.tensor(values, dtype=dtype, device=device)  # noqa: E731
+        if len(solved) == len(local):
+            return CreditedRows(as_tensor(local), as_tensor(solved), None, as_tensor([False] * len(local), torch.bool))
+        position = {row: index for index, row in enumerate(solved)}
+        copy_of = [position[first[start + j]] for j in local]
+        is_copy = [first[start + j] != start + j for j in local]
+        return CreditedRows(as_tensor(local), as_tensor(solved), as_tensor(copy_of), as_tensor(is_copy, torch.bool))
 
 
-def first_identical_rows(tokens: Tensor, candidates: Tensor) -> Tensor:
+class CreditedRows(NamedTuple):
+    """The rows of one micro-batch that credit works on (``Rollouts.credited_rows``)."""
+
+    local: Tensor  # [k] long, credited rows counted from the micro-batch's start
+    solved: Tensor  # [s] long, rollout rows of those that are no copy: each is solved once (s <= k)
+    copy_of: Tensor | None  # [k] long, position in ``solved`` of each credited row's first copy; None when none is a copy
+    is_copy: Tensor  # [k] bool, the row takes an earlier identical row's results
+
+
+def first_identical_rows(tokens: Tensor, candidates: Tensor, block: int | None = None) -> list[int]:
     """For each row of ``tokens`` [n, T], the first row among ``candidates`` ([n] bool) with the same
-    tokens; itself when it is not a candidate or no earlier candidate matches.  # -> [n] long
+    tokens in the same block of ``block`` consecutive rows (None: one block); itself when it is not
+    a candidate or no earlier candidate matches.  # -> [n]
 
     Identical prompt + response tokens (padding included, e.g. ``ids.masked_fill(mask == 0, -1)``)
     give identical attention, flow and credit, so one computation serves every copy: a small
-    policy's group often repeats a short answer word for word."""
-    index = torch.arange(len(tokens), device=tokens.device)
-    rows = candidates.nonzero().squeeze(1)
-    if len(rows) < 2:
-        return index
-    _, inverse = torch.unique(tokens[rows], dim=0, return_inverse=True)
-    first = torch.full((len(rows),), len(tokens), dtype=torch.long, device=tokens.device)
-    index[rows] = first.scatter_reduce_(0, inverse, rows, reduce="amin")[inverse]
-    return index
+    policy's group often repeats a short answer word for word. Python tuples as keys: for a step's
+    few dozen short rows, cheaper than sorting the rows on the device."""
+    size = block or max(1, len(tokens))
+    first: dict[tuple[int, tuple[int, ...]], int] = {}
+    return [
+        first.setdefault((index // size, tuple(row)), index) if candidate else index
+        for index, (row, candidate) in enumerate(zip(tokens.tolist(), candidates.tolist()))
+    ]
 
 
 class RolloutCallback(Callback):
@@ -100,6 +132,8 @@ class RolloutCallback(Callback):
 def copy_first_maps(rollouts: Rollouts, rows: slice) -> None:
     """Give each row of ``rows`` that is a copy of an earlier one (``rollouts.first_copy``) that
     row's recorded attention map: the tokens, hence the attention, are the same."""
-    copies = rollouts.copies(rows).nonzero().squeeze(1) + rows.start
-    if len(copies):
-        rollouts.attention[copies] = rollouts.attention[rollouts.first_copy[copies]]
+    if rollouts.first_copy is None:
+        return
+    copies = [row for row in range(*rows.indices(len(rollouts))[:2]) if rollouts.first_copy[row] != row]
+    if copies:
+        rollouts.attention[copies] = rollouts.attention[[rollouts.first_copy[row] for row in copies]]

@@ -267,13 +267,17 @@ def test_bfloat16_model_matches_eager_to_bfloat16_precision(tiny_policy_dir):
 def test_rows_sum_to_one_and_padding_is_exactly_zero(request, model_name):
     model = request.getfixturevalue(model_name)
     ids, mask, positions = make_batch(base_of(model).config.vocab_size, n=6, t=16)
-    maps = capture_attention(model, ids, mask, [0, 1], position_ids=positions)
+    captured = capture_attention(model, ids, mask, [0, 1], position_ids=positions)
+    with torch.no_grad(), AttentionRecorder(model, [0, 1], stop_after_last=True) as recorder:
+        recorder.run(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=False)
+        recorded = recorder.take()  # no mask given: the padding is read from the model's own mask
     valid = mask.bool()
-    assert not maps.isnan().any()
-    torch.testing.assert_close(maps.sum(-1)[valid], torch.ones(int(valid.sum())), rtol=0, atol=1e-5)
-    assert (maps[~valid] == 0).all()  # padded query rows
-    assert (maps.transpose(1, 2)[~valid] == 0).all()  # padded key columns
-    assert (maps.triu(1) == 0).all()  # causal
+    for maps in (captured, recorded):
+        assert not maps.isnan().any()
+        torch.testing.assert_close(maps.sum(-1)[valid], torch.ones(int(valid.sum())), rtol=0, atol=1e-5)
+        assert (maps[~valid] == 0).all()  # padded query rows
+        assert (maps.transpose(1, 2)[~valid] == 0).all()  # padded key columns
+        assert (maps.triu(1) == 0).all()  # causal
 
 
 # ---------------------------------------------------------------------------------------------

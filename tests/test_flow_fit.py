@@ -305,10 +305,31 @@ def test_top_share_and_token_counts_of_the_credited_rows(tiny_policy_dir):
 def test_first_identical_rows_points_each_candidate_to_the_first_candidate_with_its_tokens():
     tokens = torch.tensor([[1, 2], [3, 4], [1, 2], [5, 6], [3, 4], [1, 2]])
     everyone = torch.ones(6, dtype=torch.bool)
-    assert first_identical_rows(tokens, everyone).tolist() == [0, 1, 0, 3, 1, 0]
+    assert first_identical_rows(tokens, everyone) == [0, 1, 0, 3, 1, 0]
     not_first = torch.tensor([False, True, True, True, True, True])  # row 0 is no candidate: row 2 is the first [1, 2]
-    assert first_identical_rows(tokens, not_first).tolist() == [0, 1, 2, 3, 1, 2]
-    assert first_identical_rows(tokens[:1], everyone[:1]).tolist() == [0]
+    assert first_identical_rows(tokens, not_first) == [0, 1, 2, 3, 1, 2]
+    assert first_identical_rows(tokens[:1], everyone[:1]) == [0]
+    repeated = torch.tensor([[1, 2], [3, 4], [1, 2], [1, 2], [3, 4], [1, 2]])
+    assert first_identical_rows(repeated, everyone) == [0, 1, 0, 0, 1, 0]
+    assert first_identical_rows(repeated, everyone, block=3) == [0, 1, 0, 3, 4, 3]  # rows 3..5 match only among themselves
+    assert first_identical_rows(torch.tensor([[1, 2], [1, 3]]), everyone[:2]) == [0, 1]  # one differing token
+
+
+def test_credited_and_recorded_rows_of_a_later_micro_batch(tiny_policy_dir):
+    """Rows 4..7: 4, 6 and 7 credited, 6 a copy of 4 (2 of 0 in the first micro-batch)."""
+    rollouts = hand_made_rollouts(load_tokenizer(str(tiny_policy_dir)), [1.0, 0.0, 1.0, 1.0, 1.0, 0.0, -1.0, 1.0])
+    rollouts.attention_recorded = rollouts.credited
+    rollouts.first_copy = [0, 1, 0, 3, 4, 5, 4, 7]
+    local, solved, copy_of, is_copy = rollouts.credited_rows(slice(4, 8))
+    assert (local.tolist(), solved.tolist(), copy_of.tolist(), is_copy.tolist()) == ([0, 2, 3], [4, 7], [0, 0, 1], [False, True, False])
+    local, solved, copy_of, is_copy = rollouts.credited_rows(slice(4, 8), follow_copies=False)
+    assert (local.tolist(), solved.tolist(), copy_of, is_copy.tolist()) == ([0, 2, 3], [4, 6, 7], None, [False] * 3)
+    assert rollouts.recorded_rows(slice(4, 8)).tolist() == [0, 3]
+    assert rollouts.recorded_rows(slice(0, 4)).tolist() == [0, 3]
+    rollouts.attention_recorded = torch.ones(8, dtype=torch.bool)  # every row asked for: the copies still take their first row's map
+    assert rollouts.recorded_rows(slice(4, 8)).tolist() == [0, 1, 3]
+    with pytest.raises(ValueError, match="contiguous slice"):
+        rollouts.credited_rows(slice(0, 8, 2))
 
 
 def test_copies_are_solved_once_and_get_the_weights_and_stats_of_solving_each(tiny_policy_dir, monkeypatch):
@@ -327,7 +348,7 @@ def test_copies_are_solved_once_and_get_the_weights_and_stats_of_solving_each(ti
     each_weights, each_stats = FlowCredit().compute(rollouts, slice(0, 6), tokenizer)  # no first_copy: every row solved
     tokens = rollouts.input_ids.masked_fill(rollouts.attention_mask == 0, -1)
     rollouts.first_copy = first_identical_rows(tokens, rollouts.credited)
-    assert rollouts.first_copy.tolist() == [0, 1, 0, 3, 4, 5]
+    assert rollouts.first_copy == [0, 1, 0, 3, 4, 5]
     once_weights, once_stats = FlowCredit().compute(rollouts, slice(0, 6), tokenizer)
     assert solved == [5, 4]  # the credited rows, then without row 2
     assert torch.equal(once_weights, each_weights) and (once_weights == 1.5).any()
@@ -355,7 +376,7 @@ def test_a_copy_is_not_recorded_and_gets_its_first_rows_map(tiny_policy_dir, mon
             module.completion_logps(rollouts, rows, recorder)
             recorder.take()
             copy_first_maps(rollouts, rows)
-    assert rollouts.first_copy.tolist() == [0, 1, 0, 3, 4, 5, 6, 7]
+    assert rollouts.first_copy == [0, 1, 0, 3, 4, 5, 6, 7]
     assert recorded_rows == [[0, 1, 3], [0, 1, 2, 3]]  # per micro-batch, local rows; row 2 left out
     expected = capture_attention(module.policy, rollouts.input_ids, rollouts.attention_mask, module.attention_layers,
                                  position_ids=position_ids_from_mask(rollouts.attention_mask))
