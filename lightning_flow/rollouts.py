@@ -54,32 +54,34 @@ class Rollouts:
     def __len__(self) -> int:
         return self.completion_ids.shape[0]
 
+    def is_copy(self, row: int) -> bool:
+        """Whether ``row`` repeats an earlier credited row of its micro-batch (``first_copy``)."""
+        return self.first_copy is not None and self.first_copy[row] != row
+
     def recorded_rows(self, rows: slice) -> Tensor:  # [r] long
         """Rows of ``rows`` (counted from its start) whose map a forward records: those marked in
-        ``attention_recorded``, less the copies of an earlier row (``first_copy``), which take its map."""
+        ``attention_recorded``, less the copies of an earlier row, which take its map."""
         start, stop, _ = rows.indices(len(self))
         marked = self.attention_recorded[rows].tolist()
-        first = self.first_copy or range(len(self))
-        recorded = [j for j, row in enumerate(range(start, stop)) if marked[j] and first[row] == row]
+        recorded = [j for j, row in enumerate(range(start, stop)) if marked[j] and not self.is_copy(row)]
         return torch.tensor(recorded, dtype=torch.long, device=self.completion_ids.device)
 
     def credited_rows(self, rows: slice, follow_copies: bool = True) -> "CreditedRows":
-        """The credited rows of ``rows`` and, with ``follow_copies`` and ``first_copy`` set, which of
-        them are copies: those are not solved, each takes the results of its first copy."""
+        """The credited rows of ``rows`` and, with ``follow_copies``, which of them are copies: those
+        are not solved, each takes the results of its first copy."""
         start, stop, step = rows.indices(len(self))
         if step != 1:
             raise ValueError(f"rows={rows}: credit is computed over a contiguous slice of the rollouts")
-        local = [j for j, credited in enumerate(self.credited[rows].tolist()) if credited]
-        first = self.first_copy if follow_copies else None
-        solved = [start + j for j in local if first is None or first[start + j] == start + j]
-        device = self.completion_ids.device
-        as_tensor = lambda values, dtype=torch.long: torch.tensor(values, dtype=dtype, device=device)  # noqa: E731
-        if len(solved) == len(local):
-            return CreditedRows(as_tensor(local), as_tensor(solved), None, as_tensor([False] * len(local), torch.bool))
+        credited = [row for row, yes in zip(range(start, stop), self.credited[rows].tolist()) if yes]
+        is_copy = [follow_copies and self.is_copy(row) for row in credited]
+        solved = [row for row, copy in zip(credited, is_copy) if not copy]
         position = {row: index for index, row in enumerate(solved)}
-        copy_of = [position[first[start + j]] for j in local]
-        is_copy = [first[start + j] != start + j for j in local]
-        return CreditedRows(as_tensor(local), as_tensor(solved), as_tensor(copy_of), as_tensor(is_copy, torch.bool))
+        device = self.completion_ids.device
+        copy_of = torch.tensor([position[self.first_copy[row]] for row in credited], device=device) if any(is_copy) else None
+        return CreditedRows(
+            torch.tensor([row - start for row in credited], dtype=torch.long, device=device),
+            torch.tensor(solved, dtype=torch.long, device=device), copy_of, torch.tensor(is_copy, dtype=torch.bool, device=device),
+        )
 
 
 class CreditedRows(NamedTuple):
@@ -132,8 +134,6 @@ class RolloutCallback(Callback):
 def copy_first_maps(rollouts: Rollouts, rows: slice) -> None:
     """Give each row of ``rows`` that is a copy of an earlier one (``rollouts.first_copy``) that
     row's recorded attention map: the tokens, hence the attention, are the same."""
-    if rollouts.first_copy is None:
-        return
-    copies = [row for row in range(*rows.indices(len(rollouts))[:2]) if rollouts.first_copy[row] != row]
+    copies = [row for row in range(*rows.indices(len(rollouts))[:2]) if rollouts.is_copy(row)]
     if copies:
         rollouts.attention[copies] = rollouts.attention[[rollouts.first_copy[row] for row in copies]]
