@@ -23,8 +23,8 @@ from torch_geometric.data import Batch, Data
 
 ROLE_PROMPT, ROLE_RESPONSE, ROLE_ANSWER = 0, 1, 2
 
-_BUILD_ELEMENTS = 2**20
-"""Candidate edges per pruning step at least (4 MiB in float32); above that, a 128th of the map."""
+_BUILD_ELEMENTS = 2**16
+"""Candidate edges per pruning step at least (256 KiB in float32); above that, a 128th of the map."""
 
 
 # Pruning defaults, measured against exact credit (keep_mass 1, no cap) by benchmarks/flow_memory.py:
@@ -111,7 +111,7 @@ def prune_incoming(a: Tensor, keep_mass: float, max_in_degree: int | None) -> Te
 
 def _rows_per_step(n: int, t: int) -> int:
     """Query rows pruned at once: a step's temporaries (a sort's values, indices and workspace,
-    about 10x the block in bytes) stay under a tenth of the map."""
+    about 10x the block in bytes) stay under a tenth of the map (a floor keeps short maps in few steps)."""
     return max(1, min(t, max(_BUILD_ELEMENTS, n * t * t // 128) // max(1, n * t)))
 
 
@@ -156,31 +156,38 @@ def build_flow_graphs(attention: Tensor, valid: Tensor, prompt: Tensor, answer: 
     before pruning, after sinks and ``min_capacity``) and placeholders ``f``, ``h``, ``log_h`` that
     ``solve_flow`` fills; per graph ``degenerate``.
 
-    The map is read a block of query rows at a time, so besides the map and the kept edges only
-    one block's pruning temporaries exist (about a 64th of the map)."""
+    Memory: the map is read a block of query rows at a time, so besides the map only one block's
+    pruning temporaries (under a tenth of the map) and the kept edges (16 B each while collected,
+    then 20 B each in the Batch, briefly both) exist."""
     check_inputs(attention, valid, prompt, answer)
     cfg = cfg or FlowConfig()
     n, t, _ = attention.shape
-    local = valid.long().cumsum(-1) - 1  # [N, T] node id of each valid position
+    local = (valid.cumsum(-1) - 1).int()  # [N, T] node id of each valid position
     parts, incoming = [], torch.zeros(n, t, dtype=cfg.dtype, device=attention.device)  # [N, T]
     for r0, kept, before in pruned_rows(attention, valid, cfg):
         graph, target, source = kept.nonzero(as_tuple=True)  # [e] each, sorted by graph, target, source
-        parts.append((graph, local[graph, source], local[graph, target + r0], kept[graph, target, source]))
+        parts.append((graph.int(), local[graph, source], local[graph, target + r0], kept[graph, target, source]))
         incoming[:, r0 : r0 + before.shape[1]] = before
-    graph, source, target, capacity = (torch.cat(x) for x in zip(*parts))
-    if len(parts) > 1:  # the blocks are target-major over the whole batch: regroup by graph, keeping the order
+        del kept, graph, target, source
+    several = len(parts) > 1
+    graph, source, target, capacity = (torch.cat(x) for x in zip(*parts))  # [E] each
+    del parts
+    if several:  # the blocks are target-major over the whole batch: regroup by graph, keeping the order
         order = torch.argsort(graph, stable=True)
         graph, source, target, capacity = graph[order], source[order], target[order], capacity[order]
+        del order
     edge_counts = torch.bincount(graph, minlength=n).tolist()
+    edge_index = torch.stack((source, target)).long()  # [2, E]
+    del graph, source, target
     roles = node_roles(valid, prompt, answer)
     position = torch.arange(t, device=valid.device).expand_as(valid)
     graphs = []
-    for g, (sources, targets, caps) in enumerate(zip(source.split(edge_counts), target.split(edge_counts), capacity.split(edge_counts))):
+    for g, (edges, caps) in enumerate(zip(edge_index.split(edge_counts, dim=1), capacity.split(edge_counts))):
         nodes = valid[g]
         v = int(nodes.sum())
         graphs.append(Data(
-            edge_index=torch.stack((sources, targets)), edge_attr=caps, role=roles[g][nodes], position=position[g][nodes],
-            candidate_capacity=incoming[g][nodes], f=attention.new_zeros(v, dtype=cfg.dtype), h=attention.new_zeros(v, dtype=cfg.dtype),
+            edge_index=edges, edge_attr=caps, role=roles[g][nodes], position=position[g][nodes], candidate_capacity=incoming[g][nodes],
+            f=attention.new_zeros(v, dtype=cfg.dtype), h=attention.new_zeros(v, dtype=cfg.dtype),
             log_h=torch.zeros(v, dtype=torch.float64, device=attention.device),
             degenerate=torch.zeros(1, dtype=torch.bool, device=attention.device), num_nodes=v,
         ))
