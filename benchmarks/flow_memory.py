@@ -48,8 +48,8 @@ from lightning_flow.tokenizer import load_tokenizer  # noqa: E402
 REPO = Path(__file__).resolve().parents[1]
 DENSE_COMMIT = "e6959bf"
 """The last commit whose credit ran the dense blocked solver on [N, T, T] capacities."""
-GRID = [(1.0, None), (0.99, None), (0.95, None), (0.9, None), (0.8, None),
-        (1.0, 256), (1.0, 128), (1.0, 64), (0.95, 128), (0.95, 64), (0.9, 64), (0.95, 32), (0.9, 32)]
+GRID = [(1.0, None), (0.999, None), (0.99, None), (0.95, None), (0.9, None),
+        (1.0, 256), (0.999, 256), (0.999, 128), (0.999, 64), (0.99, 64), (0.95, 64), (0.999, 32)]
 
 
 def synchronize() -> None:
@@ -121,6 +121,12 @@ def agreement(boosted_a: torch.Tensor, boosted_b: torch.Tensor) -> list[float]:
     return (both / boosted_b.sum(-1).clamp_min(1)).tolist()
 
 
+def flow_weighted_agreement(boosted_a: torch.Tensor, boosted_b: torch.Tensor, flow_b: torch.Tensor) -> list[float]:
+    """Per response, b's flow on a's boosted tokens over b's flow on its own: how much of what exact
+    credit boosts the other set boosts, counting each token by its exact flow."""
+    return ((flow_b * boosted_a).sum(-1) / (flow_b * boosted_b).sum(-1).clamp_min(1e-30)).double().tolist()
+
+
 def graph_flow(maps, valid, prompt, answer, cfg: FlowConfig):
     """(flow [N, T], degenerate [N], graphs) of the graphs of ``maps`` under ``cfg``."""
     graphs = solve_flow(build_flow_graphs(maps, valid, prompt, answer, cfg), cfg.block_size)
@@ -181,14 +187,17 @@ def pruning_rows(name: str, inputs) -> list[dict]:
     for keep_mass, max_in_degree in GRID:
         cfg = FlowConfig(keep_mass=keep_mass, max_in_degree=max_in_degree)
         flow, degenerate, graphs = graph_flow(maps, valid, prompt, answer, cfg)
-        shares = agreement(boosted(flow, degenerate, response), exact)
+        pruned = boosted(flow, degenerate, response)
+        shares, weighted = agreement(pruned, exact), flow_weighted_agreement(pruned, exact, exact_flow)
         row = dict(data=name, keep_mass=keep_mass, max_in_degree=max_in_degree, positions=maps.shape[1], responses=maps.shape[0],
                    top40_agreement_mean=statistics.mean(shares), top40_agreement_min=min(shares),
+                   top40_flow_weighted_mean=statistics.mean(weighted), top40_flow_weighted_min=min(weighted),
                    kept_capacity=float(kept_capacity(graphs).mean()), edges_per_token=graphs.num_edges / graphs.num_nodes,
                    graph_share_of_dense=graph_bytes(graphs) / dense, max_abs_flow_change=float((flow - exact_flow).abs().max()))
         rows.append(row)
         print(f"{name:>14} T {maps.shape[1]:>5}  keep_mass {keep_mass:<4} cap {str(max_in_degree):>4}: top-40% agreement mean "
-              f"{row['top40_agreement_mean']:.4f} min {row['top40_agreement_min']:.4f}; kept capacity {row['kept_capacity']:.3f}; "
+              f"{row['top40_agreement_mean']:.4f} min {row['top40_agreement_min']:.4f} (flow-weighted {row['top40_flow_weighted_mean']:.4f}); "
+              f"kept capacity {row['kept_capacity']:.3f}; "
               f"edges/token {row['edges_per_token']:.1f}; graphs {100 * row['graph_share_of_dense']:.2f} % of the dense maps; "
               f"max |Δf| {row['max_abs_flow_change']:.4f}", flush=True)
     return rows
@@ -243,7 +252,9 @@ def run_memory(args) -> dict:
         dense_s, dense = timed(lambda: dense_answer_flow(maps, valid, prompt, answer, DenseConfig()), args.repeats)
         flow = torch.zeros(valid.shape, device=valid.device).index_put_((graphs.batch, graphs.position), graphs.f)
         response = valid & ~prompt
-        shares = agreement(boosted(flow, graphs.degenerate, response), boosted(dense.flow, dense.degenerate, response))
+        exact_boosted = boosted(dense.flow, dense.degenerate, response)
+        ours = boosted(flow, graphs.degenerate, response)
+        shares, weighted = agreement(ours, exact_boosted), flow_weighted_agreement(ours, exact_boosted, dense.flow)
         exact_flow, _, _ = graph_flow(maps, valid, prompt, answer, FlowConfig()) if length <= args.exact_up_to else (None, None, None)
         row = dict(
             positions=t, responses=args.responses, micro_batch=args.micro_batch, micro_batches_measured=len(micro_batches),
@@ -255,6 +266,7 @@ def run_memory(args) -> dict:
             kept_graphs_share_of_dense=kept_total / (responses_done * t * t * 4) if responses_done else None,
             build_s=build_s, solve_s=solve_s, dense_solver_s=dense_s, graph_over_dense=(build_s + solve_s) / dense_s, solve_over_dense=solve_s / dense_s,
             top40_agreement_with_dense_mean=statistics.mean(shares), top40_agreement_with_dense_min=min(shares),
+            top40_flow_weighted_with_dense_mean=statistics.mean(weighted),
             exact_graph_vs_dense_max_abs_flow=float((exact_flow - dense.flow).abs().max()) if exact_flow is not None else None,
         )
         rows.append(row)

@@ -55,7 +55,7 @@ class FlowCredit(RolloutCallback):
         layers: list[int] | None = None,
         sink_tokens: int = 1,
         keep_mass: float = 0.999,
-        max_in_degree: int | None = 256,
+        max_in_degree: int | None = 64,
         min_capacity: float = 1e-6,
         answer_fallback: Literal["last_token", "none"] = "last_token",
         seed: int = 0,
@@ -201,7 +201,7 @@ class FlowCredit(RolloutCallback):
         valid = prompt | response
         edges = signal = None
         if self.signal == "flow":
-            edges = prune_edges(maps, valid, self.flow_config)
+            edges = prune_edges(maps, valid, pad(answer, (prompt_length, 0)), self.flow_config)
         elif self.signal == "attention_received":
             signal = attention_received(maps, valid)
         elif self.signal == "entropy":

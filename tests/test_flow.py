@@ -95,7 +95,14 @@ def reference(att, valid, prompt, answer, cfg: FlowConfig) -> dict:
         cands = [(float(att[k][i]), i) for i in nodes if i < k and i not in sinks]
         cands = sorted((a, i) for a, i in cands if a > 0 and a >= cfg.min_capacity)
         cands.sort(key=lambda ai: (-ai[0], ai[1]))  # strongest first, ties to the earlier key
-        for a, i in cands[: cfg.max_in_degree]:
+        if not answer[k]:  # edges into answer tokens are never pruned
+            total, kept_cands = sum(a for a, _ in cands), []
+            for a, i in cands[: cfg.max_in_degree]:
+                if sum(x for x, _ in kept_cands) >= cfg.keep_mass * total:
+                    break
+                kept_cands.append((a, i))
+            cands = kept_cands
+        for a, i in cands:
             cap[(i, k)] = a
     targets = {i: [(k, c) for (j, k), c in cap.items() if j == i] for i in nodes}
     sources = {k: [(i, c) for (i, j), c in cap.items() if j == k] for k in nodes}
@@ -120,6 +127,7 @@ REF_CONFIGS = [
     FlowConfig(),
     FlowConfig(sink_tokens=2, max_in_degree=3, min_capacity=0.05, block_size=4),
     FlowConfig(sink_tokens=0, max_in_degree=None, min_capacity=0.0, block_size=7),
+    FlowConfig(keep_mass=0.8, max_in_degree=5, block_size=6),
 ]
 
 
@@ -132,7 +140,7 @@ def test_matches_python_reference(t: int, cfg_id: int) -> None:
     valid, prompt, answer = layout(rows, t)
     att = random_attention(valid, gen, sharpness=3.0)
     result = answer_flow(att, valid, prompt, answer, cfg)
-    c = capacities(att, valid, cfg)
+    c = capacities(att, valid, cfg, answer)
     weights = credit_weights(result.flow, valid & ~prompt, cfg.top_fraction, cfg.boost, result.degenerate)
     flows = edge_flows(result, t)
     for n in range(len(rows)):
@@ -200,7 +208,7 @@ def test_graph_hand_built() -> None:
     # 5 keeps its 2 strongest in-edges (from 3 and 4, not from 2).
     assert g.edge_index.tolist() == [[1, 2, 2, 3], [2, 3, 4, 4]]
     assert g.edge_attr.tolist() == pytest.approx([0.3, 0.35, 0.3, 0.25])
-    assert torch.equal(dense_from_graph(g, 6), capacities(att, valid, cfg))
+    assert torch.equal(dense_from_graph(g, 6), capacities(att, valid, cfg, answer))
 
 
 def test_graph_sink_and_pruning_options() -> None:
@@ -225,9 +233,9 @@ def test_capacities_are_the_graph_edges_and_respect_pruning() -> None:
     valid, prompt, answer = layout([random_layout(gen, t) for _ in range(5)], t)
     att = random_attention(valid, gen, sharpness=2.5)
     cfg = FlowConfig(sink_tokens=2, max_in_degree=4, min_capacity=0.01)
-    c = capacities(att, valid, cfg)
+    c = capacities(att, valid, cfg)  # pruned everywhere, answer rows too
     batch = build_flow_graphs(att, valid, prompt, answer, cfg)
-    assert torch.equal(dense_from_graph(batch, t), c)
+    assert torch.equal(dense_from_graph(batch, t), capacities(att, valid, cfg, answer))
     assert batch.num_nodes == int(valid.sum())
     i, k = batch.edge_index
     assert bool((i < k).all())  # local ids keep token order
@@ -299,7 +307,7 @@ def test_invariants_on_padded_batches(block_size: int) -> None:
     att = random_attention(valid, gen)
     cfg = FlowConfig(block_size=block_size, max_in_degree=8)
     r = answer_flow(att, valid, prompt, answer, cfg)
-    c = capacities(att, valid, cfg)
+    c = capacities(att, valid, cfg, answer)
     assert not r.degenerate.any()
     assert r.absorbed.tolist() == pytest.approx([1.0] * len(rows), abs=TOL)
     assert bool((r.flow >= 0).all() and (r.flow <= 1).all())

@@ -53,7 +53,7 @@ def test_flow_credit_fit_logs_and_boosts_the_top_tokens(tiny_policy_dir, tmp_pat
                 "credit/kept_capacity", "credit/edges_per_token", "perf/capture_time_s", "perf/capture_share",
                 "perf/credit_time_s", "perf/credit_share"]:
         assert tag in logged and all(v == v for v in logged[tag]), tag
-    assert logged["credit/kept_capacity"] == [pytest.approx(1.0)] * 2  # keep_mass 1: every edge kept
+    assert all(0.999 <= v <= 1 for v in logged["credit/kept_capacity"])  # keep_mass 0.999; the cap of 64 does not bind at T < 64
     assert logged["perf/capture_time_s"][0] > 0  # recorded in the update's forward (mu = 1, beta = 0)
     weights = RecordWeights.seen[0]
     used = weights[weights > 0]

@@ -23,8 +23,10 @@ from torch_geometric.data import Batch, Data
 
 ROLE_PROMPT, ROLE_RESPONSE, ROLE_ANSWER = 0, 1, 2
 
-_BUILD_ELEMENTS = 2**16
-"""Candidate edges per pruning step at least (256 KiB in float32); above that, a 512th of the map."""
+_BUILD_ELEMENTS = 2**14
+"""Candidate edges per pruning step at least (64 KiB in float32); above that, a 512th of the map."""
+_SMALL_MAP = 2**20
+"""Maps of at most this many elements (4 MiB) are pruned in one step: their temporaries cost nothing that matters."""
 
 
 # Pruning defaults, measured against exact credit (keep_mass 1, no cap) by benchmarks/flow_memory.py:
@@ -111,14 +113,17 @@ def prune_incoming(a: Tensor, keep_mass: float, max_in_degree: int | None) -> Te
 
 def _rows_per_step(n: int, t: int) -> int:
     """Query rows pruned at once: a step's temporaries (a sort's values, indices and workspace,
-    about 10x the block in bytes) stay near 2 % of the map (a floor keeps short maps in few steps)."""
+    about 10x the block in bytes) stay near 2 % of the map; small maps go in one step."""
+    if n * t * t <= _SMALL_MAP:
+        return max(1, t)
     return max(1, min(t, max(_BUILD_ELEMENTS, n * t * t // 512) // max(1, n * t)))
 
 
-def pruned_rows(attention: Tensor, valid: Tensor, cfg: FlowConfig) -> Iterator[tuple[int, Tensor, Tensor]]:
+def pruned_rows(attention: Tensor, valid: Tensor, cfg: FlowConfig, whole: Tensor | None = None) -> Iterator[tuple[int, Tensor, Tensor]]:
     """(r0, p, incoming) for consecutive blocks of query rows: p  # [N, r, r0 + r] the kept incoming
     capacities of rows r0 : r0 + r in attention layout, p[n, k - r0, i] = c(i, k) (keys i < k
-    only), and incoming  # [N, r] each row's capacity before pruning (after sinks and min_capacity)."""
+    only), and incoming  # [N, r] each row's capacity before pruning (after sinks and min_capacity).
+    Rows marked in ``whole``  # [N, T] bool keep every edge."""
     n, t, _ = attention.shape
     keep_src = (valid & ~sink_mask(valid, cfg.sink_tokens)).to(cfg.dtype)  # [N, T] may send edges
     keep_dst = valid.to(cfg.dtype)  # [N, T]
@@ -128,24 +133,24 @@ def pruned_rows(attention: Tensor, valid: Tensor, cfg: FlowConfig) -> Iterator[t
         a = attention[:, r0:r1, :r1].to(cfg.dtype).tril(r0 - 1)  # a fresh tensor, so the masks apply in place
         a.mul_(keep_dst[:, r0:r1, None]).mul_(keep_src[:, None, :r1])
         a = torch.where(a >= cfg.min_capacity, a, 0.0)  # also turns NaN into "no edge"
-        yield r0, prune_incoming(a, cfg.keep_mass, cfg.max_in_degree), a.sum(-1)
-
-
-def incoming_capacities(attention: Tensor, valid: Tensor, cfg: FlowConfig, size: int | None = None) -> Tensor:
-    """[N, size, size] kept capacities in attention layout, p[n, k, i] = c(i, k), zero-padded (size >= T)."""
-    n, t, _ = attention.shape
-    p = torch.zeros(n, size or t, size or t, dtype=cfg.dtype, device=attention.device)  # [N, S, S]
-    for r0, block, _ in pruned_rows(attention, valid, cfg):
-        p[:, r0 : r0 + block.shape[1], : block.shape[2]] = block
-    return p
+        kept = prune_incoming(a, cfg.keep_mass, cfg.max_in_degree)
+        if whole is not None and cfg.prunes:
+            kept = torch.where(whole[:, r0:r1, None], a, kept)
+        yield r0, kept, a.sum(-1)
 
 
 @torch.no_grad()
-def capacities(attention: Tensor, valid: Tensor, cfg: FlowConfig | None = None) -> Tensor:
+def capacities(attention: Tensor, valid: Tensor, cfg: FlowConfig | None = None, answer: Tensor | None = None) -> Tensor:
     """[N, T, T] capacities c[n, i, k] = Ā[n, k, i] on the graph's edges (after sink dropping
-    and pruning), zero elsewhere: exactly the edges of `build_flow_graphs`, as a transposed view."""
+    and pruning; edges into ``answer`` tokens unpruned), zero elsewhere: exactly the edges of
+    ``build_flow_graphs``, densely, for tests and pictures of short responses."""
     check_inputs(attention, valid)
-    return incoming_capacities(attention, valid, cfg or FlowConfig()).transpose(1, 2)
+    n, t, _ = attention.shape
+    cfg = cfg or FlowConfig()
+    p = torch.zeros(n, t, t, dtype=cfg.dtype, device=attention.device)  # [N, T, T] attention layout p[n, k, i] = c(i, k)
+    for r0, block, _ in pruned_rows(attention, valid, cfg, whole=answer):
+        p[:, r0 : r0 + block.shape[1], : block.shape[2]] = block
+    return p.transpose(1, 2)
 
 
 @dataclass
@@ -159,13 +164,14 @@ class KeptEdges:
 
 
 @torch.no_grad()
-def prune_edges(attention: Tensor, valid: Tensor, cfg: FlowConfig) -> KeptEdges:
+def prune_edges(attention: Tensor, valid: Tensor, answer: Tensor, cfg: FlowConfig) -> KeptEdges:
     """Read the maps  # [N, T, T] a block of query rows at a time and keep the pruned edges: besides
-    the maps only one block's pruning temporaries (about 2 % of the maps) and the kept edges exist."""
-    check_inputs(attention, valid)
+    the maps only one block's pruning temporaries (about 2 % of the maps) and the kept edges exist.
+    Edges into answer tokens are never pruned: they set h directly, and they are a few rows."""
+    check_inputs(attention, valid, answer)
     incoming = torch.zeros(valid.shape, dtype=cfg.dtype, device=attention.device)  # [N, T]
     steps = []
-    for r0, kept, before in pruned_rows(attention, valid, cfg):
+    for r0, kept, before in pruned_rows(attention, valid, cfg, whole=answer):
         edges = kept != 0  # [N, r, c]
         steps.append((r0, edges.sum(-1, dtype=torch.int32), edges.nonzero()[:, 2].int(), kept[edges]))  # (graph, target, source) order
         incoming[:, r0 : r0 + before.shape[1]] = before
@@ -216,7 +222,7 @@ def flow_graphs(kept: KeptEdges, prompt: Tensor, answer: Tensor) -> Batch:
 def build_flow_graphs(attention: Tensor, valid: Tensor, prompt: Tensor, answer: Tensor, cfg: FlowConfig | None = None) -> Batch:
     """``flow_graphs(prune_edges(...))``: the flow graphs of dense maps  # [N, T, T] (masks [N, T] bool)."""
     check_inputs(attention, valid, prompt, answer)
-    return flow_graphs(prune_edges(attention, valid, cfg or FlowConfig()), prompt, answer)
+    return flow_graphs(prune_edges(attention, valid, answer, cfg or FlowConfig()), prompt, answer)
 
 
 def kept_capacity(graphs: Batch) -> Tensor:
