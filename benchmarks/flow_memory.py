@@ -93,12 +93,16 @@ def graph_bytes(graphs) -> int:
     return sum(value.numel() * value.element_size() for _, value in graphs if isinstance(value, torch.Tensor))
 
 
-def dense_solver():
-    """``answer_flow`` of the dense solver as of DENSE_COMMIT (its graph.py and solver.py, loaded from git)."""
+def dense_solver(source: Path | None = None):
+    """``answer_flow`` of the dense solver as of DENSE_COMMIT: its graph.py and solver.py from
+    ``source`` (a folder; for machines without the git history) or from git."""
     folder = Path(tempfile.mkdtemp()) / "dense_flow"
     folder.mkdir()
     for name in ("graph", "solver"):
-        text = subprocess.run(["git", "show", f"{DENSE_COMMIT}:lightning_flow/flow/{name}.py"], cwd=REPO, check=True, capture_output=True, text=True).stdout
+        if source is not None:
+            text = (source / f"{name}.py").read_text()
+        else:
+            text = subprocess.run(["git", "show", f"{DENSE_COMMIT}:lightning_flow/flow/{name}.py"], cwd=REPO, check=True, capture_output=True, text=True).stdout
         (folder / f"{name}.py").write_text(text)
     (folder / "__init__.py").write_text("")
     spec = importlib.util.spec_from_file_location("dense_flow", folder / "__init__.py", submodule_search_locations=[str(folder)])
@@ -212,7 +216,7 @@ def run_pruning(args) -> dict:
 
 # ---- memory -------------------------------------------------------------------------------------
 def run_memory(args) -> dict:
-    dense_answer_flow, DenseConfig = dense_solver()
+    dense_answer_flow, DenseConfig = dense_solver(args.dense_from)
     cuda = torch.cuda.is_available()
     rows = []
     for length in args.lengths:
@@ -290,6 +294,7 @@ def main() -> None:
     parser.add_argument("--keep-mass", type=float, default=None, help="memory: FlowCredit's keep_mass (default: its default)")
     parser.add_argument("--max-in-degree", type=int, default=None)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--dense-from", type=Path, default=None, help="memory: a folder with the dense solver's graph.py and solver.py (default: git show DENSE_COMMIT)")
     parser.add_argument("--exact-up-to", type=int, default=2048, help="memory: also check exact graphs equal the dense solver up to this T")
     args = parser.parse_args()
     result = run_pruning(args) if args.part == "pruning" else run_memory(args)

@@ -25,6 +25,11 @@
 #   merge    about 1.5 min (estimated from generate's 40-70 ms a token): benchmarks/sampling_merge.py at
 #            Qwen2.5-0.5B's shape, generate with the LoRA adapter merged against unmerged, 4 calls each
 #   configs  about 3 min: benchmarks/gpu_check.py, memory and step time of the real configs (needs bitsandbytes)
+#   long-step  about 3 min (estimated): benchmarks/long_step.py, Qwen2.5-1.5B's shape (bf16 + LoRA, checkpointing),
+#            16 responses of 8,192 tokens under a 24 GiB cap: two update steps with flow credit on fixed rollouts
+#            (peak memory, time, credit share) and 256 sampled tokens (tokens/s; the 8K sampling extrapolated)
+#   flow-memory  about 3 min (estimated): benchmarks/flow_memory.py memory, the tiny random Llama at T = 8K / 16K
+#            on the GPU (credit-path peak against one micro-batch's map, kept graphs, graph solver against the dense one)
 set -uo pipefail
 out=${OUT:-results}
 mkdir -p "$out"
@@ -60,6 +65,8 @@ torch.cuda.synchronize()"
     merge) timeout 200 python3 benchmarks/sampling_merge.py --device cuda --models qwen2.5-0.5b --prompts 4 --group 8 \
             --max-new-tokens 128 --lora-rank 16 --repeats 4 --out "$out/merge.json" 2>&1 | grep -vi warn | tee "$out/merge.log" ;;
     configs) timeout 200 python3 benchmarks/gpu_check.py --steps 2 --out "$out/configs.json" 2>&1 | grep -vi warn | tee "$out/configs.log" ;;
-    *) echo "unknown part $part (flow, flow-update, flow-profile, capture-chunks, flow-update-4096, trl, trl-round3, trl-phases, trl-profile, merge, configs)"; exit 2 ;;
+    long-step) timeout 420 python3 benchmarks/long_step.py --out "$out/long-step.json" 2>&1 | grep -vi warn | tee "$out/long-step.log" ;;
+    flow-memory) timeout 300 python3 benchmarks/flow_memory.py memory --lengths 8192 16384 --repeats 2 --dense-from .dense --out "$out/flow-memory.json" 2>&1 | grep -vi warn | tee "$out/flow-memory.log" ;;
+    *) echo "unknown part $part (flow, flow-update, flow-profile, capture-chunks, flow-update-4096, trl, trl-round3, trl-phases, trl-profile, merge, configs, long-step, flow-memory)"; exit 2 ;;
   esac
 done
