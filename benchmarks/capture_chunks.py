@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from flow_overhead import add_shape_arguments, build_module, make_rollouts, step_parts  # noqa: E402
+from flow_overhead import StepParts, add_shape_arguments, build_module, make_rollouts  # noqa: E402
 
 import lightning_flow.capture as capture  # noqa: E402
 from lightning_flow.callbacks.flow_credit import FlowCredit  # noqa: E402
@@ -42,14 +42,14 @@ this order; at L = 1024 (T = 1088) 96, 96, 48 and 12. A 16M-element floor allows
 scores, and as much again for their probabilities, per chunk."""
 
 
-def record_with(setting: str, update, rollouts) -> tuple[float, torch.Tensor]:
-    """Capture seconds of one recorded update under ``setting``, and the maps it recorded."""
+def record_with(setting: str, parts: StepParts) -> tuple[float, torch.Tensor]:
+    """Capture seconds of one recorded update under ``setting``, and the maps it recorded (all micro-batches')."""
     capture._MIN_CHUNK_ELEMENTS, capture._CAUSAL_SPLIT = SETTINGS[setting]
     try:
-        seconds = update(record=True)
+        seconds = parts.update(record=True)
     finally:
         capture._MIN_CHUNK_ELEMENTS, capture._CAUSAL_SPLIT = SETTINGS["default"]
-    return seconds, rollouts.attention.clone()
+    return seconds, torch.cat([maps for _, maps in parts.maps])
 
 
 def main() -> None:
@@ -65,14 +65,14 @@ def main() -> None:
         for length in args.lengths:
             for n in args.batches:
                 rollouts = make_rollouts(module, n, args.prompt_length, length, seed=length + n)
-                _, update, _ = step_parts(module, rollouts, length, FlowCredit(signal="flow"))
+                parts = StepParts(module, rollouts, length, FlowCredit(signal="flow"))
                 seconds: dict[str, list[float]] = {name: [] for name in SETTINGS}
-                maps = {name: record_with(name, update, rollouts)[1] for name in SETTINGS}  # warm-up of each
+                maps = {name: record_with(name, parts)[1] for name in SETTINGS}  # warm-up of each
                 difference = max(float((maps[name] - maps["default"]).abs().max()) for name in SETTINGS)
                 for repeat in range(args.repeats):
                     order = list(SETTINGS) if repeat % 2 == 0 else list(reversed(SETTINGS))
                     for name in order:
-                        seconds[name].append(record_with(name, update, rollouts)[0])
+                        seconds[name].append(record_with(name, parts)[0])
                 medians = {name: statistics.median(values) for name, values in seconds.items()}
                 cells = [f"{medians[name]:>13.4f} s ({medians[name] / medians['default']:>5.2f}x)" for name in SETTINGS]
                 print(f"{length:>5} {n:>4}  " + "  ".join(f"{cell:>26}" for cell in cells) + f"   {difference:.2e}", flush=True)

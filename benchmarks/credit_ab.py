@@ -139,7 +139,7 @@ def main() -> None:
                         trainer_.callbacks.append(credit)
                         credit.setup(trainer_, pl_module, "fit")  # asks the module for attention
                     item.token_weights = torch.ones_like(item.completion_mask)
-                    item.attention = item.attention_recorded = None
+                    item.flow_graphs = []
                     part_seconds.update(dict.fromkeys(PARTS, 0.0))
                     start = time.perf_counter()
                     pl_module.learn(item, sampling_seconds=sampling)  # the step after sampling, scalars and logging included

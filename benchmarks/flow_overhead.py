@@ -10,8 +10,9 @@ shape whose responses end in a ``\\boxed{}`` answer:
 - capture: what recording the head/layer-mean attention adds to the update's own forward, as the
   training step does it (the recorder's stopwatch), and the whole update with / without recording;
 - solver: FlowCredit's work per micro-batch (answer tokens, graph, h-transform, throughput, weights);
-- memory: what recording adds to the update's peak (the [N, T, T] maps and the transient scores),
-  as a multiple of one [N, T, T] float32 map (target: at most 1.5); and for a single sequence, a
+- memory: what recording adds to the update's peak (here every micro-batch's maps are kept for the
+  solver timing, as the training step does not: it frees each after credit), as a multiple of one
+  [N, T, T] float32 map (target: at most 1.5); and for a single sequence, a
   dedicated capture pass against an eager forward with ``output_attentions`` over all layers
   (CUDA: allocator peak; CPU: torch.profiler memory events).
 Times are medians over ``--repeats``; shares are capture / step and solver / step from the same run.
@@ -103,30 +104,37 @@ def make_rollouts(module: GRPOModule, n: int, prompt_length: int, length: int, s
     )
 
 
-def step_parts(module: GRPOModule, rollouts: Rollouts, length: int, credit: FlowCredit):
-    """Sampling exactly ``length`` tokens, the update, and the update that records attention and
-    assigns credit per micro-batch as the training step does (returns its capture seconds)."""
+class StepParts:
+    """Sampling exactly ``length`` tokens, the update, and the update that records attention per
+    micro-batch as the training step does (the maps of the credited rows of each micro-batch, in
+    ``maps``), and the credit of those maps as FlowCredit computes it."""
 
-    def sample() -> None:
+    def __init__(self, module: GRPOModule, rollouts: Rollouts, length: int, credit: FlowCredit) -> None:
+        self.module, self.rollouts, self.length, self.credit = module, rollouts, length, credit
+        self.maps: list[tuple[list[int], torch.Tensor]] = []  # (rollout rows, [k, T, T]) of the last recorded update
+
+    def sample(self) -> None:
+        module, rollouts = self.module, self.rollouts
         with torch.no_grad(), merged_lora(module.policy) if module.sampling.merge_adapter else nullcontext():
             module.policy.eval()  # as lightning_flow.policy.generate samples: eval mode, adapter merged
             module.policy.generate(
                 input_ids=rollouts.prompt_ids, attention_mask=rollouts.prompt_mask, do_sample=True,
-                min_new_tokens=length, max_new_tokens=length, pad_token_id=module.tokenizer.pad_token_id,
+                min_new_tokens=self.length, max_new_tokens=self.length, pad_token_id=module.tokenizer.pad_token_id,
             )
             module.policy.train()
 
-    def update(record: bool = False) -> float:
-        n, t = rollouts.attention_mask.shape
-        if record:  # as GRPOModule.first_pass_recording: the rows with a nonzero advantage (here all)
-            rollouts.attention = torch.empty(n, t, t, device=module.device)
-            rollouts.attention_recorded = rollouts.advantages != 0
-        captured = 0.0
+    def update(self, record: bool = False) -> float:
+        """One update over the micro-batches; with ``record``, each one's forward records the maps of
+        its credited rows (as ``GRPOModule.first_pass``); returns the recorder's seconds."""
+        module, rollouts = self.module, self.rollouts
+        self.maps, captured = [], 0.0
+        credited = rollouts.credited.tolist()
         for rows in module.micro_batches(rollouts):
             if record:
+                local = [j for j in range(rows.stop - rows.start) if j + rows.start < len(rollouts) and credited[rows.start + j]]
                 with AttentionRecorder(module.policy, module.attention_layers) as recorder:
-                    logps, entropy = module.completion_logps(rollouts, rows, recorder)
-                recorder.take(rollouts.attention_mask[rows])
+                    logps, entropy = module.completion_logps(rollouts, rows, recorder, torch.tensor(local, device=module.device))
+                self.maps.append(([rows.start + j for j in local], recorder.take()))
                 captured += recorder.stopwatch.seconds()
             else:
                 logps, entropy = module.completion_logps(rollouts, rows)
@@ -135,12 +143,12 @@ def step_parts(module: GRPOModule, rollouts: Rollouts, length: int, credit: Flow
         module.policy.zero_grad(set_to_none=True)
         return captured
 
-    def solve() -> None:
-        rollouts.entropy = torch.zeros_like(rollouts.completion_mask)
-        for rows in module.micro_batches(rollouts):
-            credit.compute(rollouts, rows, module.tokenizer)
-
-    return sample, update, solve
+    def solve(self) -> None:
+        """FlowCredit's work on the last recorded update's maps (answer tokens, graphs, flow, weights)."""
+        self.rollouts.entropy = torch.zeros_like(self.rollouts.completion_mask)
+        self.rollouts.flow_graphs = []
+        for rows, maps in self.maps:
+            self.credit.compute(self.rollouts, rows, maps, self.module.tokenizer)
 
 
 def eager_all_layers(module: GRPOModule, rollouts: Rollouts, rows: slice) -> None:
@@ -211,7 +219,8 @@ def main() -> None:
         for length in args.lengths:
             for n in args.batches:
                 rollouts = make_rollouts(module, n, args.prompt_length, length, seed=length + n)
-                sample, update, solve = step_parts(module, rollouts, length, credit)
+                parts = StepParts(module, rollouts, length, credit)
+                sample, update, solve = parts.sample, parts.update, parts.solve
                 update(), update(record=True), solve()  # warm-up: each path's first call (kernel set-up, allocator) is left out
                 plain, recorded, captures = [], [], []
                 for _ in range(args.repeats):  # interleaved, so both see the same machine state
@@ -225,9 +234,9 @@ def main() -> None:
                 one_map = n * total * total * 4
                 # The recorded update first, from no maps; the plain one then starts with the maps
                 # alive, as the recorded one ends: the difference is what recording adds.
-                rollouts.attention = None
+                parts.maps = []
                 capture_ratio = (extra_peak_bytes(lambda: update(record=True)) - extra_peak_bytes(update)) / one_map
-                rollouts.attention = None
+                parts.maps = []
                 single = small_slice(rollouts, slice(0, 1))
                 capture_one = extra_peak_bytes(lambda: capture_attention(module.policy, single.input_ids, single.attention_mask, module.attention_layers)) / 2**20
                 eager_one = extra_peak_bytes(lambda: eager_all_layers(module, single, slice(0, 1))) / 2**20

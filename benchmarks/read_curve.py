@@ -29,10 +29,10 @@ def main() -> None:
         print("val/accuracy at step: " + ", ".join(f"{e.step}: {e.value:.3f}" for e in events.Scalars("val/accuracy")))
     step_times = [e.value for e in events.Scalars("perf/step_time_s")]
     print(f"median step time {statistics.median(step_times):.3f} s")
-    if "credit/copy_fraction" in tags:  # responses solved as copies of an identical earlier one
-        copies = [e.value for e in events.Scalars("credit/copy_fraction")]
-        print("mean credit/copy_fraction per window: " + ", ".join(
-            f"{statistics.mean(copies[start : start + args.window]):.3f}" for start in range(0, len(copies), args.window)))
+    if "credit/kept_capacity" in tags:  # pruning of the flow graphs: share of the incoming attention kept
+        kept = [e.value for e in events.Scalars("credit/kept_capacity")]
+        print("mean credit/kept_capacity per window: " + ", ".join(
+            f"{statistics.mean(kept[start : start + args.window]):.3f}" for start in range(0, len(kept), args.window)))
     if "perf/capture_time_s" in tags and "credit/time_s" in tags:  # a run with a credit callback
         skip = args.skip
 

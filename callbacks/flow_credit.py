@@ -1,29 +1,45 @@
 """The bridge from the policy's attention to the loss: per-token credit weights for each step.
 
 Listed under ``trainer.callbacks``; without it a run is plain GRPO. Each step it locates the
-answer tokens of every response, turns a signal into weights ("top ``top_fraction`` of the
-response tokens by signal get ``boost``, the rest 1") and sets ``rollouts.token_weights``, which
-the loss multiplies into the advantage (both signs, detached).
+answer tokens of every credited response, turns a signal into weights ("top ``top_fraction`` of
+the response tokens by signal get ``boost``, the rest 1") and sets ``rollouts.token_weights``,
+which the loss multiplies into the advantage (both signs, detached).
+
+With the ``flow`` signal, each chunk of captured maps becomes torch-geometric flow graphs right
+away (``build_flow_graphs``: pruned to ``keep_mass`` of each token's incoming attention), the maps
+are dropped, the graphs are solved (``solve_flow``) and kept for the step in
+``rollouts.flow_graphs``, where ``FlowPictures`` draws exactly what was credited.
 """
 
 from __future__ import annotations
 
 import time
-from typing import Literal
+from typing import Literal, NamedTuple
 
 import torch
 from lightning.pytorch import LightningModule, Trainer
 from torch import Tensor
 from torch.nn.functional import pad
+from torch_geometric.data import Batch
 
-from lightning_flow.flow import FlowConfig, answer_flow, attention_received, credit_weights, random_signal
+from lightning_flow.flow import (
+    ROLE_PROMPT,
+    FlowConfig,
+    attention_received,
+    build_flow_graphs,
+    credit_weights,
+    kept_capacity,
+    random_signal,
+    solve_flow,
+)
 from lightning_flow.flow.answer import answer_masks, piece_table
 from lightning_flow.loggers import write_bucket_histogram
-from lightning_flow.rollouts import RolloutCallback, Rollouts
+from lightning_flow.rollouts import MicroBatch, RolloutCallback, Rollouts
 from lightning_flow.step_scalars import batch_index, is_logging_step
 
 Signal = Literal["flow", "uniform", "random", "entropy", "attention_received"]
 _NEEDS_ATTENTION = {"flow", "attention_received"}
+_STATS = ("answer_found", "fallback", "nonfinite", "top_share", "boosted", "tokens", "nodes", "edges", "kept_capacity")
 
 
 class FlowCredit(RolloutCallback):
@@ -34,11 +50,13 @@ class FlowCredit(RolloutCallback):
         boost: float = 1.5,
         layers: list[int] | None = None,
         sink_tokens: int = 1,
+        keep_mass: float = 1.0,
         max_in_degree: int | None = None,
         min_capacity: float = 1e-6,
         answer_fallback: Literal["last_token", "none"] = "last_token",
         seed: int = 0,
-        solver_elements: int = 64 * 2**20,
+        max_attention_mb: float | None = None,
+        block_size: int = 512,
     ) -> None:
         """
         Args:
@@ -51,23 +69,29 @@ class FlowCredit(RolloutCallback):
             layers: decoder layers whose attention is captured (default: 5 evenly spaced over
                 the middle third).
             sink_tokens: edges out of this many leading tokens are dropped (attention sinks).
-            max_in_degree: keep only this many strongest incoming edges per token (None: all;
-                the solver is dense, so pruning saves no time and only moves the flow, see
-                ``FlowConfig``).
+            keep_mass: per token, keep its strongest incoming edges until this share of its
+                incoming attention is kept (1: every edge, exact).
+            max_in_degree: at most this many incoming edges per token (None: no cap).
             min_capacity: drop edges whose attention is below this.
-            solver_elements: the solver works on as many responses at a time as fit this many
-                [n, T, T] elements (default 64M: 256 MB per float32 copy), bounding its memory.
             answer_fallback: where no ``\\boxed{}`` or ``####`` answer is found, use the last
                 response token as the answer (``last_token``) or fall back to uniform (``none``).
             seed: seed of the ``random`` signal.
+            max_attention_mb: largest dense attention held at once, in MiB (None: the credited rows
+                of one micro-batch); fewer rows than a micro-batch's are captured by extra passes.
+            block_size: positions per block of the flow solver (its memory: responses × block² × 8 B).
         """
         if not 0.0 <= top_fraction <= 1.0:
             raise ValueError(f"top_fraction={top_fraction}: expected a value in [0, 1]")
+        if max_attention_mb is not None and max_attention_mb <= 0:
+            raise ValueError(f"max_attention_mb={max_attention_mb}: expected a positive number of MiB or None")
         self.signal, self.top_fraction, self.boost, self.layers = signal, top_fraction, boost, layers
-        self.answer_fallback, self.solver_elements = answer_fallback, solver_elements
-        self.flow_config = FlowConfig(sink_tokens=sink_tokens, max_in_degree=max_in_degree, min_capacity=min_capacity, top_fraction=top_fraction, boost=boost)
+        self.answer_fallback, self.max_attention_mb = answer_fallback, max_attention_mb
+        self.flow_config = FlowConfig(
+            sink_tokens=sink_tokens, keep_mass=keep_mass, max_in_degree=max_in_degree, min_capacity=min_capacity,
+            top_fraction=top_fraction, boost=boost, block_size=block_size,
+        )
         self.generator = torch.Generator().manual_seed(seed)
-        self._row_stats: list[dict[str, Tensor]] = []  # per micro-batch of the current step
+        self._row_stats: list[dict[str, Tensor]] = []  # per chunk of credited rows of the current step
         self._seconds = 0.0  # this step's time in on_credit
         self._pieces: tuple[object, list[str] | None] | None = None  # (tokenizer, its piece_table), made on first use
 
@@ -80,32 +104,52 @@ class FlowCredit(RolloutCallback):
 
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         if self.signal in _NEEDS_ATTENTION:
-            pl_module.request_attention(self.layers)
+            budget = None if self.max_attention_mb is None else int(self.max_attention_mb * 2**20)
+            pl_module.request_attention(self.layers, max_bytes=budget)
 
-    def on_credit(self, trainer: Trainer, pl_module: LightningModule, rollouts: Rollouts, rows: slice) -> None:
+    def on_credit(self, trainer: Trainer, pl_module: LightningModule, rollouts: Rollouts, micro_batch: MicroBatch) -> None:
         start = time.perf_counter()
-        with torch.inference_mode():  # cheaper dispatch than no_grad for these many small ops; outputs are only read
-            weights, row_stats = self.compute(rollouts, rows, pl_module.tokenizer)
-        rollouts.token_weights[rows] = weights[:, rollouts.prompt_ids.shape[1] :].to(rollouts.token_weights.dtype)
-        self._row_stats.append(row_stats)
+        first, _, _ = micro_batch.rows.indices(len(rollouts))
+        is_credited = rollouts.credited[micro_batch.rows].tolist()
+        if self.signal in _NEEDS_ATTENTION:
+            chunks = micro_batch.attention_maps()
+        else:
+            chunks = [([first + j for j, yes in enumerate(is_credited) if yes], None)]
+        for rows, maps in chunks:
+            keep = [j for j, row in enumerate(rows) if is_credited[row - first]]  # another callback may record every row
+            if len(keep) < len(rows):
+                rows, maps = [rows[j] for j in keep], (maps[keep] if maps is not None else None)
+            if not rows:
+                continue
+            with torch.inference_mode():  # cheaper dispatch than no_grad for these many small ops; outputs are only read
+                read = self.read(rollouts, rows, maps, pl_module.tokenizer)
+            del maps  # the chunk's dense map is freed here: the solve sees only its graphs
+            with torch.inference_mode():
+                weights, stats = self.weigh(rollouts, read)
+            rollouts.token_weights[rows] = weights[:, rollouts.prompt_ids.shape[1] :].to(rollouts.token_weights.dtype)
+            self._row_stats.append(stats)
         self._seconds += time.perf_counter() - start
 
     def on_rollouts_end(self, trainer: Trainer, pl_module: LightningModule, rollouts: Rollouts) -> None:
         parts, seconds, self._row_stats, self._seconds = self._row_stats, self._seconds, [], 0.0
-        stats = parts[0] if len(parts) == 1 else {key: torch.cat([part[key] for part in parts]) for key in parts[0]}  # [k] each, credited rows
         # Every count in one reduction and one read: a sum of a few rows costs as much as a large one.
-        sums = dict(zip(stats, torch.stack(list(stats.values())).double().sum(dim=1).tolist()))
-        credited, fallback = len(stats["fallback"]), sums["fallback"]
-        # Fractions of the credited responses, summed over ranks before dividing (none logged on a step without any).
+        sums = dict.fromkeys(_STATS, 0.0)
+        if parts:
+            stacked = torch.stack([torch.cat([part[key] for part in parts]).double() for key in _STATS])  # [stats, credited rows]
+            sums = dict(zip(_STATS, stacked.sum(dim=1).tolist()))
+        credited, fallback = sum(len(part["fallback"]) for part in parts), sums["fallback"]
+        pl_module.step_scalars.add({"credit/time_s": seconds})
+        # Fractions of the credited responses, summed over ranks before dividing (every rank adds the
+        # same names, whatever it credited: they travel in one collective).
         pl_module.step_scalars.add_ratios({
             "credit/credited_fraction": (credited, len(rollouts)),
             "credit/answer_found_fraction": (sums["answer_found"], credited),
             "credit/fallback_fraction": (fallback, credited),
             "credit/nonfinite_attention_fraction": (sums["nonfinite"], credited),
             "credit/top_signal_share": (sums["top_share"], credited - fallback),  # 0 on fallback rows
-            "credit/copy_fraction": (sums["copy"], credited),
+            "credit/kept_capacity": (sums["kept_capacity"], sums["nodes"]),  # pruning: share of the incoming attention kept
+            "credit/edges_per_token": (sums["edges"], sums["nodes"]),  # flow signal only (no nodes otherwise)
         })
-        pl_module.step_scalars.add({"credit/time_s": seconds})
         if credited and is_logging_step(trainer) and trainer.is_global_zero:
             # The weights this callback gave the credited responses' tokens, {weight: tokens}, from
             # the counts compute keeps: no pass over the weights.
@@ -119,63 +163,38 @@ class FlowCredit(RolloutCallback):
             self._pieces = (tokenizer, piece_table(tokenizer))
         return self._pieces[1]
 
-    def flow(self, maps: Tensor, valid: Tensor, prompt: Tensor, answer: Tensor) -> tuple[Tensor, Tensor]:
-        """Throughput f [k, T] and degenerate flags [k] of the credited responses' ``maps``
-        ([k, T, T]; masks [k, T]), solved a memory-bounded chunk of responses at a time."""
-        chunk = max(1, self.solver_elements // valid.shape[1] ** 2)
-        parts = [
-            answer_flow(maps[rows], valid[rows], prompt[rows], answer[rows], self.flow_config)
-            for rows in (slice(i, i + chunk) for i in range(0, len(valid), chunk))
-        ]
-        if len(parts) == 1:  # the usual case: no concatenation copies
-            return parts[0].flow, parts[0].degenerate
-        return torch.cat([p.flow for p in parts]), torch.cat([p.degenerate for p in parts])
-
-    def compute(self, rollouts: Rollouts, rows: slice, tokenizer) -> tuple[Tensor, dict[str, Tensor]]:
-        """Weights over all positions [n, T] of ``rows``, and stats of its credited rows ([k] each:
+    def compute(self, rollouts: Rollouts, rows: list[int], maps: Tensor | None, tokenizer) -> tuple[Tensor, dict[str, Tensor]]:
+        """Weights over all positions [k, T] of the credited ``rows`` and their stats ([k] each:
         ``answer_found``, ``fallback``, ``nonfinite`` attention, ``top_share`` of the signal carried
-        by the boosted tokens, counts of ``boosted`` and all response ``tokens``, and ``copy``: the
-        row took an earlier identical row's results).
+        by the boosted tokens, counts of ``boosted`` and all response ``tokens``, and for the flow
+        graphs their response ``nodes``, ``edges`` into them and summed ``kept_capacity``).
 
-        Only responses with a nonzero advantage are credited: the loss multiplies the weights into
-        the advantage, so a zero advantage (a group whose rewards were all equal) cancels any
-        weights. Those rows keep weight 1 and skip the answer search and the signal. For the
-        signals that read attention, a credited row whose tokens repeat an earlier credited row's
-        (``rollouts.first_copy``) takes that row's weights and stats instead of being solved again.
-        Reads ``rollouts.attention`` (flow, attention_received) or ``rollouts.entropy`` (entropy) of the credited rows.
-        """
+        ``maps``  # [k, T, T] the rows' attention (flow, attention_received), else None. With the
+        flow signal the rows' solved graphs are added to ``rollouts.flow_graphs``."""
+        return self.weigh(rollouts, self.read(rollouts, rows, maps, tokenizer))
+
+    def read(self, rollouts: Rollouts, rows: list[int], maps: Tensor | None, tokenizer) -> _Read:
+        """Everything credit takes from the maps (the graphs, unsolved, or the signal) and the rows' masks and answers."""
         prompt_length = rollouts.prompt_ids.shape[1]
         device = rollouts.completion_ids.device
-        # Identical tokens give an identical map, hence identical credit: each is solved once, and a
-        # copy (its first copy is a credited row of the same micro-batch) takes that row's results.
-        local, picked, copy_of, is_copy = rollouts.credited_rows(rows, follow_copies=self.signal in _NEEDS_ATTENTION)  # [k], [s], [k] or None, [k]
-        first, stop, _ = rows.indices(len(rollouts))
-        weights = torch.ones(stop - first, prompt_length + rollouts.completion_ids.shape[1], device=device)  # [n, T]
-        if not len(local):
-            nothing = torch.zeros(0, dtype=torch.bool, device=device)
-            count = torch.zeros(0, dtype=torch.long, device=device)
-            return weights, {"answer_found": nothing, "fallback": nothing, "nonfinite": nothing, "top_share": torch.zeros(0, device=device), "boosted": count, "tokens": count, "copy": nothing}
-        kept = rollouts.completion_mask[picked]  # [k, L]
+        kept = rollouts.completion_mask[rows]  # [k, L]
         in_response = kept != 0  # [k, L]
         fallback = ~in_response.any(dim=1)  # [k] empty responses; flow adds its own degenerate cases
         # The completions were decoded before mask_truncated_completions may have emptied a row.
-        texts = [rollouts.completions[i] if not empty else "" for i, empty in zip(picked.tolist(), fallback.tolist())]
-        answer, source = answer_masks(tokenizer, rollouts.completion_ids[picked], kept, self.answer_fallback, texts=texts, pieces=self.piece_table(tokenizer))
+        texts = [rollouts.completions[i] if not empty else "" for i, empty in zip(rows, fallback.tolist())]
+        answer, source = answer_masks(tokenizer, rollouts.completion_ids[rows], kept, self.answer_fallback, texts=texts, pieces=self.piece_table(tokenizer))
         # [k, T] masks over prompt + response positions
-        prompt = pad(rollouts.prompt_mask[picked] != 0, (0, in_response.shape[1]))
+        prompt = pad(rollouts.prompt_mask[rows] != 0, (0, in_response.shape[1]))
         response = pad(in_response, (prompt_length, 0))
         valid = prompt | response
-        answer_full = pad(answer, (prompt_length, 0))
-        maps = rollouts.attention[picked] if self.signal in _NEEDS_ATTENTION else None  # [k, T, T]
-
+        graphs = signal = None
         if self.signal == "flow":
-            signal, degenerate = self.flow(maps, valid, prompt, answer_full)
-            fallback = fallback | degenerate  # degenerate: also no answer found
+            graphs = build_flow_graphs(maps, valid, prompt, pad(answer, (prompt_length, 0)), self.flow_config)
         elif self.signal == "attention_received":
             signal = attention_received(maps, valid)
         elif self.signal == "entropy":
             signal = torch.zeros(valid.shape, device=device)
-            signal[:, prompt_length:] = rollouts.entropy[picked]
+            signal[:, prompt_length:] = rollouts.entropy[rows]
         elif self.signal == "random":
             signal = random_signal(valid, self.generator).to(device)
         else:  # uniform: every token keeps weight 1, whatever top_fraction says
@@ -184,22 +203,48 @@ class FlowCredit(RolloutCallback):
         if maps is not None:  # [k] maps with a NaN/inf (an overflowing forward): uniform weights
             # One reduction over the maps (a sum is non-finite iff an entry is; the maps sum to at most T).
             nonfinite = ~torch.isfinite(maps.sum(dim=(1, 2)))
-            fallback = fallback | nonfinite
         else:
             nonfinite = torch.zeros_like(fallback)
-        credited = credit_weights(signal, response, self.top_fraction, self.boost, fallback)  # [k, T]
-        if copy_of is not None:  # every credited row, copies included, gets its first copy's results
-            signal, response, credited, fallback, nonfinite, source = (
-                value[copy_of] for value in (signal, response, credited, fallback, nonfinite, source)
-            )
-        weights[local] = credited
+        return _Read(list(rows), response, fallback | nonfinite, nonfinite, source, signal, graphs)
 
-        top = (credited != 1) & response  # the boosted tokens (a boost below 1 too)
+    def weigh(self, rollouts: Rollouts, read: _Read) -> tuple[Tensor, dict[str, Tensor]]:
+        """Solve the graphs (flow), rank the signal, and the stats of ``compute``."""
+        response, fallback, signal = read.response, read.fallback, read.signal
+        k = len(read.rows)
+        zeros = torch.zeros(k, dtype=torch.long, device=response.device)
+        nodes = edges = zeros
+        kept_mass = zeros.double()
+        if read.graphs is not None:
+            graphs = solve_flow(read.graphs, self.flow_config.block_size)
+            rollouts.flow_graphs.append((read.rows, graphs))
+            signal = torch.zeros(response.shape, dtype=graphs.f.dtype, device=response.device).index_put_((graphs.batch, graphs.position), graphs.f)  # [k, T]
+            fallback = fallback | graphs.degenerate  # degenerate: also no answer found
+            counted = graphs.role != ROLE_PROMPT  # the response's tokens: what the credit ranks
+            into = graphs.edge_index[1]
+            nodes = torch.bincount(graphs.batch[counted], minlength=k)
+            edges = torch.bincount(graphs.batch[into][counted[into]], minlength=k)
+            kept_mass = torch.zeros(k, dtype=torch.float64, device=response.device).index_add_(
+                0, graphs.batch[counted], kept_capacity(graphs)[counted].double(),
+            )
+        weights = credit_weights(signal, response, self.top_fraction, self.boost, fallback)  # [k, T]
+        top = (weights != 1) & response  # the boosted tokens (a boost below 1 too)
         share = (signal * top).sum(dim=1) / (signal * response).sum(dim=1).clamp(min=1e-12)  # [k]
         share = torch.where(fallback, 0.0, share)  # nothing boosted there (and a non-finite signal stays out of the sum)
         stats = {
-            "answer_found": source < 2, "fallback": fallback, "nonfinite": nonfinite, "top_share": share,
+            "answer_found": read.source < 2, "fallback": fallback, "nonfinite": read.nonfinite, "top_share": share,
             "boosted": top.sum(dim=1), "tokens": response.sum(dim=1),  # for the weight histogram
-            "copy": is_copy,  # took an earlier identical row's results
+            "nodes": nodes, "edges": edges, "kept_capacity": kept_mass,
         }
         return weights, stats
+
+
+class _Read(NamedTuple):
+    """What ``FlowCredit.read`` takes from a chunk of credited rows (all [k] or [k, T])."""
+
+    rows: list[int]  # rollout rows
+    response: Tensor  # [k, T] bool, response positions
+    fallback: Tensor  # [k] bool, uniform weights so far (empty response, non-finite map, uniform signal)
+    nonfinite: Tensor  # [k] bool, the map had a NaN or inf
+    source: Tensor  # [k] long, where the answer was found (answer.SOURCE_*)
+    signal: Tensor | None  # [k, T] the signal, for signals read directly
+    graphs: Batch | None  # the unsolved flow graphs (flow signal)

@@ -12,9 +12,10 @@ logger, it writes
   a response's flow carried by its top 10 % of tokens, mean over responses);
 * ``perf/flow_pictures_time_s``: what all of this cost on that step.
 
-The attention comes from ``rollouts.attention`` when a callback requested it (FlowCredit does);
-otherwise one capture pass runs over the drawn responses only (with the weights after the
-update). Other steps cost nothing.
+The flow comes from the graphs ``FlowCredit`` solved this step (``rollouts.flow_graphs``), so the
+pictures show exactly what was credited; a drawn response without one (plain GRPO, or a group
+whose rewards were all equal) gets one capture pass and its graph here, with this callback's
+``trace`` options (after the update). Other steps cost nothing.
 """
 
 from __future__ import annotations
@@ -28,13 +29,15 @@ from lightning.pytorch import LightningModule, Trainer
 from torch import Tensor
 
 from lightning_flow.capture import capture_attention, default_capture_layers
-from lightning_flow.flow import answer_flow
+from torch_geometric.utils import to_dense_batch
+
+from lightning_flow.flow import ROLE_PROMPT, build_flow_graphs, solve_flow
 from lightning_flow.flow.answer import answer_masks
 from lightning_flow.policy import position_ids_from_mask
 from lightning_flow.render import RenderConfig, png_array
 from lightning_flow.rewards import extract_answer_text
 from lightning_flow.rollouts import RolloutCallback, Rollouts
-from lightning_flow.trace import Trace, TraceConfig, flow_concentration, trace_from_attention
+from lightning_flow.trace import Trace, TraceConfig, flow_concentration, trace_from_graph
 
 
 def pick_rows(total_rewards: Tensor, group: int, groups: int, nonempty: Tensor) -> list[tuple[int, str]]:
@@ -91,7 +94,6 @@ class FlowPictures(RolloutCallback):
         trace: TraceConfig = TraceConfig(),
         render: RenderConfig = RenderConfig(font_size=8.0, dpi=90),
         max_response_chars: int = 600,
-        solver_elements: int = 64 * 2**20,
     ) -> None:
         """
         Args:
@@ -99,18 +101,16 @@ class FlowPictures(RolloutCallback):
                 the trainer's ``log_every_n_steps``); nothing runs on other steps.
             groups: groups shown in the table (best and worst response of each).
             pictures: flow pictures per logging step (the first rows of the table).
-            trace: flow graph and answer options; use FlowCredit's so the pictures show its flow
-                (``trace.layers`` only matters when no attention was captured for the step).
+            trace: flow graph and answer options for responses FlowCredit did not credit (the
+                credited ones are drawn from its graphs), and what a picture shows.
             render: picture options.
             max_response_chars: longer responses are cut in the middle in the table.
-            solver_elements: the step's flow is solved on as many responses at a time as fit
-                this many [n, T, T] elements.
         """
         if every_n_steps is not None and every_n_steps < 1:
             raise ValueError(f"every_n_steps={every_n_steps}: must be >= 1 or None")
         self.every_n_steps, self.groups, self.pictures = every_n_steps, groups, pictures
         self.trace_config, self.render_config = trace, render
-        self.max_response_chars, self.solver_elements = max_response_chars, solver_elements
+        self.max_response_chars = max_response_chars
         self.last_cost_s: float | None = None  # cost of the latest logging step, for benchmarks
 
     def is_logging_step(self, trainer: Trainer, step: int) -> bool:
@@ -129,52 +129,54 @@ class FlowPictures(RolloutCallback):
         writer.add_text("flow/completions", completions_table(rollouts, rows, pl_module.reward_suite.names, group, self.max_response_chars), step)
 
         drawn = [row for row, _ in rows[: self.pictures]]
-        # The rows the step recorded (with FlowCredit: those with a nonzero advantage); the drawn
-        # rows it did not record are captured here, with the same layers.
-        recorded = [] if rollouts.attention is None else rollouts.attention_recorded.nonzero().squeeze(1).tolist()
-        if recorded:
-            layers = pl_module.attention_layers
-        else:
-            layers = self.trace_config.layers or pl_module.attention_layers or default_capture_layers(pl_module.policy.config.num_hidden_layers)
-        attention = {row: rollouts.attention[row] for row in recorded}
-        missing = [row for row in drawn if row not in attention]
+        graphs = {row: rollouts.flow_graph(row) for row in drawn}  # FlowCredit's, for the rows it credited
+        missing = [row for row in drawn if graphs[row] is None]
+        solved = [batch for _, batch in rollouts.flow_graphs]
         if missing:
-            mask = rollouts.attention_mask[missing]  # [n, T]
-            captured = capture_attention(pl_module.policy, rollouts.input_ids[missing], mask, layers, position_ids=position_ids_from_mask(mask))
-            attention.update(zip(missing, captured))
-        stat_rows = sorted(attention)  # stats over every row with a map
+            solved.append(self.solve_rows(rollouts, missing, pl_module))
+            graphs.update(zip(missing, solved[-1].to_data_list()))
         for j, (row, label) in enumerate(rows[: self.pictures]):
             meta = {"title": f"step {step} · row {row} ({label} of group {row // group})",
                     "reward": f"{float(rollouts.total_rewards[row]):.3g}", "advantage": f"{float(rollouts.advantages[row]):+.3f}",
                     "gold": rollouts.golds[row]}
-            trace = self.row_trace(rollouts, row, attention[row], pl_module, layers, meta)
+            layers = self.trace_layers(pl_module) if row in missing else pl_module.attention_layers
+            trace = self.row_trace(rollouts, row, graphs[row], pl_module, layers, meta)
             writer.add_image(f"flow/picture_{j}", png_array(trace, self.render_config), step, dataformats="HWC")
 
         weights = rollouts.token_weights[rollouts.completion_mask > 0]  # [tokens]
         writer.add_histogram("flow/token_weights", weights.float().cpu(), step)
-        if stat_rows:
-            flow, response, degenerate = self.step_flow(rollouts, stat_rows, attention, pl_module)
-            ok = ~degenerate
-            if ok.any():
-                writer.add_histogram("flow/values", flow[response & ok[:, None]].float().cpu(), step)
-                share = flow_concentration(flow[ok], response[ok], self.trace_config.concentration_fraction)
-                writer.add_scalar("flow/top_share", float(share.nanmean()), step)
+        values, shares = [], []  # over every response with a solved graph
+        for batch in solved:
+            flow, _ = to_dense_batch(batch.f, batch.batch)  # [G, V] node layout
+            response, _ = to_dense_batch(batch.role != ROLE_PROMPT, batch.batch)  # [G, V]
+            ok = ~batch.degenerate  # [G]
+            values.append(flow[ok][response[ok]])
+            shares.append(flow_concentration(flow[ok], response[ok], self.trace_config.concentration_fraction))
+        if values and torch.cat(values).numel():
+            writer.add_histogram("flow/values", torch.cat(values).float().cpu(), step)
+            writer.add_scalar("flow/top_share", float(torch.cat(shares).nanmean()), step)
         self.last_cost_s = time.perf_counter() - start
         writer.add_scalar("perf/flow_pictures_time_s", self.last_cost_s, step)
 
-    def row_trace(self, rollouts: Rollouts, row: int, attention: Tensor, pl_module: LightningModule, layers: list[int] | None, meta: dict[str, Any]) -> Trace:
-        """The trace of one rollout row, padding removed, with the weights that reach the loss.  attention  # [T, T]"""
+    def trace_layers(self, pl_module: LightningModule) -> list[int]:
+        """Layers captured for rows that credit did not record."""
+        return self.trace_config.layers or pl_module.attention_layers or default_capture_layers(pl_module.policy.config.num_hidden_layers)
+
+    def row_trace(self, rollouts: Rollouts, row: int, graph, pl_module: LightningModule, layers: list[int] | None, meta: dict[str, Any]) -> Trace:
+        """The trace of one rollout row's solved graph, padding removed, with the weights that reach the loss."""
         keep = rollouts.attention_mask[row].bool()  # [T]
         response = rollouts.completion_mask[row] > 0  # [L]
         weights = rollouts.token_weights[row][response]  # [L']
-        return trace_from_attention(
-            attention[keep][:, keep], rollouts.input_ids[row][keep], int(rollouts.prompt_mask[row].sum()), pl_module.tokenizer,
-            self.trace_config, weights=weights, eos_token_ids=pl_module.eos_ids, layers=layers, meta=meta,
+        return trace_from_graph(
+            graph, rollouts.input_ids[row][keep], pl_module.tokenizer, self.trace_config, weights=weights,
+            eos_token_ids=pl_module.eos_ids, layers=layers, meta=meta,
         )
 
-    def step_flow(self, rollouts: Rollouts, rows: list[int], attention: dict[int, Tensor], pl_module: LightningModule) -> tuple[Tensor, Tensor, Tensor]:
-        """Throughput f [n, T], response mask [n, T] and degenerate flags [n] of ``rows``, solved in memory-bounded chunks."""
-        valid = rollouts.attention_mask[rows].bool()  # [n, T]
+    def solve_rows(self, rollouts: Rollouts, rows: list[int], pl_module: LightningModule):
+        """Solved flow graphs (a Batch) of ``rows``, from one capture pass with this callback's options."""
+        mask = rollouts.attention_mask[rows]  # [n, T]
+        maps = capture_attention(pl_module.policy, rollouts.input_ids[rows], mask, self.trace_layers(pl_module), position_ids=position_ids_from_mask(mask))
+        valid = mask.bool()
         p = rollouts.prompt_ids.shape[1]
         prompt = valid.clone()
         prompt[:, p:] = False
@@ -182,12 +184,5 @@ class FlowPictures(RolloutCallback):
                                  self.trace_config.answer_fallback, pl_module.eos_ids)
         answer_full = torch.zeros_like(valid)
         answer_full[:, p:] = answer.to(valid.device)
-        chunk = max(1, self.solver_elements // valid.shape[1] ** 2)
         cfg = self.trace_config.flow_config()
-        parts = []
-        for i in range(0, len(rows), chunk):
-            part = rows[i : i + chunk]
-            maps = torch.stack([attention[r] for r in part])  # [n, T, T]
-            parts.append(answer_flow(maps, valid[i : i + chunk], prompt[i : i + chunk], answer_full[i : i + chunk], cfg))
-        flow, degenerate = torch.cat([r.flow for r in parts]), torch.cat([r.degenerate for r in parts])
-        return flow, valid & ~prompt, degenerate
+        return solve_flow(build_flow_graphs(maps, valid, prompt, answer_full, cfg), cfg.block_size)

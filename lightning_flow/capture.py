@@ -146,7 +146,7 @@ def _recording_attention(module: nn.Module, query: Tensor, key: Tensor, value: T
             record_function(PROFILER_RANGE) if profiling else nullcontext(),
         ):
             recorder._record(module, query, key, attention_mask, kwargs)
-        if recorder.stop_after_last and module.layer_idx == recorder.layers[-1]:
+        if (recorder.stop_after_last or recorder._stop_pass) and module.layer_idx == recorder.layers[-1]:
             raise _StopForward
     delegate = _eager_function_of(module) if eager else sdpa_attention_forward
     return delegate(module, query, key, value, attention_mask, *args, **kwargs)
@@ -257,6 +257,7 @@ class AttentionRecorder:
         self._done: list[Tensor] = []
         self._next_out: Tensor | None = None
         self._next_rows: Tensor | None = None
+        self._stop_pass = False  # end the current pass after the last recorded layer (run's `stop`)
         self.stopwatch = Stopwatch()
         """Time spent recording (the computation of the maps, not the pass itself)."""
         self._reset_pass()
@@ -310,24 +311,28 @@ class AttentionRecorder:
         self._entered = False
 
     # -- passes ---------------------------------------------------------------------------------
-    def run(self, *args, forward: Callable | None = None, out: Tensor | None = None, rows: Tensor | None = None, **kwargs):
+    def run(
+        self, *args, forward: Callable | None = None, out: Tensor | None = None, rows: Tensor | None = None, stop: bool = False, **kwargs,
+    ):
         """Call the model (or ``forward``, a part of it that runs the recorded layers, such as its
         decoder stack) once inside the ``with``; returns its output, or None when the pass was stopped early.
 
-        ``out``: an optional ``[n, T, T]`` float32 buffer on the model's device that this pass's
-        map is accumulated into (it is zeroed first and later returned by :meth:`take`).
-        ``rows``: optional ``[k]`` indices of the batch rows to record; the maps of the other rows
-        stay zero and cost nothing.
+        ``rows``: optional ``[k]`` indices of the batch rows to record (the others cost nothing);
+        the pass's map then holds those k rows, in that order.
+        ``out``: an optional ``[k, T, T]`` float32 buffer on the model's device (k: the recorded
+        rows) that this pass's map is accumulated into (it is zeroed first and later returned by :meth:`take`).
+        ``stop``: end this pass right after the last recorded layer (as ``stop_after_last`` does for every pass).
         """
         if not self._entered:
             raise RuntimeError("AttentionRecorder.run must be called inside its `with` block")
-        self._next_out, self._next_rows = out, rows
+        self._next_out, self._next_rows, self._stop_pass = out, rows, stop
         try:
             return (forward or self.model)(*args, **kwargs)
         except _StopForward:
             return None
         finally:
             self._next_out = self._next_rows = None
+            self._stop_pass = False
 
     def take(self, attention_mask: Tensor | None = None) -> Tensor:
         """Maps of the forwards completed since the last ``take``: ``[n, T, T]`` float32; resets.
@@ -388,10 +393,11 @@ class AttentionRecorder:
                 "pass use_cache=False"
             )
         if self._sum is None:  # first recorded layer of this forward
-            self._sum = self._next_out if self._next_out is not None else torch.empty(n, t_q, t_k, dtype=torch.float32, device=query.device)
-            self._sum.zero_()
-            self._valid = self._valid_positions(attention_mask, n, t_q, query.device)
             self._rows = self._next_rows
+            k = n if self._rows is None else len(self._rows)
+            self._sum = self._next_out if self._next_out is not None else torch.empty(k, t_q, t_k, dtype=torch.float32, device=query.device)
+            self._sum.zero_()
+            self._valid = _batch_rows(self._valid_positions(attention_mask, n, t_q, query.device), self._rows)
         rows = self._rows
         if rows is not None:  # only these batch rows are recorded; the others' maps stay zero
             query, key = query.index_select(0, rows), key.index_select(0, rows)
@@ -454,10 +460,7 @@ class AttentionRecorder:
                 del scores
                 head_sum = probs[:, 0] if h1 - h0 == 1 else probs.sum(1)  # [n or k, r, c1]
                 del probs
-                if rows is None:
-                    self._sum[:, r0:r1, :c1].add_(head_sum, alpha=weight)
-                else:
-                    self._sum[:, r0:r1, :c1].index_add_(0, rows, head_sum, alpha=weight)
+                self._sum[:, r0:r1, :c1].add_(head_sum, alpha=weight)
         self._seen.append(module.layer_idx)
         if tuple(self._seen) == self.layers:
             # Padded keys got probability exactly 0 from the mask in every row; a padded query's row

@@ -48,7 +48,7 @@ from lightning_flow.policy import (
     position_ids_from_mask,
 )
 from lightning_flow.rewards import RewardConfig, RewardSuite, correctness_reward, verifier_timeouts
-from lightning_flow.rollouts import RolloutCallback, Rollouts, copy_first_maps, first_identical_rows
+from lightning_flow.rollouts import MicroBatch, RolloutCallback, Rollouts
 from lightning_flow.seeded_sampling import response_seeds
 from lightning_flow.step_scalars import StepScalars
 from lightning_flow.tokenizer import load_tokenizer
@@ -194,6 +194,7 @@ class GRPOModule(L.LightningModule):
         self.eos_ids = eos_token_ids(self.policy, self.tokenizer, sampling.extra_eos_token_ids)
         self.attention_layers: list[int] | None = None  # set by request_attention
         self.record_zero_advantage = False  # whether rows with a zero advantage are recorded too (request_attention)
+        self.attention_budget: int | None = None  # bytes of dense maps held at once (request_attention); None: a micro-batch's
         self.capture_seconds = self.credit_seconds = 0.0  # this step's, see first_pass
         self.attention_recorder: AttentionRecorder | None = None  # of attention_layers, made by request_attention, entered each step
         # Sampling noise comes from (seed, step, prompt source); see seeded_sampling.
@@ -203,15 +204,20 @@ class GRPOModule(L.LightningModule):
         self._rng_states_to_restore: dict | None = None  # from a checkpoint, applied when training starts
         self.step_scalars = StepScalars()  # this step's scalars; rollout callbacks add theirs in on_rollouts_end
 
-    def request_attention(self, layers: list[int] | None = None, zero_advantage_rows: bool = False) -> None:
-        """Record head- and layer-mean attention of these decoder layers into ``rollouts.attention``
-        every step, in the step's first forward over the rollouts (default: 5 layers evenly spaced
-        over the middle third). Called by credit callbacks in their ``setup``.
+    def request_attention(self, layers: list[int] | None = None, zero_advantage_rows: bool = False, max_bytes: int | None = None) -> None:
+        """Record head- and layer-mean attention of these decoder layers in the step's first forward
+        over the rollouts (default: 5 layers evenly spaced over the middle third) and hand it to
+        ``on_credit`` micro-batch by micro-batch (``MicroBatch.attention_maps``). Called by credit
+        callbacks in their ``setup``.
 
-        Responses with a zero advantage are left out (their maps stay zero, see
-        ``rollouts.attention_recorded``): no credit can reach the gradient through them. A caller
-        that needs every row asks with ``zero_advantage_rows=True`` (then every caller gets them)."""
+        Responses with a zero advantage are left out: no credit can reach the gradient through
+        them. A caller that needs every row asks with ``zero_advantage_rows=True`` (then every
+        caller gets them). ``max_bytes`` bounds the dense maps that exist at once (the smallest
+        asked for wins): a micro-batch whose recorded rows' maps would exceed it records the rest
+        in extra no-grad passes, a chunk of rows at a time."""
         self.record_zero_advantage = self.record_zero_advantage or zero_advantage_rows
+        if max_bytes is not None:
+            self.attention_budget = max_bytes if self.attention_budget is None else min(self.attention_budget, max_bytes)
         num_layers = self.policy.config.num_hidden_layers
         layers = default_capture_layers(num_layers) if layers is None else sorted(set(layers))
         if not layers or not all(0 <= layer < num_layers for layer in layers):
@@ -220,6 +226,7 @@ class GRPOModule(L.LightningModule):
         self.attention_recorder = AttentionRecorder(self.policy, layers)
 
     def on_fit_start(self) -> None:
+        self.check_attention_budget()
         responses = getattr(self.trainer.datamodule, "batch_size", 0) * self.sampling.num_generations
         size = self.grpo.micro_batch_size
         if responses and size < responses and responses % size:
@@ -232,6 +239,19 @@ class GRPOModule(L.LightningModule):
         stats = getattr(self.trainer.datamodule, "stats", None)
         if stats and self.logger:
             self.logger.log_metrics({f"data/{key}": float(value) for key, value in stats.items()}, step=0)
+
+    def check_attention_budget(self) -> None:
+        """Before the first step: one response's map, at the longest prompt + response, must fit the budget."""
+        longest = getattr(self.trainer.datamodule, "max_prompt_length", None)
+        if self.attention_budget is None or not self.attention_layers or longest is None:
+            return
+        positions = longest + self.sampling.max_new_tokens
+        if 4 * positions**2 > self.attention_budget:
+            raise ValueError(
+                f"the attention budget ({self.attention_budget / 2**20:.1f} MiB, FlowCredit's max_attention_mb) holds no "
+                f"response's map: {positions} positions (data.max_prompt_length {longest} + model.sampling.max_new_tokens "
+                f"{self.sampling.max_new_tokens}) need {4 * positions**2 / 2**20:.1f} MiB"
+            )
 
     # ---- the step -------------------------------------------------------------------------
     def training_step(self, batch: dict, batch_idx: int) -> None:
@@ -325,37 +345,50 @@ class GRPOModule(L.LightningModule):
     @contextmanager
     def first_pass_recording(self, rollouts: Rollouts) -> Iterator[AttentionRecorder | None]:
         """Opens the step's first pass over the rollouts: allocates ``rollouts.entropy`` and, when a
-        callback asked for attention, ``rollouts.attention`` and the recorder that fills it (None
-        otherwise); entered once per pass, not per micro-batch."""
+        callback asked for attention, enters the recorder (None otherwise); once per pass, not per micro-batch."""
         rollouts.entropy = torch.zeros_like(rollouts.completion_mask)
         if not self.attention_layers:
             yield None
             return
-        mask, credited = rollouts.attention_mask, rollouts.credited  # [N, T], [N]: each property builds a tensor
-        n, t = mask.shape
-        rollouts.attention = torch.empty(n, t, t, dtype=torch.float32, device=rollouts.completion_ids.device)
-        rollouts.attention_recorded = torch.ones_like(credited) if self.record_zero_advantage else credited
-        tokens = rollouts.input_ids.masked_fill(mask == 0, -1)
-        # Among credited rows only: a credited row's first copy is then credited too, so credit can read its solve.
-        rollouts.first_copy = first_identical_rows(tokens, credited, block=self.grpo.micro_batch_size)
         with self.attention_recorder as recorder:
             yield recorder
         self.capture_seconds += recorder.stopwatch.seconds()
 
     def first_pass(self, rollouts: Rollouts, rows: slice, recorder: AttentionRecorder | None) -> tuple[Tensor, Tensor]:
-        """Log-probs and entropies [n, L] of ``rows`` from the step's first forward over them,
-        which also records attention into ``rollouts.attention[rows]`` (with a ``recorder``) and
-        keeps the entropy; then the rollout callbacks set the rows' credit (``on_credit``)."""
-        logps, entropy = self.completion_logps(rollouts, rows, recorder)
+        """Log-probs and entropies [n, L] of ``rows`` from the step's first forward over them, which
+        also records the attention of the rows to credit (with a ``recorder``, as many as the budget
+        holds) and keeps the entropy; then the rollout callbacks set the rows' credit (``on_credit``).
+        The maps are dropped when the callbacks return."""
+        micro_batch = MicroBatch(rows, attention_rows=[])
         if recorder is not None:
-            recorder.take()  # the maps are already in rollouts.attention[rows], padding zeroed
-            copy_first_maps(rollouts, rows)
+            start, stop, _ = rows.indices(len(rollouts))
+            marked = [True] * (stop - start) if self.record_zero_advantage else rollouts.credited[rows].tolist()
+            micro_batch.attention_rows = [start + j for j, yes in enumerate(marked) if yes]
+            t = rollouts.prompt_ids.shape[1] + rollouts.completion_ids.shape[1]
+            budget = self.attention_budget
+            micro_batch.chunk_rows = len(marked) if budget is None else max(1, budget // (4 * t * t))
+            micro_batch.capture = partial(self.capture_rows, rollouts, recorder)
+        first = micro_batch.attention_rows[: micro_batch.chunk_rows]
+        local = torch.tensor([row - rows.start for row in first], dtype=torch.long, device=self.device) if first else None
+        logps, entropy = self.completion_logps(rollouts, rows, recorder if first else None, local)
+        if first:
+            micro_batch.recorded = (first, recorder.take())
         rollouts.entropy[rows] = entropy.detach()
         began = time.perf_counter()
         for callback in self.rollout_callbacks():
-            callback.on_credit(self.trainer, self, rollouts, rows)
+            callback.on_credit(self.trainer, self, rollouts, micro_batch)
         self.credit_seconds += time.perf_counter() - began
         return logps, entropy
+
+    @torch.no_grad()
+    def capture_rows(self, rollouts: Rollouts, recorder: AttentionRecorder, rows: list[int]) -> Tensor:
+        """[k, T, T] maps of these rollout rows from an extra pass (no grad, dropout off) that stops
+        after the last recorded layer: the rows the attention budget left out of the forward."""
+        mask = rollouts.attention_mask[rows]
+        inputs = dict(input_ids=rollouts.input_ids[rows], attention_mask=mask, position_ids=position_ids_from_mask(mask), use_cache=False)
+        with eval_mode(self.policy):  # inside on_credit: its time counts as credit time
+            recorder.run(forward=self.policy if self.decoder_and_head is None else self.decoder_and_head[0], stop=True, **inputs)
+        return recorder.take()
 
     def rollout_callbacks(self) -> list[RolloutCallback]:
         return [c for c in self.trainer.callbacks if isinstance(c, RolloutCallback)]
@@ -459,7 +492,9 @@ class GRPOModule(L.LightningModule):
         entropy, mask = (torch.nn.functional.pad(t, (0, width)) for t in (entropy, rollouts.completion_mask))
         return entropy_threshold(self.all_gather(entropy), self.all_gather(mask), self.grpo.top_entropy_quantile)
 
-    def completion_logps(self, rollouts: Rollouts, rows: slice, recorder: AttentionRecorder | None = None) -> tuple[Tensor, Tensor]:
+    def completion_logps(
+        self, rollouts: Rollouts, rows: slice, recorder: AttentionRecorder | None = None, record: Tensor | None = None,
+    ) -> tuple[Tensor, Tensor]:
         """Per-token log-probs and entropies of the completion tokens of ``rows``.  # [n, L] each
 
         Where the policy's head is a plain linear layer (``decoder_and_head``), the decoder's
@@ -468,9 +503,8 @@ class GRPOModule(L.LightningModule):
         other positions get 0 (they are masked out of the loss and the credit); otherwise the
         model's own head runs on the last L + 1 positions only and the log-softmax is chunked over
         their logits.
-        With a ``recorder`` the pass also records its attention into ``rollouts.attention[rows]``
-        (of the rows marked in ``rollouts.attention_recorded``, less the copies of earlier rows when
-        ``rollouts.first_copy`` is set).
+        With a ``recorder`` the pass also records the attention of the micro-batch rows ``record``
+        ([k] long, counted from the micro-batch's start), for ``recorder.take()``.
         """
         attention_mask = rollouts.attention_mask[rows]
         targets = rollouts.completion_ids[rows]
@@ -480,8 +514,7 @@ class GRPOModule(L.LightningModule):
         )
         forward = self.policy if self.decoder_and_head is None else self.decoder_and_head[0]
         if recorder is not None:
-            # a copy gets its first row's map (copy_first_maps)
-            forward = partial(recorder.run, forward=forward, out=rollouts.attention[rows], rows=rollouts.recorded_rows(rows))
+            forward = partial(recorder.run, forward=forward, rows=record)
         temperature, entropy_grad = self.sampling.temperature, self.grpo.entropy_coef != 0  # the bonus differentiates the entropy
         if self.decoder_and_head is None:
             logits = forward(**inputs, logits_to_keep=targets.shape[1] + 1).logits[:, :-1]
@@ -589,6 +622,18 @@ class GRPOModule(L.LightningModule):
         directory = Path(self.trainer.log_dir or self.trainer.default_root_dir) / "adapter"  # a collective call under DDP: every rank asks
         if self.trainer.is_global_zero:
             self.save_adapter(directory)
+
+
+@contextmanager
+def eval_mode(model: torch.nn.Module) -> Iterator[None]:
+    """Every module of ``model`` in eval mode (dropout off) inside the block; the flags are restored after."""
+    modes = {module: module.training for module in model.modules()}
+    model.eval()
+    try:
+        yield
+    finally:
+        for module, training in modes.items():
+            module.training = training
 
 
 def rollout_metrics(rollouts: Rollouts, reward_names: list[str], group: int) -> dict[str, Tensor]:

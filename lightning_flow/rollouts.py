@@ -6,12 +6,13 @@ length, L = padded completion length. Each stage reads what it needs and fills w
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import NamedTuple
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 from torch import Tensor
+from torch_geometric.data import Batch, Data
 
 
 @dataclass
@@ -32,10 +33,8 @@ class Rollouts:
     step: int = 0  # trainer.global_step when this step began: the step FlowPictures logs at
     old_logps: Tensor | None = None  # [N, L] float, sampling policy's log-probs (num_iterations > 1)
     ref_logps: Tensor | None = None  # [N, L] float, adapter-disabled log-probs (beta > 0)
-    attention: Tensor | None = None  # [N, P + L, P + L] float32 head- and layer-mean attention (query, key), when a callback asked for it
-    attention_recorded: Tensor | None = None  # [N] bool, rows whose map in `attention` was recorded (by default the `credited` ones; the others are zero)
     entropy: Tensor | None = None  # [N, L] float, predictive entropy of each completion position (the step's first policy pass)
-    first_copy: list[int] | None = None  # [N], with attention: the first credited row of the same micro-batch with the same tokens (itself if none earlier); only it is recorded, its copies get its map
+    flow_graphs: list[tuple[list[int], Batch]] = field(default_factory=list)  # solved flow graphs (FlowCredit): (rollout rows, one graph per row)
 
     @property
     def input_ids(self) -> Tensor:  # [N, P + L]
@@ -54,60 +53,46 @@ class Rollouts:
     def __len__(self) -> int:
         return self.completion_ids.shape[0]
 
-    def is_copy(self, row: int) -> bool:
-        """Whether ``row`` repeats an earlier credited row of its micro-batch (``first_copy``)."""
-        return self.first_copy is not None and self.first_copy[row] != row
-
-    def recorded_rows(self, rows: slice) -> Tensor:  # [r] long
-        """Rows of ``rows`` (counted from its start) whose map a forward records: those marked in
-        ``attention_recorded``, less the copies of an earlier row, which take its map."""
-        start, stop, _ = rows.indices(len(self))
-        marked = self.attention_recorded[rows].tolist()
-        recorded = [j for j, row in enumerate(range(start, stop)) if marked[j] and not self.is_copy(row)]
-        return torch.tensor(recorded, dtype=torch.long, device=self.completion_ids.device)
-
-    def credited_rows(self, rows: slice, follow_copies: bool = True) -> "CreditedRows":
-        """The credited rows of ``rows`` and, with ``follow_copies``, which of them are copies: those
-        are not solved, each takes the results of its first copy."""
-        start, stop, step = rows.indices(len(self))
-        if step != 1:
-            raise ValueError(f"rows={rows}: credit is computed over a contiguous slice of the rollouts")
-        credited = [row for row, yes in zip(range(start, stop), self.credited[rows].tolist()) if yes]
-        is_copy = [follow_copies and self.is_copy(row) for row in credited]
-        solved = [row for row, copy in zip(credited, is_copy) if not copy]
-        position = {row: index for index, row in enumerate(solved)}
-        device = self.completion_ids.device
-        copy_of = torch.tensor([position[self.first_copy[row]] for row in credited], device=device) if any(is_copy) else None
-        return CreditedRows(
-            torch.tensor([row - start for row in credited], dtype=torch.long, device=device),
-            torch.tensor(solved, dtype=torch.long, device=device), copy_of, torch.tensor(is_copy, dtype=torch.bool, device=device),
-        )
+    def flow_graph(self, row: int) -> Data | None:
+        """The solved flow graph of ``row`` (node attributes f, h, log_h, role, position), if credit made one."""
+        for rows, graphs in self.flow_graphs:
+            if row in rows:
+                return graphs.get_example(rows.index(row))
+        return None
 
 
-class CreditedRows(NamedTuple):
-    """The rows of one micro-batch that credit works on (``Rollouts.credited_rows``)."""
+@dataclass
+class MicroBatch:
+    """One micro-batch as ``RolloutCallback.on_credit`` sees it, right after the step's first forward over it.
 
-    local: Tensor  # [k] long, credited rows counted from the micro-batch's start
-    solved: Tensor  # [s] long, rollout rows of those that are no copy: each is solved once (s <= k)
-    copy_of: Tensor | None  # [k] long, position in ``solved`` of each credited row's first copy; None when none is a copy
-    is_copy: Tensor  # [k] bool, the row takes an earlier identical row's results
+    The attention of ``attention_rows`` comes chunk by chunk from ``attention_maps()``: the first
+    chunk was recorded by that forward itself; when the module's attention budget holds fewer
+    rows, the later chunks are recorded by extra no-grad passes that stop after the last recorded
+    layer. So at most one chunk's dense map (``[k, T, T]`` float32) exists at a time.
+    """
 
+    rows: slice  # the micro-batch's rollout rows: on_credit sets rollouts.token_weights[rows]
+    attention_rows: list[int]  # rollout rows whose maps attention_maps() yields (credited rows, or all when asked)
+    recorded: tuple[list[int], Tensor] | None = None  # rows and [k, T, T] maps recorded by the forward, handed over once
+    capture: Callable[[list[int]], Tensor] | None = None  # [k, T, T] maps of more rows, one extra pass
+    chunk_rows: int = 1  # rows per chunk (the attention budget)
 
-def first_identical_rows(tokens: Tensor, candidates: Tensor, block: int | None = None) -> list[int]:
-    """For each row of ``tokens`` [n, T], the first row among ``candidates`` ([n] bool) with the same
-    tokens in the same block of ``block`` consecutive rows (None: one block); itself when it is not
-    a candidate or no earlier candidate matches.  # -> [n]
+    def attention_maps(self) -> Iterator[tuple[list[int], Tensor]]:
+        """(rows, maps  # [k, T, T] float32 head- and layer-mean attention, query by key, zero at
+        padding) for every row of ``attention_rows``, one chunk at a time. Nothing here keeps a
+        chunk once it is handed over (the forward's own chunk is handed over once; a second caller
+        gets it from an extra pass), so a caller that drops it frees it."""
+        done = 0
+        if self.recorded is not None:
+            done = len(self.recorded[0])
+            yield self._hand_over()
+        for start in range(done, len(self.attention_rows), self.chunk_rows):
+            rows = self.attention_rows[start : start + self.chunk_rows]
+            yield rows, self.capture(rows)
 
-    Identical prompt + response tokens (padding included, e.g. ``ids.masked_fill(mask == 0, -1)``)
-    give identical attention, flow and credit, so one computation serves every copy: a small
-    policy's group often repeats a short answer word for word. Python tuples as keys: for a step's
-    few dozen short rows, cheaper than sorting the rows on the device."""
-    size = block or max(1, len(tokens))
-    first: dict[tuple[int, tuple[int, ...]], int] = {}
-    return [
-        first.setdefault((index // size, tuple(row)), index) if candidate else index
-        for index, (row, candidate) in enumerate(zip(tokens.tolist(), candidates.tolist()))
-    ]
+    def _hand_over(self) -> tuple[list[int], Tensor]:
+        recorded, self.recorded = self.recorded, None
+        return recorded
 
 
 class RolloutCallback(Callback):
@@ -117,23 +102,16 @@ class RolloutCallback(Callback):
     no-grad pass of the sampling log-probs when ``num_iterations > 1``, else the update's own
     forward), one micro-batch at a time, so that attention costs no extra pass:
 
-    1. ``on_credit(rows)`` per micro-batch, after the forward over ``rows`` and before their loss:
-       ``rollouts.attention[rows]`` (when the module was asked for attention) and
-       ``rollouts.entropy[rows]`` are filled; setting ``rollouts.token_weights[rows]`` is how
-       credit reaches the loss.
-    2. ``on_rollouts_end`` once after the update: every row's weights, attention and entropy.
+    1. ``on_credit(micro_batch)`` per micro-batch, after the forward over ``micro_batch.rows`` and
+       before their loss: ``rollouts.entropy[rows]`` is filled and, when the module was asked for
+       attention (``request_attention``), ``micro_batch.attention_maps()`` yields the maps;
+       setting ``rollouts.token_weights[rows]`` is how credit reaches the loss.
+    2. ``on_rollouts_end`` once after the update: every row's weights and entropy, and the flow
+       graphs credit kept (``rollouts.flow_graphs``).
     """
 
-    def on_credit(self, trainer: Trainer, pl_module: LightningModule, rollouts: Rollouts, rows: slice) -> None:
-        """Set ``rollouts.token_weights[rows]`` (in place); other rows are not ready yet."""
+    def on_credit(self, trainer: Trainer, pl_module: LightningModule, rollouts: Rollouts, micro_batch: MicroBatch) -> None:
+        """Set ``rollouts.token_weights[micro_batch.rows]`` (in place); other rows are not ready yet."""
 
     def on_rollouts_end(self, trainer: Trainer, pl_module: LightningModule, rollouts: Rollouts) -> None:
         """Inspect the step's rollouts after the update (log, draw)."""
-
-
-def copy_first_maps(rollouts: Rollouts, rows: slice) -> None:
-    """Give each row of ``rows`` that is a copy of an earlier one (``rollouts.first_copy``) that
-    row's recorded attention map: the tokens, hence the attention, are the same."""
-    copies = [row for row in range(*rows.indices(len(rollouts))[:2]) if rollouts.is_copy(row)]
-    if copies:
-        rollouts.attention[copies] = rollouts.attention[[rollouts.first_copy[row] for row in copies]]

@@ -2,9 +2,10 @@
 
 A trace holds, for every token of prompt + response, its text, role, influence ``h``, throughput
 ``f`` and credit weight, with its strongest incoming and outgoing edge flows ``f(i) · w(i, k)``,
-plus the backbone (the strongest edge flows of the whole response). It is computed from one
-head- and layer-mean attention map by the flow core (``lightning_flow.flow``), so the numbers are
-exactly the ones flow credit uses; ``trace_text`` also runs the model to capture that map.
+plus the backbone (the strongest edge flows of the whole response). It is read off one solved
+flow graph (``trace_from_graph``: the graph ``FlowCredit`` credited, or one built from a map by
+``trace_from_attention``), so the numbers are exactly the ones flow credit uses; ``trace_ids``
+also runs the model to capture that map.
 Pictures and pages are made from a trace by ``lightning_flow.render``.
 """
 
@@ -19,7 +20,9 @@ import torch
 from torch import Tensor
 
 from lightning_flow.capture import capture_attention, default_capture_layers
-from lightning_flow.flow import FlowConfig, answer_flow, backbone, boosted_count, capacities, credit_weights, edge_flows
+from torch_geometric.data import Data
+
+from lightning_flow.flow import ROLE_ANSWER, ROLE_PROMPT, FlowConfig, answer_flow, boosted_count, credit_weights, edge_flow
 from lightning_flow.flow.answer import SOURCE_BOXED, SOURCE_FALLBACK, SOURCE_HASH, answer_masks, token_char_offsets
 from lightning_flow.policy import position_ids_from_mask
 
@@ -35,6 +38,8 @@ class TraceConfig:
     """Decoder layers whose attention is averaged (None: 5 evenly spaced over the middle third)."""
     sink_tokens: int = 1
     """Edges out of this many leading tokens are dropped (attention sinks)."""
+    keep_mass: float = 1.0
+    """Per token, keep its strongest incoming edges until this share of its incoming attention is kept."""
     max_in_degree: int | None = None
     """Keep only this many strongest incoming edges per token (None: all)."""
     min_capacity: float = 1e-6
@@ -53,7 +58,7 @@ class TraceConfig:
     """The concentration figure is the share of the response's flow carried by this top fraction of its tokens."""
 
     def flow_config(self) -> FlowConfig:
-        return FlowConfig(self.sink_tokens, self.max_in_degree, self.min_capacity, self.top_fraction, self.boost)
+        return FlowConfig(self.sink_tokens, self.keep_mass, self.max_in_degree, self.min_capacity, self.top_fraction, self.boost)
 
 
 @dataclass
@@ -117,13 +122,20 @@ def flow_concentration(flow: Tensor, response: Tensor, fraction: float = 0.1) ->
     return torch.where(total > 0, top / total.clamp_min(1e-30), torch.full_like(total, float("nan")))
 
 
-def _strongest_edges(edge: Tensor, k: int) -> tuple[list[list[dict[str, float]]], list[list[dict[str, float]]]]:
-    """Per token, its up to k strongest incoming and outgoing edge flows (zero flows are no edges).  edge  # [T, T] f(i) w(i, k)"""
-    k = min(k, edge.shape[0])
-    in_value, in_index = (x.T.tolist() for x in edge.topk(k, dim=0))  # [T, k] strongest sources of each target
-    out_value, out_index = (x.tolist() for x in edge.topk(k, dim=1))  # [T, k] strongest targets of each source
-    top_in = [[{"source": i, "flow": v} for v, i in zip(vs, ix) if v > 0] for vs, ix in zip(in_value, in_index)]
-    top_out = [[{"target": i, "flow": v} for v, i in zip(vs, ix) if v > 0] for vs, ix in zip(out_value, out_index)]
+def _strongest_edges(edge_index: Tensor, flow: Tensor, t: int, k: int) -> tuple[list[list[dict[str, float]]], list[list[dict[str, float]]]]:
+    """Per token, its up to k strongest incoming and outgoing edge flows (zero flows are no edges).
+    edge_index  # [2, E] (source, target) node ids;  flow  # [E] f(i) w(i, k)"""
+    top_in: list[list[dict[str, float]]] = [[] for _ in range(t)]
+    top_out: list[list[dict[str, float]]] = [[] for _ in range(t)]
+    order = torch.argsort(flow, descending=True, stable=True)
+    sources, targets, values = edge_index[0, order].tolist(), edge_index[1, order].tolist(), flow[order].tolist()
+    for i, j, v in zip(sources, targets, values):
+        if v <= 0:
+            break
+        if len(top_in[j]) < k:
+            top_in[j].append({"source": i, "flow": v})
+        if len(top_out[i]) < k:
+            top_out[i].append({"target": j, "flow": v})
     return top_in, top_out
 
 
@@ -145,59 +157,82 @@ def trace_from_attention(
     layers: list[int] | None = None,
     meta: dict[str, Any] | None = None,
 ) -> Trace:
-    """The trace of one unpadded prompt + response.
+    """The trace of one unpadded prompt + response from its attention map: the flow graph is
+    built and solved as flow credit does, then read by ``trace_from_graph``.
 
     attention      # [T, T] head- and layer-mean attention (query, key) over these tokens
     token_ids      # [T] prompt ids then response ids
     prompt_length  # p: the first p tokens are the prompt
-    weights        # [L] final credit weights of the response tokens (what reached the loss);
-                   # None computes them from the flow as FlowCredit's flow signal does
-    eos_token_ids  # never marked as answer (default: the tokenizer's EOS)
     """
     t = token_ids.shape[0]
     if attention.shape != (t, t) or not 0 < prompt_length < t:
         raise ValueError(f"need attention [T, T] for T={t} tokens and 0 < prompt_length < T, got {tuple(attention.shape)} and {prompt_length}")
-    if weights is not None and weights.shape != (t - prompt_length,):
-        raise ValueError(f"weights must be [L] = [{t - prompt_length}], got {tuple(weights.shape)}")
-    ids = token_ids.tolist()
-    response_ids = token_ids[prompt_length:].cpu()  # [L]
-    answer, source = answer_masks(tokenizer, response_ids[None], torch.ones(1, t - prompt_length), cfg.answer_fallback, eos_token_ids)
+    answer, _ = answer_masks(tokenizer, token_ids[None, prompt_length:].cpu(), torch.ones(1, t - prompt_length), cfg.answer_fallback, eos_token_ids)
     device = attention.device
     valid = torch.ones(1, t, dtype=torch.bool, device=device)  # [1, T]
     prompt = torch.arange(t, device=device)[None] < prompt_length  # [1, T]
-    response = valid & ~prompt  # [1, T]
     answer_full = torch.cat([torch.zeros(1, prompt_length, dtype=torch.bool), answer], dim=1).to(device)  # [1, T]
+    graph = answer_flow(attention[None].float(), valid, prompt, answer_full, cfg.flow_config()).graphs.get_example(0)
+    return trace_from_graph(graph, token_ids, tokenizer, cfg, weights, eos_token_ids, layers, meta)
 
-    flow_cfg = cfg.flow_config()
-    result = answer_flow(attention[None].float(), valid, prompt, answer_full, flow_cfg)
-    edge = edge_flows(capacities(attention[None].float(), valid, flow_cfg), result, answer_full)[0].cpu()  # [T, T] f(i) w(i, k)
-    degenerate = bool(result.degenerate[0]) or not bool(answer.any())
+
+@torch.no_grad()
+def trace_from_graph(
+    graph: Data,
+    token_ids: Tensor,
+    tokenizer: Any,
+    cfg: TraceConfig = TraceConfig(),
+    weights: Tensor | None = None,
+    eos_token_ids: list[int] | None = None,
+    layers: list[int] | None = None,
+    meta: dict[str, Any] | None = None,
+) -> Trace:
+    """The trace of one solved flow graph (``build_flow_graphs`` + ``solve_flow``), whose nodes are these tokens.
+
+    token_ids      # [T] the graph's tokens: prompt ids then response ids (node j is token j)
+    weights        # [L] final credit weights of the response tokens (what reached the loss);
+                   # None computes them from the flow as FlowCredit's flow signal does
+    eos_token_ids  # never marked as answer when naming the answer's source (default: the tokenizer's EOS)
+    """
+    t = token_ids.shape[0]
+    role = graph.role.cpu()  # [T]
+    prompt_length = int((role == ROLE_PROMPT).sum())
+    if graph.num_nodes != t or not 0 < prompt_length < t:
+        raise ValueError(f"the graph has {graph.num_nodes} nodes ({prompt_length} in the prompt) for {t} tokens; need a prompt and a response")
+    if weights is not None and weights.shape != (t - prompt_length,):
+        raise ValueError(f"weights must be [L] = [{t - prompt_length}], got {tuple(weights.shape)}")
+    ids = token_ids.tolist()
+    _, source = answer_masks(tokenizer, token_ids[None, prompt_length:].cpu(), torch.ones(1, t - prompt_length), cfg.answer_fallback, eos_token_ids)
+    answer = role == ROLE_ANSWER  # [T]
+    response = role != ROLE_PROMPT  # [T]
+    flow = graph.f.float().cpu()  # [T]
+    degenerate = bool(graph.degenerate) or not bool(answer.any())
     if weights is None:
-        fallback = torch.tensor([degenerate], device=device)
-        weights = credit_weights(result.flow, response, cfg.top_fraction, cfg.boost, fallback)[0, prompt_length:]  # [L]
+        weights = credit_weights(flow[None], response[None], cfg.top_fraction, cfg.boost, torch.tensor([degenerate]))[0, prompt_length:]  # [L]
     all_weights = torch.cat([torch.ones(prompt_length), weights.float().cpu()]).tolist()  # [T]
 
     prompt_text, prompt_pieces = _token_texts(tokenizer, ids[:prompt_length])
     response_text, response_pieces = _token_texts(tokenizer, ids[prompt_length:])
     vocab = tokenizer.convert_ids_to_tokens(ids)
-    roles = (torch.where(answer_full, 2, torch.where(prompt, 0, 1))[0]).tolist()
-    h, f = result.h[0].tolist(), result.flow[0].tolist()
+    h, f, roles = graph.h.float().cpu().tolist(), flow.tolist(), role.tolist()
     pieces = prompt_pieces + response_pieces
-    top_in, top_out = _strongest_edges(edge, cfg.top_edges)
+    edges = edge_flow(graph).float().cpu()  # [E]
+    top_in, top_out = _strongest_edges(graph.edge_index.cpu(), edges, t, cfg.top_edges)
     tokens = [
         TokenTrace(position=j, id=ids[j], text=pieces[j], piece=vocab[j], role=ROLES[roles[j]], h=h[j], f=f[j],
                    weight=all_weights[j], top_in=top_in[j], top_out=top_out[j])
         for j in range(t)
     ]
-    index, value = backbone(edge[None], cfg.backbone_edges)  # [1, k, 2], [1, k]
-    spine = [{"source": int(i), "target": int(j), "flow": float(v)} for (i, j), v in zip(index[0].tolist(), value[0].tolist()) if v > 0]
+    value, index = edges.topk(min(cfg.backbone_edges, len(edges)))
+    spine = [{"source": int(graph.edge_index[0, e]), "target": int(graph.edge_index[1, e]), "flow": float(v)}
+             for e, v in zip(index.tolist(), value.tolist()) if v > 0]
     answer_chars = "".join(tok.text for tok in tokens if tok.role == "answer")
-    share = flow_concentration(result.flow.cpu(), response.cpu(), cfg.concentration_fraction)[0].item()
+    share = flow_concentration(flow[None], response[None], cfg.concentration_fraction)[0].item()
     return Trace(
         prompt=prompt_text, response=response_text, tokens=tokens, backbone=spine,
         answer_text=answer_chars if answer.any() else None,
-        answer_source=_SOURCES.get(int(source[0]), "none"), degenerate=degenerate,
-        absorbed=float(result.absorbed[0]), concentration=None if math.isnan(share) else share,
+        answer_source=_SOURCES.get(int(source[0]), "none") if answer.any() else "none", degenerate=degenerate,
+        absorbed=float((flow * answer).sum()), concentration=None if math.isnan(share) else share,
         layers=list(layers or []), config=asdict(cfg), meta=dict(meta or {}),
     )
 

@@ -86,7 +86,7 @@ def test_every_capture_chunk_setting_records_the_maps_of_a_capture_pass(tmp_path
     import argparse
 
     from capture_chunks import SETTINGS, record_with
-    from flow_overhead import build_module, make_rollouts, step_parts
+    from flow_overhead import StepParts, build_module, make_rollouts
 
     from lightning_flow.callbacks.flow_credit import FlowCredit
     from lightning_flow.capture import capture_attention
@@ -95,10 +95,12 @@ def test_every_capture_chunk_setting_records_the_maps_of_a_capture_pass(tmp_path
     args = argparse.Namespace(shape="tiny", qlora=False, micro_batch=2)
     module = build_module(args, tmp_path)
     rollouts = make_rollouts(module, 2, 64, 200, seed=0)
-    _, update, _ = step_parts(module, rollouts, 200, FlowCredit())
+    parts = StepParts(module, rollouts, 200, FlowCredit())
     expected = capture_attention(module.policy, rollouts.input_ids, rollouts.attention_mask, module.attention_layers,
                                  position_ids=position_ids_from_mask(rollouts.attention_mask))
     for setting in SETTINGS:
-        seconds, maps = record_with(setting, update, rollouts)
+        seconds, maps = record_with(setting, parts)
         assert seconds > 0
         torch.testing.assert_close(maps, expected, rtol=1e-5, atol=1e-6)
+    parts.solve()  # FlowCredit on the recorded maps: one solved graph per response
+    assert [rows for rows, _ in rollouts.flow_graphs] == [[0, 1]] and rollouts.flow_graphs[0][1].num_graphs == 2

@@ -92,7 +92,8 @@ def length_reward(prompts: list[str], completions: list[str], golds: list[str]) 
 class ZeroCredit(RolloutCallback):
     """Gives every token weight 0: the update must then leave the adapter exactly as it was."""
 
-    def on_credit(self, trainer, pl_module, rollouts, rows):
+    def on_credit(self, trainer, pl_module, rollouts, micro_batch):
+        rows = micro_batch.rows
         assert rollouts.token_weights.shape == rollouts.completion_mask.shape
         assert torch.equal(rollouts.token_weights[rows], torch.ones_like(rollouts.completion_mask[rows]))
         rollouts.token_weights[rows] = 0.0

@@ -12,17 +12,21 @@ import pytest
 import torch
 
 from lightning_flow.flow import (
+    ROLE_ANSWER,
     FlowConfig,
     answer_flow,
     attention_received,
-    backbone,
     boosted_count,
-    build_token_graphs,
+    build_flow_graphs,
     capacities,
     credit_weights,
-    edge_flows,
+    dense_graph,
+    edge_flow,
+    kept_capacity,
     random_signal,
+    solve_flow,
 )
+from lightning_flow.flow.graph import prune_incoming
 
 TOL = 1e-5
 
@@ -66,6 +70,11 @@ def dense_from_graph(batch, t: int) -> torch.Tensor:
     graph = batch.batch[batch.edge_index[0]]  # [E]
     c[graph, batch.position[batch.edge_index[0]], batch.position[batch.edge_index[1]]] = batch.edge_attr
     return c
+
+
+def edge_flows(result, t: int) -> torch.Tensor:
+    """[N, T, T] edge flows f(i) w(i, k) of a solved result at [n, i, k] (positions)."""
+    return dense_graph(result.graphs, edge_flow(result.graphs), t)
 
 
 def weights_of(log_h: torch.Tensor, c: torch.Tensor, answer: torch.Tensor) -> torch.Tensor:
@@ -125,7 +134,7 @@ def test_matches_python_reference(t: int, cfg_id: int) -> None:
     result = answer_flow(att, valid, prompt, answer, cfg)
     c = capacities(att, valid, cfg)
     weights = credit_weights(result.flow, valid & ~prompt, cfg.top_fraction, cfg.boost, result.degenerate)
-    flows = edge_flows(c, result, answer)
+    flows = edge_flows(result, t)
     for n in range(len(rows)):
         ref = reference(att[n].tolist(), valid[n].tolist(), prompt[n].tolist(), answer[n].tolist(), cfg)
         assert bool(result.degenerate[n]) == ref["degenerate"]
@@ -183,7 +192,7 @@ def test_vector_matrix_is_the_sum_over_the_shared_index_in_any_layout() -> None:
 def test_graph_hand_built() -> None:
     att, valid, prompt, answer = hand_attention()
     cfg = FlowConfig(sink_tokens=1, max_in_degree=2, min_capacity=1e-4)
-    g = build_token_graphs(att, valid, prompt, answer, cfg)
+    g = build_flow_graphs(att, valid, prompt, answer, cfg)
     assert g.num_graphs == 1 and g.num_nodes == 5
     assert g.role.tolist() == [0, 0, 1, 2, 1]
     assert g.position.tolist() == [1, 2, 3, 4, 5]
@@ -217,7 +226,7 @@ def test_capacities_are_the_graph_edges_and_respect_pruning() -> None:
     att = random_attention(valid, gen, sharpness=2.5)
     cfg = FlowConfig(sink_tokens=2, max_in_degree=4, min_capacity=0.01)
     c = capacities(att, valid, cfg)
-    batch = build_token_graphs(att, valid, prompt, answer, cfg)
+    batch = build_flow_graphs(att, valid, prompt, answer, cfg)
     assert torch.equal(dense_from_graph(batch, t), c)
     assert batch.num_nodes == int(valid.sum())
     i, k = batch.edge_index
@@ -258,17 +267,15 @@ def test_chain_carries_all_the_flow() -> None:
     assert float(r.absorbed[0]) == pytest.approx(1, abs=TOL)
 
 
-def test_diamond_splits_evenly_and_backbone() -> None:
+def test_diamond_splits_evenly_and_every_edge_carries_half() -> None:
     edges = {(0, 1): 0.5, (0, 2): 0.5, (1, 3): 0.4, (2, 3): 0.4}
     att, valid, prompt, answer = small_graph(4, edges, [0], [3])
     r = answer_flow(att, valid, prompt, answer, NO_PRUNING)
     assert r.flow[0].tolist() == pytest.approx([1, 0.5, 0.5, 1], abs=TOL)
     assert r.h[0].tolist() == pytest.approx([0.4, 0.4, 0.4, 1], abs=TOL)  # answer h = 1 is the max
-    ef = edge_flows(capacities(att, valid, NO_PRUNING), r, answer)
-    index, value = backbone(ef, 5)  # every edge carries half the flow; the fifth is no edge
-    assert value[0].tolist() == pytest.approx([0.5, 0.5, 0.5, 0.5, 0], abs=TOL)
-    assert sorted(map(tuple, index[0, :4].tolist())) == [(0, 1), (0, 2), (1, 3), (2, 3)]
-    assert backbone(ef, 100)[0].shape == (1, 16, 2)  # k is capped at T * T
+    flows = edge_flow(r.graphs)  # every edge carries half the flow
+    assert flows.tolist() == pytest.approx([0.5, 0.5, 0.5, 0.5], abs=TOL)
+    assert sorted(map(tuple, r.graphs.edge_index.T.tolist())) == [(0, 1), (0, 2), (1, 3), (2, 3)]
 
 
 def test_dead_end_and_tokens_after_the_answer_get_nothing() -> None:
@@ -301,7 +308,7 @@ def test_invariants_on_padded_batches(block_size: int) -> None:
     passes = ~answer & torch.isfinite(r.log_h)
     assert torch.allclose(w.sum(-1)[passes], torch.ones(()).double(), atol=TOL)
     # Conservation: what enters a node (plus the source) leaves it, or is absorbed at the answer.
-    ef = edge_flows(c, r, answer).double()
+    ef = edge_flows(r, t).double()
     log_z = torch.logsumexp(torch.where(prompt, r.log_h, -math.inf), -1, keepdim=True)
     mu = torch.where(prompt, (r.log_h - log_z).exp(), 0.0)
     inflow = ef.sum(1) + mu  # [N, T]
@@ -427,6 +434,138 @@ def test_8k_tokens_stay_finite_and_conserve_flow(row_sum: float) -> None:
         w_sum = (band * torch.stack([(lh[1:-1] - lh[:-2]).exp(), (lh[2:] - lh[:-2]).exp()], -1)).sum(-1)
         passes = torch.isfinite(lh[:-2]) & ~answer[0, :-2]
         assert torch.allclose(w_sum[passes], torch.ones(()).double(), atol=TOL)
+
+
+# ---- pruning by kept mass ---------------------------------------------------------------------------
+def test_prune_incoming_keeps_the_shortest_strongest_run_reaching_keep_mass() -> None:
+    row = torch.tensor([[1.0, 4.0, 0.0, 2.0, 2.0, 1.0]], dtype=torch.float64)  # sum 10: exact sums
+    kept = lambda mass, cap=None: prune_incoming(row, mass, cap)[0].tolist()  # noqa: E731
+    assert kept(1.0) == row[0].tolist()
+    assert kept(0.4) == [0, 4, 0, 0, 0, 0]  # 4 alone reaches 40 %
+    assert kept(0.41) == [0, 4, 0, 2, 0, 0]  # then the earlier of the tied 2s
+    assert kept(0.8) == [0, 4, 0, 2, 2, 0]
+    assert kept(0.81) == [1, 4, 0, 2, 2, 0]  # then the earlier 1
+    assert kept(1.0, 2) == [0, 4, 0, 2, 0, 0]  # the cap cuts first
+    assert kept(0.3, 2) == [0, 4, 0, 0, 0, 0]
+    assert prune_incoming(torch.zeros(2, 3), 0.5, 1).tolist() == [[0, 0, 0], [0, 0, 0]]  # no edges stay no edges
+
+
+def float64_dense_flow(att, valid, prompt, answer, sink_tokens: int = 1, min_capacity: float = 1e-6):
+    """Unpruned flow, written out as two dense float64 solves per response: (I - C') h = 1_S with
+    the answer's out-edges removed, then (I - Wᵀ) f = μ. Returns (f [N, T], log h [N, T], degenerate [N])."""
+    n, t = valid.shape
+    flows, log_hs, degenerate = torch.zeros(n, t, dtype=torch.float64), torch.full((n, t), -math.inf, dtype=torch.float64), []
+    for r in range(n):
+        idx = valid[r].nonzero().flatten()
+        a = att[r][idx][:, idx].double()  # [V, V] query, key
+        c = torch.tril(a, -1).T.clone()  # [i, k] c(i, k) = Ā[k, i], i < k
+        c[:sink_tokens] = 0
+        c[c < min_capacity] = 0
+        ans, pr = answer[r][idx], prompt[r][idx]
+        c_pass = c * (~ans).double()[:, None]  # answer tokens feed the super-sink only
+        h = torch.linalg.solve(torch.eye(len(idx), dtype=torch.float64) - c_pass, ans.double())
+        z = (h * pr).sum()
+        if not ans.any() or z <= 0:
+            degenerate.append(True)
+            continue
+        mu = h * pr / z
+        w = torch.where((h[:, None] > 0) & ~ans[:, None], c * h[None, :] / h[:, None].clamp_min(1e-300), 0.0)
+        f = torch.linalg.solve(torch.eye(len(idx), dtype=torch.float64) - w.T, mu)
+        flows[r, idx], log_hs[r, idx] = f, h.log()
+        degenerate.append(False)
+    return flows, log_hs, torch.tensor(degenerate)
+
+
+@pytest.mark.parametrize("block_size", [512, 6])
+def test_unpruned_graph_flow_equals_a_dense_float64_solve_on_padded_batches(block_size: int) -> None:
+    gen = torch.Generator().manual_seed(21)
+    t = 70
+    rows = [(0, 9, 50, 40, 3), (15, 6, 40, 39, 1), (4, 10, 45, 2, 4), (20, 3, 12, 5, 2)] + [random_layout(gen, t) for _ in range(4)]
+    valid, prompt, answer = layout(rows, t)
+    att = random_attention(valid, gen, sharpness=2.0)
+    r = answer_flow(att, valid, prompt, answer, FlowConfig(keep_mass=1.0, block_size=block_size))
+    f, log_h, degenerate = float64_dense_flow(att, valid, prompt, answer)
+    assert torch.equal(r.degenerate, degenerate)
+    assert torch.allclose(r.flow.double(), f, atol=TOL)
+    ok = ~degenerate
+    finite = torch.isfinite(log_h[ok])
+    assert torch.equal(torch.isfinite(r.log_h[ok]), finite)
+    assert torch.allclose(r.log_h[ok][finite], log_h[ok][finite], atol=1e-9)
+
+
+@pytest.mark.parametrize("keep_mass, max_in_degree", [(0.9, None), (0.6, None), (0.95, 4), (1.0, 2)])
+def test_pruned_graphs_keep_the_invariants(keep_mass: float, max_in_degree: int | None) -> None:
+    gen = torch.Generator().manual_seed(12)
+    t = 60
+    rows = [(0, 9, 40, 30, 3), (9, 6, 40, 39, 1), (4, 10, 40, 2, 4)] + [random_layout(gen, t) for _ in range(5)]
+    valid, prompt, answer = layout(rows, t)
+    att = random_attention(valid, gen, sharpness=3.0)
+    cfg = FlowConfig(keep_mass=keep_mass, max_in_degree=max_in_degree, block_size=16)
+    r = answer_flow(att, valid, prompt, answer, cfg)
+    g = r.graphs
+    assert not r.degenerate.any()
+    assert r.absorbed.tolist() == pytest.approx([1.0] * len(rows), abs=TOL)  # the answer absorbs all the flow
+    # Every kept token keeps at least keep_mass of its incoming capacity, unless the cap cut first.
+    in_degree = torch.bincount(g.edge_index[1], minlength=g.num_nodes)
+    uncut = in_degree < (max_in_degree or t)
+    assert bool((kept_capacity(g)[uncut] >= keep_mass - 1e-6).all())
+    # Out-sums of the conditioned weights are 1 on every sender.
+    source, target = g.edge_index
+    w = (g.edge_attr.double().log() + g.log_h[target] - g.log_h[source]).exp()
+    sender = (g.role != ROLE_ANSWER) & torch.isfinite(g.log_h)
+    w_out = torch.zeros(g.num_nodes, dtype=torch.float64).index_add_(0, source, torch.where(sender[source], w, 0.0))
+    assert torch.allclose(w_out[sender], torch.ones(()).double(), atol=TOL)
+    # Nothing after the last answer token.
+    last = torch.where(answer, torch.arange(t), -1).amax(-1, keepdim=True)
+    after = torch.arange(t) > last
+    assert not r.h[after].any() and not r.flow[after].any()
+
+
+# ---- range: h across hundreds of orders of magnitude inside one block --------------------------------
+def sink_chain(t: int, n_prompt: int, keep: float, second: float = 0.0):
+    """Query k attends `keep` to k - 1, `second` to k - 2 and the rest to the sink (position 0, whose
+    edges are dropped): h decays by about (keep + second) per token backwards from the answer."""
+    att = torch.zeros(1, t, t, dtype=torch.float64)
+    k = torch.arange(2, t)
+    att[0, k, k - 1], att[0, k, k - 2], att[0, k, 0] = keep, second, 1 - keep - second
+    att[0, 1, 0], att[0, 0, 0] = 1.0, 1.0
+    valid = torch.ones(1, t, dtype=torch.bool)
+    prompt, answer = torch.zeros_like(valid), torch.zeros_like(valid)
+    prompt[0, 1:n_prompt], answer[0, t - 3] = True, True
+    return att, valid, prompt, answer
+
+
+@pytest.mark.parametrize("span", [1e30, 1e100, 1e300])
+def test_h_spanning_hundreds_of_orders_in_one_block_gives_the_float64_flow(span: float) -> None:
+    t, n_prompt = 400, 20
+    ratio = span ** (-1 / (t - n_prompt))  # h(i) = 0.7 r h(i + 1) + 0.3 r² h(i + 2) decays by r per token
+    att, valid, prompt, answer = sink_chain(t, n_prompt, 0.7 * ratio, second=0.3 * ratio**2)
+    r = answer_flow(att.float(), valid, prompt, answer, FlowConfig(block_size=512, min_capacity=0.0))
+    ref = reference(att[0].float().tolist(), valid[0].tolist(), prompt[0].tolist(), answer[0].tolist(), FlowConfig(min_capacity=0.0))
+    h_span = max(ref["h"].values()) / min(v for v in ref["h"].values() if v > 0)
+    assert h_span > span / 100  # the map really spans that range inside the one block
+    assert not r.degenerate[0] and torch.isfinite(r.flow).all() and not r.flow.isnan().any()
+    assert float(r.absorbed[0]) == pytest.approx(1.0, abs=TOL)
+    assert r.flow[0].tolist() == pytest.approx([ref["f"][i] for i in range(t)], abs=TOL)
+
+
+def test_h_beyond_float64_in_one_block_is_a_counted_degenerate_row_not_nan() -> None:
+    att, valid, prompt, answer = sink_chain(700, 20, keep=0.2)  # h spans 0.2 ** 680 ≈ 1e-475
+    r = answer_flow(att.float(), valid, prompt, answer, FlowConfig(block_size=1024, min_capacity=0.0))
+    assert bool(r.degenerate[0]) and not r.flow.isnan().any() and not r.flow.any()
+    # The same map in blocks of 512 keeps each block inside float64 and solves it.
+    blocked = answer_flow(att.float(), valid, prompt, answer, FlowConfig(block_size=256, min_capacity=0.0))
+    assert not blocked.degenerate[0] and float(blocked.absorbed[0]) == pytest.approx(1.0, abs=TOL)
+
+
+def test_solve_flow_fills_node_attributes_of_the_graphs() -> None:
+    att, valid, prompt, answer = hand_attention()
+    g = build_flow_graphs(att, valid, prompt, answer, NO_PRUNING)
+    assert g.f.abs().sum() == 0 and g.edge_index.shape[1] == 10
+    solve_flow(g)
+    one = g.get_example(0)
+    assert one.f.tolist() == pytest.approx(answer_flow(att, valid, prompt, answer, NO_PRUNING).flow[0, 1:].tolist(), abs=TOL)
+    assert float(one.h.max()) == pytest.approx(1.0) and not bool(one.degenerate)
 
 
 # ---- credit weights and comparison signals ------------------------------------------------------

@@ -25,11 +25,13 @@ class RecordingPictures(FlowPictures):
 
     traces: list = []
 
-    def row_trace(self, rollouts, row, attention, pl_module, layers, meta):
-        trace = super().row_trace(rollouts, row, attention, pl_module, layers, meta)
+    def row_trace(self, rollouts, row, graph, pl_module, layers, meta):
+        trace = super().row_trace(rollouts, row, graph, pl_module, layers, meta)
         used = rollouts.token_weights[row][rollouts.completion_mask[row] > 0]
-        recorded = rollouts.attention is not None and bool(rollouts.attention_recorded[row])
-        RecordingPictures.traces.append((trace, used.clone(), recorded, float(attention.sum())))
+        credited = rollouts.flow_graph(row)
+        # The graph drawn is the one FlowCredit solved when it credited the row (same object's tensors).
+        same = credited is not None and torch.equal(credited.f, graph.f) and torch.equal(credited.edge_attr, graph.edge_attr)
+        RecordingPictures.traces.append((trace, used.clone(), same, float(graph.candidate_capacity.sum())))
         return trace
 
 
@@ -83,11 +85,12 @@ def test_pictures_table_and_histograms_only_on_logging_steps(tiny_policy_dir, tm
 
     # The pictures show what reached the loss, and the flow the method defines.
     assert len(RecordingPictures.traces) == 4
-    # FlowCredit had the step record the rows with a nonzero advantage; only the drawn rows it
-    # skipped (groups with equal rewards) are captured for the pictures.
-    assert sum(captured) == sum(not recorded for _, _, recorded, _ in RecordingPictures.traces)
-    for trace, used, recorded, map_total in RecordingPictures.traces:
-        assert map_total > 1  # a real map (each valid row sums to 1), recorded by the step or captured
+    # FlowCredit solved the graphs of the rows with a nonzero advantage, and those are drawn; only the
+    # drawn rows it skipped (groups with equal rewards) are captured for the pictures.
+    assert sum(captured) == sum(not credited for _, _, credited, _ in RecordingPictures.traces)
+    assert any(credited for _, _, credited, _ in RecordingPictures.traces)
+    for trace, used, credited, incoming in RecordingPictures.traces:
+        assert incoming > 1  # a real map (each valid row sums to 1, less the sinks), recorded by the step or captured
         response = [t for t in trace.tokens if t.role != "prompt"]
         assert torch.equal(torch.tensor([t.weight for t in response]), used.float())
         if not trace.degenerate:

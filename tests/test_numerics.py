@@ -71,11 +71,11 @@ class PoisonAttention(RolloutCallback):
 
     row: int | None = None
 
-    def on_credit(self, trainer, pl_module, rollouts, rows):
-        credited = (rollouts.advantages[rows] != 0).nonzero()
-        if PoisonAttention.row is None and len(credited):  # this micro-batch's map was just recorded
-            PoisonAttention.row = rows.start + int(credited[0])
-            rollouts.attention[PoisonAttention.row, -1, 0] = float("nan")
+    def on_credit(self, trainer, pl_module, rollouts, micro_batch):
+        if PoisonAttention.row is None and micro_batch.recorded is not None:  # this micro-batch's maps were just recorded
+            rows, maps = micro_batch.recorded  # the credited rows, in place (nothing is handed over)
+            PoisonAttention.row = rows[0]
+            maps[0, -1, 0] = float("nan")
 
 
 class CheckWeights(RolloutCallback):

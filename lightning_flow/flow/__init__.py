@@ -1,11 +1,21 @@
-"""Flow core: token graphs from attention, answer-conditioned flow, and credit weights.
+"""Flow core: token graphs from attention, answer-conditioned flow on them, and credit weights.
 
 Imports only torch and torch_geometric, so it can be tested and reused without a model.
 """
 
-from .graph import ROLE_ANSWER, ROLE_PROMPT, ROLE_RESPONSE, FlowConfig, build_token_graphs, capacities, sink_mask
+from .graph import (
+    ROLE_ANSWER,
+    ROLE_PROMPT,
+    ROLE_RESPONSE,
+    FlowConfig,
+    build_flow_graphs,
+    capacities,
+    dense_graph,
+    kept_capacity,
+    sink_mask,
+)
 from .signals import attention_received, boosted_count, credit_weights, random_signal
-from .solver import FlowResult, answer_flow, backbone, edge_flows
+from .solver import FlowResult, answer_flow, edge_flow, solve_flow
 
 __all__ = [
     "ROLE_ANSWER",
@@ -15,12 +25,14 @@ __all__ = [
     "FlowResult",
     "answer_flow",
     "attention_received",
-    "backbone",
     "boosted_count",
-    "build_token_graphs",
+    "build_flow_graphs",
     "capacities",
     "credit_weights",
-    "edge_flows",
+    "dense_graph",
+    "edge_flow",
+    "kept_capacity",
     "random_signal",
     "sink_mask",
+    "solve_flow",
 ]

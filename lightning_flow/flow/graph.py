@@ -1,14 +1,20 @@
-"""The token graph of a response: which attention edges carry capacity, dense and as PyG graphs.
+"""The flow graph of a response: which attention edges carry capacity, and the torch-geometric
+graphs that hold them.
 
-N = responses in the batch, T = positions (padding included). A position is a node when it is a
-valid token; an edge i -> k (i < k) carries capacity c(i, k) = Ā[k, i], the head- and
-layer-averaged attention of query k to key i. The public dense form is c[n, i, k] (row i lists
-what node i sends); internally the solver keeps the attention layout p[n, k, i] = c(i, k), which
-pruning (per incoming row) and the forward sweep read contiguously.
+N = responses, T = positions (padding included). A position is a node when it is a valid token;
+an edge i -> k (i < k) carries capacity c(i, k) = Ā[k, i], the head- and layer-mean attention of
+query k to key i. Edges are chosen per target token (each query row of the map): the sinks send
+nothing, capacities below ``min_capacity`` are no edges, and pruning keeps the strongest incoming
+edges that make up ``keep_mass`` of the token's incoming capacity (at most ``max_in_degree``).
+
+Two outputs of the same pruning: the graphs the credit is computed on (``build_flow_graphs``: a
+``Batch`` with one ``Data`` per response, O(edges) memory) and dense capacities for the dense
+reference solver and for tests (``incoming_capacities``, ``capacities``).
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -17,23 +23,23 @@ from torch_geometric.data import Batch, Data
 
 ROLE_PROMPT, ROLE_RESPONSE, ROLE_ANSWER = 0, 1, 2
 
+_BUILD_ELEMENTS = 2**16
+"""Candidate edges per pruning step at least (256 KiB in float32); above that, a 128th of the map."""
 
-# Pruning defaults, measured against the unpruned flow on real attention (stories260K, 4
-# sampled stories of 416 tokens, head mean of the middle-third layers):
-#   max_in_degree / min_capacity   capacity kept   same top-40% tokens   max |Δf|   answer_flow (CPU)
-#   None / 1e-6 (default)          100.00 %        100.0 %               0.0003     2 ms
-#   None / 1e-4                     99.75 %         98.1 %               0.025      2 ms
-#   64 / 1e-4                       97.5 %          94.5 %               0.13       6 ms
-# The solver is dense, so pruning buys no speed (the top-k even costs some) and only moves f;
-# min_capacity only clears numerical dust: a row can lose at most T · min_capacity (< 1 % at 8K).
+
+# Pruning defaults, measured against exact credit (keep_mass 1, no cap) by benchmarks/flow_memory.py:
+# see docs/results.md ("Flow graphs"). keep_mass bounds the error per token: every token keeps at
+# least that share of its incoming capacity (unless max_in_degree cuts first).
 @dataclass
 class FlowConfig:
-    """Choices of the flow graph and solver (flow-credit.md marks them "(choice)")."""
+    """Choices of the flow graph and the credit (docs/method.md marks them "choice")."""
 
     sink_tokens: int = 1
     """Edges out of the first `sink_tokens` valid tokens of each sequence are dropped (attention sinks)."""
+    keep_mass: float = 1.0
+    """Per token, keep its strongest incoming edges until this share of its incoming capacity is kept; 1 keeps every edge."""
     max_in_degree: int | None = None
-    """Keep only this many strongest incoming edges per node (ties: earliest source); None keeps all."""
+    """At most this many incoming edges per token (ties: earliest source); None: no cap."""
     min_capacity: float = 1e-6
     """Drop edges whose capacity is below this; zero-capacity edges are never edges."""
     top_fraction: float = 0.4
@@ -41,13 +47,15 @@ class FlowConfig:
     boost: float = 1.5
     """Weight of the boosted tokens; the other response tokens get 1.0."""
     block_size: int = 512
-    """Positions per block of the blocked triangular solves (and rows per block of pruning)."""
+    """Positions per block of the solver: dense triangular solves inside a block, edges between blocks."""
     dtype: torch.dtype = torch.float32
-    """Working precision of capacities and solves (log h is always kept in float64)."""
+    """Precision of the capacities (the solver works in float64 inside blocks, log scales between them)."""
 
     def __post_init__(self) -> None:
         if self.sink_tokens < 0:
             raise ValueError(f"sink_tokens must be >= 0, got {self.sink_tokens}")
+        if not 0.0 < self.keep_mass <= 1.0:
+            raise ValueError(f"keep_mass must be in (0, 1], got {self.keep_mass}")
         if self.max_in_degree is not None and self.max_in_degree < 1:
             raise ValueError(f"max_in_degree must be >= 1 or None, got {self.max_in_degree}")
         if self.min_capacity < 0:
@@ -56,6 +64,10 @@ class FlowConfig:
             raise ValueError(f"top_fraction must be in [0, 1], got {self.top_fraction}")
         if self.block_size < 1:
             raise ValueError(f"block_size must be >= 1, got {self.block_size}")
+
+    @property
+    def prunes(self) -> bool:
+        return self.keep_mass < 1.0 or self.max_in_degree is not None
 
 
 def check_inputs(attention: Tensor, valid: Tensor, *masks: Tensor) -> None:
@@ -73,59 +85,6 @@ def sink_mask(valid: Tensor, sink_tokens: int) -> Tensor:
     return valid & (valid.cumsum(-1) <= sink_tokens)  # cumsum: 1 + index among the valid tokens
 
 
-def _strongest(a: Tensor, k: int) -> Tensor:
-    """a  # [N, r, C] -> [N, r, C] with all but the k largest entries of each row zeroed.
-
-    Ties at the k-th value go to the earliest columns: torch.topk leaves that choice open, so
-    the k-th value is used as a threshold and tied entries are admitted left to right.
-    """
-    kth = a.topk(k, dim=-1).values[..., -1:]  # [N, r, 1]
-    keep = a >= kth  # [N, r, C]
-    excess = (keep.sum(-1, keepdim=True) > k) & (kth > 0)  # [N, r, 1] rows with ties to break
-    if excess.any():  # rare with real attention, so the cumsum is only paid when needed
-        tied = (a == kth) & excess  # [N, r, C]
-        room = k - (a > kth).sum(-1, keepdim=True)  # [N, r, 1] slots left for tied entries
-        keep &= ~tied | (torch.cumsum(tied, -1, dtype=torch.int32) <= room)
-    return torch.where(keep, a, 0.0)
-
-
-def incoming_capacities(attention: Tensor, valid: Tensor, cfg: FlowConfig, size: int | None = None) -> Tensor:
-    """[N, size, size] pruned capacities in attention layout, p[n, k, i] = c(i, k), zero-padded
-    (size >= T). Row k lists the edges into k, which is the layout the pruning and the forward
-    sweep read contiguously."""
-    n, t, _ = attention.shape
-    size = t if size is None else size
-    keep_src = (valid & ~sink_mask(valid, cfg.sink_tokens)).to(cfg.dtype)  # [N, T] may send edges
-    keep_dst = valid.to(cfg.dtype)  # [N, T]
-
-    def block(r0: int, r1: int) -> Tensor:  # [N, r1 - r0, r1] the edges into query rows r0:r1
-        # Keys i < k only: the columns past r1 are never edges, and tril drops i >= k.
-        a = attention[:, r0:r1, :r1].to(cfg.dtype).tril(r0 - 1)  # a fresh tensor, so the masks apply in place
-        a.mul_(keep_dst[:, r0:r1, None]).mul_(keep_src[:, None, :r1])
-        a = torch.where(a >= cfg.min_capacity, a, 0.0)  # also turns NaN into "no edge"
-        if cfg.max_in_degree is not None and cfg.max_in_degree < r1:
-            a = _strongest(a, cfg.max_in_degree)
-        return a
-
-    rows = cfg.block_size  # query rows per step bound the temporaries to [N, rows, rows + r0]
-    if size == t <= rows:  # one block, no padding: the block is the whole matrix
-        return block(0, t)
-    p = torch.zeros(n, size, size, dtype=cfg.dtype, device=attention.device)  # [N, S, S]
-    for r0 in range(0, t, rows):
-        r1 = min(t, r0 + rows)
-        p[:, r0:r1, :r1] = block(r0, r1)
-    return p
-
-
-@torch.no_grad()
-def capacities(attention: Tensor, valid: Tensor, cfg: FlowConfig | None = None) -> Tensor:
-    """[N, T, T] capacities c[n, i, k] = Ā[n, k, i] on the graph's edges (after sink dropping
-    and pruning), zero elsewhere: exactly the edges of `build_token_graphs`. It is a transposed
-    view of the attention-layout matrix; call .contiguous() if row-major storage matters."""
-    check_inputs(attention, valid)
-    return incoming_capacities(attention, valid, cfg or FlowConfig()).transpose(1, 2)
-
-
 def node_roles(valid: Tensor, prompt: Tensor, answer: Tensor) -> Tensor:
     """[N, T] long: 0 prompt, 1 response, 2 answer (answer wins over response; padding gets 1)."""
     role = torch.full_like(valid, ROLE_RESPONSE, dtype=torch.long)  # [N, T]
@@ -134,34 +93,118 @@ def node_roles(valid: Tensor, prompt: Tensor, answer: Tensor) -> Tensor:
     return role
 
 
-@torch.no_grad()
-def build_token_graphs(
-    attention: Tensor, valid: Tensor, prompt: Tensor, answer: Tensor, cfg: FlowConfig | None = None
-) -> Batch:
-    """One PyG graph per response: nodes are its valid tokens in order (attributes `role` and
-    `position`), edges i -> k with `edge_attr` = c(i, k) in local node ids, sorted by (i, k).
+def prune_incoming(a: Tensor, keep_mass: float, max_in_degree: int | None) -> Tensor:
+    """a  # [..., C] candidate capacities of each row's incoming edges (0: no edge) -> the same with
+    the pruned edges zeroed: per row, strongest first (ties: the earlier column), the shortest run
+    whose sum reaches ``keep_mass`` of the row's sum, cut at ``max_in_degree`` edges."""
+    if keep_mass >= 1.0 and max_in_degree is None:
+        return a
+    value, index = a.sort(dim=-1, descending=True, stable=True)  # [..., C]
+    if max_in_degree is not None and max_in_degree < a.shape[-1]:
+        value, index = value[..., :max_in_degree], index[..., :max_in_degree]
+    keep = value > 0
+    if keep_mass < 1.0:
+        before = value.cumsum(-1) - value  # capacity of the stronger edges of the row
+        keep &= before < keep_mass * a.sum(-1, keepdim=True)
+    return torch.zeros_like(a).scatter_(-1, index, value * keep)
 
-    Without a degree cap a long response's graph is nearly complete (~T² / 2 edges): for
-    pictures pass a config with `max_in_degree` set."""
+
+def _rows_per_step(n: int, t: int) -> int:
+    """Query rows pruned at once: a step's temporaries (a sort's values, indices and workspace,
+    about 10x the block in bytes) stay under a tenth of the map (a floor keeps short maps in few steps)."""
+    return max(1, min(t, max(_BUILD_ELEMENTS, n * t * t // 128) // max(1, n * t)))
+
+
+def pruned_rows(attention: Tensor, valid: Tensor, cfg: FlowConfig) -> Iterator[tuple[int, Tensor, Tensor]]:
+    """(r0, p, incoming) for consecutive blocks of query rows: p  # [N, r, r0 + r] the kept incoming
+    capacities of rows r0 : r0 + r in attention layout, p[n, k - r0, i] = c(i, k) (keys i < k
+    only), and incoming  # [N, r] each row's capacity before pruning (after sinks and min_capacity)."""
+    n, t, _ = attention.shape
+    keep_src = (valid & ~sink_mask(valid, cfg.sink_tokens)).to(cfg.dtype)  # [N, T] may send edges
+    keep_dst = valid.to(cfg.dtype)  # [N, T]
+    rows = _rows_per_step(n, t)
+    for r0 in range(0, t, rows):
+        r1 = min(t, r0 + rows)
+        a = attention[:, r0:r1, :r1].to(cfg.dtype).tril(r0 - 1)  # a fresh tensor, so the masks apply in place
+        a.mul_(keep_dst[:, r0:r1, None]).mul_(keep_src[:, None, :r1])
+        a = torch.where(a >= cfg.min_capacity, a, 0.0)  # also turns NaN into "no edge"
+        yield r0, prune_incoming(a, cfg.keep_mass, cfg.max_in_degree), a.sum(-1)
+
+
+def incoming_capacities(attention: Tensor, valid: Tensor, cfg: FlowConfig, size: int | None = None) -> Tensor:
+    """[N, size, size] kept capacities in attention layout, p[n, k, i] = c(i, k), zero-padded (size >= T)."""
+    n, t, _ = attention.shape
+    p = torch.zeros(n, size or t, size or t, dtype=cfg.dtype, device=attention.device)  # [N, S, S]
+    for r0, block, _ in pruned_rows(attention, valid, cfg):
+        p[:, r0 : r0 + block.shape[1], : block.shape[2]] = block
+    return p
+
+
+@torch.no_grad()
+def capacities(attention: Tensor, valid: Tensor, cfg: FlowConfig | None = None) -> Tensor:
+    """[N, T, T] capacities c[n, i, k] = Ā[n, k, i] on the graph's edges (after sink dropping
+    and pruning), zero elsewhere: exactly the edges of `build_flow_graphs`, as a transposed view."""
+    check_inputs(attention, valid)
+    return incoming_capacities(attention, valid, cfg or FlowConfig()).transpose(1, 2)
+
+
+@torch.no_grad()
+def build_flow_graphs(attention: Tensor, valid: Tensor, prompt: Tensor, answer: Tensor, cfg: FlowConfig | None = None) -> Batch:
+    """One graph per response: its valid tokens in order are the nodes (``role``, ``position``),
+    ``edge_index`` [2, E] holds (source, target) in local node ids sorted by (target, source),
+    ``edge_attr`` [E] the capacities. Also per node: ``candidate_capacity`` (incoming capacity
+    before pruning, after sinks and ``min_capacity``) and placeholders ``f``, ``h``, ``log_h`` that
+    ``solve_flow`` fills; per graph ``degenerate``.
+
+    Memory: the map is read a block of query rows at a time, so besides the map only one block's
+    pruning temporaries (under a tenth of the map) and the kept edges (16 B each while collected,
+    then 20 B each in the Batch, briefly both) exist."""
     check_inputs(attention, valid, prompt, answer)
-    c = capacities(attention, valid, cfg)  # [N, T, T]
-    n_idx, src, dst = c.nonzero(as_tuple=True)  # [E] each, sorted by response, then source, target
-    local = valid.long().cumsum(-1) - 1  # [N, T] node id of each valid position
-    edge_index = torch.stack((local[n_idx, src], local[n_idx, dst]))  # [2, E]
-    edge_attr = c[n_idx, src, dst]  # [E]
-    role = node_roles(valid, prompt, answer)[valid]  # [V] all nodes, response-major
-    position = torch.arange(valid.shape[1], device=valid.device).expand_as(valid)[valid]  # [V]
-    # Per-response views of the tensors built above; a Batch needs one Data object per graph.
-    edge_counts = torch.bincount(n_idx, minlength=valid.shape[0]).tolist()
-    node_counts = valid.sum(-1).tolist()
-    graphs = [
-        Data(edge_index=ei, edge_attr=ea, role=r, position=p, num_nodes=int(nc))
-        for ei, ea, r, p, nc in zip(
-            edge_index.split(edge_counts, dim=1),
-            edge_attr.split(edge_counts),
-            role.split(node_counts),
-            position.split(node_counts),
-            node_counts,
-        )
-    ]
+    cfg = cfg or FlowConfig()
+    n, t, _ = attention.shape
+    local = (valid.cumsum(-1) - 1).int()  # [N, T] node id of each valid position
+    parts, incoming = [], torch.zeros(n, t, dtype=cfg.dtype, device=attention.device)  # [N, T]
+    for r0, kept, before in pruned_rows(attention, valid, cfg):
+        graph, target, source = kept.nonzero(as_tuple=True)  # [e] each, sorted by graph, target, source
+        parts.append((graph.int(), local[graph, source], local[graph, target + r0], kept[graph, target, source]))
+        incoming[:, r0 : r0 + before.shape[1]] = before
+        del kept, graph, target, source
+    several = len(parts) > 1
+    graph, source, target, capacity = (torch.cat(x) for x in zip(*parts))  # [E] each
+    del parts
+    if several:  # the blocks are target-major over the whole batch: regroup by graph, keeping the order
+        order = torch.argsort(graph, stable=True)
+        graph, source, target, capacity = graph[order], source[order], target[order], capacity[order]
+        del order
+    edge_counts = torch.bincount(graph, minlength=n).tolist()
+    edge_index = torch.stack((source, target)).long()  # [2, E]
+    del graph, source, target
+    roles = node_roles(valid, prompt, answer)
+    position = torch.arange(t, device=valid.device).expand_as(valid)
+    graphs = []
+    for g, (edges, caps) in enumerate(zip(edge_index.split(edge_counts, dim=1), capacity.split(edge_counts))):
+        nodes = valid[g]
+        v = int(nodes.sum())
+        graphs.append(Data(
+            edge_index=edges, edge_attr=caps, role=roles[g][nodes], position=position[g][nodes], candidate_capacity=incoming[g][nodes],
+            f=attention.new_zeros(v, dtype=cfg.dtype), h=attention.new_zeros(v, dtype=cfg.dtype),
+            log_h=torch.zeros(v, dtype=torch.float64, device=attention.device),
+            degenerate=torch.zeros(1, dtype=torch.bool, device=attention.device), num_nodes=v,
+        ))
     return Batch.from_data_list(graphs)
+
+
+def kept_capacity(graphs: Batch) -> Tensor:
+    """[V] share of each node's candidate incoming capacity that its kept edges carry (1 where it had none)."""
+    kept = torch.zeros_like(graphs.candidate_capacity).index_add_(0, graphs.edge_index[1], graphs.edge_attr)
+    total = graphs.candidate_capacity
+    return torch.where(total > 0, kept / total.clamp_min(torch.finfo(total.dtype).tiny), torch.ones_like(kept))
+
+
+def dense_graph(graphs: Batch, values: Tensor, t: int) -> Tensor:
+    """[G, T, T] per-edge ``values`` [E] (e.g. capacities or edge flows) at [graph, source position,
+    target position], zero elsewhere; for pictures and tests of a few short responses."""
+    source, target = graphs.edge_index
+    out = values.new_zeros(graphs.num_graphs, t, t)
+    out[graphs.batch[source], graphs.position[source], graphs.position[target]] = values
+    return out
