@@ -39,8 +39,8 @@ from lightning_flow.adapter_merge import merged_lora  # noqa: E402
 from lightning_flow.callbacks.flow_credit import FlowCredit  # noqa: E402
 from lightning_flow.capture import PROFILER_RANGE, AttentionRecorder, capture_attention  # noqa: E402
 from lightning_flow.loss import completion_mask  # noqa: E402
-from lightning_flow.objectives import policy_loss  # noqa: E402
 from lightning_flow.module import GRPOConfig, GRPOModule  # noqa: E402
+from lightning_flow.objectives import policy_loss  # noqa: E402
 from lightning_flow.policy import PolicyConfig, SamplingConfig  # noqa: E402
 from lightning_flow.rollouts import Rollouts  # noqa: E402
 from lightning_flow.tiny import build_char_tokenizer, build_tiny_llama  # noqa: E402

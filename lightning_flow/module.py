@@ -400,7 +400,13 @@ class GRPOModule(L.LightningModule):
         # dapo divides by the tokens of the whole generation batch, over all ranks; DDP then
         # averages the ranks' gradients, so each rank divides by the all-rank mean (as TRL does).
         tokens_per_rank = self.trainer.strategy.reduce(rollouts.completion_mask.sum(), reduce_op="mean")
-        threshold = None  # top_entropy_quantile's, once per step, when the first micro-batch has been through the policy
+        threshold = later_entropy = None  # top_entropy_quantile's, once per step, at the first micro-batch
+        if self.grpo.top_entropy_quantile < 1 and self.grpo.num_iterations == 1 and len(micro_batches) > 1:
+            # The first pass is this update's: at the first micro-batch's loss the later ones have not
+            # been through the policy yet, so their entropies come from a no-grad pass, now, before
+            # the first pass records attention.
+            with torch.no_grad():
+                later_entropy = torch.cat([self.completion_logps(rollouts, rows)[1] for rows in micro_batches[1:]])
         step_loss = 0.0  # the first iteration's loss: the sum of its micro-batches' shares
         first_pass: list[tuple[Tensor, dict[str, Tensor]]] = []  # (tokens, metrics) per micro-batch
         for iteration in range(self.grpo.num_iterations):
@@ -414,7 +420,7 @@ class GRPOModule(L.LightningModule):
                         logps, entropy = self.completion_logps(rollouts, rows)
                     mask = rollouts.completion_mask[rows]
                     if threshold is None and self.grpo.top_entropy_quantile < 1:
-                        threshold = self.high_entropy_threshold(rollouts, micro_batches)
+                        threshold = self.high_entropy_threshold(rollouts, micro_batches[0], later_entropy)
                     loss, stats = self.micro_batch_loss(rollouts, rows, logps, tokens_per_rank, entropy, threshold, len(micro_batches))
                     # Under DDP, gradients are all-reduced once per optimizer step, on the last micro-batch.
                     with optimizer.toggle_model(sync_grad=index == len(micro_batches) - 1):
@@ -476,17 +482,12 @@ class GRPOModule(L.LightningModule):
             num_micro_batches=num_micro_batches,
         )
 
-    def high_entropy_threshold(self, rollouts: Rollouts, micro_batches: list[slice]) -> Tensor:
+    def high_entropy_threshold(self, rollouts: Rollouts, first_rows: slice, later_entropy: Tensor | None) -> Tensor:
         """``top_entropy_quantile``'s threshold: the quantile of the entropies of every rank's
-        completion tokens under the sampling policy (``rollouts.entropy``, from the step's first
-        pass), so every micro-batch and iteration of the step keeps tokens by the same line.
-        With μ = 1 the first pass is the update itself and has reached only the first
-        micro-batch here: the others' entropies come from a forward without gradients."""
-        entropy = rollouts.entropy
-        if self.grpo.num_iterations == 1 and len(micro_batches) > 1:
-            with torch.no_grad():
-                later = [self.completion_logps(rollouts, rows)[1] for rows in micro_batches[1:]]
-            entropy = torch.cat([entropy[micro_batches[0]], *later])
+        completion tokens under the sampling policy, so every micro-batch and iteration of the
+        step keeps tokens by the same line. They are the first pass's (``rollouts.entropy``), all
+        of them at μ > 1; at μ = 1 those of ``first_rows`` followed by ``later_entropy``."""
+        entropy = rollouts.entropy if later_entropy is None else torch.cat([rollouts.entropy[first_rows], later_entropy])
         # Padded to max_new_tokens, so that every rank gathers tensors of one shape.
         width = self.sampling.max_new_tokens - entropy.shape[1]
         entropy, mask = (torch.nn.functional.pad(t, (0, width)) for t in (entropy, rollouts.completion_mask))

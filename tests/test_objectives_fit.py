@@ -50,3 +50,36 @@ def test_objective_trains_and_keeps_the_batch_top_entropy_share(tiny_policy_dir,
         fractions.append((valid >= threshold).float().mean().item())
     assert logged["train/policy_token_fraction"] == pytest.approx(fractions, abs=1e-6)
     assert all(0 < f < 1 for f in fractions)
+
+
+class KeepMaps(RolloutCallback):
+    """Records every row's attention (zero advantage included) and keeps the first step's maps."""
+
+    def __init__(self) -> None:
+        self.maps: dict[int, torch.Tensor] = {}
+
+    def setup(self, trainer, pl_module, stage) -> None:
+        pl_module.request_attention(zero_advantage_rows=True)
+
+    def on_credit(self, trainer, pl_module, rollouts, micro_batch) -> None:
+        for rows, maps in micro_batch.attention_maps():
+            assert maps.shape[0] == len(rows), "maps of another forward were handed over"
+            if rollouts.step == 0:
+                self.maps.update(zip(rows, maps.clone()))
+
+
+def test_the_extra_entropy_pass_leaves_the_recorded_attention_alone(tiny_policy_dir, tmp_path):
+    """μ = 1 in 4 micro-batches with the high-entropy mask runs a no-grad pass for the threshold
+    before the first pass records attention: the first step's maps (same rollouts) must be those
+    of a run without the mask."""
+    maps = []
+    for keep in (1.0, 0.25):
+        cli = main([
+            "fit", *tiny_args(tiny_policy_dir, tmp_path / str(keep), steps=1), "--trainer.val_check_interval=null",
+            "--trainer.limit_val_batches=0", "--model.grpo.micro_batch_size=4", f"--model.grpo.top_entropy_quantile={keep}",
+            "--trainer.callbacks+=tests.test_objectives_fit.KeepMaps",
+        ])
+        maps.append(next(c for c in cli.trainer.callbacks if isinstance(c, KeepMaps)).maps)
+    assert sorted(maps[0]) == sorted(maps[1]) == list(range(16))
+    for row in range(16):
+        assert torch.equal(maps[0][row], maps[1][row])
