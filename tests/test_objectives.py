@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import warnings
+from pathlib import Path
 from typing import get_args
 
 import pytest
@@ -341,3 +342,27 @@ def test_config_warns_of_token_level_luspo_and_accepts_the_sound_settings():
         GRPOConfig(loss_type="luspo", importance_sampling_level="sequence")
         GRPOConfig(loss_type="cispo", epsilon_high=5.0, top_entropy_quantile=0.2, entropy_coef=0.01)
         GRPOConfig(loss_type="dapo", epsilon_high=0.28, delta=1.5)
+
+
+# ---- the demo configs of the objectives ------------------------------------------------------
+def test_every_objective_demo_config_is_valid_and_reaches_the_credit_study():
+    """Each demo config's model.grpo section builds a GRPOConfig without a warning, and
+    credit_study.py passes exactly that section on top of a task config."""
+    import sys
+
+    import yaml
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    from credit_study import LOSSES, loss_overrides, run_name
+
+    for loss, config in LOSSES.items():
+        if config is None:
+            assert loss_overrides(loss) == [] and run_name(loss, "flow") == "flow"
+            continue
+        grpo = yaml.safe_load((Path(__file__).resolve().parents[1] / config).read_text())["model"]["grpo"]
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            GRPOConfig(**grpo)
+        assert grpo["num_iterations"] == 2  # off-policy, where the objectives differ
+        assert loss_overrides(loss) == [f"--model.grpo.{key}={value}" for key, value in grpo.items()]
+        assert run_name(loss, "flow") == f"{loss}-flow"
