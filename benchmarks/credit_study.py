@@ -59,10 +59,11 @@ def run_name(loss: str, signal: str) -> str:
 
 
 def read_val_curve(metrics_csv: Path) -> dict[int, float]:
-    """``val/accuracy`` by optimizer steps done, from a CSVLogger ``metrics.csv`` (other rows skipped).
+    """``val/accuracy`` by training batches done (the optimizer steps at μ = 1), from a CSVLogger
+    ``metrics.csv`` (other rows skipped).
 
-    Lightning logs a validation with the 0-based index of the training step it follows, so the
-    row of step s comes after s + 1 optimizer steps.
+    Lightning logs a validation with the 0-based index of the training batch it follows (not of
+    the optimizer step: μ of those per batch), so the row of step s comes after s + 1 batches.
     """
     with open(metrics_csv, newline="") as handle:
         return {int(row["step"]) + 1: float(row["val/accuracy"]) for row in csv.DictReader(handle) if row.get("val/accuracy")}
@@ -94,22 +95,22 @@ def train_runs(task: str, config: str, run_dir: Path, args) -> dict[str, list[di
     """Every (loss, signal, seed) fit of one task, ``--jobs`` at a time; returns curves (by generated
     batch) and wall times per run name."""
     pending = [(loss, signal, seed) for seed in range(args.seeds) for loss in args.losses for signal in args.signals]
-    running: list[tuple[str, int, int, subprocess.Popen, float]] = []
+    running: list[tuple[str, int, subprocess.Popen, float]] = []
     results: dict[str, list[dict]] = {run_name(loss, signal): [] for loss in args.losses for signal in args.signals}
     while pending or running:
         while pending and len(running) < args.jobs:
             loss, signal, seed = pending.pop(0)
             overrides = loss_overrides(loss)
+            # trainer.max_steps counts optimizer steps: μ per generated batch.
             iterations = int(next((o.split("=")[1] for o in overrides if o.startswith("--model.grpo.num_iterations=")), 1))
             callbacks = json.dumps([{"class_path": "lightning_flow.callbacks.FlowCredit", "init_args": {"signal": signal, "seed": seed}}])
             extra = [f"--seed_everything={seed}", f"--trainer.max_steps={args.steps * iterations}", f"--trainer.val_check_interval={args.val_every}",
                      "--trainer.enable_checkpointing=false", f"--trainer.callbacks={callbacks}", *overrides]
             command = cli_command("fit", config, run_dir, run_name(loss, signal), f"seed{seed}", args, extra)
-            running.append((run_name(loss, signal), seed, iterations, run(command, args.threads), time.perf_counter()))
-        name, seed, iterations, process, start = running.pop(0)
+            running.append((run_name(loss, signal), seed, run(command, args.threads), time.perf_counter()))
+        name, seed, process, start = running.pop(0)
         wait(process, f"{task} {name} seed {seed}")
-        # Validations are logged by optimizer step: μ of them per generated batch.
-        curve = {step // iterations: value for step, value in read_val_curve(run_dir / name / f"seed{seed}" / "metrics.csv").items()}
+        curve = read_val_curve(run_dir / name / f"seed{seed}" / "metrics.csv")
         results[name].append({"seed": seed, "curve": curve, "wall_s": time.perf_counter() - start})
         print(f"{task} {name} seed {seed}: final accuracy {curve[max(curve)]:.3f}", flush=True)
     return results
