@@ -164,7 +164,7 @@ def eager_all_layers(module: GRPOModule, rollouts: Rollouts, rows: slice) -> Non
 def build_policy_folder(args, folder: Path) -> None:
     if args.shape == "tiny":
         tokenizer = build_char_tokenizer()
-        build_tiny_llama(tokenizer, hidden_size=64, layers=6, heads=8, max_positions=8192).save_pretrained(folder)
+        build_tiny_llama(tokenizer, hidden_size=64, layers=6, heads=8, max_positions=32768).save_pretrained(folder)
         tokenizer.save_pretrained(folder)
     else:
         random_model_folder(SHAPES[args.shape], folder)

@@ -5,9 +5,11 @@ answer tokens of every credited response, turns a signal into weights ("top ``to
 the response tokens by signal get ``boost``, the rest 1") and sets ``rollouts.token_weights``,
 which the loss multiplies into the advantage (both signs, detached).
 
-With the ``flow`` signal, each chunk of captured maps becomes torch-geometric flow graphs right
-away (``build_flow_graphs``: pruned to ``keep_mass`` of each token's incoming attention), the maps
-are dropped, the graphs are solved (``solve_flow``) and kept for the step in
+With the ``flow`` signal, each chunk of captured maps is pruned into edges right away
+(``prune_edges``: each token's strongest incoming edges, ``keep_mass`` of its attention, at most
+``max_in_degree``), the maps are dropped, the edges become torch-geometric flow graphs
+(``flow_graphs``), which are solved (``solve_flow``); the step keeps every credited response's graph
+with its exact node values and its ``kept_edges`` strongest edge flows per token in
 ``rollouts.flow_graphs``, where ``FlowPictures`` draws exactly what was credited.
 """
 
@@ -20,17 +22,19 @@ import torch
 from lightning.pytorch import LightningModule, Trainer
 from torch import Tensor
 from torch.nn.functional import pad
-from torch_geometric.data import Batch
 
 from lightning_flow.flow import (
     ROLE_PROMPT,
     FlowConfig,
+    KeptEdges,
     attention_received,
-    build_flow_graphs,
     credit_weights,
+    flow_graphs,
     kept_capacity,
+    prune_edges,
     random_signal,
     solve_flow,
+    strongest_edge_flows,
 )
 from lightning_flow.flow.answer import answer_masks, piece_table
 from lightning_flow.loggers import write_bucket_histogram
@@ -50,13 +54,14 @@ class FlowCredit(RolloutCallback):
         boost: float = 1.5,
         layers: list[int] | None = None,
         sink_tokens: int = 1,
-        keep_mass: float = 1.0,
-        max_in_degree: int | None = None,
+        keep_mass: float = 0.999,
+        max_in_degree: int | None = 256,
         min_capacity: float = 1e-6,
         answer_fallback: Literal["last_token", "none"] = "last_token",
         seed: int = 0,
         max_attention_mb: float | None = None,
         block_size: int = 512,
+        kept_edges: int = 20,
     ) -> None:
         """
         Args:
@@ -70,8 +75,10 @@ class FlowCredit(RolloutCallback):
                 the middle third).
             sink_tokens: edges out of this many leading tokens are dropped (attention sinks).
             keep_mass: per token, keep its strongest incoming edges until this share of its
-                incoming attention is kept (1: every edge, exact).
-            max_in_degree: at most this many incoming edges per token (None: no cap).
+                incoming attention is kept (1 with no cap: every edge, exact credit). The defaults
+                were chosen by ``benchmarks/flow_memory.py pruning`` (docs/results.md).
+            max_in_degree: at most this many incoming edges per token (None: no cap); bounds the
+                graphs' memory on long responses (about 20 B an edge).
             min_capacity: drop edges whose attention is below this.
             answer_fallback: where no ``\\boxed{}`` or ``####`` answer is found, use the last
                 response token as the answer (``last_token``) or fall back to uniform (``none``).
@@ -79,13 +86,18 @@ class FlowCredit(RolloutCallback):
             max_attention_mb: largest dense attention held at once, in MiB (None: the credited rows
                 of one micro-batch); fewer rows than a micro-batch's are captured by extra passes.
             block_size: positions per block of the flow solver (its memory: responses × block² × 8 B).
+            kept_edges: after solving, the step keeps per token this many strongest incoming and
+                outgoing edge flows (all node values) for pictures; at least FlowPictures'
+                ``trace.top_edges`` and ``trace.backbone_edges`` so its pictures are exact.
         """
         if not 0.0 <= top_fraction <= 1.0:
             raise ValueError(f"top_fraction={top_fraction}: expected a value in [0, 1]")
         if max_attention_mb is not None and max_attention_mb <= 0:
             raise ValueError(f"max_attention_mb={max_attention_mb}: expected a positive number of MiB or None")
+        if kept_edges < 1:
+            raise ValueError(f"kept_edges={kept_edges}: keep at least one edge per token")
         self.signal, self.top_fraction, self.boost, self.layers = signal, top_fraction, boost, layers
-        self.answer_fallback, self.max_attention_mb = answer_fallback, max_attention_mb
+        self.answer_fallback, self.max_attention_mb, self.kept_edges = answer_fallback, max_attention_mb, kept_edges
         self.flow_config = FlowConfig(
             sink_tokens=sink_tokens, keep_mass=keep_mass, max_in_degree=max_in_degree, min_capacity=min_capacity,
             top_fraction=top_fraction, boost=boost, block_size=block_size,
@@ -187,9 +199,9 @@ class FlowCredit(RolloutCallback):
         prompt = pad(rollouts.prompt_mask[rows] != 0, (0, in_response.shape[1]))
         response = pad(in_response, (prompt_length, 0))
         valid = prompt | response
-        graphs = signal = None
+        edges = signal = None
         if self.signal == "flow":
-            graphs = build_flow_graphs(maps, valid, prompt, pad(answer, (prompt_length, 0)), self.flow_config)
+            edges = prune_edges(maps, valid, self.flow_config)
         elif self.signal == "attention_received":
             signal = attention_received(maps, valid)
         elif self.signal == "entropy":
@@ -205,7 +217,7 @@ class FlowCredit(RolloutCallback):
             nonfinite = ~torch.isfinite(maps.sum(dim=(1, 2)))
         else:
             nonfinite = torch.zeros_like(fallback)
-        return _Read(list(rows), response, fallback | nonfinite, nonfinite, source, signal, graphs)
+        return _Read(list(rows), prompt, pad(answer, (prompt_length, 0)), response, fallback | nonfinite, nonfinite, source, signal, edges)
 
     def weigh(self, rollouts: Rollouts, read: _Read) -> tuple[Tensor, dict[str, Tensor]]:
         """Solve the graphs (flow), rank the signal, and the stats of ``compute``."""
@@ -214,9 +226,8 @@ class FlowCredit(RolloutCallback):
         zeros = torch.zeros(k, dtype=torch.long, device=response.device)
         nodes = edges = zeros
         kept_mass = zeros.double()
-        if read.graphs is not None:
-            graphs = solve_flow(read.graphs, self.flow_config.block_size)
-            rollouts.flow_graphs.append((read.rows, graphs))
+        if read.edges is not None:
+            graphs = solve_flow(flow_graphs(read.edges, read.prompt, read.answer), self.flow_config.block_size)
             signal = torch.zeros(response.shape, dtype=graphs.f.dtype, device=response.device).index_put_((graphs.batch, graphs.position), graphs.f)  # [k, T]
             fallback = fallback | graphs.degenerate  # degenerate: also no answer found
             counted = graphs.role != ROLE_PROMPT  # the response's tokens: what the credit ranks
@@ -226,6 +237,7 @@ class FlowCredit(RolloutCallback):
             kept_mass = torch.zeros(k, dtype=torch.float64, device=response.device).index_add_(
                 0, graphs.batch[counted], kept_capacity(graphs)[counted].double(),
             )
+            rollouts.flow_graphs.append((read.rows, strongest_edge_flows(graphs, self.kept_edges)))
         weights = credit_weights(signal, response, self.top_fraction, self.boost, fallback)  # [k, T]
         top = (weights != 1) & response  # the boosted tokens (a boost below 1 too)
         share = (signal * top).sum(dim=1) / (signal * response).sum(dim=1).clamp(min=1e-12)  # [k]
@@ -242,9 +254,11 @@ class _Read(NamedTuple):
     """What ``FlowCredit.read`` takes from a chunk of credited rows (all [k] or [k, T])."""
 
     rows: list[int]  # rollout rows
+    prompt: Tensor  # [k, T] bool, prompt positions
+    answer: Tensor  # [k, T] bool, answer positions
     response: Tensor  # [k, T] bool, response positions
     fallback: Tensor  # [k] bool, uniform weights so far (empty response, non-finite map, uniform signal)
     nonfinite: Tensor  # [k] bool, the map had a NaN or inf
     source: Tensor  # [k] long, where the answer was found (answer.SOURCE_*)
     signal: Tensor | None  # [k, T] the signal, for signals read directly
-    graphs: Batch | None  # the unsolved flow graphs (flow signal)
+    edges: KeptEdges | None  # the pruned edges of the maps (flow signal)

@@ -62,8 +62,8 @@ gave it at the model's first recording; later recordings set those values direct
 walking every module of the model again."""
 
 
-_MIN_CHUNK_ELEMENTS = 2**20
-"""Score elements a recorded chunk may always use (4 MiB in float32), however small the map: short sequences take all heads in one product."""
+_MIN_CHUNK_ELEMENTS = 2**18
+"""Score elements a recorded chunk may always use (1 MiB in float32), however small the map: short sequences take all heads in one product."""
 _CAUSAL_SPLIT = 256
 """Causal layers with this many query rows or more are recorded in at least 4 row chunks (see ``_record``)."""
 
@@ -236,9 +236,8 @@ class AttentionRecorder:
 
     Memory: one ``[n, T, T]`` float32 sum per forward not yet taken (or the ``out`` buffer given to
     :meth:`run`), plus while a recorded layer runs one chunk of scores and its probabilities (heads ×
-    query rows, together at most a quarter of ``[n, T, T]`` or 8 MiB, see ``_chunk_shape``), one ``[n, 1, T, T]`` bfloat16
-    additive mask (half a map; on a CPU also its float32 cast for one chunk) and float32 copies of
-    the chunk's query and key.
+    query rows, together at most a 32nd of ``[n, T, T]`` or 2 MiB, see ``_chunk_shape``), the
+    chunk of the mask it reads and float32 copies of the chunk's query and key.
     """
 
     def __init__(self, model: nn.Module, layers: Sequence[int], stop_after_last: bool = False):
@@ -363,18 +362,6 @@ class AttentionRecorder:
         self._sum: Tensor | None = None
         self._valid: Tensor | None = None
         self._rows: Tensor | None = None  # the batch rows this forward records (None: all)
-        self._penalty_of: tuple[Tensor | None] | None = None  # the mask the cached penalty was made from
-        self._penalty: Tensor | None = None
-
-    def _additive(self, mask: Tensor | None, t: int, device: torch.device) -> Tensor:
-        """[k or 1, 1, T, T] bfloat16 additive mask of the recorded rows: 0 where a query may attend,
-        bfloat16's lowest value where the boolean ``mask`` (or, when None, causality) forbids it.
-        Made once per forward for each mask (layers of one kind share theirs): on a CPU an add is
-        several times cheaper than a masked_fill broadcast over the heads, and bfloat16 halves its memory."""
-        if self._penalty_of is None or self._penalty_of[0] is not mask:
-            allowed = torch.ones(t, t, dtype=torch.bool, device=device).tril_()[None, None] if mask is None else _batch_rows(mask, self._rows)
-            self._penalty_of, self._penalty = (mask,), torch.where(allowed, *_zero_and_lowest(device))
-        return self._penalty
 
     def _wants(self, layer: int | None) -> bool:
         if layer is None or layer not in self.layers or _in_backward():
@@ -404,22 +391,24 @@ class AttentionRecorder:
         group = heads // key.shape[1]
         scaling = kwargs.get("scaling")
         scaling = head_dim**-0.5 if scaling is None else scaling
-        penalty = additive = None
         is_causal = kwargs.get("is_causal")
         if is_causal is None:
             is_causal = getattr(module, "is_causal", None)  # None: the layer does not say
+        # Masks are read a chunk at a time (never copied whole: a [n, 1, T, T] copy would cost a map
+        # or a quarter of one): a boolean mask (sdpa) fills forbidden scores with the lowest float, an
+        # additive one (eager) is added, and no mask means causal unless the layer says otherwise.
+        allowed = additive = None
         if attention_mask is None:
-            if is_causal is not False and t_q > 1:  # no mask: causal unless the layer says otherwise
-                penalty = self._additive(None, t_q, query.device)
+            plain_causal = is_causal is not False and t_q > 1
         elif attention_mask.dtype == torch.bool:
-            penalty = self._additive(attention_mask, t_q, query.device)
+            allowed, plain_causal = attention_mask, False
         else:
-            additive = _batch_rows(attention_mask, rows)
+            additive, plain_causal = attention_mask, False
         # A layer that declares itself causal: its query rows r0:r1 see keys :r1 only, so a chunk of
         # rows skips the keys after it: 4 chunks score 10/16 of the square, many chunks about half
         # (short sequences stay whole, where a chunk's fixed cost outweighs what it skips).
         causal = is_causal is True
-        position_bias = _batch_rows(kwargs.get("position_bias"), rows)
+        position_bias = kwargs.get("position_bias")
         softcap = kwargs.get("softcap")
         if kwargs.get("s_aux") is not None or kwargs.get("sinks") is not None:
             raise NotImplementedError(
@@ -451,11 +440,13 @@ class AttentionRecorder:
                 if softcap is not None:  # as the eager functions of models with logit soft-capping (Gemma 2)
                     scores.div_(softcap).tanh_().mul_(softcap)
                 if position_bias is not None:
-                    scores.add_(_head_rows(position_bias, h0, h1, r0, r1)[..., :c1])
+                    scores.add_(_chunk(position_bias, rows, h0, h1, r0, r1, c1))
                 if additive is not None:
-                    scores.add_(_head_rows(additive, h0, h1, r0, r1)[..., :c1]).clamp_min_(lowest)  # -inf in a mask stays finite
-                if penalty is not None:  # float32 + bfloat16's lowest stays finite
-                    scores.add_(_head_rows(penalty, h0, h1, r0, r1)[..., :c1])
+                    scores.add_(_chunk(additive, rows, h0, h1, r0, r1, c1)).clamp_min_(lowest)  # -inf in a mask stays finite
+                if allowed is not None:
+                    scores.masked_fill_(~_chunk(allowed, rows, h0, h1, r0, r1, c1), lowest)
+                elif plain_causal:  # query r0 + j sees keys up to r0 + j
+                    scores.masked_fill_(torch.ones(r1 - r0, c1, dtype=torch.bool, device=scores.device).triu_(r0 + 1), lowest)
                 probs = torch.softmax(scores, dim=-1)  # fused: fewer passes over the chunk than an in-place softmax
                 del scores
                 head_sum = probs[:, 0] if h1 - h0 == 1 else probs.sum(1)  # [n or k, r, c1]
@@ -480,18 +471,12 @@ class AttentionRecorder:
         return diagonal.expand(n, t)
 
 
-@functools.cache
-def _zero_and_lowest(device: torch.device) -> tuple[Tensor, Tensor]:
-    """bfloat16 0 and lowest value on ``device``, made once: the additive mask's two values."""
-    return tuple(torch.tensor(v, dtype=torch.bfloat16, device=device) for v in (0.0, torch.finfo(torch.bfloat16).min))
-
-
 def _chunk_shape(n: int, heads: int, t_q: int, t_k: int) -> tuple[int, int]:
     """(heads, query rows) per chunk of the recorded scores: a [n, heads, rows, T] block holds at
-    most an eighth of the [n, T, T] map (scores and probabilities together a quarter), or 1M
-    elements, so short sequences take all heads in one product: all heads at once when they fit,
-    else one head and as many query rows as fit."""
-    budget = max(_MIN_CHUNK_ELEMENTS, n * t_q * t_k // 8)
+    most a 64th of the [n, T, T] map (scores and probabilities together a 32nd), or
+    ``_MIN_CHUNK_ELEMENTS``, so short sequences take all heads in one product: all heads at once
+    when they fit, else one head and as many query rows as fit."""
+    budget = max(_MIN_CHUNK_ELEMENTS, n * t_q * t_k // 64)
     per_head = n * t_q * t_k
     if per_head * heads <= budget:
         return heads, t_q
@@ -501,15 +486,17 @@ def _chunk_shape(n: int, heads: int, t_q: int, t_k: int) -> tuple[int, int]:
 
 
 def _batch_rows(tensor: Tensor | None, rows: Tensor | None) -> Tensor | None:
-    """The recorded rows of a per-sequence mask or bias (one broadcast over the batch is kept as is)."""
+    """The recorded rows of a per-sequence tensor (one broadcast over the batch is kept as is)."""
     if tensor is None or rows is None or tensor.shape[0] == 1:
         return tensor
     return tensor.index_select(0, rows)
 
 
-def _head_rows(mask: Tensor, h0: int, h1: int, r0: int, r1: int) -> Tensor:
-    """Heads h0:h1 and query rows r0:r1 of a [n, 1 or H, T, T] mask or bias."""
-    return mask[:, :, r0:r1] if mask.shape[1] == 1 else mask[:, h0:h1, r0:r1]
+def _chunk(mask: Tensor, rows: Tensor | None, h0: int, h1: int, r0: int, r1: int, c1: int) -> Tensor:
+    """The recorded batch rows, heads h0:h1, query rows r0:r1 and keys :c1 of a [n or 1, 1 or H, T, T]
+    mask or bias: a copy of that chunk only."""
+    chunk = mask[:, :, r0:r1, :c1] if mask.shape[1] == 1 else mask[:, h0:h1, r0:r1, :c1]
+    return _batch_rows(chunk, rows)
 
 
 @torch.no_grad()
@@ -530,14 +517,13 @@ def capture_attention(
     Memory: the result ``[N, T, T]`` float32 is the only lasting allocation (each micro-batch's
     maps are summed in place into its slice). On top of it and of the truncated forward's own
     activations, only while a recorded layer runs: one chunk of scores and probabilities (together
-    at most a quarter of an ``[m, T, T]`` map, or 8 MiB), the additive mask ``[m, 1, T, T]`` bfloat16 (half a map) and
-    float32 copies of the chunk's query and key (none for float32 models), m = min(N,
-    micro_batch_size). Measured with torch.profiler's CPU memory events (tiny Llama, N = m = 2,
-    T = 1024, one map = 8 MiB, where the 4 MiB chunk floor is half a map; ``tests/test_capture.py``): the
-    recording code's peak is 2.2 maps including the result (a CPU add casts the chunk's mask to
-    float32 first; causal chunks score only the keys their queries see), and the whole capture
-    peaks at 3.3 maps against 1.9 for the same sdpa forward cut at that layer and 20 for an eager
-    forward with ``output_attentions``.
+    at most a 32nd of an ``[m, T, T]`` map, or 2 MiB), the chunk of the mask it reads and float32
+    copies of the chunk's query and key (none for float32 models), m = min(N, micro_batch_size).
+    ``tests/test_capture.py`` measures it with torch.profiler's CPU memory events (tiny Llama,
+    N = m = 2, T = 1024, one map = 8 MiB, where the 1 MiB chunk floor is an eighth of a map): the
+    recording code's peak is 1.4 maps including the result, and the whole capture's extra peak over
+    the same sdpa forward cut at that layer 0.9 maps; an eager forward with ``output_attentions``
+    needs about 20.
     """
     if micro_batch_size < 1:
         raise ValueError(f"micro_batch_size={micro_batch_size}: must be at least 1")

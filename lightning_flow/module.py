@@ -369,10 +369,12 @@ class GRPOModule(L.LightningModule):
             micro_batch.chunk_rows = len(marked) if budget is None else max(1, budget // (4 * t * t))
             micro_batch.capture = partial(self.capture_rows, rollouts, recorder)
         first = micro_batch.attention_rows[: micro_batch.chunk_rows]
-        local = torch.tensor([row - rows.start for row in first], dtype=torch.long, device=self.device) if first else None
-        logps, entropy = self.completion_logps(rollouts, rows, recorder if first else None, local)
-        if first:
-            micro_batch.recorded = (first, recorder.take())
+        local = torch.tensor([row - rows.start for row in first], dtype=torch.long, device=self.device)
+        logps, entropy = self.completion_logps(rollouts, rows, recorder, local)  # no rows to record: the recorder only passes through
+        if recorder is not None:
+            maps = recorder.take()
+            micro_batch.recorded = (first, maps) if first else None
+            del maps
         rollouts.entropy[rows] = entropy.detach()
         began = time.perf_counter()
         for callback in self.rollout_callbacks():

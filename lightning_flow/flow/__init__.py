@@ -8,14 +8,17 @@ from .graph import (
     ROLE_PROMPT,
     ROLE_RESPONSE,
     FlowConfig,
+    KeptEdges,
     build_flow_graphs,
     capacities,
     dense_graph,
+    flow_graphs,
     kept_capacity,
+    prune_edges,
     sink_mask,
 )
 from .signals import attention_received, boosted_count, credit_weights, random_signal
-from .solver import FlowResult, answer_flow, edge_flow, solve_flow
+from .solver import FlowResult, answer_flow, edge_flow, solve_flow, strongest_edge_flows
 
 __all__ = [
     "ROLE_ANSWER",
@@ -23,6 +26,7 @@ __all__ = [
     "ROLE_RESPONSE",
     "FlowConfig",
     "FlowResult",
+    "KeptEdges",
     "answer_flow",
     "attention_received",
     "boosted_count",
@@ -31,8 +35,11 @@ __all__ = [
     "credit_weights",
     "dense_graph",
     "edge_flow",
+    "flow_graphs",
     "kept_capacity",
+    "prune_edges",
     "random_signal",
     "sink_mask",
     "solve_flow",
+    "strongest_edge_flows",
 ]

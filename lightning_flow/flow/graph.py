@@ -24,7 +24,7 @@ from torch_geometric.data import Batch, Data
 ROLE_PROMPT, ROLE_RESPONSE, ROLE_ANSWER = 0, 1, 2
 
 _BUILD_ELEMENTS = 2**16
-"""Candidate edges per pruning step at least (256 KiB in float32); above that, a 128th of the map."""
+"""Candidate edges per pruning step at least (256 KiB in float32); above that, a 512th of the map."""
 
 
 # Pruning defaults, measured against exact credit (keep_mass 1, no cap) by benchmarks/flow_memory.py:
@@ -111,8 +111,8 @@ def prune_incoming(a: Tensor, keep_mass: float, max_in_degree: int | None) -> Te
 
 def _rows_per_step(n: int, t: int) -> int:
     """Query rows pruned at once: a step's temporaries (a sort's values, indices and workspace,
-    about 10x the block in bytes) stay under a tenth of the map (a floor keeps short maps in few steps)."""
-    return max(1, min(t, max(_BUILD_ELEMENTS, n * t * t // 128) // max(1, n * t)))
+    about 10x the block in bytes) stay near 2 % of the map (a floor keeps short maps in few steps)."""
+    return max(1, min(t, max(_BUILD_ELEMENTS, n * t * t // 512) // max(1, n * t)))
 
 
 def pruned_rows(attention: Tensor, valid: Tensor, cfg: FlowConfig) -> Iterator[tuple[int, Tensor, Tensor]]:
@@ -148,50 +148,75 @@ def capacities(attention: Tensor, valid: Tensor, cfg: FlowConfig | None = None) 
     return incoming_capacities(attention, valid, cfg or FlowConfig()).transpose(1, 2)
 
 
-@torch.no_grad()
-def build_flow_graphs(attention: Tensor, valid: Tensor, prompt: Tensor, answer: Tensor, cfg: FlowConfig | None = None) -> Batch:
-    """One graph per response: its valid tokens in order are the nodes (``role``, ``position``),
-    ``edge_index`` [2, E] holds (source, target) in local node ids sorted by (target, source),
-    ``edge_attr`` [E] the capacities. Also per node: ``candidate_capacity`` (incoming capacity
-    before pruning, after sinks and ``min_capacity``) and placeholders ``f``, ``h``, ``log_h`` that
-    ``solve_flow`` fills; per graph ``degenerate``.
+@dataclass
+class KeptEdges:
+    """The edges pruning kept from a chunk of maps, compactly (8 B an edge), so the maps can be
+    freed before the graphs are assembled (``flow_graphs``)."""
 
-    Memory: the map is read a block of query rows at a time, so besides the map only one block's
-    pruning temporaries (under a tenth of the map) and the kept edges (16 B each while collected,
-    then 20 B each in the Batch, briefly both) exist."""
-    check_inputs(attention, valid, prompt, answer)
-    cfg = cfg or FlowConfig()
-    n, t, _ = attention.shape
-    local = (valid.cumsum(-1) - 1).int()  # [N, T] node id of each valid position
-    parts, incoming = [], torch.zeros(n, t, dtype=cfg.dtype, device=attention.device)  # [N, T]
+    valid: Tensor  # [N, T] bool
+    incoming: Tensor  # [N, T] each target's capacity before pruning (after sinks and min_capacity)
+    steps: list[tuple[int, Tensor, Tensor, Tensor]]  # per block of target rows: (r0, edges per row [N, r] int32, source positions [e] int32, capacities [e])
+
+
+@torch.no_grad()
+def prune_edges(attention: Tensor, valid: Tensor, cfg: FlowConfig) -> KeptEdges:
+    """Read the maps  # [N, T, T] a block of query rows at a time and keep the pruned edges: besides
+    the maps only one block's pruning temporaries (about 2 % of the maps) and the kept edges exist."""
+    check_inputs(attention, valid)
+    incoming = torch.zeros(valid.shape, dtype=cfg.dtype, device=attention.device)  # [N, T]
+    steps = []
     for r0, kept, before in pruned_rows(attention, valid, cfg):
-        graph, target, source = kept.nonzero(as_tuple=True)  # [e] each, sorted by graph, target, source
-        parts.append((graph.int(), local[graph, source], local[graph, target + r0], kept[graph, target, source]))
+        edges = kept != 0  # [N, r, c]
+        steps.append((r0, edges.sum(-1, dtype=torch.int32), edges.nonzero()[:, 2].int(), kept[edges]))  # (graph, target, source) order
         incoming[:, r0 : r0 + before.shape[1]] = before
-        del kept, graph, target, source
-    several = len(parts) > 1
-    graph, source, target, capacity = (torch.cat(x) for x in zip(*parts))  # [E] each
-    del parts
-    if several:  # the blocks are target-major over the whole batch: regroup by graph, keeping the order
+        del kept, edges
+    return KeptEdges(valid, incoming, steps)
+
+
+@torch.no_grad()
+def flow_graphs(kept: KeptEdges, prompt: Tensor, answer: Tensor) -> Batch:
+    """One graph per response from the kept edges: its valid tokens in order are the nodes
+    (``role``, ``position``), ``edge_index`` [2, E] holds (source, target) in local node ids sorted
+    by (target, source), ``edge_attr`` [E] the capacities. Also per node: ``candidate_capacity``
+    (incoming capacity before pruning) and placeholders ``f``, ``h``, ``log_h`` that ``solve_flow``
+    fills; per graph ``degenerate``. Memory: about 2.5 times the Batch's edges while it is assembled."""
+    valid = kept.valid
+    n, t = valid.shape
+    graph_ids, targets, sources, capacities_ = [], [], [], []
+    for r0, counts, source, capacity in kept.steps:  # rows of one step are in (graph, target) order
+        r = counts.shape[1]
+        flat = counts.flatten().long()
+        graph_ids.append(torch.arange(n, device=valid.device).repeat_interleave(r).repeat_interleave(flat))
+        targets.append(torch.arange(r0, r0 + r, device=valid.device).repeat(n).repeat_interleave(flat))
+        sources.append(source)
+        capacities_.append(capacity)
+    graph, target, source, capacity = (torch.cat(x) for x in (graph_ids, targets, sources, capacities_))  # [E] each
+    if len(kept.steps) > 1:  # steps are target-major over the whole batch: regroup by graph, keeping the order
         order = torch.argsort(graph, stable=True)
-        graph, source, target, capacity = graph[order], source[order], target[order], capacity[order]
-        del order
+        graph, target, source, capacity = graph[order], target[order], source[order], capacity[order]
+    local = valid.long().cumsum(-1) - 1  # [N, T] node id of each valid position
+    edge_index = torch.stack((local[graph, source.long()], local[graph, target]))  # [2, E]
     edge_counts = torch.bincount(graph, minlength=n).tolist()
-    edge_index = torch.stack((source, target)).long()  # [2, E]
-    del graph, source, target
+    del graph, target, source
     roles = node_roles(valid, prompt, answer)
     position = torch.arange(t, device=valid.device).expand_as(valid)
-    graphs = []
+    data = []
     for g, (edges, caps) in enumerate(zip(edge_index.split(edge_counts, dim=1), capacity.split(edge_counts))):
         nodes = valid[g]
         v = int(nodes.sum())
-        graphs.append(Data(
-            edge_index=edges, edge_attr=caps, role=roles[g][nodes], position=position[g][nodes], candidate_capacity=incoming[g][nodes],
-            f=attention.new_zeros(v, dtype=cfg.dtype), h=attention.new_zeros(v, dtype=cfg.dtype),
-            log_h=torch.zeros(v, dtype=torch.float64, device=attention.device),
-            degenerate=torch.zeros(1, dtype=torch.bool, device=attention.device), num_nodes=v,
+        data.append(Data(
+            edge_index=edges, edge_attr=caps, role=roles[g][nodes], position=position[g][nodes], candidate_capacity=kept.incoming[g][nodes],
+            f=caps.new_zeros(v), h=caps.new_zeros(v), log_h=torch.zeros(v, dtype=torch.float64, device=valid.device),
+            degenerate=torch.zeros(1, dtype=torch.bool, device=valid.device), num_nodes=v,
         ))
-    return Batch.from_data_list(graphs)
+    return Batch.from_data_list(data)
+
+
+@torch.no_grad()
+def build_flow_graphs(attention: Tensor, valid: Tensor, prompt: Tensor, answer: Tensor, cfg: FlowConfig | None = None) -> Batch:
+    """``flow_graphs(prune_edges(...))``: the flow graphs of dense maps  # [N, T, T] (masks [N, T] bool)."""
+    check_inputs(attention, valid, prompt, answer)
+    return flow_graphs(prune_edges(attention, valid, cfg or FlowConfig()), prompt, answer)
 
 
 def kept_capacity(graphs: Batch) -> Tensor:
