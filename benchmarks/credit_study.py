@@ -2,16 +2,20 @@
 
     python benchmarks/credit_study.py            # full study: 2 tasks x 5 signals x 3 seeds (< 1 h on 2 CPU cores)
     python benchmarks/credit_study.py --quick    # 1 seed, 40 steps (a few minutes), written to runs/
+    python benchmarks/credit_study.py --losses grpo cispo gspo --signals uniform flow   # any loss x credit signal
 
 For each task (``configs/demo.yaml``: 1-2 operations; ``configs/demo-long.yaml``: 3-4 operations,
 its own warm-started policy) it builds the warm-start policy if missing (deterministic), measures
 its greedy accuracy on the held-out split once (step 0: every run starts from it, the LoRA update
-being zero at init), then trains with ``FlowCredit(signal=...)`` for every signal and seed through
-our own CLI, the same number of steps, validating every ``--val-every`` steps. ``uniform`` is
-plain GRPO through the same code path. The seed sets sampling, the LoRA init and the ``random``
-signal; the data (train order, held-out problems) is the same for every run.
+being zero at init), then trains with ``FlowCredit(signal=...)`` for every loss, signal and seed
+through our own CLI, the same number of generated batches, validating every ``--val-every`` of
+them. ``uniform`` is plain GRPO through the same code path. A loss other than the task config's
+own (``grpo``) takes the ``model.grpo`` section of its demo config (``configs/demo-<loss>.yaml``,
+see docs/losses.md) on top of the task config; with μ updates per batch it runs μ times the
+optimizer steps. The seed sets sampling, the LoRA init and the ``random`` signal; the data (train
+order, held-out problems) is the same for every run.
 
-Each run logs to ``runs/credit-study[-quick]/<task>/<signal>/seed<n>/metrics.csv``; the study writes
+Each run logs to ``runs/credit-study[-quick]/<task>/[<loss>-]<signal>/seed<n>/metrics.csv``; the study writes
 ``<out>/credit-study.json`` (every curve), ``credit-study.md`` (final accuracy, mean and
 sample std over seeds) and ``credit-study.png`` (mean curve with a +-1 std band per signal).
 """
@@ -27,6 +31,8 @@ import sys
 import time
 from pathlib import Path
 
+import yaml
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_stats import curve_over_seeds, mean_and_std  # noqa: E402
 
@@ -35,13 +41,29 @@ REPO = Path(__file__).resolve().parents[1]
 # greedy accuracy (almost no group ever has a correct answer to learn from); 800 give 0.47.
 TASKS = {"short chains (1-2 ops)": ("configs/demo.yaml", 300), "long chains (3-4 ops)": ("configs/demo-long.yaml", 800)}
 SIGNALS = ["uniform", "random", "entropy", "attention_received", "flow"]
+# Loss -> the demo config whose model.grpo section sets it (None: the task config's own, grpo).
+LOSSES = {"grpo": None, **{name: f"configs/demo-{name}.yaml" for name in ("gspo", "cispo", "sapo", "luspo", "80-20")}}
+
+
+def loss_overrides(loss: str) -> list[str]:
+    """``--model.grpo.<option>=<value>`` for every option of the loss's demo config."""
+    if LOSSES[loss] is None:
+        return []
+    grpo = yaml.safe_load((REPO / LOSSES[loss]).read_text())["model"]["grpo"]
+    return [f"--model.grpo.{key}={value}" for key, value in grpo.items()]
+
+
+def run_name(loss: str, signal: str) -> str:
+    """A run's label and folder: the signal alone for the task's own loss."""
+    return signal if LOSSES[loss] is None else f"{loss}-{signal}"
 
 
 def read_val_curve(metrics_csv: Path) -> dict[int, float]:
-    """``val/accuracy`` by optimizer steps done, from a CSVLogger ``metrics.csv`` (other rows skipped).
+    """``val/accuracy`` by training batches done (the optimizer steps at μ = 1), from a CSVLogger
+    ``metrics.csv`` (other rows skipped).
 
-    Lightning logs a validation with the 0-based index of the training step it follows, so the
-    row of step s comes after s + 1 optimizer steps.
+    Lightning logs a validation with the 0-based index of the training batch it follows (not of
+    the optimizer step: μ of those per batch), so the row of step s comes after s + 1 batches.
     """
     with open(metrics_csv, newline="") as handle:
         return {int(row["step"]) + 1: float(row["val/accuracy"]) for row in csv.DictReader(handle) if row.get("val/accuracy")}
@@ -70,23 +92,27 @@ def wait(process: subprocess.Popen, what: str) -> None:
 
 
 def train_runs(task: str, config: str, run_dir: Path, args) -> dict[str, list[dict]]:
-    """Every (signal, seed) fit of one task, ``--jobs`` at a time; returns curves and wall times per signal."""
-    pending = [(signal, seed) for seed in range(args.seeds) for signal in args.signals]
+    """Every (loss, signal, seed) fit of one task, ``--jobs`` at a time; returns curves (by generated
+    batch) and wall times per run name."""
+    pending = [(loss, signal, seed) for seed in range(args.seeds) for loss in args.losses for signal in args.signals]
     running: list[tuple[str, int, subprocess.Popen, float]] = []
-    results: dict[str, list[dict]] = {signal: [] for signal in args.signals}
+    results: dict[str, list[dict]] = {run_name(loss, signal): [] for loss in args.losses for signal in args.signals}
     while pending or running:
         while pending and len(running) < args.jobs:
-            signal, seed = pending.pop(0)
+            loss, signal, seed = pending.pop(0)
+            overrides = loss_overrides(loss)
+            # trainer.max_steps counts optimizer steps: μ per generated batch.
+            iterations = int(next((o.split("=")[1] for o in overrides if o.startswith("--model.grpo.num_iterations=")), 1))
             callbacks = json.dumps([{"class_path": "lightning_flow.callbacks.FlowCredit", "init_args": {"signal": signal, "seed": seed}}])
-            extra = [f"--seed_everything={seed}", f"--trainer.max_steps={args.steps}", f"--trainer.val_check_interval={args.val_every}",
-                     "--trainer.enable_checkpointing=false", f"--trainer.callbacks={callbacks}"]
-            command = cli_command("fit", config, run_dir, signal, f"seed{seed}", args, extra)
-            running.append((signal, seed, run(command, args.threads), time.perf_counter()))
-        signal, seed, process, start = running.pop(0)
-        wait(process, f"{task} {signal} seed {seed}")
-        curve = read_val_curve(run_dir / signal / f"seed{seed}" / "metrics.csv")
-        results[signal].append({"seed": seed, "curve": curve, "wall_s": time.perf_counter() - start})
-        print(f"{task} {signal} seed {seed}: final accuracy {curve[max(curve)]:.3f}", flush=True)
+            extra = [f"--seed_everything={seed}", f"--trainer.max_steps={args.steps * iterations}", f"--trainer.val_check_interval={args.val_every}",
+                     "--trainer.enable_checkpointing=false", f"--trainer.callbacks={callbacks}", *overrides]
+            command = cli_command("fit", config, run_dir, run_name(loss, signal), f"seed{seed}", args, extra)
+            running.append((run_name(loss, signal), seed, run(command, args.threads), time.perf_counter()))
+        name, seed, process, start = running.pop(0)
+        wait(process, f"{task} {name} seed {seed}")
+        curve = read_val_curve(run_dir / name / f"seed{seed}" / "metrics.csv")
+        results[name].append({"seed": seed, "curve": curve, "wall_s": time.perf_counter() - start})
+        print(f"{task} {name} seed {seed}: final accuracy {curve[max(curve)]:.3f}", flush=True)
     return results
 
 
@@ -168,6 +194,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="1 seed, 40 steps, validation every 20: a few minutes")
     parser.add_argument("--tasks", nargs="+", default=list(TASKS), choices=list(TASKS))
     parser.add_argument("--signals", nargs="+", default=SIGNALS, choices=SIGNALS)
+    parser.add_argument("--losses", nargs="+", default=["grpo"], choices=list(LOSSES), help="objectives (docs/losses.md); grpo: the task config's own")
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--steps", type=int, default=200)
     parser.add_argument("--val-every", type=int, default=25)

@@ -38,8 +38,9 @@ from gpu_check import SHAPES, random_model_folder  # noqa: E402
 from lightning_flow.adapter_merge import merged_lora  # noqa: E402
 from lightning_flow.callbacks.flow_credit import FlowCredit  # noqa: E402
 from lightning_flow.capture import PROFILER_RANGE, AttentionRecorder, capture_attention  # noqa: E402
-from lightning_flow.loss import clipped_surrogate_loss, completion_mask  # noqa: E402
+from lightning_flow.loss import completion_mask  # noqa: E402
 from lightning_flow.module import GRPOConfig, GRPOModule  # noqa: E402
+from lightning_flow.objectives import policy_loss  # noqa: E402
 from lightning_flow.policy import PolicyConfig, SamplingConfig  # noqa: E402
 from lightning_flow.rollouts import Rollouts  # noqa: E402
 from lightning_flow.tiny import build_char_tokenizer, build_tiny_llama  # noqa: E402
@@ -137,7 +138,7 @@ class StepParts:
                 captured += recorder.stopwatch.seconds()
             else:
                 logps, entropy = module.completion_logps(rollouts, rows)
-            loss, _ = clipped_surrogate_loss(logps, logps.detach(), rollouts.advantages[rows], rollouts.completion_mask[rows])
+            loss, _ = policy_loss(logps, logps.detach(), rollouts.advantages[rows], rollouts.completion_mask[rows])
             loss.backward()
         module.policy.zero_grad(set_to_none=True)
         return captured

@@ -1,4 +1,6 @@
-"""GRPO-family losses as pure tensor functions (formulas follow TRL's GRPOTrainer).
+"""What the GRPO-family losses read, as pure tensor functions (formulas follow TRL's GRPOTrainer):
+group-normalised advantages, the completion mask, and each token's log-prob and entropy. The
+objectives themselves are in ``lightning_flow.objectives``.
 
 N = responses in the generation batch (prompts × G, groups contiguous), n = responses in one
 micro-batch, L = completion length, V = vocabulary size. Nothing here knows about models,
@@ -8,25 +10,23 @@ trainers or tokenizers, so every function can be checked by hand on small tensor
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import Literal, get_args
 
 import torch
 from torch import Tensor
 
-LossType = Literal["grpo", "bnpo", "dr_grpo", "dapo"]
 ScaleRewards = Literal["group", "batch", "none"]
 
 _STD_EPS = 1e-4  # added to the std, as TRL does, so tiny spreads do not explode
 _BLOCK_ELEMENTS = 2**25  # vocabulary entries per log-prob block by default: 128 MiB per fp32 temporary
 
 
-def _check_choice(name: str, value: str, allowed: tuple[str, ...]) -> None:
+def check_choice(name: str, value: str, allowed: tuple[str, ...]) -> None:
     if value not in allowed:
         raise ValueError(f"unknown {name} {value!r}; expected one of {', '.join(allowed)}")
 
 
-def _check_shape(name: str, tensor: Tensor, expected: torch.Size, expected_name: str) -> None:
+def check_shape(name: str, tensor: Tensor, expected: torch.Size, expected_name: str) -> None:
     if tensor.shape != expected:
         raise ValueError(f"{name} has shape {tuple(tensor.shape)} but {expected_name} has shape {tuple(expected)}")
 
@@ -40,7 +40,7 @@ def group_advantages(rewards: Tensor, num_generations: int, scale_rewards: Scale
     A = r - group mean, divided by (unbiased std + 1e-4) of the group ("group") or of the whole
     batch ("batch"), or left unscaled ("none"). Groups with all-equal rewards get exactly 0.
     """
-    _check_choice("scale_rewards", scale_rewards, get_args(ScaleRewards))
+    check_choice("scale_rewards", scale_rewards, get_args(ScaleRewards))
     if rewards.dim() != 1:
         raise ValueError(f"rewards must be 1-D [N], got shape {tuple(rewards.shape)}")
     if num_generations < 2:
@@ -121,7 +121,8 @@ class _ChunkedTokenLogprobs(torch.autograd.Function):
     here only the inputs are saved and each block's softmax is recomputed in backward. With a
     head (weight, bias) the inputs are hidden states and each block's logits are recomputed too,
     so the [N, L, V] logits and their gradient never exist. The head runs in its weight's dtype
-    with autocast off, so forward and backward see the same logits.
+    with autocast off, so forward and backward see the same logits. The entropy is detached
+    unless ``entropy_grad`` (an entropy bonus); then its gradient joins the same block pass.
     """
 
     @staticmethod
@@ -132,7 +133,7 @@ class _ChunkedTokenLogprobs(torch.autograd.Function):
             return torch.nn.functional.linear(inputs.to(weight.dtype), weight, bias)
 
     @staticmethod
-    def forward(ctx, inputs: Tensor, targets: Tensor, weight: Tensor | None, bias: Tensor | None, temperature: float, chunk_tokens: int):
+    def forward(ctx, inputs: Tensor, targets: Tensor, weight: Tensor | None, bias: Tensor | None, temperature: float, chunk_tokens: int, entropy_grad: bool):
         logps = inputs.new_empty(targets.shape, dtype=torch.float32)  # [N, L]
         entropy = inputs.new_empty(targets.shape, dtype=torch.float32)  # [N, L]
         for rows, cols in _token_blocks(*targets.shape, chunk_tokens):
@@ -143,22 +144,34 @@ class _ChunkedTokenLogprobs(torch.autograd.Function):
             # H = -sum p log p; nan_to_num: a -inf logit gives 0 * -inf, whose limit is 0
             entropy[rows, cols] = -log_p.exp().mul_(log_p).nan_to_num_(nan=0.0).sum(dim=-1)
             del log_p  # free this block before the next
-        ctx.save_for_backward(inputs, targets, weight, bias)
+        ctx.save_for_backward(inputs, targets, weight, bias, entropy if entropy_grad else None)
         ctx.temperature, ctx.chunk_tokens = temperature, chunk_tokens
-        ctx.mark_non_differentiable(entropy)
+        ctx.set_materialize_grads(False)  # an unused output's gradient comes as None, not zeros
+        if not entropy_grad:
+            ctx.mark_non_differentiable(entropy)
         return logps, entropy
 
     @staticmethod
-    def backward(ctx, grad_logps: Tensor, _grad_entropy: Tensor):  # [N, L]
-        inputs, targets, weight, bias = ctx.saved_tensors
+    def backward(ctx, grad_logps: Tensor | None, grad_entropy: Tensor | None):  # [N, L]
+        inputs, targets, weight, bias, entropy = ctx.saved_tensors
+        if grad_logps is None:
+            grad_logps = torch.zeros_like(targets, dtype=torch.float32)
         grad_inputs = torch.empty_like(inputs)
         grad_weight = torch.zeros_like(weight, dtype=torch.float32) if weight is not None and ctx.needs_input_grad[2] else None
         grad_bias = torch.zeros_like(bias, dtype=torch.float32) if bias is not None and ctx.needs_input_grad[3] else None
         for rows, cols in _token_blocks(*targets.shape, ctx.chunk_tokens):
             block = inputs[rows, cols]  # [r, c, D or V]
             g = grad_logps[rows, cols, None].float()  # [r, c, 1]
-            # d log p_y / d z_v = (1[v == y] - p_v) / T
-            grad = _normalised(_ChunkedTokenLogprobs._block_logits(block, weight, bias), ctx.temperature).mul_(-g)
+            if grad_entropy is None:
+                # d log p_y / d z_v = (1[v == y] - p_v) / T
+                grad = _normalised(_ChunkedTokenLogprobs._block_logits(block, weight, bias), ctx.temperature).mul_(-g)
+            else:
+                # d H / d z_v = -p_v (log p_v + H) / T; with the log-prob's: (g 1[v == y] - p_v (g + g_H (log p_v + H))) / T
+                log_p = _log_normalised(_ChunkedTokenLogprobs._block_logits(block, weight, bias), ctx.temperature)
+                grad = log_p.exp()
+                log_p.add_(entropy[rows, cols, None]).mul_(grad_entropy[rows, cols, None].float()).add_(g)
+                grad.mul_(log_p).neg_().nan_to_num_(nan=0.0)  # a -inf logit: p = 0 times -inf, whose limit is 0
+                del log_p
             grad.scatter_add_(-1, targets[rows, cols, None], g)  # [r, c, V] fp32
             if ctx.temperature != 1.0:
                 grad.div_(ctx.temperature)
@@ -175,7 +188,7 @@ class _ChunkedTokenLogprobs(torch.autograd.Function):
             grad_inputs, None,
             None if grad_weight is None else grad_weight.to(weight.dtype),
             None if grad_bias is None else grad_bias.to(bias.dtype),
-            None, None,
+            None, None, None,
         )
 
 
@@ -187,6 +200,7 @@ def token_logprobs_and_entropy(
     head_weight: Tensor | None = None,
     head_bias: Tensor | None = None,
     positions: Tensor | None = None,
+    entropy_grad: bool = False,
 ) -> tuple[Tensor, Tensor]:
     """Log-prob of each target token and entropy of the tempered distribution.
 
@@ -194,11 +208,11 @@ def token_logprobs_and_entropy(
     targets      # [N, L] long
     head_weight  # [V, D] optional LM head applied to `inputs` block by block (head_bias [V])
     Returns (logps [N, L] float32, differentiable w.r.t. inputs and the head; entropy [N, L]
-    float32, detached). At most `chunk_tokens` positions are cast to fp32 at once (default: as
-    many as make 2^25 vocabulary entries, 220 with a 152K vocabulary, all of a small model's
-    micro-batch), so each fp32 temporary is chunk_tokens × V × 4 bytes (128 MiB at the default)
-    whatever N and L are; a block holds at most two of them; with a head no [N, L, V] tensor is
-    made at all. With ``positions`` ([N, L] bool) only those positions are scored (the loss's
+    float32, detached unless ``entropy_grad``). At most `chunk_tokens` positions are cast to fp32
+    at once (default: as many as make 2^25 vocabulary entries, 220 with a 152K vocabulary, all of
+    a small model's micro-batch), so each fp32 temporary is chunk_tokens × V × 4 bytes (128 MiB
+    at the default) whatever N and L are; a block holds at most two of them; with a head no
+    [N, L, V] tensor is made at all. With ``positions`` ([N, L] bool) only those positions are scored (the loss's
     completion tokens, not the padding after EOS); the others get 0 and no gradient. Selecting
     them copies their inputs, so pass it with hidden states, not with full logits.
     """
@@ -214,116 +228,13 @@ def token_logprobs_and_entropy(
     if chunk_tokens < 1:
         raise ValueError(f"chunk_tokens must be >= 1, got {chunk_tokens}")
     if positions is None:
-        return _ChunkedTokenLogprobs.apply(inputs, targets.long(), head_weight, head_bias, float(temperature), int(chunk_tokens))
+        return _ChunkedTokenLogprobs.apply(inputs, targets.long(), head_weight, head_bias, float(temperature), int(chunk_tokens), entropy_grad)
     if positions.shape != targets.shape:
         raise ValueError(f"positions must be [N, L] like targets {tuple(targets.shape)}, got {tuple(positions.shape)}")
     positions = positions.bool()
     picked = _ChunkedTokenLogprobs.apply(  # the M scored positions as one row: [1, M] each
-        inputs[positions][None], targets[positions].long()[None], head_weight, head_bias, float(temperature), int(chunk_tokens)
+        inputs[positions][None], targets[positions].long()[None], head_weight, head_bias, float(temperature), int(chunk_tokens), entropy_grad
     )
     zeros = inputs.new_zeros(targets.shape, dtype=torch.float32)
     logps, entropy = (zeros.masked_scatter(positions, values[0]) for values in picked)
     return logps, entropy
-
-
-# ---- the clipped surrogate ------------------------------------------------------------------
-@dataclass(frozen=True)
-class LossStats:
-    """Detached scalar diagnostics of one micro-batch (masked means over completion tokens)."""
-
-    kl: Tensor
-    clip_ratio_low: Tensor
-    clip_ratio_high: Tensor
-    clip_ratio: Tensor
-
-
-def _masked_mean(values: Tensor, mask: Tensor) -> Tensor:  # [n, L], [n, L] -> scalar
-    return (values * mask).sum() / mask.sum().clamp(min=1)
-
-
-def clipped_surrogate_loss(
-    logps: Tensor,  # [n, L] current policy, requires grad
-    old_logps: Tensor,  # [n, L] sampling policy (detached); logps.detach() when num_iterations == 1
-    advantages: Tensor,  # [n] one per response
-    mask: Tensor,  # [n, L] completion mask
-    loss_type: LossType = "grpo",
-    epsilon_low: float = 0.2,
-    epsilon_high: float | None = None,  # None -> epsilon_low
-    beta: float = 0.0,
-    ref_logps: Tensor | None = None,  # [n, L], required when beta > 0
-    token_weights: Tensor | None = None,  # [n, L] per-token credit, A_t = w_t * A
-    max_completion_length: int | None = None,  # required for dr_grpo
-    num_items_in_batch: int | float | Tensor | None = None,  # required for dapo: tokens of the whole generation batch
-) -> tuple[Tensor, LossStats]:
-    """PPO-style clipped objective with an optional k3 KL penalty, aggregated per `loss_type`.
-
-    per-token loss = -min(rho * A_t, clip(rho, 1 - eps_low, 1 + eps_high) * A_t) + beta * k3,
-    rho = exp(logps - old_logps), k3 = exp(ref - logps) - (ref - logps) - 1.
-    grpo: mean over responses of each response's token mean; bnpo: mean over the micro-batch's
-    tokens; dr_grpo: sum / (n * max_completion_length); dapo: sum / num_items_in_batch.
-    Under DDP gradient averaging, pass num_items_in_batch / world_size for dapo (as TRL does).
-    """
-    _check_choice("loss_type", loss_type, get_args(LossType))
-    if logps.dim() != 2:
-        raise ValueError(f"logps must be 2-D [n, L], got shape {tuple(logps.shape)}")
-    for name, other in (("old_logps", old_logps), ("mask", mask), ("ref_logps", ref_logps), ("token_weights", token_weights)):
-        if other is not None:
-            _check_shape(name, other, logps.shape, "logps")
-    _check_shape("advantages", advantages, logps.shape[:1], "logps[:, 0]")
-    if beta > 0 and ref_logps is None:
-        raise ValueError("beta > 0 needs ref_logps (the reference policy's log-probs)")
-    if loss_type == "dr_grpo" and max_completion_length is None:
-        raise ValueError("loss_type 'dr_grpo' needs max_completion_length")
-    if loss_type == "dapo" and num_items_in_batch is None:
-        raise ValueError("loss_type 'dapo' needs num_items_in_batch (completion tokens of the whole batch)")
-    epsilon_high = epsilon_low if epsilon_high is None else epsilon_high
-
-    mask = mask.to(logps.dtype)
-    adv = advantages.to(logps.dtype)[:, None].expand_as(logps)  # [n, L]
-    if token_weights is not None:
-        adv = adv * token_weights.to(logps.dtype)
-    adv = adv.detach()  # credit is a target, never a path for gradients
-
-    present = mask > 0
-    # Padding positions may hold any log-probs; zero their log-ratio so exp cannot overflow
-    # into inf * 0 = NaN (where() also sends them zero gradient).
-    ratio = torch.exp(torch.where(present, logps - old_logps.detach(), 0.0))  # [n, L]
-    clipped = torch.clamp(ratio, 1 - epsilon_low, 1 + epsilon_high)
-    per_token = -torch.min(ratio * adv, clipped * adv)  # [n, L]
-    kl = None
-    if ref_logps is not None:
-        delta = torch.where(present, ref_logps.detach() - logps, 0.0)
-        kl = torch.exp(delta) - delta - 1  # k3: unbiased, always >= 0
-        if beta > 0:
-            per_token = per_token + beta * kl
-
-    masked_sum = (per_token * mask).sum()
-    if loss_type == "grpo":
-        loss = ((per_token * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1)).mean()
-    elif loss_type == "bnpo":
-        loss = masked_sum / mask.sum().clamp(min=1)
-    elif loss_type == "dr_grpo":
-        loss = masked_sum / (logps.shape[0] * max_completion_length)
-    else:  # dapo: clamp so an all-empty batch gives 0, not NaN
-        loss = masked_sum / torch.as_tensor(num_items_in_batch, dtype=logps.dtype, device=logps.device).clamp(min=1)
-
-    with torch.no_grad():
-        low = ((ratio < 1 - epsilon_low) & (adv < 0)).to(logps.dtype)
-        high = ((ratio > 1 + epsilon_high) & (adv > 0)).to(logps.dtype)
-        stats = LossStats(
-            kl=_masked_mean(kl, mask) if kl is not None else logps.new_zeros(()),
-            clip_ratio_low=_masked_mean(low, mask),
-            clip_ratio_high=_masked_mean(high, mask),
-            clip_ratio=_masked_mean(torch.maximum(low, high), mask),
-        )
-    return loss, stats
-
-
-def gradient_accumulation_divisor(loss_type: LossType, num_micro_batches: int) -> int:
-    """What each micro-batch loss is divided by before backward, so one optimizer step sees the
-    whole generation batch's loss: the number of (equal) micro-batches for grpo/bnpo/dr_grpo
-    (their losses are per-micro-batch means), 1 for dapo (already normalised by the whole batch)."""
-    _check_choice("loss_type", loss_type, get_args(LossType))
-    if num_micro_batches < 1:
-        raise ValueError(f"num_micro_batches must be >= 1, got {num_micro_batches}")
-    return 1 if loss_type == "dapo" else num_micro_batches

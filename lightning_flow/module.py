@@ -13,6 +13,7 @@ import math
 import os
 import random
 import time
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
@@ -27,15 +28,15 @@ from torch import Tensor
 
 from lightning_flow.capture import AttentionRecorder, default_capture_layers
 from lightning_flow.checkpoint_io import CheckpointError
-from lightning_flow.loss import (
+from lightning_flow.loss import ScaleRewards, completion_mask, group_advantages, token_logprobs_and_entropy
+from lightning_flow.objectives import (
+    OBJECTIVES,
+    ImportanceSamplingLevel,
     LossStats,
     LossType,
-    ScaleRewards,
-    clipped_surrogate_loss,
-    completion_mask,
-    gradient_accumulation_divisor,
-    group_advantages,
-    token_logprobs_and_entropy,
+    clipped_term,
+    entropy_threshold,
+    policy_loss,
 )
 from lightning_flow.policy import (
     PolicyConfig,
@@ -57,16 +58,44 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class GRPOConfig:
-    """The RL objective."""
+    """The RL objective. Names and defaults are TRL 1.16's GRPOConfig's unless a docstring says
+    otherwise; docs/losses.md writes out each formula and how per-token credit composes with it."""
 
     loss_type: LossType = "grpo"
-    """Aggregation: ``grpo`` (per-response mean), ``bnpo``, ``dr_grpo`` or ``dapo`` (as TRL defines them)."""
+    """The objective and its normaliser: ``grpo`` (mean of per-response token means), ``bnpo``
+    (micro-batch token mean), ``dr_grpo`` (sum / (responses × max_new_tokens)), ``dapo`` (sum / the
+    generation batch's tokens), ``cispo`` (capped, detached ratio × log-prob; dapo's normaliser),
+    ``sapo`` (soft sigmoid gate; grpo's), ``luspo`` (mean of per-response token sums). TRL's default
+    is dapo; ours stays grpo, the objective the demo configs and their measured curves use."""
     epsilon: float = 0.2
     """Lower clip range: the ratio is clipped at 1 - epsilon."""
     epsilon_high: float | None = None
-    """Upper clip range (1 + epsilon_high); defaults to epsilon."""
+    """Upper clip range (1 + epsilon_high); defaults to epsilon. For ``cispo`` it is the cap on the
+    ratio itself (ε_max, e.g. 5.0) and must be set: TRL would fall back to epsilon, capping every
+    ratio at 0.2, which only shrinks the step."""
+    delta: float | None = None
+    """Two-sided clipping (INTELLECT-2): cap the unclipped ratio at delta, so a negative-advantage
+    token's loss stays bounded; must exceed 1 + epsilon_high. For the clipped objectives only."""
+    importance_sampling_level: ImportanceSamplingLevel = "token"
+    """``token``: one ratio per token; ``sequence``: one per response, exp of the mean log-ratio over
+    its tokens (GSPO); a token weight then only scales its response's advantage, see docs/losses.md."""
+    sapo_temperature_pos: float = 1.0
+    """SAPO's gate temperature τ for tokens with a positive advantage."""
+    sapo_temperature_neg: float = 1.05
+    """SAPO's gate temperature τ for the others."""
     beta: float = 0.0
     """Weight of the k3 KL penalty to the adapter-disabled reference; 0 skips the reference pass."""
+    kl_bias_correction: bool = True
+    """Multiply k3 by the importance ratio (TRL's ``use_bias_correction_kl``): an unbiased KL estimate
+    under the sampling policy; it changes the gradient even at μ = 1, where the ratio is 1."""
+    top_entropy_quantile: float = 1.0
+    """Keep in the policy term only this top share of tokens by entropy ("80/20": 0.2). The threshold
+    is taken once per step over the valid tokens of the generation batch on every rank, under the
+    sampling policy (TRL: per micro-batch); with μ = 1 and several micro-batches that costs one more
+    forward without gradients. In (0, 1]: TRL's 0 (one token kept) is refused as a mistake."""
+    entropy_coef: float = 0.0
+    """Subtract entropy_coef × the mean entropy of the tokens the policy term reads (an entropy bonus;
+    the same meaning for every loss_type); its gradient runs through the log-softmax pass."""
     num_iterations: int = 1
     """Optimizer steps per generated batch (μ); above 1 the sampling log-probs are stored once."""
     scale_rewards: ScaleRewards = "group"
@@ -77,6 +106,34 @@ class GRPOConfig:
     """Responses per forward/backward; gradients accumulate over the step's micro-batches."""
     max_grad_norm: float | None = 1.0
     """Clip the global gradient norm to this (None: no clipping, the norm is still logged)."""
+
+    def __post_init__(self) -> None:
+        objective = OBJECTIVES.get(self.loss_type)  # an unknown name is the parser's error
+        high = self.epsilon if self.epsilon_high is None else self.epsilon_high
+        if not 0 < self.top_entropy_quantile <= 1:
+            raise ValueError(
+                f"model.grpo.top_entropy_quantile={self.top_entropy_quantile}: the share of tokens kept must be in (0, 1] (1 keeps all)"
+            )
+        if self.delta is not None and objective is not None and objective.term is not clipped_term:
+            raise ValueError(f"model.grpo.delta={self.delta}: two-sided clipping applies to the clipped objectives, not loss_type={self.loss_type}")
+        if self.delta is not None and self.delta <= 1 + high:
+            raise ValueError(f"model.grpo.delta={self.delta} must exceed 1 + epsilon_high = {1 + high:g}, or the upper clip never acts")
+        if self.loss_type == "cispo" and (self.epsilon_high is None or self.epsilon_high < 1):
+            raise ValueError(
+                f"model.grpo.epsilon_high={self.epsilon_high}: loss_type=cispo caps the ratio at epsilon_high itself "
+                "(ε_max, e.g. 5.0), which must be set and at least 1"
+            )
+        for name in ("sapo_temperature_pos", "sapo_temperature_neg"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"model.grpo.{name}={getattr(self, name)} must be > 0")
+        if self.importance_sampling_level == "sequence" and objective is not None and objective.weighs_responses_by_length:
+            warnings.warn(
+                f"model.grpo.importance_sampling_level=sequence with loss_type={self.loss_type}: this loss sums token terms, "
+                "so each response's sequence-level term counts once per token (a length weighting); GSPO uses loss_type=grpo",
+                stacklevel=2,
+            )
+        if self.loss_type == "luspo" and self.importance_sampling_level == "token":
+            warnings.warn("model.grpo.loss_type=luspo is defined with importance_sampling_level=sequence; token-level ratios are used", stacklevel=2)
 
 
 @dataclass
@@ -342,10 +399,17 @@ class GRPOModule(L.LightningModule):
         """``num_iterations`` optimizer steps over the rollouts; returns the step's loss metrics."""
         optimizer, scheduler = self.optimizers(), self.lr_schedulers()
         micro_batches = self.micro_batches(rollouts)
-        divisor = gradient_accumulation_divisor(self.grpo.loss_type, len(micro_batches))
         # dapo divides by the tokens of the whole generation batch, over all ranks; DDP then
         # averages the ranks' gradients, so each rank divides by the all-rank mean (as TRL does).
         tokens_per_rank = self.trainer.strategy.reduce(rollouts.completion_mask.sum(), reduce_op="mean")
+        threshold = later_entropy = None  # top_entropy_quantile's, once per step, at the first micro-batch
+        if self.grpo.top_entropy_quantile < 1 and self.grpo.num_iterations == 1 and len(micro_batches) > 1:
+            # The first pass is this update's: at the first micro-batch's loss the later ones have not
+            # been through the policy yet, so their entropies come from a no-grad pass, now, before
+            # the first pass records attention.
+            with torch.no_grad():
+                later_entropy = torch.cat([self.completion_logps(rollouts, rows)[1] for rows in micro_batches[1:]])
+        step_loss = 0.0  # the first iteration's loss: the sum of its micro-batches' shares
         first_pass: list[tuple[Tensor, dict[str, Tensor]]] = []  # (tokens, metrics) per micro-batch
         for iteration in range(self.grpo.num_iterations):
             # With one iteration this forward is the step's first pass (else the old log-prob pass was).
@@ -357,13 +421,16 @@ class GRPOModule(L.LightningModule):
                     else:
                         logps, entropy = self.completion_logps(rollouts, rows)
                     mask = rollouts.completion_mask[rows]
-                    loss, stats = self.micro_batch_loss(rollouts, rows, logps, tokens_per_rank)
+                    if threshold is None and self.grpo.top_entropy_quantile < 1:
+                        threshold = self.high_entropy_threshold(rollouts, micro_batches[0], later_entropy)
+                    loss, stats = self.micro_batch_loss(rollouts, rows, logps, tokens_per_rank, entropy, threshold, len(micro_batches))
                     # Under DDP, gradients are all-reduced once per optimizer step, on the last micro-batch.
                     with optimizer.toggle_model(sync_grad=index == len(micro_batches) - 1):
-                        self.manual_backward(loss / divisor)
+                        self.manual_backward(loss)
                     if iteration == 0:  # where the policy still is the sampler
                         entropy_mean = (entropy.detach() * mask).sum() / mask.sum().clamp(min=1)
-                        first_pass.append((mask.sum(), {"loss": loss.detach(), "entropy": entropy_mean, **vars(stats)}))  # vars: asdict deep-copies tensors
+                        step_loss = step_loss + loss.detach()
+                        first_pass.append((mask.sum(), {"entropy": entropy_mean, **vars(stats)}))  # vars: asdict deep-copies tensors
             trainable = [p for group in optimizer.param_groups for p in group["params"]]  # configure_optimizers' (no module walk)
             grad_norm = torch.nn.utils.clip_grad_norm_(trainable, self.grpo.max_grad_norm or float("inf"))
             if not torch.isfinite(grad_norm):  # a NaN/inf anywhere in the loss or logits ends up here
@@ -378,29 +445,55 @@ class GRPOModule(L.LightningModule):
         tokens = sum(n for n, _ in first_pass).clamp(min=1)
         names = first_pass[0][1]
         return {
+            "train/loss": step_loss,
             "train/grad_norm": grad_norm,
             "train/skipped_nonfinite_steps": torch.tensor(float(self.skipped_nonfinite_steps)),
             **{f"train/{k}": sum(n * m[k] for n, m in first_pass) / tokens for k in names},
         }
 
     # ---- helpers --------------------------------------------------------------------------
-    def micro_batch_loss(self, rollouts: Rollouts, rows: slice, logps: Tensor, num_items_in_batch: Tensor) -> tuple[Tensor, LossStats]:
-        """The clipped surrogate of ``rows`` from their log-probs under the current policy (the
-        sampling policy's are these, detached, when no old-log-prob pass ran)."""
-        return clipped_surrogate_loss(
+    def micro_batch_loss(
+        self, rollouts: Rollouts, rows: slice, logps: Tensor, num_items_in_batch: Tensor,
+        entropy: Tensor | None = None, entropy_threshold: Tensor | None = None, num_micro_batches: int = 1,
+    ) -> tuple[Tensor, LossStats]:
+        """The share of ``rows`` in the step's loss (``policy_loss``) from their log-probs and
+        entropies under the current policy (the sampling policy's log-probs are these, detached,
+        when no old-log-prob pass ran)."""
+        grpo = self.grpo
+        return policy_loss(
             logps,
             rollouts.old_logps[rows] if rollouts.old_logps is not None else logps.detach(),
             rollouts.advantages[rows],
             rollouts.completion_mask[rows],
-            loss_type=self.grpo.loss_type,
-            epsilon_low=self.grpo.epsilon,
-            epsilon_high=self.grpo.epsilon_high,
-            beta=self.grpo.beta,
+            loss_type=grpo.loss_type,
+            epsilon_low=grpo.epsilon,
+            epsilon_high=grpo.epsilon_high,
+            delta=grpo.delta,
+            importance_sampling_level=grpo.importance_sampling_level,
+            sapo_temperature_pos=grpo.sapo_temperature_pos,
+            sapo_temperature_neg=grpo.sapo_temperature_neg,
+            beta=grpo.beta,
             ref_logps=rollouts.ref_logps[rows] if rollouts.ref_logps is not None else None,
+            kl_bias_correction=grpo.kl_bias_correction,
             token_weights=rollouts.token_weights[rows],
+            entropy=entropy,
+            entropy_threshold=entropy_threshold,
+            entropy_coef=grpo.entropy_coef,
             max_completion_length=self.sampling.max_new_tokens,
             num_items_in_batch=num_items_in_batch,
+            num_micro_batches=num_micro_batches,
         )
+
+    def high_entropy_threshold(self, rollouts: Rollouts, first_rows: slice, later_entropy: Tensor | None) -> Tensor:
+        """``top_entropy_quantile``'s threshold: the quantile of the entropies of every rank's
+        completion tokens under the sampling policy, so every micro-batch and iteration of the
+        step keeps tokens by the same line. They are the first pass's (``rollouts.entropy``), all
+        of them at μ > 1; at μ = 1 those of ``first_rows`` followed by ``later_entropy``."""
+        entropy = rollouts.entropy if later_entropy is None else torch.cat([rollouts.entropy[first_rows], later_entropy])
+        # Padded to max_new_tokens, so that every rank gathers tensors of one shape.
+        width = self.sampling.max_new_tokens - entropy.shape[1]
+        entropy, mask = (torch.nn.functional.pad(t, (0, width)) for t in (entropy, rollouts.completion_mask))
+        return entropy_threshold(self.all_gather(entropy), self.all_gather(mask), self.grpo.top_entropy_quantile)
 
     def completion_logps(
         self, rollouts: Rollouts, rows: slice, recorder: AttentionRecorder | None = None, record: Tensor | None = None,
@@ -425,15 +518,16 @@ class GRPOModule(L.LightningModule):
         forward = self.policy if self.decoder_and_head is None else self.decoder_and_head[0]
         if recorder is not None:
             forward = partial(recorder.run, forward=forward, rows=record)
-        temperature = self.sampling.temperature
+        temperature, entropy_grad = self.sampling.temperature, self.grpo.entropy_coef != 0  # the bonus differentiates the entropy
         if self.decoder_and_head is None:
             logits = forward(**inputs, logits_to_keep=targets.shape[1] + 1).logits[:, :-1]
-            return token_logprobs_and_entropy(logits, targets, temperature)
+            return token_logprobs_and_entropy(logits, targets, temperature, entropy_grad=entropy_grad)
         head = self.decoder_and_head[1]
         hidden = forward(**inputs).last_hidden_state[:, -targets.shape[1] - 1:-1]
         # Only the loss's tokens go through the head: the padding after EOS costs no vocabulary pass.
         return token_logprobs_and_entropy(
-            hidden, targets, temperature, head_weight=head.weight, head_bias=head.bias, positions=rollouts.completion_mask[rows] > 0
+            hidden, targets, temperature, head_weight=head.weight, head_bias=head.bias, positions=rollouts.completion_mask[rows] > 0,
+            entropy_grad=entropy_grad,
         )
 
     def micro_batches(self, rollouts: Rollouts) -> list[slice]:

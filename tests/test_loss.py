@@ -12,53 +12,99 @@ import math
 import pytest
 import torch
 
-from lightning_flow.loss import (
-    LossStats,
-    clipped_surrogate_loss,
-    completion_mask,
-    gradient_accumulation_divisor,
-    group_advantages,
-    token_logprobs_and_entropy,
-)
+from lightning_flow.loss import completion_mask, group_advantages, token_logprobs_and_entropy
+from lightning_flow.objectives import LossStats, gradient_accumulation_divisor, policy_loss
 
 LOSS_TYPES = ["grpo", "bnpo", "dr_grpo", "dapo"]
 
 
-# ---- reference: the clipped surrogate, token by token --------------------------------------
-def reference_loss(logps, old, adv, mask, loss_type, eps_low=0.2, eps_high=None, beta=0.0, ref=None, weights=None, max_len=None, num_items=None):
-    """Returns (loss, dloss/dlogps as nested lists), all python floats."""
+# ---- reference: every objective, token by token --------------------------------------------
+def reference_loss(
+    logps, old, adv, mask, loss_type, eps_low=0.2, eps_high=None, beta=0.0, ref=None, weights=None, max_len=None, num_items=None,
+    kl_correction=True, level="token", delta=None, tau_pos=1.0, tau_neg=1.05, entropy=None, threshold=None, num_micro_batches=1,
+):
+    """Returns (loss, dloss/dlogps as nested lists), all python floats: this micro-batch's share
+    of the step's loss (entropy bonus aside, see reference_entropy_bonus)."""
     eps_high = eps_low if eps_high is None else eps_high
     n, length = len(logps), len(logps[0])
     counts = [sum(row) for row in mask]
     total = sum(counts)
     loss, grad = 0.0, [[0.0] * length for _ in range(n)]
     for i in range(n):
-        for t in range(length):
-            if not mask[i][t]:
-                continue
+        tokens = [t for t in range(length) if mask[i][t]]
+        # sequence level: one ratio per response, exp(mean log-ratio); d rho / d logp_u = rho / |o_i| for each of its tokens
+        seq_rho = math.exp(sum(logps[i][t] - old[i][t] for t in tokens) / max(len(tokens), 1))
+        for t in tokens:
             a = adv[i] * (weights[i][t] if weights is not None else 1.0)
-            rho = math.exp(logps[i][t] - old[i][t])
-            clipped_rho = min(max(rho, 1 - eps_low), 1 + eps_high)
-            unclipped_term, clipped_term = rho * a, clipped_rho * a
-            token_loss = -min(unclipped_term, clipped_term)
-            # d(-rho*a)/dlogp = -rho*a; the clipped branch is flat once rho is outside the range.
-            inside = 1 - eps_low <= rho <= 1 + eps_high
-            token_grad = -rho * a if (unclipped_term < clipped_term or inside) else 0.0
+            rho = math.exp(logps[i][t] - old[i][t]) if level == "token" else seq_rho
+            d_rho, d_logp = 0.0, 0.0  # partial derivatives of the token's loss
+            if loss_type == "cispo":  # -sg(min(rho, eps_high)) * a * logp
+                token_loss = -min(rho, eps_high) * a * logps[i][t]
+                d_logp = -min(rho, eps_high) * a
+            elif loss_type == "sapo":  # -(4 / tau) sigmoid(tau (rho - 1)) a
+                tau = tau_pos if a > 0 else tau_neg
+                sig = 1 / (1 + math.exp(-tau * (rho - 1)))
+                token_loss = -sig * 4 / tau * a
+                d_rho = -4 * a * sig * (1 - sig)
+            else:  # -min(rho' a, clip(rho) a), rho' = min(rho, delta)
+                unclipped_rho = rho if delta is None else min(rho, delta)
+                clipped_rho = min(max(rho, 1 - eps_low), 1 + eps_high)
+                unclipped_term, clipped_term = unclipped_rho * a, clipped_rho * a
+                token_loss = -min(unclipped_term, clipped_term)
+                # The clipped branch is flat once rho is outside the range, the unclipped one above delta;
+                # on a tie (rho inside the range) torch.min sends half the gradient down each branch.
+                d_unclipped = -a if delta is None or rho < delta else 0.0
+                d_clipped = -a if 1 - eps_low <= rho <= 1 + eps_high else 0.0
+                if unclipped_term < clipped_term:
+                    d_rho = d_unclipped
+                elif clipped_term < unclipped_term:
+                    d_rho = d_clipped
+                else:
+                    d_rho = (d_unclipped + d_clipped) / 2
+            if threshold is not None and not entropy[i][t] >= threshold:  # the high-entropy mask
+                token_loss, d_rho, d_logp = 0.0, 0.0, 0.0
             if beta:
                 d = ref[i][t] - logps[i][t]
-                token_loss += beta * (math.exp(d) - d - 1)
-                token_grad += beta * (1 - math.exp(d))
-            if loss_type == "grpo":
-                scale = 1 / (max(counts[i], 1) * n)
+                k3, d_k3 = math.exp(d) - d - 1, 1 - math.exp(d)
+                weight = rho if kl_correction else 1.0  # rho * k3: both factors carry a gradient
+                token_loss += beta * k3 * weight
+                d_logp += beta * d_k3 * weight
+                d_rho += beta * k3 if kl_correction else 0.0
+            if loss_type in ("grpo", "sapo"):
+                scale = 1 / (max(counts[i], 1) * n * num_micro_batches)
             elif loss_type == "bnpo":
-                scale = 1 / max(total, 1)
+                scale = 1 / (max(total, 1) * num_micro_batches)
             elif loss_type == "dr_grpo":
-                scale = 1 / (n * max_len)
-            else:
-                scale = 1 / num_items
+                scale = 1 / (n * max_len * num_micro_batches)
+            elif loss_type == "luspo":
+                scale = 1 / (n * num_micro_batches)
+            else:  # dapo, cispo: the whole generation batch's tokens, summed over micro-batches
+                scale = 1 / max(num_items, 1)
             loss += scale * token_loss
-            grad[i][t] = scale * token_grad
+            grad[i][t] += scale * d_logp
+            if level == "token":
+                grad[i][t] += scale * d_rho * rho
+            else:
+                for u in tokens:
+                    grad[i][u] += scale * d_rho * rho / len(tokens)
     return loss, grad
+
+
+def reference_entropy_bonus(entropy, mask, coef, threshold=None, num_micro_batches=1):
+    """-coef × the mean entropy of the tokens the policy term reads, / micro-batches; and its gradient w.r.t. each entropy."""
+    kept = [[bool(m) and (threshold is None or h >= threshold) for h, m in zip(hs, ms)] for hs, ms in zip(entropy, mask)]
+    count = max(sum(map(sum, kept)), 1)
+    value = -coef * sum(h for hs, ks in zip(entropy, kept) for h, k in zip(hs, ks) if k) / count / num_micro_batches
+    return value, [[-coef / count / num_micro_batches if k else 0.0 for k in ks] for ks in kept]
+
+
+def reference_quantile(values, q):
+    """Linear interpolation between the order statistics (numpy's and torch's default)."""
+    ordered = sorted(values)
+    position = (len(ordered) - 1) * q
+    low = math.floor(position)
+    high = min(low + 1, len(ordered) - 1)
+    return ordered[low] + (position - low) * (ordered[high] - ordered[low])
 
 
 def to_lists(t):
@@ -68,7 +114,7 @@ def to_lists(t):
 def run_loss(case, loss_type, **kwargs):
     """(loss, grad w.r.t. logps, stats) from the code under test."""
     logps = case["logps"].clone().requires_grad_(True)
-    loss, stats = clipped_surrogate_loss(logps, case["old"], case["adv"], case["mask"], loss_type=loss_type, **kwargs)
+    loss, stats = policy_loss(logps, case["old"], case["adv"], case["mask"], loss_type=loss_type, **kwargs)
     (grad,) = torch.autograd.grad(loss, logps)
     return loss, grad, stats
 
@@ -98,10 +144,11 @@ def reference_for(case, loss_type, **kwargs):
         max_len=kwargs.get("max_completion_length"), num_items=kwargs.get("num_items_in_batch"),
         eps_low=kwargs.get("epsilon_low", 0.2), eps_high=kwargs.get("epsilon_high"), beta=kwargs.get("beta", 0.0),
         ref=to_lists(case["ref"]), weights=to_lists(kwargs["token_weights"]) if "token_weights" in kwargs else None,
+        kl_correction=kwargs.get("kl_bias_correction", True),
     )
 
 
-# ---- clipped_surrogate_loss ----------------------------------------------------------------
+# ---- policy_loss ----------------------------------------------------------------
 @pytest.mark.parametrize("loss_type", LOSS_TYPES)
 @pytest.mark.parametrize("epsilon_high", [None, 0.28])
 def test_loss_value_and_gradient_match_reference(case, loss_type, epsilon_high):
@@ -134,7 +181,7 @@ def test_clip_ratios_count_only_masked_clipped_tokens(case):
 def test_first_iteration_gradient_is_minus_advantage(case):
     # num_iterations == 1: old_logps is logps itself, rho == 1 and nothing is clipped.
     logps = case["logps"].clone().requires_grad_(True)
-    loss, stats = clipped_surrogate_loss(logps, logps.detach(), case["adv"], case["mask"], loss_type="grpo")
+    loss, stats = policy_loss(logps, logps.detach(), case["adv"], case["mask"], loss_type="grpo")
     (grad,) = torch.autograd.grad(loss, logps)
     expected = [[-case["adv"][i].item() * case["mask"][i, t].item() / (max(case["mask"][i].sum().item(), 1) * 3) for t in range(4)] for i in range(3)]
     torch.testing.assert_close(grad, torch.tensor(expected, dtype=torch.float64))
@@ -166,19 +213,38 @@ def test_no_gradient_flows_into_advantages_or_token_weights(case):
     adv = case["adv"].clone().requires_grad_(True)
     weights = torch.ones_like(case["logps"], requires_grad=True)
     logps = case["logps"].clone().requires_grad_(True)
-    loss, _ = clipped_surrogate_loss(logps, case["old"], adv, case["mask"], token_weights=weights)
+    loss, _ = policy_loss(logps, case["old"], adv, case["mask"], token_weights=weights)
     assert torch.autograd.grad(loss, [adv, weights], allow_unused=True) == (None, None)
 
 
 @pytest.mark.parametrize("loss_type", LOSS_TYPES)
-def test_kl_penalty_value_and_gradient(case, loss_type):
-    kwargs = {**normaliser_kwargs(loss_type, case["mask"]), "beta": 0.04}
+@pytest.mark.parametrize("kl_bias_correction", [False, True])
+def test_kl_penalty_value_and_gradient(case, loss_type, kl_bias_correction):
+    kwargs = {**normaliser_kwargs(loss_type, case["mask"]), "beta": 0.04, "kl_bias_correction": kl_bias_correction}
     loss, grad, stats = run_loss(case, loss_type, ref_logps=case["ref"], **kwargs)
     expected_loss, expected_grad = reference_for(case, loss_type, **kwargs)
     assert loss.item() == pytest.approx(expected_loss, rel=1e-12)
     torch.testing.assert_close(grad, torch.tensor(expected_grad, dtype=torch.float64))
-    k3 = [math.exp(r - lp) - (r - lp) - 1 for lr, rr, mr in zip(to_lists(case["logps"]), to_lists(case["ref"]), to_lists(case["mask"])) for lp, r, m in zip(lr, rr, mr) if m]
+    rows = zip(to_lists(case["logps"]), to_lists(case["old"]), to_lists(case["ref"]), to_lists(case["mask"]))
+    k3 = [(math.exp(r - lp) - (r - lp) - 1) * (math.exp(lp - o) if kl_bias_correction else 1.0)
+          for lr, olr, rr, mr in rows for lp, o, r, m in zip(lr, olr, rr, mr) if m]
     assert stats.kl.item() == pytest.approx(sum(k3) / len(k3), rel=1e-12)
+
+
+def test_kl_bias_correction_changes_the_gradient_but_not_the_value_on_policy(case):
+    # mu = 1: rho = exp(logps - logps.detach()) is 1 in value but d rho / d logp = 1, so the
+    # corrected gradient gains beta * k3 per token (times the normaliser).
+    def first_iteration(correction):
+        logps = case["logps"].clone().requires_grad_(True)
+        loss, _ = policy_loss(logps, logps.detach(), case["adv"], case["mask"], beta=0.1, ref_logps=case["ref"], kl_bias_correction=correction)
+        return loss, torch.autograd.grad(loss, logps)[0]
+
+    plain_loss, plain_grad = first_iteration(False)
+    corrected_loss, corrected_grad = first_iteration(True)
+    assert corrected_loss.item() == pytest.approx(plain_loss.item(), rel=1e-14)
+    d = case["ref"] - case["logps"]
+    counts = case["mask"].sum(1, keepdim=True).clamp(min=1)
+    torch.testing.assert_close(corrected_grad - plain_grad, 0.1 * (d.exp() - d - 1) * case["mask"] / (counts * 3))
 
 
 def test_kl_stat_is_reported_with_ref_even_when_beta_is_zero(case):
@@ -208,17 +274,17 @@ def test_all_masked_batch_gives_zero_not_nan(case):
 def test_loss_input_validation(case):
     lp, old, adv, mask = case["logps"], case["old"], case["adv"], case["mask"]
     with pytest.raises(ValueError, match="grpo, bnpo, dr_grpo, dapo"):
-        clipped_surrogate_loss(lp, old, adv, mask, loss_type="ppo")
+        policy_loss(lp, old, adv, mask, loss_type="ppo")
     with pytest.raises(ValueError, match=r"mask has shape \(3, 3\).*logps has shape \(3, 4\)"):
-        clipped_surrogate_loss(lp, old, adv, mask[:, :3])
+        policy_loss(lp, old, adv, mask[:, :3])
     with pytest.raises(ValueError, match=r"advantages has shape \(2,\)"):
-        clipped_surrogate_loss(lp, old, adv[:2], mask)
+        policy_loss(lp, old, adv[:2], mask)
     with pytest.raises(ValueError, match="ref_logps"):
-        clipped_surrogate_loss(lp, old, adv, mask, beta=0.1)
+        policy_loss(lp, old, adv, mask, beta=0.1)
     with pytest.raises(ValueError, match="max_completion_length"):
-        clipped_surrogate_loss(lp, old, adv, mask, loss_type="dr_grpo")
+        policy_loss(lp, old, adv, mask, loss_type="dr_grpo")
     with pytest.raises(ValueError, match="num_items_in_batch"):
-        clipped_surrogate_loss(lp, old, adv, mask, loss_type="dapo")
+        policy_loss(lp, old, adv, mask, loss_type="dapo")
 
 
 # ---- gradient accumulation -----------------------------------------------------------------
@@ -237,13 +303,13 @@ def test_accumulated_micro_batches_equal_the_whole_batch(loss_type):
     mask = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 0, 0, 0], [1, 0, 0, 0, 0], [1, 1, 1, 1, 0]], dtype=torch.float64)
     kwargs = {"loss_type": loss_type, "max_completion_length": 5, "num_items_in_batch": int(mask.sum())}
     whole_lp = logps.clone().requires_grad_(True)
-    whole, _ = clipped_surrogate_loss(whole_lp, old, adv, mask, **kwargs)
+    whole, _ = policy_loss(whole_lp, old, adv, mask, **kwargs)
     whole.backward()
     micro_lp = logps.clone().requires_grad_(True)
     divisor = gradient_accumulation_divisor(loss_type, 2)
     total = 0.0
     for rows in (slice(0, 2), slice(2, 4)):
-        loss, _ = clipped_surrogate_loss(micro_lp[rows], old[rows], adv[rows], mask[rows], **kwargs)
+        loss, _ = policy_loss(micro_lp[rows], old[rows], adv[rows], mask[rows], **kwargs)
         (loss / divisor).backward()
         total += loss.item() / divisor
     assert total == pytest.approx(whole.item(), rel=1e-12)
