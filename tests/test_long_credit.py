@@ -43,7 +43,7 @@ def long_policy_dir(tmp_path_factory) -> Path:
 
 
 def test_a_16_step_fit_at_2k_positions_holds_one_micro_batch_map_at_a_time(long_policy_dir, tmp_path, monkeypatch):
-    """Prompts of about 2,000 characters (one token each) + 16 new tokens; 8 responses a step in
+    """Prompts of about 2,000 characters (one token each) + 16 new tokens; 4 responses a step in
     micro-batches of 2. Per micro-batch, torch.profiler's memory events give the peak of the step's
     first pass (the update's forward + recording + FlowCredit: graphs, solve) minus the peak of the
     same forward without recording: it stays within 1.1 maps of the micro-batch's recorded rows plus
@@ -71,18 +71,18 @@ def test_a_16_step_fit_at_2k_positions_holds_one_micro_batch_map_at_a_time(long_
     cli = main([
         "fit", *tiny_args(long_policy_dir, tmp_path, steps=16), "--trainer.limit_val_batches=0", "--trainer.val_check_interval=null",
         f"--data.init_args.instruction={instruction}", "--data.init_args.plain_template={instruction}{question}\n",
-        "--data.init_args.max_prompt_length=2048", "--data.init_args.batch_size=2",
+        "--data.init_args.max_prompt_length=2048", "--data.init_args.batch_size=1",
         "--model.sampling.max_new_tokens=16", "--model.grpo.micro_batch_size=2",
         "--trainer.callbacks+=lightning_flow.callbacks.FlowCredit", VARYING_REWARD,
     ])
     assert cli.trainer.global_step == 16
-    assert len(measured) == 16 * 4
+    assert len(measured) == 16 * 2
     credited = [m for m in measured if m[1] > 0]
-    assert len(credited) > 16  # most micro-batches had responses to credit
+    assert len(credited) > 8  # most micro-batches had responses to credit
     for extra, one_map, kept, t in credited:
-        assert t > 2000
+        assert t > 1900
         assert extra <= 1.1 * one_map + kept, (extra / one_map, kept / one_map)
-        assert 8 * t * t * 4 > 1.1 * one_map + kept  # what the old path allocated for the step
+        assert 4 * t * t * 4 > 1.1 * one_map + kept  # what the old path allocated for the step
     logged = scalars(Path(cli.trainer.log_dir))
     # The default cap (64 incoming edges a token) binds on this model's near-uniform attention.
     assert all(0 < v < 0.5 for v in logged["credit/kept_capacity"])
