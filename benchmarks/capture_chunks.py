@@ -26,9 +26,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from flow_overhead import StepParts, add_shape_arguments, build_module, make_rollouts  # noqa: E402
+from lightning_flow.callbacks.flow_credit import FlowCredit  # noqa: E402
 
 import lightning_flow.capture as capture  # noqa: E402
-from lightning_flow.callbacks.flow_credit import FlowCredit  # noqa: E402
 
 SETTINGS = {
     "default": (capture._MIN_CHUNK_ELEMENTS, capture._CAUSAL_SPLIT),
@@ -53,15 +53,23 @@ def record_with(setting: str, parts: StepParts) -> tuple[float, torch.Tensor]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     add_shape_arguments(parser)
     parser.set_defaults(lengths=[256, 1024], batches=[16], repeats=4)
     args = parser.parse_args()
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
     with tempfile.TemporaryDirectory() as tmp:
         module = build_module(args, Path(tmp))
-        print(f"device: {device}; model: {args.shape}; capture layers {module.attention_layers}; micro-batches of {args.micro_batch}")
-        print(f"{'L':>5} {'N':>4}  " + "  ".join(f"{name:>26}" for name in SETTINGS) + "   largest map difference")
+        print(
+            f"device: {device}; model: {args.shape}; capture layers {module.attention_layers}; micro-batches of {args.micro_batch}"
+        )
+        print(
+            f"{'L':>5} {'N':>4}  "
+            + "  ".join(f"{name:>26}" for name in SETTINGS)
+            + "   largest map difference"
+        )
         for length in args.lengths:
             for n in args.batches:
                 rollouts = make_rollouts(module, n, args.prompt_length, length, seed=length + n)
@@ -74,8 +82,16 @@ def main() -> None:
                     for name in order:
                         seconds[name].append(record_with(name, parts)[0])
                 medians = {name: statistics.median(values) for name, values in seconds.items()}
-                cells = [f"{medians[name]:>13.4f} s ({medians[name] / medians['default']:>5.2f}x)" for name in SETTINGS]
-                print(f"{length:>5} {n:>4}  " + "  ".join(f"{cell:>26}" for cell in cells) + f"   {difference:.2e}", flush=True)
+                cells = [
+                    f"{medians[name]:>13.4f} s ({medians[name] / medians['default']:>5.2f}x)"
+                    for name in SETTINGS
+                ]
+                print(
+                    f"{length:>5} {n:>4}  "
+                    + "  ".join(f"{cell:>26}" for cell in cells)
+                    + f"   {difference:.2e}",
+                    flush=True,
+                )
 
 
 if __name__ == "__main__":

@@ -31,13 +31,12 @@ import tempfile
 import time
 from pathlib import Path
 
+import lightning_flow.callbacks.flow_credit as flow_credit
 import torch
 import yaml
-
 from lightning.pytorch import Callback
-
-import lightning_flow.callbacks.flow_credit as flow_credit
 from lightning_flow.callbacks import FlowCredit
+
 from lightning_flow.cli import main as cli_main
 
 PARTS = ("answer_masks", "answer_flow", "credit_weights")
@@ -91,30 +90,60 @@ class OnFirstBatch(Callback):
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", default="configs/demo-flow.yaml", help="a config whose trainer.callbacks hold a FlowCredit")
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--config",
+        default="configs/demo-flow.yaml",
+        help="a config whose trainer.callbacks hold a FlowCredit",
+    )
     parser.add_argument("--batches", type=int, default=8)
-    parser.add_argument("--repeats", type=int, default=12, help="rounds over the batches; the first two are warm-up")
+    parser.add_argument(
+        "--repeats", type=int, default=12, help="rounds over the batches; the first two are warm-up"
+    )
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
-    parser.add_argument("--no-logging", action="store_true", help="leave out the credit's per-step scalars and weight histogram")
+    parser.add_argument(
+        "--no-logging",
+        action="store_true",
+        help="leave out the credit's per-step scalars and weight histogram",
+    )
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    workdir = tempfile.mkdtemp(prefix="credit_ab-")  # the config's checkpoints and logs land here, not in the repo
+    workdir = tempfile.mkdtemp(
+        prefix="credit_ab-"
+    )  # the config's checkpoints and logs land here, not in the repo
     logger = (yaml.safe_load(Path(args.config).read_text()).get("trainer") or {}).get("logger")
     if args.no_logging or not logger:
         logging = ["--trainer.logger=false"]
     else:  # the config's logger, writing into the work folder
-        logging = [f"--trainer.logger.init_args.save_dir={workdir}"] if "save_dir" in (logger.get("init_args") or {}) else []
-    cli = cli_main(["--config", args.config, *logging, "--trainer.enable_progress_bar=false",
-                    f"--trainer.default_root_dir={workdir}", "--trainer.max_steps=1", "--trainer.limit_val_batches=0"], run=False)
+        logging = (
+            [f"--trainer.logger.init_args.save_dir={workdir}"]
+            if "save_dir" in (logger.get("init_args") or {})
+            else []
+        )
+    cli = cli_main(
+        [
+            "--config",
+            args.config,
+            *logging,
+            "--trainer.enable_progress_bar=false",
+            f"--trainer.default_root_dir={workdir}",
+            "--trainer.max_steps=1",
+            "--trainer.limit_val_batches=0",
+        ],
+        run=False,
+    )
     credits = [c for c in cli.trainer.callbacks if isinstance(c, FlowCredit)]
     if not credits:
         raise SystemExit(f"{args.config} lists no FlowCredit under trainer.callbacks")
     credit, module, trainer = credits[0], cli.model, cli.trainer
     trainer.callbacks.remove(credit)
-    times: dict[str, list[float]] = {key: [] for key in ("sampling", "off", "on", "added", "share", "capture", "credit", *PARTS)}
+    times: dict[str, list[float]] = {
+        key: [] for key in ("sampling", "off", "on", "added", "share", "capture", "credit", *PARTS)
+    }
     part_seconds = dict.fromkeys(PARTS, 0.0)  # this update's
     time_parts(part_seconds)
 
@@ -142,7 +171,9 @@ def main() -> None:
                     item.flow_graphs = []
                     part_seconds.update(dict.fromkeys(PARTS, 0.0))
                     start = time.perf_counter()
-                    pl_module.learn(item, sampling_seconds=sampling)  # the step after sampling, scalars and logging included
+                    pl_module.learn(
+                        item, sampling_seconds=sampling
+                    )  # the step after sampling, scalars and logging included
                     elapsed = time.perf_counter() - start
                     state = state or TrainingState(pl_module)
                     state.restore()
@@ -163,7 +194,9 @@ def main() -> None:
                     times["share"].append(times["added"][-1] / (sampling + times["off"][-1]))
         trainer_.should_stop = True
 
-    trainer.callbacks.append(OnFirstBatch(measure))  # inside fit, where the update's optimizer and strategy exist
+    trainer.callbacks.append(
+        OnFirstBatch(measure)
+    )  # inside fit, where the update's optimizer and strategy exist
     try:
         trainer.fit(module, cli.datamodule)
     finally:
@@ -173,9 +206,13 @@ def main() -> None:
     added = median["added"]  # the median over batches and repeats of (on - off) on the same batch
     step = median["sampling"] + median["off"]
     print(f"threads {torch.get_num_threads()}; {args.batches} batches x {args.repeats - 2} repeats")
-    print(f"step without credit {1000 * step:.1f} ms (sampling {1000 * median['sampling']:.1f} + the rest {1000 * median['off']:.1f})")
-    print(f"the rest with credit {1000 * median['on']:.1f} ms: credit adds {1000 * added:.2f} ms = {100 * median['share']:.2f} % of the step "
-          f"(logged: capture {1000 * median['capture']:.2f} ms, credit {1000 * median['credit']:.2f} ms)")
+    print(
+        f"step without credit {1000 * step:.1f} ms (sampling {1000 * median['sampling']:.1f} + the rest {1000 * median['off']:.1f})"
+    )
+    print(
+        f"the rest with credit {1000 * median['on']:.1f} ms: credit adds {1000 * added:.2f} ms = {100 * median['share']:.2f} % of the step "
+        f"(logged: capture {1000 * median['capture']:.2f} ms, credit {1000 * median['credit']:.2f} ms)"
+    )
     print("credit by part: " + ", ".join(f"{name} {1000 * median[name]:.2f} ms" for name in PARTS))
 
 

@@ -39,10 +39,16 @@ from bench_stats import curve_over_seeds, mean_and_std  # noqa: E402
 REPO = Path(__file__).resolve().parents[1]
 # Task -> (fit config, supervised warm-start steps). 300 steps leave the long-chain policy at 0.07
 # greedy accuracy (almost no group ever has a correct answer to learn from); 800 give 0.47.
-TASKS = {"short chains (1-2 ops)": ("configs/demo.yaml", 300), "long chains (3-4 ops)": ("configs/demo-long.yaml", 800)}
+TASKS = {
+    "short chains (1-2 ops)": ("configs/demo.yaml", 300),
+    "long chains (3-4 ops)": ("configs/demo-long.yaml", 800),
+}
 SIGNALS = ["uniform", "random", "entropy", "attention_received", "flow"]
 # Loss -> the demo config whose model.grpo section sets it (None: the task config's own, grpo).
-LOSSES = {"grpo": None, **{name: f"configs/demo-{name}.yaml" for name in ("gspo", "cispo", "sapo", "luspo", "80-20")}}
+LOSSES = {
+    "grpo": None,
+    **{name: f"configs/demo-{name}.yaml" for name in ("gspo", "cispo", "sapo", "luspo", "80-20")},
+}
 
 
 def loss_overrides(loss: str) -> list[str]:
@@ -66,23 +72,40 @@ def read_val_curve(metrics_csv: Path) -> dict[int, float]:
     the optimizer step: μ of those per batch), so the row of step s comes after s + 1 batches.
     """
     with open(metrics_csv, newline="") as handle:
-        return {int(row["step"]) + 1: float(row["val/accuracy"]) for row in csv.DictReader(handle) if row.get("val/accuracy")}
+        return {
+            int(row["step"]) + 1: float(row["val/accuracy"])
+            for row in csv.DictReader(handle)
+            if row.get("val/accuracy")
+        }
 
 
-def cli_command(subcommand: str, config: str, run_dir: Path, name: str, version: str, args, extra: list[str]) -> list[str]:
+def cli_command(
+    subcommand: str, config: str, run_dir: Path, name: str, version: str, args, extra: list[str]
+) -> list[str]:
     """Our CLI on a task config, logging to ``run_dir/name/version/metrics.csv`` with a larger held-out set."""
     return [
-        sys.executable, "-m", "lightning_flow", subcommand, "--config", config,
-        "--trainer.logger=lightning.pytorch.loggers.CSVLogger", f"--trainer.logger.init_args.save_dir={run_dir}",
-        f"--trainer.logger.init_args.name={name}", f"--trainer.logger.init_args.version={version}",
-        "--trainer.enable_progress_bar=false", f"--data.init_args.num_val={args.num_val}",
-        f"--data.init_args.val_batch_size={args.num_val}", *extra,
+        sys.executable,
+        "-m",
+        "lightning_flow",
+        subcommand,
+        "--config",
+        config,
+        "--trainer.logger=lightning.pytorch.loggers.CSVLogger",
+        f"--trainer.logger.init_args.save_dir={run_dir}",
+        f"--trainer.logger.init_args.name={name}",
+        f"--trainer.logger.init_args.version={version}",
+        "--trainer.enable_progress_bar=false",
+        f"--data.init_args.num_val={args.num_val}",
+        f"--data.init_args.val_batch_size={args.num_val}",
+        *extra,
     ]
 
 
 def run(command: list[str], threads: int) -> subprocess.Popen:
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "PYTHONWARNINGS": "ignore"}
-    return subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(
+        command, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+    )
 
 
 def wait(process: subprocess.Popen, what: str) -> None:
@@ -94,18 +117,37 @@ def wait(process: subprocess.Popen, what: str) -> None:
 def train_runs(task: str, config: str, run_dir: Path, args) -> dict[str, list[dict]]:
     """Every (loss, signal, seed) fit of one task, ``--jobs`` at a time; returns curves (by generated
     batch) and wall times per run name."""
-    pending = [(loss, signal, seed) for seed in range(args.seeds) for loss in args.losses for signal in args.signals]
+    pending = [
+        (loss, signal, seed) for seed in range(args.seeds) for loss in args.losses for signal in args.signals
+    ]
     running: list[tuple[str, int, subprocess.Popen, float]] = []
-    results: dict[str, list[dict]] = {run_name(loss, signal): [] for loss in args.losses for signal in args.signals}
+    results: dict[str, list[dict]] = {
+        run_name(loss, signal): [] for loss in args.losses for signal in args.signals
+    }
     while pending or running:
         while pending and len(running) < args.jobs:
             loss, signal, seed = pending.pop(0)
             overrides = loss_overrides(loss)
             # trainer.max_steps counts optimizer steps: μ per generated batch.
-            iterations = int(next((o.split("=")[1] for o in overrides if o.startswith("--model.grpo.num_iterations=")), 1))
-            callbacks = json.dumps([{"class_path": "lightning_flow.callbacks.FlowCredit", "init_args": {"signal": signal, "seed": seed}}])
-            extra = [f"--seed_everything={seed}", f"--trainer.max_steps={args.steps * iterations}", f"--trainer.val_check_interval={args.val_every}",
-                     "--trainer.enable_checkpointing=false", f"--trainer.callbacks={callbacks}", *overrides]
+            iterations = int(
+                next((o.split("=")[1] for o in overrides if o.startswith("--model.grpo.num_iterations=")), 1)
+            )
+            callbacks = json.dumps(
+                [
+                    {
+                        "class_path": "lightning_flow.callbacks.FlowCredit",
+                        "init_args": {"signal": signal, "seed": seed},
+                    }
+                ]
+            )
+            extra = [
+                f"--seed_everything={seed}",
+                f"--trainer.max_steps={args.steps * iterations}",
+                f"--trainer.val_check_interval={args.val_every}",
+                "--trainer.enable_checkpointing=false",
+                f"--trainer.callbacks={callbacks}",
+                *overrides,
+            ]
             command = cli_command("fit", config, run_dir, run_name(loss, signal), f"seed{seed}", args, extra)
             running.append((run_name(loss, signal), seed, run(command, args.threads), time.perf_counter()))
         name, seed, process, start = running.pop(0)
@@ -118,7 +160,10 @@ def train_runs(task: str, config: str, run_dir: Path, args) -> dict[str, list[di
 
 def start_accuracy(config: str, run_dir: Path, args) -> float:
     """Greedy held-out accuracy of the warm-start policy (what every run starts from)."""
-    wait(run(cli_command("validate", config, run_dir, "start", "warm", args, []), args.threads * args.jobs), f"validate {config}")
+    wait(
+        run(cli_command("validate", config, run_dir, "start", "warm", args, []), args.threads * args.jobs),
+        f"validate {config}",
+    )
     with open(run_dir / "start" / "warm" / "metrics.csv", newline="") as handle:
         return float(next(row["val/accuracy"] for row in csv.DictReader(handle) if row.get("val/accuracy")))
 
@@ -132,8 +177,16 @@ def summarise(task_runs: dict[str, list[dict]], start: float) -> dict[str, dict]
         final_step = min(max(curve) for curve in curves)
         final_mean, final_std = mean_and_std([curve[final_step] for curve in curves])
         curve_mean, curve_std = mean_and_std([sum(run["curve"].values()) / len(run["curve"]) for run in runs])
-        summary[signal] = {"curve": curve_over_seeds(curves), "final_step": final_step, "final_mean": final_mean, "final_std": final_std,
-                           "first_step": min(min(run["curve"]) for run in runs), "curve_mean": curve_mean, "curve_std": curve_std, "seeds": len(runs)}
+        summary[signal] = {
+            "curve": curve_over_seeds(curves),
+            "final_step": final_step,
+            "final_mean": final_mean,
+            "final_std": final_std,
+            "first_step": min(min(run["curve"]) for run in runs),
+            "curve_mean": curve_mean,
+            "curve_std": curve_std,
+            "seeds": len(runs),
+        }
     return summary
 
 
@@ -147,9 +200,17 @@ def markdown_table(summaries: dict[str, dict[str, dict]]) -> str:
     header, cells = ["credit signal"], {}
     for task, summary in summaries.items():
         any_signal = next(iter(summary.values()))
-        header += [f"{task}: step {any_signal['final_step']}", f"{task}: mean of steps {any_signal['first_step']}-{any_signal['final_step']}"]
+        header += [
+            f"{task}: step {any_signal['final_step']}",
+            f"{task}: mean of steps {any_signal['first_step']}-{any_signal['final_step']}",
+        ]
         for signal, s in summary.items():
-            cells.setdefault(signal, []).extend([_cell(s["final_mean"], s["final_std"], s["seeds"]), _cell(s["curve_mean"], s["curve_std"], s["seeds"])])
+            cells.setdefault(signal, []).extend(
+                [
+                    _cell(s["final_mean"], s["final_std"], s["seeds"]),
+                    _cell(s["curve_mean"], s["curve_std"], s["seeds"]),
+                ]
+            )
     lines = ["| " + " | ".join(header) + " |", "|---" * len(header) + "|"]
     lines += [f"| {signal} | " + " | ".join(row) + " |" for signal, row in cells.items()]
     return "\n".join(lines) + "\n"
@@ -165,61 +226,125 @@ def plot(summaries: dict[str, dict[str, dict]], starts: dict[str, float], path: 
     for ax, (task, summary) in zip(axes[0], summaries.items()):
         for signal, s in summary.items():
             steps, mean, std = zip(*s["curve"])
-            line, = ax.plot(steps, mean, marker="o", markersize=3, label=signal, linewidth=2.2 if signal == "flow" else 1.3)
-            ax.fill_between(steps, [m - d for m, d in zip(mean, std)], [m + d for m, d in zip(mean, std)], color=line.get_color(), alpha=0.12)
+            (line,) = ax.plot(
+                steps,
+                mean,
+                marker="o",
+                markersize=3,
+                label=signal,
+                linewidth=2.2 if signal == "flow" else 1.3,
+            )
+            ax.fill_between(
+                steps,
+                [m - d for m, d in zip(mean, std)],
+                [m + d for m, d in zip(mean, std)],
+                color=line.get_color(),
+                alpha=0.12,
+            )
         ax.set_title(f"{task} (warm start {starts[task]:.2f})")
         ax.set_xlabel("GRPO step")
         ax.set_ylabel("greedy held-out accuracy")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     seeds = next(iter(next(iter(summaries.values())).values()))["seeds"]
-    fig.suptitle(f"Mean over {seeds} seed{'s' if seeds > 1 else ''}" + (", band: ±1 std" if seeds > 1 else ""))
+    fig.suptitle(
+        f"Mean over {seeds} seed{'s' if seeds > 1 else ''}" + (", band: ±1 std" if seeds > 1 else "")
+    )
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 
 
-def write_results(out: Path, settings: dict, minutes: float, starts: dict[str, float], runs: dict[str, dict[str, list[dict]]]) -> None:
+def write_results(
+    out: Path,
+    settings: dict,
+    minutes: float,
+    starts: dict[str, float],
+    runs: dict[str, dict[str, list[dict]]],
+) -> None:
     summaries = {task: summarise(task_runs, starts[task]) for task, task_runs in runs.items()}
-    (out / "credit-study.json").write_text(json.dumps({"settings": settings, "minutes": minutes, "start_accuracy": starts,
-                                                        "summary": summaries, "runs": runs}, indent=1))
+    (out / "credit-study.json").write_text(
+        json.dumps(
+            {
+                "settings": settings,
+                "minutes": minutes,
+                "start_accuracy": starts,
+                "summary": summaries,
+                "runs": runs,
+            },
+            indent=1,
+        )
+    )
     table = markdown_table(summaries)
     (out / "credit-study.md").write_text(table)
     plot(summaries, starts, out / "credit-study.png")
     print(f"\n{table}\nwarm start: {starts}; {minutes:.1f} min; written to {out}")
 
 
-
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="1 seed, 40 steps, validation every 20: a few minutes")
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--quick", action="store_true", help="1 seed, 40 steps, validation every 20: a few minutes"
+    )
     parser.add_argument("--tasks", nargs="+", default=list(TASKS), choices=list(TASKS))
     parser.add_argument("--signals", nargs="+", default=SIGNALS, choices=SIGNALS)
-    parser.add_argument("--losses", nargs="+", default=["grpo"], choices=list(LOSSES), help="objectives (docs/losses.md); grpo: the task config's own")
+    parser.add_argument(
+        "--losses",
+        nargs="+",
+        default=["grpo"],
+        choices=list(LOSSES),
+        help="objectives (docs/losses.md); grpo: the task config's own",
+    )
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--steps", type=int, default=200)
     parser.add_argument("--val-every", type=int, default=25)
-    parser.add_argument("--num-val", type=int, default=400, help="held-out problems (the demo configs use 100)")
+    parser.add_argument(
+        "--num-val", type=int, default=400, help="held-out problems (the demo configs use 100)"
+    )
     parser.add_argument("--jobs", type=int, default=2, help="runs at a time")
     parser.add_argument("--threads", type=int, default=1, help="torch threads per run")
-    parser.add_argument("--out", type=Path, default=None, help="results folder (default docs/, or runs/credit-study-quick with --quick)")
-    parser.add_argument("--replot", action="store_true", help="only redo the table and plot from <out>/credit-study.json")
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help="results folder (default docs/, or runs/credit-study-quick with --quick)",
+    )
+    parser.add_argument(
+        "--replot", action="store_true", help="only redo the table and plot from <out>/credit-study.json"
+    )
     args = parser.parse_args()
     if args.quick:
         args.seeds, args.steps, args.val_every = 1, 40, 20
-    runs_root = REPO / "runs" / ("credit-study-quick" if args.quick else "credit-study")  # every run's metrics.csv
+    runs_root = (
+        REPO / "runs" / ("credit-study-quick" if args.quick else "credit-study")
+    )  # every run's metrics.csv
     out = args.out or (runs_root if args.quick else REPO / "docs")
     out.mkdir(parents=True, exist_ok=True)
     if args.replot:
         saved = json.loads((out / "credit-study.json").read_text())
-        runs = {task: {signal: [{**r, "curve": {int(k): v for k, v in r["curve"].items()}} for r in rs] for signal, rs in by_signal.items()}
-                for task, by_signal in saved["runs"].items()}
+        runs = {
+            task: {
+                signal: [{**r, "curve": {int(k): v for k, v in r["curve"].items()}} for r in rs]
+                for signal, rs in by_signal.items()
+            }
+            for task, by_signal in saved["runs"].items()
+        }
         return write_results(out, saved["settings"], saved["minutes"], saved["start_accuracy"], runs)
 
     started = time.perf_counter()
     starts, runs = {}, {}
     for task in args.tasks:
         config, warm_steps = TASKS[task]
-        warm_start = [sys.executable, "-m", "lightning_flow.demo_policy", "--config", config, "--steps", str(warm_steps)]
+        warm_start = [
+            sys.executable,
+            "-m",
+            "lightning_flow.demo_policy",
+            "--config",
+            config,
+            "--steps",
+            str(warm_steps),
+        ]
         wait(run(warm_start, args.threads * args.jobs), f"warm start {config}")
         run_dir = runs_root / Path(config).stem
         starts[task] = start_accuracy(config, run_dir, args)

@@ -31,13 +31,30 @@ REPO = Path(__file__).resolve().parents[1]
 
 # Dimensions from the published Qwen2.5 config.json files.
 SHAPES = {
-    "qwen2.5-0.5b": dict(hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14, num_key_value_heads=2),
-    "qwen2.5-1.5b": dict(hidden_size=1536, intermediate_size=8960, num_hidden_layers=28, num_attention_heads=12, num_key_value_heads=2),
+    "qwen2.5-0.5b": dict(
+        hidden_size=896,
+        intermediate_size=4864,
+        num_hidden_layers=24,
+        num_attention_heads=14,
+        num_key_value_heads=2,
+    ),
+    "qwen2.5-1.5b": dict(
+        hidden_size=1536,
+        intermediate_size=8960,
+        num_hidden_layers=28,
+        num_attention_heads=12,
+        num_key_value_heads=2,
+    ),
 }
-CONFIGS = {"qwen2.5-0.5b": "configs/qwen2.5-0.5b-lora-gsm8k.yaml", "qwen2.5-1.5b": "configs/qwen2.5-1.5b-qlora-gsm8k.yaml"}
+CONFIGS = {
+    "qwen2.5-0.5b": "configs/qwen2.5-0.5b-lora-gsm8k.yaml",
+    "qwen2.5-1.5b": "configs/qwen2.5-1.5b-qlora-gsm8k.yaml",
+}
 
 
-SMOKE_SHAPE = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
+SMOKE_SHAPE = dict(
+    hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2
+)
 
 
 def peak_memory_bytes() -> int:
@@ -71,7 +88,13 @@ class StepProbe(Callback):
 
 def random_model_folder(dims: dict, folder: Path) -> None:
     tokenizer = build_char_tokenizer()
-    config = Qwen2Config(vocab_size=151936, max_position_embeddings=32768, tie_word_embeddings=True, eos_token_id=tokenizer.eos_token_id, **dims)
+    config = Qwen2Config(
+        vocab_size=151936,
+        max_position_embeddings=32768,
+        tie_word_embeddings=True,
+        eos_token_id=tokenizer.eos_token_id,
+        **dims,
+    )
     with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
         model = Qwen2ForCausalLM(config).to(torch.bfloat16)
     model.save_pretrained(folder)
@@ -86,10 +109,15 @@ def check(shape: str, steps: int, prompt_chars: int, workdir: Path, smoke: bool)
     folder = workdir / shape
     random_model_folder(SMOKE_SHAPE if smoke else SHAPES[shape], folder)
     probe = StepProbe()
-    smoke_overrides = ["--trainer.accelerator=cpu", "--model.sampling.max_new_tokens=16", "--model.grpo.micro_batch_size=2"]
+    smoke_overrides = [
+        "--trainer.accelerator=cpu",
+        "--model.sampling.max_new_tokens=16",
+        "--model.grpo.micro_batch_size=2",
+    ]
     cli = cli_main(
         [
-            "--config", str(REPO / CONFIGS[shape]),
+            "--config",
+            str(REPO / CONFIGS[shape]),
             f"--model.policy.name_or_path={folder}",
             f"--trainer.max_steps={steps}",
             "--trainer.limit_val_batches=0",
@@ -119,16 +147,24 @@ def check(shape: str, steps: int, prompt_chars: int, workdir: Path, smoke: bool)
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--models", nargs="+", default=list(SHAPES), choices=list(SHAPES))
     parser.add_argument("--steps", type=int, default=3, help="training steps per model; the first is warm-up")
     parser.add_argument("--prompt-chars", type=int, default=200)
     parser.add_argument("--out", type=Path, default=None, help="also write the results here as JSON")
-    parser.add_argument("--smoke", action="store_true", help="tiny dimensions on the CPU, to check the script without a GPU")
+    parser.add_argument(
+        "--smoke", action="store_true", help="tiny dimensions on the CPU, to check the script without a GPU"
+    )
     args = parser.parse_args()
     if not torch.cuda.is_available() and not args.smoke:
         raise SystemExit("gpu_check.py needs a CUDA GPU (or --smoke)")
-    device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu (smoke: tiny dimensions, peak RSS)"
+    device = (
+        torch.cuda.get_device_name()
+        if torch.cuda.is_available()
+        else "cpu (smoke: tiny dimensions, peak RSS)"
+    )
     results = {"device": device, "results": {}}
     with tempfile.TemporaryDirectory() as tmp:
         for shape in args.models:

@@ -30,12 +30,16 @@ PYTHON_CRC = record_writer.masked_crc32c
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--scalars", type=int, default=41)
     parser.add_argument("--steps", type=int, default=300)
     args = parser.parse_args()
     # Numbers and one-element tensors, as a step's scalars arrive.
-    metrics = {f"group{i % 4}/scalar{i}": (torch.tensor(i / 7) if i % 2 else i / 7) for i in range(args.scalars)}
+    metrics = {
+        f"group{i % 4}/scalar{i}": (torch.tensor(i / 7) if i % 2 else i / 7) for i in range(args.scalars)
+    }
     folder = Path(tempfile.mkdtemp(prefix="logger_cost-"))
     try:
         # (logger, the record checksum its writer uses): save() waits for the writer thread, so each
@@ -45,7 +49,9 @@ def main() -> None:
             "ours, Python CRC": (TensorBoardLogger(folder / "ours-python-crc"), PYTHON_CRC),
             "ours": (TensorBoardLogger(folder / "ours"), masked_crc32c),
         }
-        times: dict[str, list[float]] = {f"{name} {part}": [] for name in loggers for part in ("log", "log+save")}
+        times: dict[str, list[float]] = {
+            f"{name} {part}": [] for name in loggers for part in ("log", "log+save")
+        }
         for step in range(args.steps):
             order = list(loggers.items())
             for name, (logger, checksum) in order[step % 3 :] + order[: step % 3]:
@@ -65,9 +71,13 @@ def main() -> None:
     print(f"{args.scalars} scalars a step, median over {args.steps - 10} steps")
     for part in ("log", "log+save"):
         lightning = median[f"Lightning {part}"]
-        print(f"{part:9s} " + ", ".join(
-            f"{name} {1000 * median[f'{name} {part}']:.3f} ms ({median[f'{name} {part}'] / lightning:.3f} of Lightning's)" for name in loggers
-        ))
+        print(
+            f"{part:9s} "
+            + ", ".join(
+                f"{name} {1000 * median[f'{name} {part}']:.3f} ms ({median[f'{name} {part}'] / lightning:.3f} of Lightning's)"
+                for name in loggers
+            )
+        )
 
 
 if __name__ == "__main__":

@@ -42,11 +42,22 @@ def peak_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-def run(method: str, rows: int, length: int, hidden_size: int, vocab: int, chunk_tokens: int | None, repeats: int, scored: float) -> tuple[int, float]:
+def run(
+    method: str,
+    rows: int,
+    length: int,
+    hidden_size: int,
+    vocab: int,
+    chunk_tokens: int | None,
+    repeats: int,
+    scored: float,
+) -> tuple[int, float]:
     """Extra peak bytes of one forward+backward beyond the inputs and the hidden states' gradient,
     and the median seconds of ``repeats`` more (NaN for none)."""
     hidden = torch.randn(rows, length, hidden_size, dtype=torch.bfloat16).requires_grad_(True)
-    weight = torch.randn(vocab, hidden_size, dtype=torch.bfloat16).mul_(hidden_size**-0.5)  # no fp32 temporary to raise the baseline
+    weight = torch.randn(vocab, hidden_size, dtype=torch.bfloat16).mul_(
+        hidden_size**-0.5
+    )  # no fp32 temporary to raise the baseline
     targets = torch.randint(vocab, (rows, length))
     hidden.grad = torch.zeros_like(hidden)  # the gradient buffer exists in every method
     positions = (torch.arange(length) < round(scored * length)).expand(rows, length) if scored < 1 else None
@@ -54,7 +65,9 @@ def run(method: str, rows: int, length: int, hidden_size: int, vocab: int, chunk
 
     def forward_backward() -> None:
         if method == "fused":
-            logps, _ = token_logprobs_and_entropy(hidden, targets, chunk_tokens=chunk_tokens, head_weight=weight, positions=positions)
+            logps, _ = token_logprobs_and_entropy(
+                hidden, targets, chunk_tokens=chunk_tokens, head_weight=weight, positions=positions
+            )
         else:
             logits = torch.nn.functional.linear(hidden, weight)
             if method == "chunked":
@@ -75,14 +88,31 @@ def run(method: str, rows: int, length: int, hidden_size: int, vocab: int, chunk
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--rows", type=int, default=4)
     parser.add_argument("--length", type=int, default=1024)
     parser.add_argument("--hidden", type=int, default=1536)
     parser.add_argument("--vocab", type=int, default=151936)
-    parser.add_argument("--chunk-tokens", type=int, default=None, help="positions per log-prob block (default: the loss's, 2^25 / vocab)")
-    parser.add_argument("--repeats", type=int, default=0, help="also time this many forward + backward calls per method (median)")
-    parser.add_argument("--scored", type=float, default=1.0, help="fraction of each row's positions the fused head scores (the rest: padding after EOS)")
+    parser.add_argument(
+        "--chunk-tokens",
+        type=int,
+        default=None,
+        help="positions per log-prob block (default: the loss's, 2^25 / vocab)",
+    )
+    parser.add_argument(
+        "--repeats",
+        type=int,
+        default=0,
+        help="also time this many forward + backward calls per method (median)",
+    )
+    parser.add_argument(
+        "--scored",
+        type=float,
+        default=1.0,
+        help="fraction of each row's positions the fused head scores (the rest: padding after EOS)",
+    )
     parser.add_argument("--method", choices=METHODS, help=argparse.SUPPRESS)
     args = parser.parse_args()
     shape = [args.rows, args.length, args.hidden, args.vocab]
@@ -90,13 +120,26 @@ def main() -> None:
         print(json.dumps(run(args.method, *shape, args.chunk_tokens, args.repeats, args.scored)))
         return
     logits_gib = args.rows * args.length * args.vocab * 2 / 2**30
-    print(f"hidden [{args.rows}, {args.length}, {args.hidden}], head [{args.vocab}, {args.hidden}] bf16; "
-          f"full logits would be {logits_gib:.2f} GiB" + (f"; fused scores {args.scored:.0%} of the positions" if args.scored < 1 else ""))
+    print(
+        f"hidden [{args.rows}, {args.length}, {args.hidden}], head [{args.vocab}, {args.hidden}] bf16; "
+        f"full logits would be {logits_gib:.2f} GiB"
+        + (f"; fused scores {args.scored:.0%} of the positions" if args.scored < 1 else "")
+    )
     for method in METHODS:
         chunk = [f"--chunk-tokens={args.chunk_tokens}"] if args.chunk_tokens else []
-        cmd = [sys.executable, __file__, "--method", method, f"--repeats={args.repeats}", f"--scored={args.scored}",
-               *(f"--{k}={v}" for k, v in zip(["rows", "length", "hidden", "vocab"], shape)), *chunk]
-        extra, seconds = json.loads(subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.strip().splitlines()[-1])
+        cmd = [
+            sys.executable,
+            __file__,
+            "--method",
+            method,
+            f"--repeats={args.repeats}",
+            f"--scored={args.scored}",
+            *(f"--{k}={v}" for k, v in zip(["rows", "length", "hidden", "vocab"], shape)),
+            *chunk,
+        ]
+        extra, seconds = json.loads(
+            subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.strip().splitlines()[-1]
+        )
         timing = f", forward + backward {seconds:.3f} s (median of {args.repeats})" if args.repeats else ""
         print(f"{method:>12}: extra peak {extra / 2**30:.2f} GiB{timing}")
 

@@ -62,8 +62,15 @@ class StepProbe(Callback):
         synchronize()
         seconds = time.perf_counter() - self._start
         peak = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None
-        self.steps.append(dict(step_s=seconds, peak_gib=peak, capture_s=pl_module.capture_seconds, credit_s=pl_module.credit_seconds,
-                               credit_share=(pl_module.capture_seconds + pl_module.credit_seconds) / seconds))
+        self.steps.append(
+            dict(
+                step_s=seconds,
+                peak_gib=peak,
+                capture_s=pl_module.capture_seconds,
+                credit_s=pl_module.credit_seconds,
+                credit_share=(pl_module.capture_seconds + pl_module.credit_seconds) / seconds,
+            )
+        )
         print(json.dumps({"update_step": self.steps[-1]}), flush=True)
 
 
@@ -75,41 +82,74 @@ def fixed_rollouts(length: int):
         group, device = self.sampling.num_generations, self.device
         n = len(batch["golds"]) * group
         generator = torch.Generator().manual_seed(self.global_step)
-        tail = self.tokenizer("\\boxed{7}", add_special_tokens=False).input_ids + [self.tokenizer.eos_token_id]
+        tail = self.tokenizer("\\boxed{7}", add_special_tokens=False).input_ids + [
+            self.tokenizer.eos_token_id
+        ]
         low = len(self.tokenizer.all_special_ids) + 1
         ids = torch.randint(low, len(self.tokenizer), (n, length), generator=generator)
-        ids[:, -len(tail):] = torch.tensor(tail)
+        ids[:, -len(tail) :] = torch.tensor(tail)
         mask, truncated = completion_mask(ids, self.eos_ids)
-        rewards = torch.randint(0, 2, (n, len(self.reward_suite.names)), generator=generator).float().to(device)
+        rewards = (
+            torch.randint(0, 2, (n, len(self.reward_suite.names)), generator=generator).float().to(device)
+        )
         total = self.reward_suite.total(rewards)
         advantages, zero_std = group_advantages(total, group, self.grpo.scale_rewards)
         return Rollouts(
-            prompt_ids=batch["prompt_ids"].repeat_interleave(group, 0), prompt_mask=batch["prompt_mask"].repeat_interleave(group, 0),
-            completion_ids=ids.to(device), completion_mask=mask.to(device), is_truncated=truncated.to(device),
-            prompts=[p for p in batch["prompts"] for _ in range(group)], completions=self.decode(ids, mask),
-            golds=["7"] * n, rewards=rewards, total_rewards=total, advantages=advantages.to(device),
-            zero_std_groups=zero_std.to(device), token_weights=torch.ones_like(mask).to(device), step=self.global_step,
+            prompt_ids=batch["prompt_ids"].repeat_interleave(group, 0),
+            prompt_mask=batch["prompt_mask"].repeat_interleave(group, 0),
+            completion_ids=ids.to(device),
+            completion_mask=mask.to(device),
+            is_truncated=truncated.to(device),
+            prompts=[p for p in batch["prompts"] for _ in range(group)],
+            completions=self.decode(ids, mask),
+            golds=["7"] * n,
+            rewards=rewards,
+            total_rewards=total,
+            advantages=advantages.to(device),
+            zero_std_groups=zero_std.to(device),
+            token_weights=torch.ones_like(mask).to(device),
+            step=self.global_step,
         )
 
     return make_rollouts
 
 
 def build_cli(folder: Path, workdir: Path, args: argparse.Namespace):
-    overrides = ["--trainer.accelerator=cpu", "--trainer.precision=32-true", "--model.policy.dtype=float32"] if args.smoke else []
-    return cli_main([
-        "--config", str(REPO / "configs" / "qwen2.5-0.5b-lora-gsm8k.yaml"),
-        f"--model.policy.name_or_path={folder}", "--model.policy.gradient_checkpointing=true",
-        f"--trainer.max_steps={args.steps}", "--trainer.limit_val_batches=0", "--trainer.val_check_interval=null",
-        "--trainer.enable_checkpointing=false", "--trainer.callbacks=[]", "--trainer.callbacks+=lightning_flow.callbacks.FlowCredit",
-        f"--trainer.default_root_dir={workdir}", f"--trainer.logger.init_args.save_dir={workdir / 'runs'}",
-        "--data=lightning_flow.datamodules.ArithmeticDataModule", "--data.batch_size=2", "--data.max_prompt_length=256",
-        "--model.sampling.num_generations=8", f"--model.sampling.max_new_tokens={args.length}", f"--model.grpo.micro_batch_size={args.micro_batch}",
-        *overrides,
-    ], run=False)
+    overrides = (
+        ["--trainer.accelerator=cpu", "--trainer.precision=32-true", "--model.policy.dtype=float32"]
+        if args.smoke
+        else []
+    )
+    return cli_main(
+        [
+            "--config",
+            str(REPO / "configs" / "qwen2.5-0.5b-lora-gsm8k.yaml"),
+            f"--model.policy.name_or_path={folder}",
+            "--model.policy.gradient_checkpointing=true",
+            f"--trainer.max_steps={args.steps}",
+            "--trainer.limit_val_batches=0",
+            "--trainer.val_check_interval=null",
+            "--trainer.enable_checkpointing=false",
+            "--trainer.callbacks=[]",
+            "--trainer.callbacks+=lightning_flow.callbacks.FlowCredit",
+            f"--trainer.default_root_dir={workdir}",
+            f"--trainer.logger.init_args.save_dir={workdir / 'runs'}",
+            "--data=lightning_flow.datamodules.ArithmeticDataModule",
+            "--data.batch_size=2",
+            "--data.max_prompt_length=256",
+            "--model.sampling.num_generations=8",
+            f"--model.sampling.max_new_tokens={args.length}",
+            f"--model.grpo.micro_batch_size={args.micro_batch}",
+            *overrides,
+        ],
+        run=False,
+    )
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--length", type=int, default=8192, help="new tokens per response")
     parser.add_argument("--micro-batch", type=int, default=2)
     parser.add_argument("--steps", type=int, default=2, help="update steps (the first pays for warm-up)")
@@ -122,10 +162,17 @@ def main() -> None:
         args.length, args.sample_tokens, args.steps = min(args.length, 64), min(args.sample_tokens, 8), 1
     elif not torch.cuda.is_available():
         raise SystemExit("long_step.py needs a CUDA GPU (or --smoke)")
-    result = {"device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu (smoke)", "length": args.length,
-              "responses": 16, "micro_batch": args.micro_batch, "cap_gib": args.cap_gib}
+    result = {
+        "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu (smoke)",
+        "length": args.length,
+        "responses": 16,
+        "micro_batch": args.micro_batch,
+        "cap_gib": args.cap_gib,
+    }
     if torch.cuda.is_available():
-        torch.cuda.set_per_process_memory_fraction(args.cap_gib * 2**30 / torch.cuda.get_device_properties(0).total_memory)
+        torch.cuda.set_per_process_memory_fraction(
+            args.cap_gib * 2**30 / torch.cuda.get_device_properties(0).total_memory
+        )
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp) / "model"
         random_model_folder(SMOKE_SHAPE if args.smoke else SHAPES["qwen2.5-1.5b"], folder)
@@ -154,11 +201,17 @@ def main() -> None:
         seconds = time.perf_counter() - start
         tokens = int(rollouts.completion_mask.sum())
         per_token = seconds / args.sample_tokens
-        result["sampling"] = dict(new_tokens=args.sample_tokens, seconds=seconds, tokens_per_s=tokens / seconds,
-                                  peak_gib=torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None,
-                                  extrapolated_s_for_length=per_token * args.length)
+        result["sampling"] = dict(
+            new_tokens=args.sample_tokens,
+            seconds=seconds,
+            tokens_per_s=tokens / seconds,
+            peak_gib=torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None,
+            extrapolated_s_for_length=per_token * args.length,
+        )
         result["step_s_estimate"] = result["update_step_s_median"] + per_token * args.length
-        result["credit_share_of_step_estimate"] = statistics.median(s["capture_s"] + s["credit_s"] for s in timed) / result["step_s_estimate"]
+        result["credit_share_of_step_estimate"] = (
+            statistics.median(s["capture_s"] + s["credit_s"] for s in timed) / result["step_s_estimate"]
+        )
     print(json.dumps(result), flush=True)
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -35,11 +35,12 @@ from lightning_flow.policy import PolicyConfig, SamplingConfig, eos_token_ids, g
 from lightning_flow.tokenizer import load_tokenizer  # noqa: E402
 
 
-
 def compare(folder: Path, args: argparse.Namespace) -> dict:
     dtype = "bfloat16" if args.device == "cuda" else "float32"
     torch.manual_seed(0)
-    policy = load_policy(PolicyConfig(str(folder), dtype=dtype, lora_rank=args.lora_rank, lora_alpha=2 * args.lora_rank)).to(args.device)
+    policy = load_policy(
+        PolicyConfig(str(folder), dtype=dtype, lora_rank=args.lora_rank, lora_alpha=2 * args.lora_rank)
+    ).to(args.device)
     with torch.no_grad():
         for name, parameter in policy.named_parameters():
             if "lora_B" in name:
@@ -48,7 +49,9 @@ def compare(folder: Path, args: argparse.Namespace) -> dict:
     eos = eos_token_ids(policy, tokenizer)
     generator = torch.Generator().manual_seed(0)
     low = len(tokenizer.all_special_ids) + 1
-    prompts = torch.randint(low, min(90, len(tokenizer)), (args.prompts, args.prompt_length), generator=generator).to(args.device)
+    prompts = torch.randint(
+        low, min(90, len(tokenizer)), (args.prompts, args.prompt_length), generator=generator
+    ).to(args.device)
     mask = torch.ones_like(prompts)
     seeds = torch.arange(args.prompts * args.group)
     times: dict[bool, list[float]] = {True: [], False: []}
@@ -56,13 +59,17 @@ def compare(folder: Path, args: argparse.Namespace) -> dict:
     outputs: dict[bool, torch.Tensor] = {}
     for call in range(args.repeats + 1):
         for merge in (True, False) if call % 2 == 0 else (False, True):
-            sampling = SamplingConfig(num_generations=args.group, max_new_tokens=args.max_new_tokens, merge_adapter=merge)
+            sampling = SamplingConfig(
+                num_generations=args.group, max_new_tokens=args.max_new_tokens, merge_adapter=merge
+            )
             synchronize()
             if args.device == "cuda":
                 torch.cuda.reset_peak_memory_stats()
                 before = torch.cuda.memory_allocated()
             start = time.perf_counter()
-            outputs[merge] = generate(policy, prompts, mask, sampling, tokenizer.pad_token_id, eos, row_seeds=seeds)
+            outputs[merge] = generate(
+                policy, prompts, mask, sampling, tokenizer.pad_token_id, eos, row_seeds=seeds
+            )
             synchronize()
             if call > 0:  # the first call of each is warm-up
                 times[merge].append(time.perf_counter() - start)
@@ -70,17 +77,35 @@ def compare(folder: Path, args: argparse.Namespace) -> dict:
                 peaks[merge] = max(peaks[merge], torch.cuda.max_memory_allocated() - before)
     tokens = int((outputs[True] != tokenizer.pad_token_id).sum())
     width = min(outputs[True].shape[1], outputs[False].shape[1])
-    differing = int((outputs[True][:, :width] != outputs[False][:, :width]).any(1).sum()) + int(outputs[True].shape != outputs[False].shape)
+    differing = int((outputs[True][:, :width] != outputs[False][:, :width]).any(1).sum()) + int(
+        outputs[True].shape != outputs[False].shape
+    )
     merged, unmerged = statistics.median(times[True]), statistics.median(times[False])
-    return dict(merged_s=merged, unmerged_s=unmerged, merged_over_unmerged=paired_ratio(times[True], times[False]),
-                tokens=tokens, merged_tok_s=tokens / merged, unmerged_tok_s=tokens / unmerged,
-                responses=len(seeds), responses_differing=differing, times=times,
-                merged_peak_mib=peaks[True] / 2**20, unmerged_peak_mib=peaks[False] / 2**20)
+    return dict(
+        merged_s=merged,
+        unmerged_s=unmerged,
+        merged_over_unmerged=paired_ratio(times[True], times[False]),
+        tokens=tokens,
+        merged_tok_s=tokens / merged,
+        unmerged_tok_s=tokens / unmerged,
+        responses=len(seeds),
+        responses_differing=differing,
+        times=times,
+        merged_peak_mib=peaks[True] / 2**20,
+        unmerged_peak_mib=peaks[False] / 2**20,
+    )
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--models", nargs="+", default=["demo", "stories260K"], help=f"{sorted(FOLDERS)}, smoke (2-layer random Qwen2) or real shapes {sorted(SHAPES)}")
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--models",
+        nargs="+",
+        default=["demo", "stories260K"],
+        help=f"{sorted(FOLDERS)}, smoke (2-layer random Qwen2) or real shapes {sorted(SHAPES)}",
+    )
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--prompts", type=int, default=8)
     parser.add_argument("--group", type=int, default=8, help="responses per prompt")
@@ -95,15 +120,23 @@ def main() -> None:
         for name in args.models:
             folder = model_folder(name, Path(tmp))
             row = results[name] = compare(folder, args)
-            print(f"{name}: merged {row['merged_s'] * 1e3:.1f} ms ({row['merged_tok_s']:,.0f} tok/s), "
-                  f"unmerged {row['unmerged_s'] * 1e3:.1f} ms ({row['unmerged_tok_s']:,.0f} tok/s); "
-                  f"merged / unmerged {row['merged_over_unmerged']:.3f}; {row['tokens']} tokens; "
-                  f"{row['responses_differing']} of {row['responses']} responses differ"
-                  + (f"; sampling's peak above the weights {row['merged_peak_mib']:.0f} vs {row['unmerged_peak_mib']:.0f} MiB" if args.device == "cuda" else ""),
-                  flush=True)
+            print(
+                f"{name}: merged {row['merged_s'] * 1e3:.1f} ms ({row['merged_tok_s']:,.0f} tok/s), "
+                f"unmerged {row['unmerged_s'] * 1e3:.1f} ms ({row['unmerged_tok_s']:,.0f} tok/s); "
+                f"merged / unmerged {row['merged_over_unmerged']:.3f}; {row['tokens']} tokens; "
+                f"{row['responses_differing']} of {row['responses']} responses differ"
+                + (
+                    f"; sampling's peak above the weights {row['merged_peak_mib']:.0f} vs {row['unmerged_peak_mib']:.0f} MiB"
+                    if args.device == "cuda"
+                    else ""
+                ),
+                flush=True,
+            )
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(dict(args=vars(args), device=args.device, results=results), indent=1, default=str))
+        Path(args.out).write_text(
+            json.dumps(dict(args=vars(args), device=args.device, results=results), indent=1, default=str)
+        )
 
 
 if __name__ == "__main__":

@@ -50,7 +50,9 @@ class SoakMonitor(Callback):
     def report(self, skipped_steps: int, window: int) -> str:
         after_warmup = next((mib for t, mib in self.rss if t >= self.warmup_s), self.rss[-1][1])
         end = self.rss[-1][1]
-        peak = max(mib for t, mib in self.rss if t >= self.warmup_s) if self.rss[-1][0] >= self.warmup_s else end
+        peak = (
+            max(mib for t, mib in self.rss if t >= self.warmup_s) if self.rss[-1][0] >= self.warmup_s else end
+        )
         lines = [
             f"steps done: {len(self.rewards)} in {self.rss[-1][0] / 60:.1f} min",
             f"RSS: {self.rss[0][1]:.0f} MiB after step 1, {after_warmup:.0f} MiB after warm-up ({self.warmup_s / 60:.1f} min), "
@@ -65,21 +67,35 @@ class SoakMonitor(Callback):
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--minutes", type=float, default=30.0, help="wall time of the fit")
-    parser.add_argument("--warmup-minutes", type=float, default=None, help="memory baseline after this (default: 10 %% of --minutes)")
+    parser.add_argument(
+        "--warmup-minutes",
+        type=float,
+        default=None,
+        help="memory baseline after this (default: 10 %% of --minutes)",
+    )
     parser.add_argument("--window", type=int, default=50, help="steps per reward average")
     args = parser.parse_args()
     if not (REPO / "artifacts" / "demo-policy" / "config.json").is_file():
-        subprocess.run([sys.executable, "-m", "lightning_flow.demo_policy", "--config", "configs/demo.yaml"], cwd=REPO, check=True)
+        subprocess.run(
+            [sys.executable, "-m", "lightning_flow.demo_policy", "--config", "configs/demo.yaml"],
+            cwd=REPO,
+            check=True,
+        )
 
     from lightning_flow.cli import main as cli_main
 
-    monitor = SoakMonitor(warmup_s=60 * (args.warmup_minutes if args.warmup_minutes is not None else args.minutes / 10))
+    monitor = SoakMonitor(
+        warmup_s=60 * (args.warmup_minutes if args.warmup_minutes is not None else args.minutes / 10)
+    )
     seconds = int(args.minutes * 60)
     cli = cli_main(
         [
-            "--config", str(REPO / "configs" / "demo.yaml"),
+            "--config",
+            str(REPO / "configs" / "demo.yaml"),
             "--trainer.max_steps=-1",
             f"--trainer.max_time={{'seconds': {seconds}}}",
             f"--trainer.logger.init_args.save_dir={REPO / 'runs'}",

@@ -45,8 +45,15 @@ from bench_stats import median_after_warmup, paired_ratio  # noqa: E402
 from gpu_check import SHAPES, SMOKE_SHAPE, peak_memory_bytes, random_model_folder, synchronize  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
-FOLDERS = {"demo": REPO / "artifacts" / "demo-policy", "stories260K": REPO.parent / "shared" / "data" / "models" / "stories260K" / "hf"}
-FRAMEWORKS = ["ours", "trl", "ours+flow"]  # round 1 runs this order: ours vs TRL first, where a time limit may cut a round
+FOLDERS = {
+    "demo": REPO / "artifacts" / "demo-policy",
+    "stories260K": REPO.parent / "shared" / "data" / "models" / "stories260K" / "hf",
+}
+FRAMEWORKS = [
+    "ours",
+    "trl",
+    "ours+flow",
+]  # round 1 runs this order: ours vs TRL first, where a time limit may cut a round
 
 
 class StepRecord:
@@ -74,7 +81,9 @@ class StepRecord:
     def begin(self) -> None:
         synchronize()
         if len(self.steps) == self.profile_step:
-            activities = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+            activities = [torch.profiler.ProfilerActivity.CPU] + (
+                [torch.profiler.ProfilerActivity.CUDA] if torch.cuda.is_available() else []
+            )
             self._profiler = torch.profiler.profile(activities=activities)
             self._profiler.start()
         self._phase_peak_mib()  # what came before this step is not its generation's
@@ -82,9 +91,13 @@ class StepRecord:
 
     def generated(self, seconds: float, completion_mask: torch.Tensor, prompt_mask: torch.Tensor) -> None:
         responses = completion_mask.sum().item()
-        self._current.update(generation_s=seconds, generation_tokens=responses,
-                             update_tokens=responses + prompt_mask.sum().item(),
-                             response_length=responses / completion_mask.shape[0], generation_peak_mib=self._phase_peak_mib())
+        self._current.update(
+            generation_s=seconds,
+            generation_tokens=responses,
+            update_tokens=responses + prompt_mask.sum().item(),
+            response_length=responses / completion_mask.shape[0],
+            generation_peak_mib=self._phase_peak_mib(),
+        )
 
     def end(self) -> None:
         synchronize()
@@ -130,17 +143,28 @@ def our_cli(args, folder: Path, workdir: str, callbacks: list):
 
     cli = cli_main(
         [
-            "--config", str(REPO / "configs" / "demo.yaml"),
-            f"--model.policy.name_or_path={folder}", f"--model.policy.dtype={args.dtype}",
-            f"--model.policy.lora_rank={args.lora_rank}", f"--model.policy.lora_alpha={args.lora_alpha}",
-            f"--model.sampling.num_generations={args.group}", f"--model.sampling.max_new_tokens={args.max_new_tokens}",
-            f"--model.grpo.loss_type={args.loss_type}", f"--model.grpo.micro_batch_size={args.micro_batch}",
-            f"--model.optim.lr={args.lr}", f"--data.batch_size={args.prompts_per_step}",
-            f"--trainer.accelerator={args.device}", f"--trainer.max_steps={args.steps}",
+            "--config",
+            str(REPO / "configs" / "demo.yaml"),
+            f"--model.policy.name_or_path={folder}",
+            f"--model.policy.dtype={args.dtype}",
+            f"--model.policy.lora_rank={args.lora_rank}",
+            f"--model.policy.lora_alpha={args.lora_alpha}",
+            f"--model.sampling.num_generations={args.group}",
+            f"--model.sampling.max_new_tokens={args.max_new_tokens}",
+            f"--model.grpo.loss_type={args.loss_type}",
+            f"--model.grpo.micro_batch_size={args.micro_batch}",
+            f"--model.optim.lr={args.lr}",
+            f"--data.batch_size={args.prompts_per_step}",
+            f"--trainer.accelerator={args.device}",
+            f"--trainer.max_steps={args.steps}",
             # bf16 weights: autocast around the step, as TRL's bf16=True (the fp32 LoRA matmuls then run in bf16)
             f"--trainer.precision={'bf16-mixed' if args.dtype == 'bfloat16' else '32-true'}",
-            "--trainer.limit_val_batches=0", "--trainer.enable_checkpointing=false", "--trainer.logger=false",
-            "--trainer.enable_progress_bar=false", "--trainer.callbacks=[]", f"--trainer.default_root_dir={workdir}",
+            "--trainer.limit_val_batches=0",
+            "--trainer.enable_checkpointing=false",
+            "--trainer.logger=false",
+            "--trainer.enable_progress_bar=false",
+            "--trainer.callbacks=[]",
+            f"--trainer.default_root_dir={workdir}",
         ],
         run=False,
     )
@@ -152,18 +176,28 @@ def run_ours(args, record: StepRecord, flow: bool, workdir: str) -> None:
     from lightning_flow.callbacks import FlowCredit
 
     # FlowCredit's defaults are configs/demo-flow.yaml's settings (signal flow, top 40 %, boost 1.5).
-    cli = our_cli(args, args.model_path, workdir, [LightningSteps(record), *([FlowCredit(signal="flow")] if flow else [])])
-    time_generation(cli.model, "make_rollouts", record, lambda rollouts: (rollouts.completion_mask, rollouts.prompt_mask))
+    cli = our_cli(
+        args,
+        args.model_path,
+        workdir,
+        [LightningSteps(record), *([FlowCredit(signal="flow")] if flow else [])],
+    )
+    time_generation(
+        cli.model, "make_rollouts", record, lambda rollouts: (rollouts.completion_mask, rollouts.prompt_mask)
+    )
     cli.trainer.fit(cli.model, datamodule=cli.datamodule)
 
 
 def prompts_in_our_order(args, folder: Path) -> tuple[list[str], list[str]]:
     """The prompts and golds of our first ``steps`` training batches, in the order our DataModule yields them."""
     from lightning_flow.datamodules import ArithmeticDataModule
+
     from lightning_flow.demo_policy import demo_settings
 
     _, data_args = demo_settings(str(REPO / "configs" / "demo.yaml"))
-    data = ArithmeticDataModule(**{**data_args, "tokenizer": str(folder), "batch_size": args.prompts_per_step})
+    data = ArithmeticDataModule(
+        **{**data_args, "tokenizer": str(folder), "batch_size": args.prompts_per_step}
+    )
     data.setup("fit")
     prompts, golds = [], []
     for _, batch in zip(range(args.steps), data.train_dataloader()):
@@ -184,21 +218,53 @@ def trl_trainer(args, folder: Path, workdir: str, prompts: list[str], golds: lis
 
     responses = args.prompts_per_step * args.group
     config = GRPOConfig(
-        output_dir=workdir, max_steps=args.steps, seed=0, use_cpu=args.device == "cpu", bf16=args.dtype == "bfloat16",
+        output_dir=workdir,
+        max_steps=args.steps,
+        seed=0,
+        use_cpu=args.device == "cpu",
+        bf16=args.dtype == "bfloat16",
         # One optimizer step per generated batch of `responses`, in micro-batches of `micro_batch`, as ours does.
-        per_device_train_batch_size=args.micro_batch, gradient_accumulation_steps=responses // args.micro_batch,
-        num_generations=args.group, max_completion_length=args.max_new_tokens, temperature=1.0, top_p=1.0, top_k=0,
-        loss_type=args.loss_type, beta=0.0, epsilon=0.2, num_iterations=1, scale_rewards="group",
-        learning_rate=args.lr, warmup_steps=10, lr_scheduler_type="constant_with_warmup", max_grad_norm=1.0,
-        weight_decay=0.0, gradient_checkpointing=False, shuffle_dataset=False,
-        report_to="none", logging_steps=args.steps, save_strategy="no", disable_tqdm=True, log_completions=False,
+        per_device_train_batch_size=args.micro_batch,
+        gradient_accumulation_steps=responses // args.micro_batch,
+        num_generations=args.group,
+        max_completion_length=args.max_new_tokens,
+        temperature=1.0,
+        top_p=1.0,
+        top_k=0,
+        loss_type=args.loss_type,
+        beta=0.0,
+        epsilon=0.2,
+        num_iterations=1,
+        scale_rewards="group",
+        learning_rate=args.lr,
+        warmup_steps=10,
+        lr_scheduler_type="constant_with_warmup",
+        max_grad_norm=1.0,
+        weight_decay=0.0,
+        gradient_checkpointing=False,
+        shuffle_dataset=False,
+        report_to="none",
+        logging_steps=args.steps,
+        save_strategy="no",
+        disable_tqdm=True,
+        log_completions=False,
     )
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=getattr(torch, args.dtype), attn_implementation="sdpa")
+    model = AutoModelForCausalLM.from_pretrained(
+        folder, dtype=getattr(torch, args.dtype), attn_implementation="sdpa"
+    )
     return GRPOTrainer(
-        model=model, reward_funcs=correctness_reward, args=config,
+        model=model,
+        reward_funcs=correctness_reward,
+        args=config,
         train_dataset=Dataset.from_dict({"prompt": prompts, "golds": golds}),
         processing_class=load_tokenizer(str(folder)),
-        peft_config=LoraConfig(r=args.lora_rank, lora_alpha=args.lora_alpha, lora_dropout=0.0, target_modules="all-linear", task_type="CAUSAL_LM"),
+        peft_config=LoraConfig(
+            r=args.lora_rank,
+            lora_alpha=args.lora_alpha,
+            lora_dropout=0.0,
+            target_modules="all-linear",
+            task_type="CAUSAL_LM",
+        ),
         callbacks=callbacks,
     )
 
@@ -213,8 +279,19 @@ def run_trl(args, record: StepRecord, workdir: str) -> None:
         def on_step_end(self, *_, **__) -> None:
             record.end()
 
-    trainer = trl_trainer(args, args.model_path, workdir, *prompts_in_our_order(args, args.model_path), callbacks=[TrainerSteps()])
-    time_generation(trainer, "_generate_and_score_completions", record, lambda out: (out["completion_mask"], out["prompt_mask"]))
+    trainer = trl_trainer(
+        args,
+        args.model_path,
+        workdir,
+        *prompts_in_our_order(args, args.model_path),
+        callbacks=[TrainerSteps()],
+    )
+    time_generation(
+        trainer,
+        "_generate_and_score_completions",
+        record,
+        lambda out: (out["completion_mask"], out["prompt_mask"]),
+    )
     trainer.train()
 
 
@@ -228,7 +305,9 @@ def worker(args) -> None:
         else:
             run_ours(args, record, args.worker == "ours+flow", workdir)
     peak = max(record.peak_bytes, peak_memory_bytes())
-    args.result.write_text(json.dumps({"steps": record.steps, "peak_memory_bytes": peak, "profile": record.profile_table}))
+    args.result.write_text(
+        json.dumps({"steps": record.steps, "peak_memory_bytes": peak, "profile": record.profile_table})
+    )
 
 
 def summarise_run(run: dict, warmup: int) -> dict:
@@ -254,7 +333,15 @@ def summarise(runs: dict[str, list[dict]]) -> dict:
     """Medians over repeats per framework, and ratios paired within each round."""
     import statistics
 
-    keys = ["step_s", "generation_tokens_per_s", "update_tokens_per_s", "response_length", "peak_memory_mib", "generation_peak_mib", "update_peak_mib"]
+    keys = [
+        "step_s",
+        "generation_tokens_per_s",
+        "update_tokens_per_s",
+        "response_length",
+        "peak_memory_mib",
+        "generation_peak_mib",
+        "update_peak_mib",
+    ]
     medians = {fw: {k: statistics.median(r[k] for r in rs) for k in keys} for fw, rs in runs.items()}
     ratios = {
         f"{a} / {b}": {k: paired_ratio([r[k] for r in runs[a]], [r[k] for r in runs[b]]) for k in keys}
@@ -266,7 +353,9 @@ def summarise(runs: dict[str, list[dict]]) -> dict:
 def model_folder(name: str, workdir: Path) -> Path:
     if name in FOLDERS:
         if not (FOLDERS[name] / "config.json").is_file():
-            raise SystemExit(f"{FOLDERS[name]} is missing (demo: python -m lightning_flow.demo_policy --config configs/demo.yaml)")
+            raise SystemExit(
+                f"{FOLDERS[name]} is missing (demo: python -m lightning_flow.demo_policy --config configs/demo.yaml)"
+            )
         return FOLDERS[name]
     folder = workdir / name
     random_model_folder(SMOKE_SHAPE if name == "smoke" else SHAPES[name], folder)
@@ -275,13 +364,19 @@ def model_folder(name: str, workdir: Path) -> Path:
 
 def print_table(model: str, summary: dict) -> None:
     print(f"\n{model}: medians over repeats")
-    print("| run | step s | generation tok/s | update tok/s | peak memory MiB | generation / update peak MiB | mean response tokens |\n|---|---|---|---|---|---|---|")
+    print(
+        "| run | step s | generation tok/s | update tok/s | peak memory MiB | generation / update peak MiB | mean response tokens |\n|---|---|---|---|---|---|---|"
+    )
     for fw, m in summary["medians"].items():
-        print(f"| {fw} | {m['step_s']:.3f} | {m['generation_tokens_per_s']:.0f} | {m['update_tokens_per_s']:.0f} | {m['peak_memory_mib']:.0f} "
-              f"| {m['generation_peak_mib']:.0f} / {m['update_peak_mib']:.0f} | {m['response_length']:.1f} |")
+        print(
+            f"| {fw} | {m['step_s']:.3f} | {m['generation_tokens_per_s']:.0f} | {m['update_tokens_per_s']:.0f} | {m['peak_memory_mib']:.0f} "
+            f"| {m['generation_peak_mib']:.0f} / {m['update_peak_mib']:.0f} | {m['response_length']:.1f} |"
+        )
     for name, r in summary["ratios"].items():
-        print(f"| ratio {name} | {r['step_s']:.3f} | {r['generation_tokens_per_s']:.3f} | {r['update_tokens_per_s']:.3f} | {r['peak_memory_mib']:.3f} "
-              f"| {r['generation_peak_mib']:.3f} / {r['update_peak_mib']:.3f} | {r['response_length']:.3f} |")
+        print(
+            f"| ratio {name} | {r['step_s']:.3f} | {r['generation_tokens_per_s']:.3f} | {r['update_tokens_per_s']:.3f} | {r['peak_memory_mib']:.3f} "
+            f"| {r['generation_peak_mib']:.3f} / {r['update_peak_mib']:.3f} | {r['response_length']:.3f} |"
+        )
 
 
 def add_workload_arguments(parser: argparse.ArgumentParser) -> None:
@@ -298,19 +393,39 @@ def add_workload_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--models", nargs="+", default=["demo", "stories260K"],
-                        help=f"demo, stories260K, smoke (2-layer random Qwen2) or a real shape with random weights: {', '.join(SHAPES)}")
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--models",
+        nargs="+",
+        default=["demo", "stories260K"],
+        help=f"demo, stories260K, smoke (2-layer random Qwen2) or a real shape with random weights: {', '.join(SHAPES)}",
+    )
     parser.add_argument("--steps", type=int, default=30)
-    parser.add_argument("--warmup", type=int, default=5, help="first steps of each run left out of its medians")
+    parser.add_argument(
+        "--warmup", type=int, default=5, help="first steps of each run left out of its medians"
+    )
     parser.add_argument("--repeats", type=int, default=3, help="rounds of (ours, ours+flow, TRL)")
-    parser.add_argument("--first-round", type=int, default=1,
-                        help="number of the first round, whose order rotation it takes (a second call with --first-round 2 continues a first's rotation)")
+    parser.add_argument(
+        "--first-round",
+        type=int,
+        default=1,
+        help="number of the first round, whose order rotation it takes (a second call with --first-round 2 continues a first's rotation)",
+    )
     add_workload_arguments(parser)
-    parser.add_argument("--threads", type=int, default=0, help="torch threads per run (0: torch's default); 1 is steadier on a busy CPU")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=0,
+        help="torch threads per run (0: torch's default); 1 is steadier on a busy CPU",
+    )
     parser.add_argument("--out", type=Path, default=None, help="also write runs and summaries as JSON")
-    parser.add_argument("--profile", action="store_true",
-                        help="also profile each run's first step after warm-up (left out of its medians) and write the op tables next to --out")
+    parser.add_argument(
+        "--profile",
+        action="store_true",
+        help="also profile each run's first step after warm-up (left out of its medians) and write the op tables next to --out",
+    )
     parser.add_argument("--worker", choices=FRAMEWORKS, help=argparse.SUPPRESS)
     parser.add_argument("--model-path", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--result", type=Path, help=argparse.SUPPRESS)
@@ -322,17 +437,33 @@ def main() -> None:
         return worker(args)
 
     threads = args.threads or torch.get_num_threads()
-    device = torch.cuda.get_device_name() if args.device == "cuda" else f"cpu ({threads} torch threads per run)"
+    device = (
+        torch.cuda.get_device_name() if args.device == "cuda" else f"cpu ({threads} torch threads per run)"
+    )
     hidden = ("worker", "model_path", "result", "out")
-    results = {"device": device, "settings": {k: str(v) for k, v in vars(args).items() if k not in hidden}, "models": {}}
+    results = {
+        "device": device,
+        "settings": {k: str(v) for k, v in vars(args).items() if k not in hidden},
+        "models": {},
+    }
     with tempfile.TemporaryDirectory() as tmp:
         for model in args.models:
             folder = model_folder(model, Path(tmp))
             runs = {fw: [] for fw in FRAMEWORKS}
             for round_ in range(args.first_round - 1, args.first_round - 1 + args.repeats):
-                for fw in FRAMEWORKS[round_ % 3:] + FRAMEWORKS[:round_ % 3]:
+                for fw in FRAMEWORKS[round_ % 3 :] + FRAMEWORKS[: round_ % 3]:
                     result = Path(tmp) / "result.json"
-                    command = [sys.executable, __file__, *sys.argv[1:], "--worker", fw, "--model-path", str(folder), "--result", str(result)]
+                    command = [
+                        sys.executable,
+                        __file__,
+                        *sys.argv[1:],
+                        "--worker",
+                        fw,
+                        "--model-path",
+                        str(folder),
+                        "--result",
+                        str(result),
+                    ]
                     done = subprocess.run(command, capture_output=True, text=True)
                     if done.returncode:
                         raise SystemExit(f"{fw} on {model} failed:\n{done.stderr[-4000:]}")
@@ -340,9 +471,17 @@ def main() -> None:
                     table = run.pop("profile")
                     if table and args.out:
                         args.out.parent.mkdir(parents=True, exist_ok=True)
-                        args.out.with_name(f"{args.out.stem}-{model}-{fw}-round{round_ + 1}.profile.txt").write_text(table)
-                    runs[fw].append({**summarise_run(run, args.warmup + args.profile), "raw": run})  # the profiled step left out
-                    print(f"{model} round {round_ + 1} {fw}: " + json.dumps({k: round(v, 4) for k, v in runs[fw][-1].items() if k != "raw"}), flush=True)
+                        args.out.with_name(
+                            f"{args.out.stem}-{model}-{fw}-round{round_ + 1}.profile.txt"
+                        ).write_text(table)
+                    runs[fw].append(
+                        {**summarise_run(run, args.warmup + args.profile), "raw": run}
+                    )  # the profiled step left out
+                    print(
+                        f"{model} round {round_ + 1} {fw}: "
+                        + json.dumps({k: round(v, 4) for k, v in runs[fw][-1].items() if k != "raw"}),
+                        flush=True,
+                    )
             summary = summarise(runs)
             results["models"][model] = {**summary, "runs": runs}
             print_table(model, summary)

@@ -38,6 +38,7 @@ from bench_stats import paired_ratio  # noqa: E402
 from gpu_check import synchronize  # noqa: E402
 from trl_compare import add_workload_arguments, model_folder, our_cli, prompts_in_our_order, trl_trainer  # noqa: E402
 
+
 def timed(call) -> float:
     synchronize()
     start = time.perf_counter()
@@ -49,7 +50,10 @@ def timed(call) -> float:
 def trl_micro_batch(inputs: dict, rows: slice) -> dict:
     """TRL's generation output restricted to ``rows`` (per-row tensors sliced, the rest as is)."""
     count = len(inputs["completion_ids"])
-    return {k: v[rows] if isinstance(v, torch.Tensor) and v.dim() and len(v) == count else v for k, v in inputs.items()}
+    return {
+        k: v[rows] if isinstance(v, torch.Tensor) and v.dim() and len(v) == count else v
+        for k, v in inputs.items()
+    }
 
 
 def our_update(module, rollouts) -> None:
@@ -83,9 +87,15 @@ def measure(args, folder: Path, workdir: str) -> dict:
     # As Trainer's loop does before its first step: onto the device, forward wrapped in bf16 autocast.
     trainer.model = trainer.model_wrapped = trainer.accelerator.prepare_model(trainer.model)
     trainer.model.train()
-    trainer.current_gradient_accumulation_steps = args.prompts_per_step * args.group // args.micro_batch  # set by Trainer's loop, read by compute_loss
+    trainer.current_gradient_accumulation_steps = (
+        args.prompts_per_step * args.group // args.micro_batch
+    )  # set by Trainer's loop, read by compute_loss
     # TRL's generation batch: each prompt repeated group times, as its sampler yields them.
-    examples = [{"prompt": p, "golds": g} for p, g in zip(prompts[: args.prompts_per_step], golds[: args.prompts_per_step]) for _ in range(args.group)]
+    examples = [
+        {"prompt": p, "golds": g}
+        for p, g in zip(prompts[: args.prompts_per_step], golds[: args.prompts_per_step])
+        for _ in range(args.group)
+    ]
     autocast = torch.autocast(args.device, torch.bfloat16) if args.dtype == "bfloat16" else nullcontext()
     last = {}  # each framework's latest generation batch, which its update then trains on
 
@@ -101,7 +111,9 @@ def measure(args, folder: Path, workdir: str) -> dict:
             our_update(module, last["ours"])
 
     def trl_update_():
-        trl_update(trainer, last["trl"], module.micro_batches(last["ours"]))  # both batches hold prompts x group rows
+        trl_update(
+            trainer, last["trl"], module.micro_batches(last["ours"])
+        )  # both batches hold prompts x group rows
 
     times = {phase: {"ours": [], "trl": []} for phase in ("generation", "update")}
     for repeat in range(args.warmup + args.repeats):
@@ -112,10 +124,20 @@ def measure(args, folder: Path, workdir: str) -> dict:
             if repeat >= args.warmup:
                 times["generation"][name].append(generation_s)
                 times["update"][name].append(update_s)
-        print(f"repeat {repeat}: " + json.dumps({p: {n: round(t[n][-1], 4) for n in t if t[n]} for p, t in times.items()}), flush=True)
+        print(
+            f"repeat {repeat}: "
+            + json.dumps({p: {n: round(t[n][-1], 4) for n in t if t[n]} for p, t in times.items()}),
+            flush=True,
+        )
     tokens = {
-        "ours": {"prompt": int(last["ours"].prompt_mask.sum()), "completion": int(last["ours"].completion_mask.sum())},
-        "trl": {"prompt": int(last["trl"]["prompt_mask"].sum()), "completion": int(last["trl"]["completion_mask"].sum())},
+        "ours": {
+            "prompt": int(last["ours"].prompt_mask.sum()),
+            "completion": int(last["ours"].completion_mask.sum()),
+        },
+        "trl": {
+            "prompt": int(last["trl"]["prompt_mask"].sum()),
+            "completion": int(last["trl"]["completion_mask"].sum()),
+        },
     }
     return {
         "tokens": tokens,
@@ -126,7 +148,9 @@ def measure(args, folder: Path, workdir: str) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     add_workload_arguments(parser)
     parser.add_argument("--models", nargs="+", default=["demo"], help="as trl_compare.py's --models")
     parser.add_argument("--warmup", type=int, default=1, help="alternations left out of the medians")
@@ -135,16 +159,28 @@ def main() -> None:
     args = parser.parse_args()
     args.dtype = "bfloat16" if args.device == "cuda" else "float32"
     args.steps = 1  # one training batch's prompts
-    device = torch.cuda.get_device_name() if args.device == "cuda" else f"cpu ({torch.get_num_threads()} torch threads)"
-    results = {"device": device, "settings": {k: str(v) for k, v in vars(args).items() if k != "out"}, "models": {}}
+    device = (
+        torch.cuda.get_device_name()
+        if args.device == "cuda"
+        else f"cpu ({torch.get_num_threads()} torch threads)"
+    )
+    results = {
+        "device": device,
+        "settings": {k: str(v) for k, v in vars(args).items() if k != "out"},
+        "models": {},
+    }
     with tempfile.TemporaryDirectory() as tmp:
         for model in args.models:
             result = measure(args, model_folder(model, Path(tmp)), tmp)
             results["models"][model] = result
-            print(f"\n{model}: median seconds per call over {args.repeats} alternations; tokens {json.dumps(result['tokens'])}")
+            print(
+                f"\n{model}: median seconds per call over {args.repeats} alternations; tokens {json.dumps(result['tokens'])}"
+            )
             print("| phase | ours s | TRL s | ours / TRL (paired median) |\n|---|---|---|---|")
             for phase, medians in result["medians_s"].items():
-                print(f"| {phase} | {medians['ours']:.4f} | {medians['trl']:.4f} | {result['ratio_ours_over_trl'][phase]:.3f} |")
+                print(
+                    f"| {phase} | {medians['ours']:.4f} | {medians['trl']:.4f} | {result['ratio_ours_over_trl'][phase]:.3f} |"
+                )
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(results, indent=2))

@@ -43,7 +43,17 @@ from lightning_flow.step_scalars import batch_index, is_logging_step
 
 Signal = Literal["flow", "uniform", "random", "entropy", "attention_received"]
 _NEEDS_ATTENTION = {"flow", "attention_received"}
-_STATS = ("answer_found", "fallback", "nonfinite", "top_share", "boosted", "tokens", "nodes", "edges", "kept_capacity")
+_STATS = (
+    "answer_found",
+    "fallback",
+    "nonfinite",
+    "top_share",
+    "boosted",
+    "tokens",
+    "nodes",
+    "edges",
+    "kept_capacity",
+)
 
 
 class FlowCredit(RolloutCallback):
@@ -93,19 +103,32 @@ class FlowCredit(RolloutCallback):
         if not 0.0 <= top_fraction <= 1.0:
             raise ValueError(f"top_fraction={top_fraction}: expected a value in [0, 1]")
         if max_attention_mb is not None and max_attention_mb <= 0:
-            raise ValueError(f"max_attention_mb={max_attention_mb}: expected a positive number of MiB or None")
+            raise ValueError(
+                f"max_attention_mb={max_attention_mb}: expected a positive number of MiB or None"
+            )
         if kept_edges < 1:
             raise ValueError(f"kept_edges={kept_edges}: keep at least one edge per token")
         self.signal, self.top_fraction, self.boost, self.layers = signal, top_fraction, boost, layers
-        self.answer_fallback, self.max_attention_mb, self.kept_edges = answer_fallback, max_attention_mb, kept_edges
+        self.answer_fallback, self.max_attention_mb, self.kept_edges = (
+            answer_fallback,
+            max_attention_mb,
+            kept_edges,
+        )
         self.flow_config = FlowConfig(
-            sink_tokens=sink_tokens, keep_mass=keep_mass, max_in_degree=max_in_degree, min_capacity=min_capacity,
-            top_fraction=top_fraction, boost=boost, block_size=block_size,
+            sink_tokens=sink_tokens,
+            keep_mass=keep_mass,
+            max_in_degree=max_in_degree,
+            min_capacity=min_capacity,
+            top_fraction=top_fraction,
+            boost=boost,
+            block_size=block_size,
         )
         self.generator = torch.Generator().manual_seed(seed)
         self._row_stats: list[dict[str, Tensor]] = []  # per chunk of credited rows of the current step
         self._seconds = 0.0  # this step's time in on_credit
-        self._pieces: tuple[object, list[str] | None] | None = None  # (tokenizer, its piece_table), made on first use
+        self._pieces: tuple[object, list[str] | None] | None = (
+            None  # (tokenizer, its piece_table), made on first use
+        )
 
     def state_dict(self) -> dict:
         # The random signal's generator, so a resumed run draws what the uninterrupted one would.
@@ -119,7 +142,9 @@ class FlowCredit(RolloutCallback):
             budget = None if self.max_attention_mb is None else int(self.max_attention_mb * 2**20)
             pl_module.request_attention(self.layers, max_bytes=budget)
 
-    def on_credit(self, trainer: Trainer, pl_module: LightningModule, rollouts: Rollouts, micro_batch: MicroBatch) -> None:
+    def on_credit(
+        self, trainer: Trainer, pl_module: LightningModule, rollouts: Rollouts, micro_batch: MicroBatch
+    ) -> None:
         start = time.perf_counter()
         first, _, _ = micro_batch.rows.indices(len(rollouts))
         is_credited = rollouts.credited[micro_batch.rows].tolist()
@@ -128,17 +153,23 @@ class FlowCredit(RolloutCallback):
         else:
             chunks = [([first + j for j, yes in enumerate(is_credited) if yes], None)]
         for rows, maps in chunks:
-            keep = [j for j, row in enumerate(rows) if is_credited[row - first]]  # another callback may record every row
+            keep = [
+                j for j, row in enumerate(rows) if is_credited[row - first]
+            ]  # another callback may record every row
             if len(keep) < len(rows):
                 rows, maps = [rows[j] for j in keep], (maps[keep] if maps is not None else None)
             if not rows:
                 continue
-            with torch.inference_mode():  # cheaper dispatch than no_grad for these many small ops; outputs are only read
+            with (
+                torch.inference_mode()
+            ):  # cheaper dispatch than no_grad for these many small ops; outputs are only read
                 read = self.read(rollouts, rows, maps, pl_module.tokenizer)
             del maps  # the chunk's dense map is freed here: the solve sees only its graphs
             with torch.inference_mode():
                 weights, stats = self.weigh(rollouts, read)
-            rollouts.token_weights[rows] = weights[:, rollouts.prompt_ids.shape[1] :].to(rollouts.token_weights.dtype)
+            rollouts.token_weights[rows] = weights[:, rollouts.prompt_ids.shape[1] :].to(
+                rollouts.token_weights.dtype
+            )
             self._row_stats.append(stats)
         self._seconds += time.perf_counter() - start
 
@@ -147,27 +178,42 @@ class FlowCredit(RolloutCallback):
         # Every count in one reduction and one read: a sum of a few rows costs as much as a large one.
         sums = dict.fromkeys(_STATS, 0.0)
         if parts:
-            stacked = torch.stack([torch.cat([part[key] for part in parts]).double() for key in _STATS])  # [stats, credited rows]
+            stacked = torch.stack(
+                [torch.cat([part[key] for part in parts]).double() for key in _STATS]
+            )  # [stats, credited rows]
             sums = dict(zip(_STATS, stacked.sum(dim=1).tolist()))
         credited, fallback = sum(len(part["fallback"]) for part in parts), sums["fallback"]
         pl_module.step_scalars.add({"credit/time_s": seconds})
         # Fractions of the credited responses, summed over ranks before dividing (every rank adds the
         # same names, whatever it credited: they travel in one collective).
-        pl_module.step_scalars.add_ratios({
-            "credit/credited_fraction": (credited, len(rollouts)),
-            "credit/answer_found_fraction": (sums["answer_found"], credited),
-            "credit/fallback_fraction": (fallback, credited),
-            "credit/nonfinite_attention_fraction": (sums["nonfinite"], credited),
-            "credit/top_signal_share": (sums["top_share"], credited - fallback),  # 0 on fallback rows
-            "credit/kept_capacity": (sums["kept_capacity"], sums["nodes"]),  # pruning: share of the incoming attention kept
-            "credit/edges_per_token": (sums["edges"], sums["nodes"]),  # flow signal only (no nodes otherwise)
-        })
+        pl_module.step_scalars.add_ratios(
+            {
+                "credit/credited_fraction": (credited, len(rollouts)),
+                "credit/answer_found_fraction": (sums["answer_found"], credited),
+                "credit/fallback_fraction": (fallback, credited),
+                "credit/nonfinite_attention_fraction": (sums["nonfinite"], credited),
+                "credit/top_signal_share": (sums["top_share"], credited - fallback),  # 0 on fallback rows
+                "credit/kept_capacity": (
+                    sums["kept_capacity"],
+                    sums["nodes"],
+                ),  # pruning: share of the incoming attention kept
+                "credit/edges_per_token": (
+                    sums["edges"],
+                    sums["nodes"],
+                ),  # flow signal only (no nodes otherwise)
+            }
+        )
         if credited and is_logging_step(trainer) and trainer.is_global_zero:
             # The weights this callback gave the credited responses' tokens, {weight: tokens}, from
             # the counts compute keeps: no pass over the weights.
             boosted, tokens = int(sums["boosted"]), int(sums["tokens"])
             experiment = getattr(trainer.logger, "experiment", None)
-            write_bucket_histogram(experiment, "credit/weights", {1.0: tokens - boosted, self.boost: boosted}, batch_index(trainer))
+            write_bucket_histogram(
+                experiment,
+                "credit/weights",
+                {1.0: tokens - boosted, self.boost: boosted},
+                batch_index(trainer),
+            )
 
     def piece_table(self, tokenizer) -> list[str] | None:
         """Each id's text decoded alone, made once per tokenizer (one batch decode of the vocabulary)."""
@@ -175,7 +221,9 @@ class FlowCredit(RolloutCallback):
             self._pieces = (tokenizer, piece_table(tokenizer))
         return self._pieces[1]
 
-    def compute(self, rollouts: Rollouts, rows: list[int], maps: Tensor | None, tokenizer) -> tuple[Tensor, dict[str, Tensor]]:
+    def compute(
+        self, rollouts: Rollouts, rows: list[int], maps: Tensor | None, tokenizer
+    ) -> tuple[Tensor, dict[str, Tensor]]:
         """Weights over all positions [k, T] of the credited ``rows`` and their stats ([k] each:
         ``answer_found``, ``fallback``, ``nonfinite`` attention, ``top_share`` of the signal carried
         by the boosted tokens, counts of ``boosted`` and all response ``tokens``, and for the flow
@@ -194,7 +242,14 @@ class FlowCredit(RolloutCallback):
         fallback = ~in_response.any(dim=1)  # [k] empty responses; flow adds its own degenerate cases
         # The completions were decoded before mask_truncated_completions may have emptied a row.
         texts = [rollouts.completions[i] if not empty else "" for i, empty in zip(rows, fallback.tolist())]
-        answer, source = answer_masks(tokenizer, rollouts.completion_ids[rows], kept, self.answer_fallback, texts=texts, pieces=self.piece_table(tokenizer))
+        answer, source = answer_masks(
+            tokenizer,
+            rollouts.completion_ids[rows],
+            kept,
+            self.answer_fallback,
+            texts=texts,
+            pieces=self.piece_table(tokenizer),
+        )
         # [k, T] masks over prompt + response positions
         prompt = pad(rollouts.prompt_mask[rows] != 0, (0, in_response.shape[1]))
         response = pad(in_response, (prompt_length, 0))
@@ -217,7 +272,17 @@ class FlowCredit(RolloutCallback):
             nonfinite = ~torch.isfinite(maps.sum(dim=(1, 2)))
         else:
             nonfinite = torch.zeros_like(fallback)
-        return _Read(list(rows), prompt, pad(answer, (prompt_length, 0)), response, fallback | nonfinite, nonfinite, source, signal, edges)
+        return _Read(
+            list(rows),
+            prompt,
+            pad(answer, (prompt_length, 0)),
+            response,
+            fallback | nonfinite,
+            nonfinite,
+            source,
+            signal,
+            edges,
+        )
 
     def weigh(self, rollouts: Rollouts, read: _Read) -> tuple[Tensor, dict[str, Tensor]]:
         """Solve the graphs (flow), rank the signal, and the stats of ``compute``."""
@@ -227,25 +292,39 @@ class FlowCredit(RolloutCallback):
         nodes = edges = zeros
         kept_mass = zeros.double()
         if read.edges is not None:
-            graphs = solve_flow(flow_graphs(read.edges, read.prompt, read.answer), self.flow_config.block_size)
-            signal = torch.zeros(response.shape, dtype=graphs.f.dtype, device=response.device).index_put_((graphs.batch, graphs.position), graphs.f)  # [k, T]
+            graphs = solve_flow(
+                flow_graphs(read.edges, read.prompt, read.answer), self.flow_config.block_size
+            )
+            signal = torch.zeros(response.shape, dtype=graphs.f.dtype, device=response.device).index_put_(
+                (graphs.batch, graphs.position), graphs.f
+            )  # [k, T]
             fallback = fallback | graphs.degenerate  # degenerate: also no answer found
             counted = graphs.role != ROLE_PROMPT  # the response's tokens: what the credit ranks
             into = graphs.edge_index[1]
             nodes = torch.bincount(graphs.batch[counted], minlength=k)
             edges = torch.bincount(graphs.batch[into][counted[into]], minlength=k)
             kept_mass = torch.zeros(k, dtype=torch.float64, device=response.device).index_add_(
-                0, graphs.batch[counted], kept_capacity(graphs)[counted].double(),
+                0,
+                graphs.batch[counted],
+                kept_capacity(graphs)[counted].double(),
             )
             rollouts.flow_graphs.append((read.rows, strongest_edge_flows(graphs, self.kept_edges)))
         weights = credit_weights(signal, response, self.top_fraction, self.boost, fallback)  # [k, T]
         top = (weights != 1) & response  # the boosted tokens (a boost below 1 too)
         share = (signal * top).sum(dim=1) / (signal * response).sum(dim=1).clamp(min=1e-12)  # [k]
-        share = torch.where(fallback, 0.0, share)  # nothing boosted there (and a non-finite signal stays out of the sum)
+        share = torch.where(
+            fallback, 0.0, share
+        )  # nothing boosted there (and a non-finite signal stays out of the sum)
         stats = {
-            "answer_found": read.source < 2, "fallback": fallback, "nonfinite": read.nonfinite, "top_share": share,
-            "boosted": top.sum(dim=1), "tokens": response.sum(dim=1),  # for the weight histogram
-            "nodes": nodes, "edges": edges, "kept_capacity": kept_mass,
+            "answer_found": read.source < 2,
+            "fallback": fallback,
+            "nonfinite": read.nonfinite,
+            "top_share": share,
+            "boosted": top.sum(dim=1),
+            "tokens": response.sum(dim=1),  # for the weight histogram
+            "nodes": nodes,
+            "edges": edges,
+            "kept_capacity": kept_mass,
         }
         return weights, stats
 

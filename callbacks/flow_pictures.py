@@ -27,10 +27,9 @@ from typing import Any
 import torch
 from lightning.pytorch import LightningModule, Trainer
 from torch import Tensor
-
-from lightning_flow.capture import capture_attention, default_capture_layers
 from torch_geometric.utils import to_dense_batch
 
+from lightning_flow.capture import capture_attention, default_capture_layers
 from lightning_flow.flow import ROLE_PROMPT, build_flow_graphs, solve_flow
 from lightning_flow.flow.answer import answer_masks
 from lightning_flow.policy import position_ids_from_mask
@@ -71,16 +70,37 @@ def _cell(text: str | None, limit: int) -> str:
     return "".join("\\" + c if c in "\\`*_{}[]#+!|" else c for c in text)
 
 
-def completions_table(rollouts: Rollouts, rows: list[tuple[int, str]], reward_names: list[str], group: int, limit: int = 600) -> str:
+def completions_table(
+    rollouts: Rollouts, rows: list[tuple[int, str]], reward_names: list[str], group: int, limit: int = 600
+) -> str:
     """Markdown table (TensorBoard's text plugin renders it) of the given (row, label) pairs."""
-    head = ["row", "group", "pick", "prompt", "response", "extracted", "gold", *reward_names, "total", "advantage"]
+    head = [
+        "row",
+        "group",
+        "pick",
+        "prompt",
+        "response",
+        "extracted",
+        "gold",
+        *reward_names,
+        "total",
+        "advantage",
+    ]
     lines = ["| " + " | ".join(_cell(h, 80) for h in head) + " |", "|" + "---|" * len(head)]
     for row, label in rows:
         completion = rollouts.completions[row]
-        cells = [str(row), str(row // group), label, _cell(rollouts.prompts[row], 80), _cell(completion, limit),
-                 _cell(extract_answer_text(completion), 80), _cell(rollouts.golds[row], 80),
-                 *(f"{float(v):.3g}" for v in rollouts.rewards[row]), f"{float(rollouts.total_rewards[row]):.3g}",
-                 f"{float(rollouts.advantages[row]):+.3f}"]
+        cells = [
+            str(row),
+            str(row // group),
+            label,
+            _cell(rollouts.prompts[row], 80),
+            _cell(completion, limit),
+            _cell(extract_answer_text(completion), 80),
+            _cell(rollouts.golds[row], 80),
+            *(f"{float(v):.3g}" for v in rollouts.rewards[row]),
+            f"{float(rollouts.total_rewards[row]):.3g}",
+            f"{float(rollouts.advantages[row]):+.3f}",
+        ]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -118,7 +138,9 @@ class FlowPictures(RolloutCallback):
 
     def on_rollouts_end(self, trainer: Trainer, pl_module: LightningModule, rollouts: Rollouts) -> None:
         writer = getattr(trainer.logger, "experiment", None) if trainer.logger is not None else None
-        if not self.is_logging_step(trainer, rollouts.step) or not all(hasattr(writer, f) for f in ("add_text", "add_image", "add_histogram")):
+        if not self.is_logging_step(trainer, rollouts.step) or not all(
+            hasattr(writer, f) for f in ("add_text", "add_image", "add_histogram")
+        ):
             return
         if not trainer.is_global_zero:
             return
@@ -126,7 +148,11 @@ class FlowPictures(RolloutCallback):
         group = pl_module.sampling.num_generations
         nonempty = rollouts.completion_mask.sum(1) > 0  # [N]
         rows = pick_rows(rollouts.total_rewards.cpu(), group, self.groups, nonempty.cpu())
-        writer.add_text("flow/completions", completions_table(rollouts, rows, pl_module.reward_suite.names, group, self.max_response_chars), step)
+        writer.add_text(
+            "flow/completions",
+            completions_table(rollouts, rows, pl_module.reward_suite.names, group, self.max_response_chars),
+            step,
+        )
 
         drawn = [row for row, _ in rows[: self.pictures]]
         graphs = {row: rollouts.flow_graph(row) for row in drawn}  # FlowCredit's, for the rows it credited
@@ -136,12 +162,17 @@ class FlowPictures(RolloutCallback):
             solved.append(self.solve_rows(rollouts, missing, pl_module))
             graphs.update(zip(missing, solved[-1].to_data_list()))
         for j, (row, label) in enumerate(rows[: self.pictures]):
-            meta = {"title": f"step {step} · row {row} ({label} of group {row // group})",
-                    "reward": f"{float(rollouts.total_rewards[row]):.3g}", "advantage": f"{float(rollouts.advantages[row]):+.3f}",
-                    "gold": rollouts.golds[row]}
+            meta = {
+                "title": f"step {step} · row {row} ({label} of group {row // group})",
+                "reward": f"{float(rollouts.total_rewards[row]):.3g}",
+                "advantage": f"{float(rollouts.advantages[row]):+.3f}",
+                "gold": rollouts.golds[row],
+            }
             layers = self.trace_layers(pl_module) if row in missing else pl_module.attention_layers
             trace = self.row_trace(rollouts, row, graphs[row], pl_module, layers, meta)
-            writer.add_image(f"flow/picture_{j}", png_array(trace, self.render_config), step, dataformats="HWC")
+            writer.add_image(
+                f"flow/picture_{j}", png_array(trace, self.render_config), step, dataformats="HWC"
+            )
 
         weights = rollouts.token_weights[rollouts.completion_mask > 0]  # [tokens]
         writer.add_histogram("flow/token_weights", weights.float().cpu(), step)
@@ -151,7 +182,9 @@ class FlowPictures(RolloutCallback):
             response, _ = to_dense_batch(batch.role != ROLE_PROMPT, batch.batch)  # [G, V]
             ok = ~batch.degenerate  # [G]
             values.append(flow[ok][response[ok]])
-            shares.append(flow_concentration(flow[ok], response[ok], self.trace_config.concentration_fraction))
+            shares.append(
+                flow_concentration(flow[ok], response[ok], self.trace_config.concentration_fraction)
+            )
         if values and torch.cat(values).numel():
             writer.add_histogram("flow/values", torch.cat(values).float().cpu(), step)
             writer.add_scalar("flow/top_share", float(torch.cat(shares).nanmean()), step)
@@ -160,28 +193,57 @@ class FlowPictures(RolloutCallback):
 
     def trace_layers(self, pl_module: LightningModule) -> list[int]:
         """Layers captured for rows that credit did not record."""
-        return self.trace_config.layers or pl_module.attention_layers or default_capture_layers(pl_module.policy.config.num_hidden_layers)
+        return (
+            self.trace_config.layers
+            or pl_module.attention_layers
+            or default_capture_layers(pl_module.policy.config.num_hidden_layers)
+        )
 
-    def row_trace(self, rollouts: Rollouts, row: int, graph, pl_module: LightningModule, layers: list[int] | None, meta: dict[str, Any]) -> Trace:
+    def row_trace(
+        self,
+        rollouts: Rollouts,
+        row: int,
+        graph,
+        pl_module: LightningModule,
+        layers: list[int] | None,
+        meta: dict[str, Any],
+    ) -> Trace:
         """The trace of one rollout row's solved graph, padding removed, with the weights that reach the loss."""
         keep = rollouts.attention_mask[row].bool()  # [T]
         response = rollouts.completion_mask[row] > 0  # [L]
         weights = rollouts.token_weights[row][response]  # [L']
         return trace_from_graph(
-            graph, rollouts.input_ids[row][keep], pl_module.tokenizer, self.trace_config, weights=weights,
-            eos_token_ids=pl_module.eos_ids, layers=layers, meta=meta,
+            graph,
+            rollouts.input_ids[row][keep],
+            pl_module.tokenizer,
+            self.trace_config,
+            weights=weights,
+            eos_token_ids=pl_module.eos_ids,
+            layers=layers,
+            meta=meta,
         )
 
     def solve_rows(self, rollouts: Rollouts, rows: list[int], pl_module: LightningModule):
         """Solved flow graphs (a Batch) of ``rows``, from one capture pass with this callback's options."""
         mask = rollouts.attention_mask[rows]  # [n, T]
-        maps = capture_attention(pl_module.policy, rollouts.input_ids[rows], mask, self.trace_layers(pl_module), position_ids=position_ids_from_mask(mask))
+        maps = capture_attention(
+            pl_module.policy,
+            rollouts.input_ids[rows],
+            mask,
+            self.trace_layers(pl_module),
+            position_ids=position_ids_from_mask(mask),
+        )
         valid = mask.bool()
         p = rollouts.prompt_ids.shape[1]
         prompt = valid.clone()
         prompt[:, p:] = False
-        answer, _ = answer_masks(pl_module.tokenizer, rollouts.completion_ids[rows], rollouts.completion_mask[rows],
-                                 self.trace_config.answer_fallback, pl_module.eos_ids)
+        answer, _ = answer_masks(
+            pl_module.tokenizer,
+            rollouts.completion_ids[rows],
+            rollouts.completion_mask[rows],
+            self.trace_config.answer_fallback,
+            pl_module.eos_ids,
+        )
         answer_full = torch.zeros_like(valid)
         answer_full[:, p:] = answer.to(valid.device)
         cfg = self.trace_config.flow_config()

@@ -4,4 +4,11 @@ from .arithmetic import ArithmeticDataModule, generate_arithmetic
 from .base import DataError, MathExample, PromptDataModule
 from .math import MathDataModule
 
-__all__ = ["ArithmeticDataModule", "DataError", "MathDataModule", "MathExample", "PromptDataModule", "generate_arithmetic"]
+__all__ = [
+    "ArithmeticDataModule",
+    "DataError",
+    "MathDataModule",
+    "MathExample",
+    "PromptDataModule",
+    "generate_arithmetic",
+]

@@ -32,11 +32,15 @@ def _arithmetic_stream(seed: int, min_ops: int, max_ops: int, max_operand: int) 
             steps.append(f"{value}{op}{operand}={result}.")
             value = result
         solution = " ".join(steps) + f" \\boxed{{{value}}}"
-        yield MathExample(question=question, gold=str(value), solution=solution, source=f"arithmetic:seed={seed}:i={index}")
+        yield MathExample(
+            question=question, gold=str(value), solution=solution, source=f"arithmetic:seed={seed}:i={index}"
+        )
         index += 1
 
 
-def generate_arithmetic(num_examples: int, seed: int, min_ops: int = 1, max_ops: int = 2, max_operand: int = 9) -> list[MathExample]:
+def generate_arithmetic(
+    num_examples: int, seed: int, min_ops: int = 1, max_ops: int = 2, max_operand: int = 9
+) -> list[MathExample]:
     """``num_examples`` left-to-right + / - expressions over integers 0..max_operand, deterministic for a seed.
 
     Example: question "3+4-2", solution "3+4=7. 7-2=5. \\boxed{5}", gold "5".
@@ -85,7 +89,9 @@ class ArithmeticDataModule(PromptDataModule):
         if split == "train":
             return train
         seen = {example.question for example in train}
-        stream = _arithmetic_stream(self.seed + self.val_seed_offset, self.min_ops, self.max_ops, self.max_operand)
+        stream = _arithmetic_stream(
+            self.seed + self.val_seed_offset, self.min_ops, self.max_ops, self.max_operand
+        )
         # Bounded search: with a small expression space train may cover almost every question.
         budget = 100 * self.num_val + 10_000
         val = []

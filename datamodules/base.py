@@ -107,13 +107,17 @@ class PromptDataModule(L.LightningDataModule):
         """
         super().__init__()
         if batch_size < 1 or val_batch_size < 1:
-            raise ValueError(f"batch_size and val_batch_size must be >= 1, got {batch_size} and {val_batch_size}")
+            raise ValueError(
+                f"batch_size and val_batch_size must be >= 1, got {batch_size} and {val_batch_size}"
+            )
         if max_prompt_length < 1:
             raise ValueError(f"max_prompt_length must be >= 1, got {max_prompt_length}")
         try:
             plain_template.format(question="", instruction="")
         except (KeyError, IndexError, ValueError) as error:
-            raise ValueError(f"plain_template {plain_template!r} may only use the fields {{question}} and {{instruction}} ({error!r})") from None
+            raise ValueError(
+                f"plain_template {plain_template!r} may only use the fields {{question}} and {{instruction}} ({error!r})"
+            ) from None
         self.tokenizer = tokenizer
         self.batch_size, self.val_batch_size = batch_size, val_batch_size
         self.instruction, self.plain_template = instruction, plain_template
@@ -139,7 +143,9 @@ class PromptDataModule(L.LightningDataModule):
             self.tokenizer, self._tokenizer = tokenizer, None
             return
         if tokenizer.pad_token_id is None:
-            raise ValueError("the tokenizer has no pad token: set tokenizer.pad_token (e.g. to its eos_token) first")
+            raise ValueError(
+                "the tokenizer has no pad token: set tokenizer.pad_token (e.g. to its eos_token) first"
+            )
         self._tokenizer = tokenizer
 
     def get_tokenizer(self) -> PreTrainedTokenizerBase:
@@ -165,7 +171,14 @@ class PromptDataModule(L.LightningDataModule):
     # ---- setup ----------------------------------------------------------------------------
     @staticmethod
     def _empty_stats() -> dict[str, int]:
-        keys = ("train_examples", "val_examples", "skipped_invalid", "unparseable_gold", "dropped_too_long", "duplicate_prompts")
+        keys = (
+            "train_examples",
+            "val_examples",
+            "skipped_invalid",
+            "unparseable_gold",
+            "dropped_too_long",
+            "duplicate_prompts",
+        )
         return dict.fromkeys(keys, 0)
 
     def skip_or_raise(self, error: DataError) -> None:
@@ -187,8 +200,13 @@ class PromptDataModule(L.LightningDataModule):
         self._items = items
         log.info(
             "%s: %d train / %d val prompts (skipped %d invalid rows, %d unparseable golds; dropped %d prompts over %d tokens)",
-            type(self).__name__, self.stats["train_examples"], self.stats["val_examples"], self.stats["skipped_invalid"],
-            self.stats["unparseable_gold"], self.stats["dropped_too_long"], self.max_prompt_length,
+            type(self).__name__,
+            self.stats["train_examples"],
+            self.stats["val_examples"],
+            self.stats["skipped_invalid"],
+            self.stats["unparseable_gold"],
+            self.stats["dropped_too_long"],
+            self.max_prompt_length,
         )
 
     def _prepare(self, split: Split, tokenizer: PreTrainedTokenizerBase) -> list[PromptItem]:
@@ -197,7 +215,9 @@ class PromptDataModule(L.LightningDataModule):
             try:
                 parse_gold(example.gold)
             except GoldParseError:
-                error = DataError(f"{example.source}: math_verify cannot parse the gold answer {example.gold!r}")
+                error = DataError(
+                    f"{example.source}: math_verify cannot parse the gold answer {example.gold!r}"
+                )
                 if not self.skip_invalid:
                     raise error from None
                 self.stats["unparseable_gold"] += 1
@@ -217,7 +237,9 @@ class PromptDataModule(L.LightningDataModule):
             # seed) but counted, so a file concatenated twice shows up in the data/* scalars.
             self.stats["duplicate_prompts"] += (prompt, example.gold) in seen
             seen.add((prompt, example.gold))
-            items.append(PromptItem(prompt=prompt, input_ids=list(input_ids), gold=example.gold, source=example.source))
+            items.append(
+                PromptItem(prompt=prompt, input_ids=list(input_ids), gold=example.gold, source=example.source)
+            )
         self.stats[f"{split}_examples"] = len(items)
         return items
 
@@ -226,7 +248,9 @@ class PromptDataModule(L.LightningDataModule):
         if not self._items:
             raise RuntimeError(f"{type(self).__name__}.setup() must run before asking for a dataloader")
         if not self._items[split]:
-            raise DataError(f"{type(self).__name__}: no {split} prompts left after filtering (stats: {self.stats})")
+            raise DataError(
+                f"{type(self).__name__}: no {split} prompts left after filtering (stats: {self.stats})"
+            )
         return self._items[split]
 
     def train_dataloader(self) -> DataLoader:
@@ -234,13 +258,22 @@ class PromptDataModule(L.LightningDataModule):
         trainer = self.trainer
         world, rank = (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
         if len(items) < self.batch_size * world:
-            raise DataError(f"only {len(items)} train prompts for batch_size {self.batch_size} on {world} ranks: every batch would be dropped")
-        sampler = GlobalBatchSampler(items, self.batch_size, world, rank, self.seed, skip=self.trained_batches)
+            raise DataError(
+                f"only {len(items)} train prompts for batch_size {self.batch_size} on {world} ranks: every batch would be dropped"
+            )
+        sampler = GlobalBatchSampler(
+            items, self.batch_size, world, rank, self.seed, skip=self.trained_batches
+        )
         # Its own generator: a DataLoader otherwise draws its workers' base seed from the global
         # RNG each epoch, which a resumed run would draw at another moment.
         return DataLoader(
-            items, batch_size=self.batch_size, sampler=sampler, drop_last=True, generator=torch.Generator().manual_seed(self.seed),
-            collate_fn=LeftPadCollator(self.get_tokenizer().pad_token_id), num_workers=self.num_workers,
+            items,
+            batch_size=self.batch_size,
+            sampler=sampler,
+            drop_last=True,
+            generator=torch.Generator().manual_seed(self.seed),
+            collate_fn=LeftPadCollator(self.get_tokenizer().pad_token_id),
+            num_workers=self.num_workers,
         )
 
     # ---- resuming mid-epoch ----------------------------------------------------------------
@@ -260,6 +293,9 @@ class PromptDataModule(L.LightningDataModule):
 
     def val_dataloader(self) -> DataLoader:
         return DataLoader(
-            self._split_items("val"), batch_size=self.val_batch_size, shuffle=False,
-            collate_fn=LeftPadCollator(self.get_tokenizer().pad_token_id), num_workers=self.num_workers,
+            self._split_items("val"),
+            batch_size=self.val_batch_size,
+            shuffle=False,
+            collate_fn=LeftPadCollator(self.get_tokenizer().pad_token_id),
+            num_workers=self.num_workers,
         )

@@ -46,7 +46,9 @@ def example_from_row(row: Any, source: str) -> MathExample:
         else:
             gold = last_boxed_content(solution) if solution is not None else None
             if gold is None or not gold.strip():
-                raise DataError(f"{source}: MATH row has no 'answer' and its solution has no \\boxed{{...}} answer")
+                raise DataError(
+                    f"{source}: MATH row has no 'answer' and its solution has no \\boxed{{...}} answer"
+                )
             gold = gold.strip()
         return MathExample(question=question, gold=gold, solution=solution, source=source)
     raise DataError(
@@ -100,7 +102,12 @@ class MathDataModule(PromptDataModule):
         if val is None and val_size < 1:
             raise ValueError(f"val_size must be >= 1 when val is None, got {val_size}")
         self.train, self.val, self.val_size = train, val, val_size
-        self.hub_config, self.train_split, self.val_split, self.limit = hub_config, train_split, val_split, limit
+        self.hub_config, self.train_split, self.val_split, self.limit = (
+            hub_config,
+            train_split,
+            val_split,
+            limit,
+        )
         self._cache: dict[tuple[str, str], list[MathExample]] = {}
 
     def setup(self, stage: str | None = None) -> None:
@@ -110,12 +117,16 @@ class MathDataModule(PromptDataModule):
 
     def load_examples(self, split: Split) -> list[MathExample]:
         if self.val is not None:
-            name, hub_split = (self.train, self.train_split) if split == "train" else (self.val, self.val_split)
+            name, hub_split = (
+                (self.train, self.train_split) if split == "train" else (self.val, self.val_split)
+            )
             examples = self._read(name, hub_split)
         else:
             pool = self._read(self.train, self.train_split)
             if self.val_size >= len(pool):
-                raise DataError(f"{self.train}: val_size {self.val_size} leaves no training examples out of {len(pool)}")
+                raise DataError(
+                    f"{self.train}: val_size {self.val_size} leaves no training examples out of {len(pool)}"
+                )
             order = list(range(len(pool)))
             random.Random(self.seed).shuffle(order)
             held_out = set(order[: self.val_size])
@@ -143,14 +154,20 @@ class MathDataModule(PromptDataModule):
                 try:
                     line = raw.decode("utf-8")
                 except UnicodeDecodeError as error:
-                    self.skip_or_raise(DataError(f"{source}: not UTF-8 (byte {raw[error.start]:#04x} at column {error.start + 1})"))
+                    self.skip_or_raise(
+                        DataError(
+                            f"{source}: not UTF-8 (byte {raw[error.start]:#04x} at column {error.start + 1})"
+                        )
+                    )
                     continue
                 if not line.strip():
                     continue
                 try:
                     row = json.loads(line)
                 except json.JSONDecodeError as error:
-                    self.skip_or_raise(DataError(f"{source}: malformed JSON ({error.msg} at column {error.colno})"))
+                    self.skip_or_raise(
+                        DataError(f"{source}: malformed JSON ({error.msg} at column {error.colno})")
+                    )
                     continue
                 try:
                     examples.append(example_from_row(row, source))

@@ -19,15 +19,29 @@ class GlobalBatchSampler(DistributedSampler):
     resumed mid-epoch goes on with the prompts it had not trained on yet.
     """
 
-    def __init__(self, dataset: Sized, batch_size: int, num_replicas: int = 1, rank: int = 0, seed: int = 0, skip: tuple[int, int] | None = None) -> None:
-        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed, drop_last=True)
+    def __init__(
+        self,
+        dataset: Sized,
+        batch_size: int,
+        num_replicas: int = 1,
+        rank: int = 0,
+        seed: int = 0,
+        skip: tuple[int, int] | None = None,
+    ) -> None:
+        super().__init__(
+            dataset, num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed, drop_last=True
+        )
         self.batch_size, self.skip = batch_size, skip
         self.num_batches = len(dataset) // (batch_size * num_replicas)
         if self.num_batches == 0:
-            raise ValueError(f"{len(dataset)} prompts do not fill one global batch of {batch_size} x {num_replicas} ranks")
+            raise ValueError(
+                f"{len(dataset)} prompts do not fill one global batch of {batch_size} x {num_replicas} ranks"
+            )
 
     def __iter__(self) -> Iterator[int]:
-        order = torch.randperm(len(self.dataset), generator=torch.Generator().manual_seed(self.seed + self.epoch)).tolist()
+        order = torch.randperm(
+            len(self.dataset), generator=torch.Generator().manual_seed(self.seed + self.epoch)
+        ).tolist()
         width = self.batch_size * self.num_replicas
         first = self.skip[1] if self.skip is not None and self.skip[0] == self.epoch else 0
         for batch in range(first, self.num_batches):

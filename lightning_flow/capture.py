@@ -28,7 +28,6 @@ logits (``s_aux``/``sinks``, gpt-oss: ``NotImplementedError``), a pass over a fi
 
 from __future__ import annotations
 
-import functools
 import sys
 import time
 import weakref
@@ -53,10 +52,12 @@ _SDPA_NAME = "lightning_flow_capture_sdpa"
 _EAGER_NAME = "lightning_flow_capture_eager"
 """Registered implementation that records and delegates to the model's eager function (additive masks)."""
 
-_ACTIVE: dict[int, "AttentionRecorder"] = {}
+_ACTIVE: dict[int, AttentionRecorder] = {}
 """Recorders in use, keyed by ``id(config)`` of every config of the recorded model."""
 
-_SWITCHES: "weakref.WeakKeyDictionary[PreTrainedModel, dict[str, list[tuple[Any, Any]]]]" = weakref.WeakKeyDictionary()
+_SWITCHES: weakref.WeakKeyDictionary[PreTrainedModel, dict[str, list[tuple[Any, Any]]]] = (
+    weakref.WeakKeyDictionary()
+)
 """Per model and recording implementation: every config and the value ``set_attn_implementation``
 gave it at the model's first recording; later recordings set those values directly instead of
 walking every module of the model again."""
@@ -94,7 +95,9 @@ def _outermost_pretrained(model: nn.Module) -> PreTrainedModel:
     for module in model.modules():
         if isinstance(module, PreTrainedModel):
             return module
-    raise TypeError(f"{type(model).__name__} contains no transformers PreTrainedModel; attention capture needs one")
+    raise TypeError(
+        f"{type(model).__name__} contains no transformers PreTrainedModel; attention capture needs one"
+    )
 
 
 def _all_configs(top: PreTrainedModel) -> list[Any]:
@@ -130,7 +133,15 @@ def _eager_function_of(module: nn.Module) -> Callable:
     return _EAGER_FUNCTIONS[cls]
 
 
-def _recording_attention(module: nn.Module, query: Tensor, key: Tensor, value: Tensor, attention_mask: Tensor | None, *args, **kwargs):
+def _recording_attention(
+    module: nn.Module,
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    attention_mask: Tensor | None,
+    *args,
+    **kwargs,
+):
     """The registered attention function: record the selected layers, delegate every layer to the real kernel."""
     recorder = _ACTIVE.get(id(getattr(module, "config", None)))
     eager = recorder._eager if recorder is not None else False
@@ -155,7 +166,9 @@ def _recording_attention(module: nn.Module, query: Tensor, key: Tensor, value: T
 def _register() -> None:
     if _SDPA_NAME not in AttentionInterface._global_mapping:
         AttentionInterface.register(_SDPA_NAME, _recording_attention)
-        AttentionMaskInterface.register(_SDPA_NAME, sdpa_mask)  # the boolean masks sdpa gets (None when plainly causal)
+        AttentionMaskInterface.register(
+            _SDPA_NAME, sdpa_mask
+        )  # the boolean masks sdpa gets (None when plainly causal)
     if _EAGER_NAME not in AttentionInterface._global_mapping:
         AttentionInterface.register(_EAGER_NAME, _recording_attention)
         AttentionMaskInterface.register(_EAGER_NAME, eager_mask)  # the additive float masks eager gets
@@ -178,7 +191,7 @@ class Stopwatch:
         self._cuda = False  # the current block's device is a GPU
         self._began: float | torch.cuda.Event = 0.0
 
-    def __call__(self, device: torch.device) -> "Stopwatch":
+    def __call__(self, device: torch.device) -> Stopwatch:
         self._cuda = device.type == "cuda"
         return self
 
@@ -249,7 +262,9 @@ class AttentionRecorder:
         self._top = _outermost_pretrained(model)
         num_layers = getattr(self._top.config.get_text_config(), "num_hidden_layers", None)
         if self.layers[0] < 0 or (num_layers is not None and self.layers[-1] >= num_layers):
-            raise ValueError(f"layers={list(self.layers)}: the model has layers 0..{num_layers - 1 if num_layers else '?'}")
+            raise ValueError(
+                f"layers={list(self.layers)}: the model has layers 0..{num_layers - 1 if num_layers else '?'}"
+            )
         self._eager = False
         self._saved: list[tuple[Any, Any]] = []
         self._entered = False
@@ -262,14 +277,16 @@ class AttentionRecorder:
         self._reset_pass()
 
     # -- context management -------------------------------------------------------------------
-    def __enter__(self) -> "AttentionRecorder":
+    def __enter__(self) -> AttentionRecorder:
         if self._entered:
             raise RuntimeError("this AttentionRecorder is already in use")
         self._done, self.stopwatch = [], Stopwatch()  # a recorder entered again starts afresh
         self._reset_pass()
         _register()
         known = _SWITCHES.setdefault(self._top, {})
-        if not getattr(self._top, "_can_set_attn_implementation", lambda: True)():  # transformers' own (cached) check
+        if not getattr(
+            self._top, "_can_set_attn_implementation", lambda: True
+        )():  # transformers' own (cached) check
             known.clear()  # take the full switch, which refuses such a model
         original = self._top.config._attn_implementation
         self._eager = original in ("eager", "paged|eager")
@@ -282,7 +299,9 @@ class AttentionRecorder:
             _ACTIVE[id(config)] = self
         self._entered = True
         try:
-            if name in known:  # what set_attn_implementation(name) set the first time, without walking the model again
+            if (
+                name in known
+            ):  # what set_attn_implementation(name) set the first time, without walking the model again
                 for config, implementation in known[name]:
                     config._attn_implementation_internal = implementation
             else:
@@ -311,7 +330,13 @@ class AttentionRecorder:
 
     # -- passes ---------------------------------------------------------------------------------
     def run(
-        self, *args, forward: Callable | None = None, out: Tensor | None = None, rows: Tensor | None = None, stop: bool = False, **kwargs,
+        self,
+        *args,
+        forward: Callable | None = None,
+        out: Tensor | None = None,
+        rows: Tensor | None = None,
+        stop: bool = False,
+        **kwargs,
     ):
         """Call the model (or ``forward``, a part of it that runs the recorded layers, such as its
         decoder stack) once inside the ``with``; returns its output, or None when the pass was stopped early.
@@ -349,7 +374,9 @@ class AttentionRecorder:
         if not self._done:
             if self._seen:
                 missing = [layer for layer in self.layers if layer not in self._seen]
-                raise RuntimeError(f"the last forward stopped before capturing layers {missing} of {list(self.layers)}")
+                raise RuntimeError(
+                    f"the last forward stopped before capturing layers {missing} of {list(self.layers)}"
+                )
             raise RuntimeError(
                 "no attention was captured: run the model inside the recorder's `with` block "
                 "(its attention modules must dispatch through transformers' AttentionInterface and have layer_idx)"
@@ -371,7 +398,9 @@ class AttentionRecorder:
         return True
 
     @torch.no_grad()
-    def _record(self, module: nn.Module, query: Tensor, key: Tensor, attention_mask: Tensor | None, kwargs: dict) -> None:
+    def _record(
+        self, module: nn.Module, query: Tensor, key: Tensor, attention_mask: Tensor | None, kwargs: dict
+    ) -> None:
         n, heads, t_q, head_dim = query.shape
         t_k = key.shape[2]
         if t_q != t_k:
@@ -382,7 +411,11 @@ class AttentionRecorder:
         if self._sum is None:  # first recorded layer of this forward
             self._rows = self._next_rows
             k = n if self._rows is None else len(self._rows)
-            self._sum = self._next_out if self._next_out is not None else torch.empty(k, t_q, t_k, dtype=torch.float32, device=query.device)
+            self._sum = (
+                self._next_out
+                if self._next_out is not None
+                else torch.empty(k, t_q, t_k, dtype=torch.float32, device=query.device)
+            )
             self._sum.zero_()
             self._valid = _batch_rows(self._valid_positions(attention_mask, n, t_q, query.device), self._rows)
         rows = self._rows
@@ -442,12 +475,18 @@ class AttentionRecorder:
                 if position_bias is not None:
                     scores.add_(_chunk(position_bias, rows, h0, h1, r0, r1, c1))
                 if additive is not None:
-                    scores.add_(_chunk(additive, rows, h0, h1, r0, r1, c1)).clamp_min_(lowest)  # -inf in a mask stays finite
+                    scores.add_(_chunk(additive, rows, h0, h1, r0, r1, c1)).clamp_min_(
+                        lowest
+                    )  # -inf in a mask stays finite
                 if allowed is not None:
                     scores.masked_fill_(~_chunk(allowed, rows, h0, h1, r0, r1, c1), lowest)
                 elif plain_causal:  # query r0 + j sees keys up to r0 + j
-                    scores.masked_fill_(torch.ones(r1 - r0, c1, dtype=torch.bool, device=scores.device).triu_(r0 + 1), lowest)
-                probs = torch.softmax(scores, dim=-1)  # fused: fewer passes over the chunk than an in-place softmax
+                    scores.masked_fill_(
+                        torch.ones(r1 - r0, c1, dtype=torch.bool, device=scores.device).triu_(r0 + 1), lowest
+                    )
+                probs = torch.softmax(
+                    scores, dim=-1
+                )  # fused: fewer passes over the chunk than an in-place softmax
                 del scores
                 head_sum = probs[:, 0] if h1 - h0 == 1 else probs.sum(1)  # [n or k, r, c1]
                 del probs
@@ -501,7 +540,11 @@ def _chunk(mask: Tensor, rows: Tensor | None, h0: int, h1: int, r0: int, r1: int
 
 @torch.no_grad()
 def capture_attention(
-    model: nn.Module, input_ids: Tensor, attention_mask: Tensor, layers: list[int], micro_batch_size: int = 8,
+    model: nn.Module,
+    input_ids: Tensor,
+    attention_mask: Tensor,
+    layers: list[int],
+    micro_batch_size: int = 8,
     position_ids: Tensor | None = None,
 ) -> Tensor:
     """[N, T] ids/mask (prompt left-padded + response right-padded; padding anywhere) -> [N, T, T] float32 head- and layer-mean attention maps Ā[n, query, key], zeros at padded rows and columns.
@@ -528,7 +571,9 @@ def capture_attention(
     if micro_batch_size < 1:
         raise ValueError(f"micro_batch_size={micro_batch_size}: must be at least 1")
     if input_ids.shape != attention_mask.shape or input_ids.dim() != 2:
-        raise ValueError(f"input_ids {tuple(input_ids.shape)} and attention_mask {tuple(attention_mask.shape)} must both be [N, T]")
+        raise ValueError(
+            f"input_ids {tuple(input_ids.shape)} and attention_mask {tuple(attention_mask.shape)} must both be [N, T]"
+        )
     top = _outermost_pretrained(model)
     device = top.get_input_embeddings().weight.device
     n, t = input_ids.shape

@@ -12,12 +12,13 @@ from lightning_flow.checkpoint_io import AtomicCheckpointIO, CheckpointError
 from lightning_flow.datamodules import PromptDataModule
 from lightning_flow.module import GRPOModule
 
-
 # A checkpoint taken after the step's optimizer updates is exactly the state to resume from;
 # Lightning's advice to save the pre-update weights does not apply to these steps.
 warnings.filterwarnings("ignore", message="Using ModelCheckpoint with manual optimization")
 # The DataModule resumes mid-epoch itself (GlobalBatchSampler skips the batches already trained).
-warnings.filterwarnings("ignore", message="You're resuming from a checkpoint that ended before the epoch ended")
+warnings.filterwarnings(
+    "ignore", message="You're resuming from a checkpoint that ended before the epoch ended"
+)
 
 
 class FlowCLI(LightningCLI):
@@ -40,7 +41,9 @@ class FlowCLI(LightningCLI):
         config = self.config.get(self.subcommand) if self.subcommand else self.config
         if config.trainer.get("accelerator") in ("gpu", "cuda") and not torch.cuda.is_available():
             # Lightning would only say "No supported gpu backend found!"
-            raise ValueError(f"trainer.accelerator={config.trainer.accelerator} but this machine has no CUDA GPU; use --trainer.accelerator=cpu")
+            raise ValueError(
+                f"trainer.accelerator={config.trainer.accelerator} but this machine has no CUDA GPU; use --trainer.accelerator=cpu"
+            )
         if config.get("ckpt_path") == "last":
             resume_in_latest_version(config.trainer)
 
@@ -54,7 +57,9 @@ def resume_in_latest_version(trainer_config) -> None:
     if init is None or init.get("version") is not None or not init.get("save_dir"):
         return
     run_dir = Path(init["save_dir"]) / (init.get("name") or "lightning_logs")
-    versions = [int(d.name.split("_")[1]) for d in run_dir.glob("version_*") if d.name.split("_")[1].isdigit()]
+    versions = [
+        int(d.name.split("_")[1]) for d in run_dir.glob("version_*") if d.name.split("_")[1].isdigit()
+    ]
     if versions:
         init["version"] = max(versions)
 

@@ -23,7 +23,10 @@ from lightning_flow.tiny import build_char_tokenizer, build_tiny_llama
 
 log = logging.getLogger(__name__)
 
-def sft_batch(tokenizer, prompts: list[str], solutions: list[str]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+
+def sft_batch(
+    tokenizer, prompts: list[str], solutions: list[str]
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Right-padded prompt+solution+EOS ids, attention mask, and labels that score the solution only."""
     rows, labels = [], []
     for prompt, solution in zip(prompts, solutions):
@@ -40,7 +43,9 @@ def sft_batch(tokenizer, prompts: list[str], solutions: list[str]) -> tuple[torc
     return ids, mask.long(), target
 
 
-def warm_start(model, tokenizer, data: ArithmeticDataModule, steps: int, lr: float, batch_size: int, seed: int) -> list[float]:
+def warm_start(
+    model, tokenizer, data: ArithmeticDataModule, steps: int, lr: float, batch_size: int, seed: int
+) -> list[float]:
     """Supervised steps on worked solutions of the training split; returns the loss curve."""
     examples: list[MathExample] = data.load_examples("train")
     generator = torch.Generator().manual_seed(seed)
@@ -48,8 +53,12 @@ def warm_start(model, tokenizer, data: ArithmeticDataModule, steps: int, lr: flo
     model.train()
     losses = []
     for _ in range(steps):
-        picked = [examples[i] for i in torch.randint(len(examples), (batch_size,), generator=generator).tolist()]
-        ids, mask, labels = sft_batch(tokenizer, [data.format_prompt(e.question) for e in picked], [e.solution for e in picked])
+        picked = [
+            examples[i] for i in torch.randint(len(examples), (batch_size,), generator=generator).tolist()
+        ]
+        ids, mask, labels = sft_batch(
+            tokenizer, [data.format_prompt(e.question) for e in picked], [e.solution for e in picked]
+        )
         loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
         loss.backward()
         optimizer.step()
@@ -64,12 +73,18 @@ def demo_settings(config_path: str) -> tuple[str, dict]:
     try:
         return config["model"]["policy"]["name_or_path"], dict(config["data"].get("init_args", {}))
     except (KeyError, TypeError) as error:
-        raise ValueError(f"{config_path}: expected model.policy.name_or_path and data.init_args ({error})") from None
+        raise ValueError(
+            f"{config_path}: expected model.policy.name_or_path and data.init_args ({error})"
+        ) from None
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", default="configs/demo.yaml", help="fit config whose policy path and data task to use")
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--config", default="configs/demo.yaml", help="fit config whose policy path and data task to use"
+    )
     parser.add_argument("--steps", type=int, default=300, help="supervised steps")
     parser.add_argument("--lr", type=float, default=3e-3)
     parser.add_argument("--batch-size", type=int, default=32)
@@ -90,7 +105,13 @@ def main(argv: list[str] | None = None) -> None:
     model = build_tiny_llama(tokenizer, seed=args.seed)
     start = time.perf_counter()
     losses = warm_start(model, tokenizer, data, args.steps, args.lr, args.batch_size, args.seed)
-    log.info("warm start: %d steps in %.0f s, loss %.3f -> %.3f", args.steps, time.perf_counter() - start, losses[0], losses[-1])
+    log.info(
+        "warm start: %d steps in %.0f s, loss %.3f -> %.3f",
+        args.steps,
+        time.perf_counter() - start,
+        losses[0],
+        losses[-1],
+    )
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
     log.info("saved demo policy to %s", out)

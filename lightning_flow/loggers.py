@@ -59,7 +59,9 @@ class TensorBoardLogger(LightningTensorBoardLogger):
             try:
                 number = float(value.item() if isinstance(value, Tensor) else value)
             except (TypeError, ValueError, RuntimeError) as error:
-                raise ValueError(f"metric {name!r} = {value!r} is not a number; log a number, a one-element tensor or a dict") from error
+                raise ValueError(
+                    f"metric {name!r} = {value!r} is not a number; log a number, a one-element tensor or a dict"
+                ) from error
             values.append(Summary.Value(tag=prefix + name, simple_value=number))
         if values:
             self.experiment._get_file_writer().add_summary(Summary(value=values), step)
@@ -77,7 +79,12 @@ def write_bucket_histogram(writer, tag: str, counts: Mapping[float, int], step: 
     if not buckets or not hasattr(writer, "_get_file_writer"):
         return
     histogram = HistogramProto(
-        min=buckets[0][0], max=buckets[-1][0], num=sum(c for _, c in buckets), sum=sum(v * c for v, c in buckets),
-        sum_squares=sum(v * v * c for v, c in buckets), bucket_limit=[v for v, _ in buckets], bucket=[c for _, c in buckets],
+        min=buckets[0][0],
+        max=buckets[-1][0],
+        num=sum(c for _, c in buckets),
+        sum=sum(v * c for v, c in buckets),
+        sum_squares=sum(v * v * c for v, c in buckets),
+        bucket_limit=[v for v, _ in buckets],
+        bucket=[c for _, c in buckets],
     )
     writer._get_file_writer().add_summary(Summary(value=[Summary.Value(tag=tag, histo=histogram)]), step)

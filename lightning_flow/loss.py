@@ -28,11 +28,15 @@ def check_choice(name: str, value: str, allowed: tuple[str, ...]) -> None:
 
 def check_shape(name: str, tensor: Tensor, expected: torch.Size, expected_name: str) -> None:
     if tensor.shape != expected:
-        raise ValueError(f"{name} has shape {tuple(tensor.shape)} but {expected_name} has shape {tuple(expected)}")
+        raise ValueError(
+            f"{name} has shape {tuple(tensor.shape)} but {expected_name} has shape {tuple(expected)}"
+        )
 
 
 # ---- rewards -> advantages -----------------------------------------------------------------
-def group_advantages(rewards: Tensor, num_generations: int, scale_rewards: ScaleRewards = "group") -> tuple[Tensor, Tensor]:
+def group_advantages(
+    rewards: Tensor, num_generations: int, scale_rewards: ScaleRewards = "group"
+) -> tuple[Tensor, Tensor]:
     """Group-relative advantages.
 
     rewards  # [N], rows g*G .. g*G+G-1 form group g
@@ -46,7 +50,9 @@ def group_advantages(rewards: Tensor, num_generations: int, scale_rewards: Scale
     if num_generations < 2:
         raise ValueError(f"num_generations must be >= 2 (a group needs a spread), got {num_generations}")
     if rewards.numel() % num_generations:
-        raise ValueError(f"number of rewards {rewards.numel()} is not divisible by num_generations {num_generations}")
+        raise ValueError(
+            f"number of rewards {rewards.numel()} is not divisible by num_generations {num_generations}"
+        )
     rewards = rewards if rewards.is_floating_point() else rewards.float()
     grouped = rewards.view(-1, num_generations)  # [N / G, G]
     zero_std = (grouped == grouped[:, :1]).all(dim=1)  # [N / G]
@@ -61,7 +67,9 @@ def group_advantages(rewards: Tensor, num_generations: int, scale_rewards: Scale
 
 
 # ---- which tokens count --------------------------------------------------------------------
-def completion_mask(completion_ids: Tensor, eos_token_ids: int | Sequence[int], mask_truncated: bool = False) -> tuple[Tensor, Tensor]:
+def completion_mask(
+    completion_ids: Tensor, eos_token_ids: int | Sequence[int], mask_truncated: bool = False
+) -> tuple[Tensor, Tensor]:
     """Mask of the tokens that belong to each response.
 
     completion_ids  # [N, L] as generated, padding after the end
@@ -126,14 +134,25 @@ class _ChunkedTokenLogprobs(torch.autograd.Function):
     """
 
     @staticmethod
-    def _block_logits(inputs: Tensor, weight: Tensor | None, bias: Tensor | None) -> Tensor:  # [r, c, D] -> [r, c, V]
+    def _block_logits(
+        inputs: Tensor, weight: Tensor | None, bias: Tensor | None
+    ) -> Tensor:  # [r, c, D] -> [r, c, V]
         if weight is None:
             return inputs
         with torch.autocast(inputs.device.type, enabled=False):
             return torch.nn.functional.linear(inputs.to(weight.dtype), weight, bias)
 
     @staticmethod
-    def forward(ctx, inputs: Tensor, targets: Tensor, weight: Tensor | None, bias: Tensor | None, temperature: float, chunk_tokens: int, entropy_grad: bool):
+    def forward(
+        ctx,
+        inputs: Tensor,
+        targets: Tensor,
+        weight: Tensor | None,
+        bias: Tensor | None,
+        temperature: float,
+        chunk_tokens: int,
+        entropy_grad: bool,
+    ):
         logps = inputs.new_empty(targets.shape, dtype=torch.float32)  # [N, L]
         entropy = inputs.new_empty(targets.shape, dtype=torch.float32)  # [N, L]
         for rows, cols in _token_blocks(*targets.shape, chunk_tokens):
@@ -157,20 +176,34 @@ class _ChunkedTokenLogprobs(torch.autograd.Function):
         if grad_logps is None:
             grad_logps = torch.zeros_like(targets, dtype=torch.float32)
         grad_inputs = torch.empty_like(inputs)
-        grad_weight = torch.zeros_like(weight, dtype=torch.float32) if weight is not None and ctx.needs_input_grad[2] else None
-        grad_bias = torch.zeros_like(bias, dtype=torch.float32) if bias is not None and ctx.needs_input_grad[3] else None
+        grad_weight = (
+            torch.zeros_like(weight, dtype=torch.float32)
+            if weight is not None and ctx.needs_input_grad[2]
+            else None
+        )
+        grad_bias = (
+            torch.zeros_like(bias, dtype=torch.float32)
+            if bias is not None and ctx.needs_input_grad[3]
+            else None
+        )
         for rows, cols in _token_blocks(*targets.shape, ctx.chunk_tokens):
             block = inputs[rows, cols]  # [r, c, D or V]
             g = grad_logps[rows, cols, None].float()  # [r, c, 1]
             if grad_entropy is None:
                 # d log p_y / d z_v = (1[v == y] - p_v) / T
-                grad = _normalised(_ChunkedTokenLogprobs._block_logits(block, weight, bias), ctx.temperature).mul_(-g)
+                grad = _normalised(
+                    _ChunkedTokenLogprobs._block_logits(block, weight, bias), ctx.temperature
+                ).mul_(-g)
             else:
                 # d H / d z_v = -p_v (log p_v + H) / T; with the log-prob's: (g 1[v == y] - p_v (g + g_H (log p_v + H))) / T
-                log_p = _log_normalised(_ChunkedTokenLogprobs._block_logits(block, weight, bias), ctx.temperature)
+                log_p = _log_normalised(
+                    _ChunkedTokenLogprobs._block_logits(block, weight, bias), ctx.temperature
+                )
                 grad = log_p.exp()
                 log_p.add_(entropy[rows, cols, None]).mul_(grad_entropy[rows, cols, None].float()).add_(g)
-                grad.mul_(log_p).neg_().nan_to_num_(nan=0.0)  # a -inf logit: p = 0 times -inf, whose limit is 0
+                grad.mul_(log_p).neg_().nan_to_num_(
+                    nan=0.0
+                )  # a -inf logit: p = 0 times -inf, whose limit is 0
                 del log_p
             grad.scatter_add_(-1, targets[rows, cols, None], g)  # [r, c, V] fp32
             if ctx.temperature != 1.0:
@@ -185,10 +218,13 @@ class _ChunkedTokenLogprobs(torch.autograd.Function):
                     grad_bias += grad.sum((0, 1))
             del grad
         return (
-            grad_inputs, None,
+            grad_inputs,
+            None,
             None if grad_weight is None else grad_weight.to(weight.dtype),
             None if grad_bias is None else grad_bias.to(bias.dtype),
-            None, None, None,
+            None,
+            None,
+            None,
         )
 
 
@@ -218,8 +254,14 @@ def token_logprobs_and_entropy(
     """
     width = inputs.shape[-1] if head_weight is None else head_weight.shape[1]
     if inputs.dim() != 3 or targets.shape != inputs.shape[:2] or inputs.shape[-1] != width:
-        expected = "logits [N, L, V]" if head_weight is None else f"hidden states [N, L, {width}] for a head of shape {tuple(head_weight.shape)}"
-        raise ValueError(f"expected {expected} and targets [N, L], got {tuple(inputs.shape)} and {tuple(targets.shape)}")
+        expected = (
+            "logits [N, L, V]"
+            if head_weight is None
+            else f"hidden states [N, L, {width}] for a head of shape {tuple(head_weight.shape)}"
+        )
+        raise ValueError(
+            f"expected {expected} and targets [N, L], got {tuple(inputs.shape)} and {tuple(targets.shape)}"
+        )
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
     if chunk_tokens is None:
@@ -228,12 +270,28 @@ def token_logprobs_and_entropy(
     if chunk_tokens < 1:
         raise ValueError(f"chunk_tokens must be >= 1, got {chunk_tokens}")
     if positions is None:
-        return _ChunkedTokenLogprobs.apply(inputs, targets.long(), head_weight, head_bias, float(temperature), int(chunk_tokens), entropy_grad)
+        return _ChunkedTokenLogprobs.apply(
+            inputs,
+            targets.long(),
+            head_weight,
+            head_bias,
+            float(temperature),
+            int(chunk_tokens),
+            entropy_grad,
+        )
     if positions.shape != targets.shape:
-        raise ValueError(f"positions must be [N, L] like targets {tuple(targets.shape)}, got {tuple(positions.shape)}")
+        raise ValueError(
+            f"positions must be [N, L] like targets {tuple(targets.shape)}, got {tuple(positions.shape)}"
+        )
     positions = positions.bool()
     picked = _ChunkedTokenLogprobs.apply(  # the M scored positions as one row: [1, M] each
-        inputs[positions][None], targets[positions].long()[None], head_weight, head_bias, float(temperature), int(chunk_tokens), entropy_grad
+        inputs[positions][None],
+        targets[positions].long()[None],
+        head_weight,
+        head_bias,
+        float(temperature),
+        int(chunk_tokens),
+        entropy_grad,
     )
     zeros = inputs.new_zeros(targets.shape, dtype=torch.float32)
     logps, entropy = (zeros.masked_scatter(positions, values[0]) for values in picked)

@@ -115,9 +115,13 @@ class GRPOConfig:
                 f"model.grpo.top_entropy_quantile={self.top_entropy_quantile}: the share of tokens kept must be in (0, 1] (1 keeps all)"
             )
         if self.delta is not None and objective is not None and objective.term is not clipped_term:
-            raise ValueError(f"model.grpo.delta={self.delta}: two-sided clipping applies to the clipped objectives, not loss_type={self.loss_type}")
+            raise ValueError(
+                f"model.grpo.delta={self.delta}: two-sided clipping applies to the clipped objectives, not loss_type={self.loss_type}"
+            )
         if self.delta is not None and self.delta <= 1 + high:
-            raise ValueError(f"model.grpo.delta={self.delta} must exceed 1 + epsilon_high = {1 + high:g}, or the upper clip never acts")
+            raise ValueError(
+                f"model.grpo.delta={self.delta} must exceed 1 + epsilon_high = {1 + high:g}, or the upper clip never acts"
+            )
         if self.loss_type == "cispo" and (self.epsilon_high is None or self.epsilon_high < 1):
             raise ValueError(
                 f"model.grpo.epsilon_high={self.epsilon_high}: loss_type=cispo caps the ratio at epsilon_high itself "
@@ -126,14 +130,21 @@ class GRPOConfig:
         for name in ("sapo_temperature_pos", "sapo_temperature_neg"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"model.grpo.{name}={getattr(self, name)} must be > 0")
-        if self.importance_sampling_level == "sequence" and objective is not None and objective.weighs_responses_by_length:
+        if (
+            self.importance_sampling_level == "sequence"
+            and objective is not None
+            and objective.weighs_responses_by_length
+        ):
             warnings.warn(
                 f"model.grpo.importance_sampling_level=sequence with loss_type={self.loss_type}: this loss sums token terms, "
                 "so each response's sequence-level term counts once per token (a length weighting); GSPO uses loss_type=grpo",
                 stacklevel=2,
             )
         if self.loss_type == "luspo" and self.importance_sampling_level == "token":
-            warnings.warn("model.grpo.loss_type=luspo is defined with importance_sampling_level=sequence; token-level ratios are used", stacklevel=2)
+            warnings.warn(
+                "model.grpo.loss_type=luspo is defined with importance_sampling_level=sequence; token-level ratios are used",
+                stacklevel=2,
+            )
 
 
 @dataclass
@@ -193,18 +204,30 @@ class GRPOModule(L.LightningModule):
         self.reward_suite = RewardSuite(rewards)
         self.eos_ids = eos_token_ids(self.policy, self.tokenizer, sampling.extra_eos_token_ids)
         self.attention_layers: list[int] | None = None  # set by request_attention
-        self.record_zero_advantage = False  # whether rows with a zero advantage are recorded too (request_attention)
-        self.attention_budget: int | None = None  # bytes of dense maps held at once (request_attention); None: a micro-batch's
+        self.record_zero_advantage = (
+            False  # whether rows with a zero advantage are recorded too (request_attention)
+        )
+        self.attention_budget: int | None = (
+            None  # bytes of dense maps held at once (request_attention); None: a micro-batch's
+        )
         self.capture_seconds = self.credit_seconds = 0.0  # this step's, see first_pass
-        self.attention_recorder: AttentionRecorder | None = None  # of attention_layers, made by request_attention, entered each step
+        self.attention_recorder: AttentionRecorder | None = (
+            None  # of attention_layers, made by request_attention, entered each step
+        )
         # Sampling noise comes from (seed, step, prompt source); see seeded_sampling.
-        self.sampling_seed = sampling.seed if sampling.seed is not None else int(os.environ.get("PL_GLOBAL_SEED", 0))
+        self.sampling_seed = (
+            sampling.seed if sampling.seed is not None else int(os.environ.get("PL_GLOBAL_SEED", 0))
+        )
         self.skipped_nonfinite_steps = 0  # optimizer steps whose gradient had a NaN or inf (no update made)
         self.step_verifier_timeouts = 0  # completions of this step whose verification timed out (scored 0)
         self._rng_states_to_restore: dict | None = None  # from a checkpoint, applied when training starts
-        self.step_scalars = StepScalars()  # this step's scalars; rollout callbacks add theirs in on_rollouts_end
+        self.step_scalars = (
+            StepScalars()
+        )  # this step's scalars; rollout callbacks add theirs in on_rollouts_end
 
-    def request_attention(self, layers: list[int] | None = None, zero_advantage_rows: bool = False, max_bytes: int | None = None) -> None:
+    def request_attention(
+        self, layers: list[int] | None = None, zero_advantage_rows: bool = False, max_bytes: int | None = None
+    ) -> None:
         """Record head- and layer-mean attention of these decoder layers in the step's first forward
         over the rollouts (default: 5 layers evenly spaced over the middle third) and hand it to
         ``on_credit`` micro-batch by micro-batch (``MicroBatch.attention_maps``). Called by credit
@@ -217,11 +240,15 @@ class GRPOModule(L.LightningModule):
         in extra no-grad passes, a chunk of rows at a time."""
         self.record_zero_advantage = self.record_zero_advantage or zero_advantage_rows
         if max_bytes is not None:
-            self.attention_budget = max_bytes if self.attention_budget is None else min(self.attention_budget, max_bytes)
+            self.attention_budget = (
+                max_bytes if self.attention_budget is None else min(self.attention_budget, max_bytes)
+            )
         num_layers = self.policy.config.num_hidden_layers
         layers = default_capture_layers(num_layers) if layers is None else sorted(set(layers))
         if not layers or not all(0 <= layer < num_layers for layer in layers):
-            raise ValueError(f"attention layers {layers} must be in [0, {num_layers}) for this {num_layers}-layer policy")
+            raise ValueError(
+                f"attention layers {layers} must be in [0, {num_layers}) for this {num_layers}-layer policy"
+            )
         self.attention_layers = layers
         self.attention_recorder = AttentionRecorder(self.policy, layers)
 
@@ -274,34 +301,50 @@ class GRPOModule(L.LightningModule):
         described = rollout_metrics(rollouts, self.reward_suite.names, self.sampling.num_generations)
         # Under DDP every scalar is the mean over ranks (each rank holds the same number of
         # responses), except the longest response (maximum) and the verifier timeouts (sum).
-        self.step_scalars.add({"train/response_length_max": described.pop("train/response_length_max")}, reduce="max")
+        self.step_scalars.add(
+            {"train/response_length_max": described.pop("train/response_length_max")}, reduce="max"
+        )
         self.step_scalars.add({"train/verifier_timeouts": self.step_verifier_timeouts}, reduce="sum")
-        self.step_scalars.add({
-            **described,
-            **update,
-            "perf/generation_tokens_per_s": tokens / sampling_seconds,
-            "perf/update_tokens_per_s": rollouts.attention_mask.sum() * self.grpo.num_iterations / (end - referenced),
-            "perf/step_time_s": step,
-            "perf/reference_time_s": referenced - start,
-            "perf/capture_time_s": self.capture_seconds,
-            "perf/capture_share": self.capture_seconds / step,
-            "perf/credit_time_s": self.credit_seconds,
-            "perf/credit_share": self.credit_seconds / step,
-            "train/lr": self.optimizers().param_groups[0]["lr"],
-        })
+        self.step_scalars.add(
+            {
+                **described,
+                **update,
+                "perf/generation_tokens_per_s": tokens / sampling_seconds,
+                "perf/update_tokens_per_s": rollouts.attention_mask.sum()
+                * self.grpo.num_iterations
+                / (end - referenced),
+                "perf/step_time_s": step,
+                "perf/reference_time_s": referenced - start,
+                "perf/capture_time_s": self.capture_seconds,
+                "perf/capture_share": self.capture_seconds / step,
+                "perf/credit_time_s": self.credit_seconds,
+                "perf/credit_share": self.credit_seconds / step,
+                "train/lr": self.optimizers().param_groups[0]["lr"],
+            }
+        )
         for callback in self.rollout_callbacks():
             callback.on_rollouts_end(self.trainer, self, rollouts)
         self.step_scalars.write(self.trainer, self.device)
         # The progress bar (and monitors such as ModelCheckpoint) read these two through self.log.
         progress = {"reward": described["train/reward"], "acc": described.get("train/accuracy")}
-        self.log_dict({k: float(v) for k, v in progress.items() if v is not None}, prog_bar=True, logger=False, batch_size=len(rollouts))
+        self.log_dict(
+            {k: float(v) for k, v in progress.items() if v is not None},
+            prog_bar=True,
+            logger=False,
+            batch_size=len(rollouts),
+        )
 
     def make_rollouts(self, batch: dict) -> Rollouts:
         """Sample a group per prompt, score it, and compute group-normalised advantages."""
         group = self.sampling.num_generations
         seeds = response_seeds(self.sampling_seed, self.global_step, batch["sources"], group)
         completion_ids = generate(
-            self.policy, batch["prompt_ids"], batch["prompt_mask"], self.sampling, self.tokenizer.pad_token_id, self.eos_ids,
+            self.policy,
+            batch["prompt_ids"],
+            batch["prompt_mask"],
+            self.sampling,
+            self.tokenizer.pad_token_id,
+            self.eos_ids,
             row_seeds=seeds,
         )
         mask, truncated = completion_mask(completion_ids, self.eos_ids)
@@ -337,10 +380,14 @@ class GRPOModule(L.LightningModule):
         """Log-probs of the sampling policy (μ > 1, the step's first pass) and of the adapter-disabled reference (β > 0)."""
         if self.grpo.num_iterations > 1:
             with self.first_pass_recording(rollouts) as recorder:
-                rollouts.old_logps = torch.cat([self.first_pass(rollouts, rows, recorder)[0] for rows in self.micro_batches(rollouts)])
+                rollouts.old_logps = torch.cat(
+                    [self.first_pass(rollouts, rows, recorder)[0] for rows in self.micro_batches(rollouts)]
+                )
         if self.grpo.beta > 0:
             with self.policy.disable_adapter():
-                rollouts.ref_logps = torch.cat([self.completion_logps(rollouts, rows)[0] for rows in self.micro_batches(rollouts)])
+                rollouts.ref_logps = torch.cat(
+                    [self.completion_logps(rollouts, rows)[0] for rows in self.micro_batches(rollouts)]
+                )
 
     @contextmanager
     def first_pass_recording(self, rollouts: Rollouts) -> Iterator[AttentionRecorder | None]:
@@ -354,7 +401,9 @@ class GRPOModule(L.LightningModule):
             yield recorder
         self.capture_seconds += recorder.stopwatch.seconds()
 
-    def first_pass(self, rollouts: Rollouts, rows: slice, recorder: AttentionRecorder | None) -> tuple[Tensor, Tensor]:
+    def first_pass(
+        self, rollouts: Rollouts, rows: slice, recorder: AttentionRecorder | None
+    ) -> tuple[Tensor, Tensor]:
         """Log-probs and entropies [n, L] of ``rows`` from the step's first forward over them, which
         also records the attention of the rows to credit (with a ``recorder``, as many as the budget
         holds) and keeps the entropy; then the rollout callbacks set the rows' credit (``on_credit``).
@@ -362,7 +411,9 @@ class GRPOModule(L.LightningModule):
         micro_batch = MicroBatch(rows, attention_rows=[])
         if recorder is not None:
             start, stop, _ = rows.indices(len(rollouts))
-            marked = [True] * (stop - start) if self.record_zero_advantage else rollouts.credited[rows].tolist()
+            marked = (
+                [True] * (stop - start) if self.record_zero_advantage else rollouts.credited[rows].tolist()
+            )
             micro_batch.attention_rows = [start + j for j, yes in enumerate(marked) if yes]
             t = rollouts.prompt_ids.shape[1] + rollouts.completion_ids.shape[1]
             budget = self.attention_budget
@@ -370,7 +421,9 @@ class GRPOModule(L.LightningModule):
             micro_batch.capture = partial(self.capture_rows, rollouts, recorder)
         first = micro_batch.attention_rows[: micro_batch.chunk_rows]
         local = torch.tensor([row - rows.start for row in first], dtype=torch.long, device=self.device)
-        logps, entropy = self.completion_logps(rollouts, rows, recorder, local)  # no rows to record: the recorder only passes through
+        logps, entropy = self.completion_logps(
+            rollouts, rows, recorder, local
+        )  # no rows to record: the recorder only passes through
         if recorder is not None:
             maps = recorder.take()
             micro_batch.recorded = (first, maps) if first else None
@@ -387,9 +440,18 @@ class GRPOModule(L.LightningModule):
         """[k, T, T] maps of these rollout rows from an extra pass (no grad, dropout off) that stops
         after the last recorded layer: the rows the attention budget left out of the forward."""
         mask = rollouts.attention_mask[rows]
-        inputs = dict(input_ids=rollouts.input_ids[rows], attention_mask=mask, position_ids=position_ids_from_mask(mask), use_cache=False)
+        inputs = dict(
+            input_ids=rollouts.input_ids[rows],
+            attention_mask=mask,
+            position_ids=position_ids_from_mask(mask),
+            use_cache=False,
+        )
         with eval_mode(self.policy):  # inside on_credit: its time counts as credit time
-            recorder.run(forward=self.policy if self.decoder_and_head is None else self.decoder_and_head[0], stop=True, **inputs)
+            recorder.run(
+                forward=self.policy if self.decoder_and_head is None else self.decoder_and_head[0],
+                stop=True,
+                **inputs,
+            )
         return recorder.take()
 
     def rollout_callbacks(self) -> list[RolloutCallback]:
@@ -408,7 +470,9 @@ class GRPOModule(L.LightningModule):
             # been through the policy yet, so their entropies come from a no-grad pass, now, before
             # the first pass records attention.
             with torch.no_grad():
-                later_entropy = torch.cat([self.completion_logps(rollouts, rows)[1] for rows in micro_batches[1:]])
+                later_entropy = torch.cat(
+                    [self.completion_logps(rollouts, rows)[1] for rows in micro_batches[1:]]
+                )
         step_loss = 0.0  # the first iteration's loss: the sum of its micro-batches' shares
         first_pass: list[tuple[Tensor, dict[str, Tensor]]] = []  # (tokens, metrics) per micro-batch
         for iteration in range(self.grpo.num_iterations):
@@ -423,21 +487,32 @@ class GRPOModule(L.LightningModule):
                     mask = rollouts.completion_mask[rows]
                     if threshold is None and self.grpo.top_entropy_quantile < 1:
                         threshold = self.high_entropy_threshold(rollouts, micro_batches[0], later_entropy)
-                    loss, stats = self.micro_batch_loss(rollouts, rows, logps, tokens_per_rank, entropy, threshold, len(micro_batches))
+                    loss, stats = self.micro_batch_loss(
+                        rollouts, rows, logps, tokens_per_rank, entropy, threshold, len(micro_batches)
+                    )
                     # Under DDP, gradients are all-reduced once per optimizer step, on the last micro-batch.
                     with optimizer.toggle_model(sync_grad=index == len(micro_batches) - 1):
                         self.manual_backward(loss)
                     if iteration == 0:  # where the policy still is the sampler
                         entropy_mean = (entropy.detach() * mask).sum() / mask.sum().clamp(min=1)
                         step_loss = step_loss + loss.detach()
-                        first_pass.append((mask.sum(), {"entropy": entropy_mean, **vars(stats)}))  # vars: asdict deep-copies tensors
-            trainable = [p for group in optimizer.param_groups for p in group["params"]]  # configure_optimizers' (no module walk)
+                        first_pass.append(
+                            (mask.sum(), {"entropy": entropy_mean, **vars(stats)})
+                        )  # vars: asdict deep-copies tensors
+            trainable = [
+                p for group in optimizer.param_groups for p in group["params"]
+            ]  # configure_optimizers' (no module walk)
             grad_norm = torch.nn.utils.clip_grad_norm_(trainable, self.grpo.max_grad_norm or float("inf"))
             if not torch.isfinite(grad_norm):  # a NaN/inf anywhere in the loss or logits ends up here
                 # AdamW skips parameters without a gradient: the step counts, weights and moments stay.
                 optimizer.zero_grad(set_to_none=True)
                 self.skipped_nonfinite_steps += 1
-                log.warning("step %d: non-finite gradient norm %s, update skipped (%d so far)", self.global_step, grad_norm, self.skipped_nonfinite_steps)
+                log.warning(
+                    "step %d: non-finite gradient norm %s, update skipped (%d so far)",
+                    self.global_step,
+                    grad_norm,
+                    self.skipped_nonfinite_steps,
+                )
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             scheduler.step()
@@ -453,8 +528,14 @@ class GRPOModule(L.LightningModule):
 
     # ---- helpers --------------------------------------------------------------------------
     def micro_batch_loss(
-        self, rollouts: Rollouts, rows: slice, logps: Tensor, num_items_in_batch: Tensor,
-        entropy: Tensor | None = None, entropy_threshold: Tensor | None = None, num_micro_batches: int = 1,
+        self,
+        rollouts: Rollouts,
+        rows: slice,
+        logps: Tensor,
+        num_items_in_batch: Tensor,
+        entropy: Tensor | None = None,
+        entropy_threshold: Tensor | None = None,
+        num_micro_batches: int = 1,
     ) -> tuple[Tensor, LossStats]:
         """The share of ``rows`` in the step's loss (``policy_loss``) from their log-probs and
         entropies under the current policy (the sampling policy's log-probs are these, detached,
@@ -484,19 +565,31 @@ class GRPOModule(L.LightningModule):
             num_micro_batches=num_micro_batches,
         )
 
-    def high_entropy_threshold(self, rollouts: Rollouts, first_rows: slice, later_entropy: Tensor | None) -> Tensor:
+    def high_entropy_threshold(
+        self, rollouts: Rollouts, first_rows: slice, later_entropy: Tensor | None
+    ) -> Tensor:
         """``top_entropy_quantile``'s threshold: the quantile of the entropies of every rank's
         completion tokens under the sampling policy, so every micro-batch and iteration of the
         step keeps tokens by the same line. They are the first pass's (``rollouts.entropy``), all
         of them at μ > 1; at μ = 1 those of ``first_rows`` followed by ``later_entropy``."""
-        entropy = rollouts.entropy if later_entropy is None else torch.cat([rollouts.entropy[first_rows], later_entropy])
+        entropy = (
+            rollouts.entropy
+            if later_entropy is None
+            else torch.cat([rollouts.entropy[first_rows], later_entropy])
+        )
         # Padded to max_new_tokens, so that every rank gathers tensors of one shape.
         width = self.sampling.max_new_tokens - entropy.shape[1]
         entropy, mask = (torch.nn.functional.pad(t, (0, width)) for t in (entropy, rollouts.completion_mask))
-        return entropy_threshold(self.all_gather(entropy), self.all_gather(mask), self.grpo.top_entropy_quantile)
+        return entropy_threshold(
+            self.all_gather(entropy), self.all_gather(mask), self.grpo.top_entropy_quantile
+        )
 
     def completion_logps(
-        self, rollouts: Rollouts, rows: slice, recorder: AttentionRecorder | None = None, record: Tensor | None = None,
+        self,
+        rollouts: Rollouts,
+        rows: slice,
+        recorder: AttentionRecorder | None = None,
+        record: Tensor | None = None,
     ) -> tuple[Tensor, Tensor]:
         """Per-token log-probs and entropies of the completion tokens of ``rows``.  # [n, L] each
 
@@ -512,21 +605,31 @@ class GRPOModule(L.LightningModule):
         attention_mask = rollouts.attention_mask[rows]
         targets = rollouts.completion_ids[rows]
         inputs = dict(
-            input_ids=rollouts.input_ids[rows], attention_mask=attention_mask,
-            position_ids=position_ids_from_mask(attention_mask), use_cache=False,
+            input_ids=rollouts.input_ids[rows],
+            attention_mask=attention_mask,
+            position_ids=position_ids_from_mask(attention_mask),
+            use_cache=False,
         )
         forward = self.policy if self.decoder_and_head is None else self.decoder_and_head[0]
         if recorder is not None:
             forward = partial(recorder.run, forward=forward, rows=record)
-        temperature, entropy_grad = self.sampling.temperature, self.grpo.entropy_coef != 0  # the bonus differentiates the entropy
+        temperature, entropy_grad = (
+            self.sampling.temperature,
+            self.grpo.entropy_coef != 0,
+        )  # the bonus differentiates the entropy
         if self.decoder_and_head is None:
             logits = forward(**inputs, logits_to_keep=targets.shape[1] + 1).logits[:, :-1]
             return token_logprobs_and_entropy(logits, targets, temperature, entropy_grad=entropy_grad)
         head = self.decoder_and_head[1]
-        hidden = forward(**inputs).last_hidden_state[:, -targets.shape[1] - 1:-1]
+        hidden = forward(**inputs).last_hidden_state[:, -targets.shape[1] - 1 : -1]
         # Only the loss's tokens go through the head: the padding after EOS costs no vocabulary pass.
         return token_logprobs_and_entropy(
-            hidden, targets, temperature, head_weight=head.weight, head_bias=head.bias, positions=rollouts.completion_mask[rows] > 0,
+            hidden,
+            targets,
+            temperature,
+            head_weight=head.weight,
+            head_bias=head.bias,
+            positions=rollouts.completion_mask[rows] > 0,
             entropy_grad=entropy_grad,
         )
 
@@ -537,20 +640,43 @@ class GRPOModule(L.LightningModule):
     def decode(self, completion_ids: Tensor, mask: Tensor) -> list[str]:
         """Response text up to and including the first EOS, special tokens removed."""
         lengths = mask.sum(1).long().tolist()
-        return [self.tokenizer.decode(ids[:n], skip_special_tokens=True) for ids, n in zip(completion_ids.tolist(), lengths)]
+        return [
+            self.tokenizer.decode(ids[:n], skip_special_tokens=True)
+            for ids, n in zip(completion_ids.tolist(), lengths)
+        ]
 
     # ---- validation -----------------------------------------------------------------------
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         size = len(batch["golds"])
-        greedy = generate(self.policy, batch["prompt_ids"], batch["prompt_mask"], self.sampling, self.tokenizer.pad_token_id, self.eos_ids, greedy=True)
-        scores = correctness_reward(prompts=batch["prompts"], completions=self.decode(greedy, completion_mask(greedy, self.eos_ids)[0]), golds=batch["golds"])
+        greedy = generate(
+            self.policy,
+            batch["prompt_ids"],
+            batch["prompt_mask"],
+            self.sampling,
+            self.tokenizer.pad_token_id,
+            self.eos_ids,
+            greedy=True,
+        )
+        scores = correctness_reward(
+            prompts=batch["prompts"],
+            completions=self.decode(greedy, completion_mask(greedy, self.eos_ids)[0]),
+            golds=batch["golds"],
+        )
         self.log("val/accuracy", sum(scores) / size, batch_size=size, prog_bar=True)
         if self.val_num_samples > 0:
             k = self.val_num_samples
-            seeds = response_seeds(self.sampling_seed, self.global_step, [f"val:{s}" for s in batch["sources"]], k)
+            seeds = response_seeds(
+                self.sampling_seed, self.global_step, [f"val:{s}" for s in batch["sources"]], k
+            )
             sampled = generate(
-                self.policy, batch["prompt_ids"], batch["prompt_mask"], self.sampling, self.tokenizer.pad_token_id, self.eos_ids,
-                num_return_sequences=k, row_seeds=seeds,
+                self.policy,
+                batch["prompt_ids"],
+                batch["prompt_mask"],
+                self.sampling,
+                self.tokenizer.pad_token_id,
+                self.eos_ids,
+                num_return_sequences=k,
+                row_seeds=seeds,
             )
             scores = correctness_reward(
                 prompts=[p for p in batch["prompts"] for _ in range(k)],
@@ -562,11 +688,19 @@ class GRPOModule(L.LightningModule):
     # ---- optimisation and checkpoints -------------------------------------------------------
     def configure_optimizers(self):
         trainable = [p for p in self.policy.parameters() if p.requires_grad]
-        optimizer = torch.optim.AdamW(trainable, lr=self.optim.lr, weight_decay=self.optim.weight_decay, betas=tuple(self.optim.betas))
-        total = self.trainer.max_steps if self.trainer.max_steps > 0 else self.trainer.estimated_stepping_batches * self.grpo.num_iterations
+        optimizer = torch.optim.AdamW(
+            trainable, lr=self.optim.lr, weight_decay=self.optim.weight_decay, betas=tuple(self.optim.betas)
+        )
+        total = (
+            self.trainer.max_steps
+            if self.trainer.max_steps > 0
+            else self.trainer.estimated_stepping_batches * self.grpo.num_iterations
+        )
         if not math.isfinite(total):  # e.g. a run bounded by trainer.max_time only
             if self.optim.schedule != "constant":
-                raise ValueError(f"optim.schedule={self.optim.schedule!r} decays to 0 at the last step: set trainer.max_steps")
+                raise ValueError(
+                    f"optim.schedule={self.optim.schedule!r} decays to 0 at the last step: set trainer.max_steps"
+                )
             total = 0  # unused by the constant schedule
         scheduler = torch.optim.lr_scheduler.LambdaLR(
             optimizer, lambda step: lr_factor(step, self.optim.warmup_steps, int(total), self.optim.schedule)
@@ -583,7 +717,8 @@ class GRPOModule(L.LightningModule):
         # Anything drawing on the global RNGs (LoRA dropout, user rewards) resumes where it was.
         name, keys, position, has_gauss, gauss = np.random.get_state()
         checkpoint["rng_states"] = {  # tensors and builtins only, so weights_only loading accepts them
-            "torch": torch.get_rng_state(), "numpy": (name, torch.from_numpy(keys.astype(np.int64)), position, has_gauss, gauss),
+            "torch": torch.get_rng_state(),
+            "numpy": (name, torch.from_numpy(keys.astype(np.int64)), position, has_gauss, gauss),
             "python": random.getstate(),
         }
         checkpoint["skipped_nonfinite_steps"] = self.skipped_nonfinite_steps
@@ -622,7 +757,9 @@ class GRPOModule(L.LightningModule):
         self.tokenizer.save_pretrained(directory)
 
     def on_train_end(self) -> None:
-        directory = Path(self.trainer.log_dir or self.trainer.default_root_dir) / "adapter"  # a collective call under DDP: every rank asks
+        directory = (
+            Path(self.trainer.log_dir or self.trainer.default_root_dir) / "adapter"
+        )  # a collective call under DDP: every rank asks
         if self.trainer.is_global_zero:
             self.save_adapter(directory)
 

@@ -40,7 +40,9 @@ class TermOptions:
 
 class Term(NamedTuple):
     per_token: Tensor  # [n, L] the objective's loss of each token, before masking
-    clipped_low: Tensor | None  # bool, broadcastable to [n, L]: tokens the clip stops pushing down (None: the term has no such clip)
+    clipped_low: (
+        Tensor | None
+    )  # bool, broadcastable to [n, L]: tokens the clip stops pushing down (None: the term has no such clip)
     clipped_high: Tensor | None  # bool: tokens the clip stops pushing up
 
 
@@ -50,7 +52,11 @@ def clipped_term(ratio: Tensor, logps: Tensor, adv: Tensor, options: TermOptions
     clipped = torch.clamp(ratio, 1 - options.epsilon_low, 1 + options.epsilon_high)
     unclipped = ratio if options.delta is None else torch.clamp(ratio, max=options.delta)
     per_token = -torch.min(unclipped * adv, clipped * adv)
-    return Term(per_token, (ratio < 1 - options.epsilon_low) & (adv < 0), (ratio > 1 + options.epsilon_high) & (adv > 0))
+    return Term(
+        per_token,
+        (ratio < 1 - options.epsilon_low) & (adv < 0),
+        (ratio > 1 + options.epsilon_high) & (adv > 0),
+    )
 
 
 def cispo_term(ratio: Tensor, logps: Tensor, adv: Tensor, options: TermOptions) -> Term:
@@ -63,14 +69,18 @@ def cispo_term(ratio: Tensor, logps: Tensor, adv: Tensor, options: TermOptions) 
 def sapo_term(ratio: Tensor, logps: Tensor, adv: Tensor, options: TermOptions) -> Term:
     """SAPO: -(4 / τ) σ(τ (ρ - 1)) Â with τ = τ_pos where Â > 0, else τ_neg: a soft gate in place
     of the clip (its gradient is -Â at ρ = 1 and fades smoothly off-policy; nothing is clipped)."""
-    tau = torch.where(adv > 0, adv.new_tensor(options.sapo_temperature_pos), adv.new_tensor(options.sapo_temperature_neg))
+    tau = torch.where(
+        adv > 0, adv.new_tensor(options.sapo_temperature_pos), adv.new_tensor(options.sapo_temperature_neg)
+    )
     return Term(-torch.sigmoid(tau * (ratio - 1)) * 4 / tau * adv, None, None)
 
 
 # ---- aggregations: token losses -> one micro-batch loss -------------------------------------
 class Normalisers(NamedTuple):
     max_completion_length: int | None  # dr_grpo
-    num_items_in_batch: int | float | Tensor | None  # dapo, cispo: completion tokens of the whole generation batch
+    num_items_in_batch: (
+        int | float | Tensor | None
+    )  # dapo, cispo: completion tokens of the whole generation batch
 
 
 def response_mean(per_token: Tensor, mask: Tensor, norms: Normalisers) -> Tensor:
@@ -94,7 +104,9 @@ def batch_token_mean(per_token: Tensor, mask: Tensor, norms: Normalisers) -> Ten
     """Token sum / the completion tokens of the whole generation batch (dapo, cispo); an all-empty batch gives 0."""
     if norms.num_items_in_batch is None:
         raise ValueError("this loss_type needs num_items_in_batch (completion tokens of the whole batch)")
-    return (per_token * mask).sum() / torch.as_tensor(norms.num_items_in_batch, dtype=per_token.dtype, device=per_token.device).clamp(min=1)
+    return (per_token * mask).sum() / torch.as_tensor(
+        norms.num_items_in_batch, dtype=per_token.dtype, device=per_token.device
+    ).clamp(min=1)
 
 
 def response_sum_mean(per_token: Tensor, mask: Tensor, norms: Normalisers) -> Tensor:
@@ -150,7 +162,9 @@ class LossStats:
     clip_ratio_low: Tensor
     clip_ratio_high: Tensor
     clip_ratio: Tensor
-    policy_token_fraction: Tensor  # share of the tokens the policy term reads (below 1 with top_entropy_quantile)
+    policy_token_fraction: (
+        Tensor  # share of the tokens the policy term reads (below 1 with top_entropy_quantile)
+    )
 
 
 def _masked_mean(values: Tensor, mask: Tensor) -> Tensor:  # [n, L], [n, L] -> scalar
@@ -186,10 +200,15 @@ def policy_loss(
     kl_bias_correction: bool = True,  # multiply k3 by ρ (TRL's use_bias_correction_kl)
     token_weights: Tensor | None = None,  # [n, L] per-token credit, Â = w_t * A
     entropy: Tensor | None = None,  # [n, L] current policy's entropies (differentiable for the bonus)
-    entropy_threshold: float | Tensor | None = None,  # keep only tokens whose entropy is >= this in the policy term
+    entropy_threshold: float
+    | Tensor
+    | None = None,  # keep only tokens whose entropy is >= this in the policy term
     entropy_coef: float = 0.0,  # subtract entropy_coef × the mean entropy of the kept tokens
     max_completion_length: int | None = None,  # required for dr_grpo
-    num_items_in_batch: int | float | Tensor | None = None,  # required for dapo and cispo: tokens of the whole generation batch
+    num_items_in_batch: int
+    | float
+    | Tensor
+    | None = None,  # required for dapo and cispo: tokens of the whole generation batch
     num_micro_batches: int = 1,  # of the optimizer step; the loss returned is this micro-batch's share
 ) -> tuple[Tensor, LossStats]:
     """This micro-batch's share of the step's loss and its diagnostics.
@@ -205,7 +224,13 @@ def policy_loss(
     check_choice("importance_sampling_level", importance_sampling_level, get_args(ImportanceSamplingLevel))
     if logps.dim() != 2:
         raise ValueError(f"logps must be 2-D [n, L], got shape {tuple(logps.shape)}")
-    for name, other in (("old_logps", old_logps), ("mask", mask), ("ref_logps", ref_logps), ("token_weights", token_weights), ("entropy", entropy)):
+    for name, other in (
+        ("old_logps", old_logps),
+        ("mask", mask),
+        ("ref_logps", ref_logps),
+        ("token_weights", token_weights),
+        ("entropy", entropy),
+    ):
         if other is not None:
             check_shape(name, other, logps.shape, "logps")
     check_shape("advantages", advantages, logps.shape[:1], "logps[:, 0]")
@@ -217,7 +242,11 @@ def policy_loss(
         raise ValueError("loss_type 'cispo' caps the ratio at epsilon_high itself (e.g. 5.0): pass it")
     objective = OBJECTIVES[loss_type]
     options = TermOptions(
-        epsilon_low, epsilon_low if epsilon_high is None else epsilon_high, delta, sapo_temperature_pos, sapo_temperature_neg
+        epsilon_low,
+        epsilon_low if epsilon_high is None else epsilon_high,
+        delta,
+        sapo_temperature_pos,
+        sapo_temperature_neg,
     )
 
     mask = mask.to(logps.dtype)
@@ -231,7 +260,9 @@ def policy_loss(
     # into inf * 0 = NaN (where() also sends them zero gradient).
     log_ratio = torch.where(present, logps - old_logps.detach(), 0.0)  # [n, L]
     if importance_sampling_level == "sequence":
-        log_ratio = (log_ratio * mask).sum(dim=1, keepdim=True) / mask.sum(dim=1, keepdim=True).clamp(min=1)  # [n, 1]
+        log_ratio = (log_ratio * mask).sum(dim=1, keepdim=True) / mask.sum(dim=1, keepdim=True).clamp(
+            min=1
+        )  # [n, 1]
     ratio = torch.exp(log_ratio)
     term = objective.term(ratio, torch.where(present, logps, 0.0), adv, options)
     per_token = term.per_token
@@ -249,7 +280,9 @@ def policy_loss(
             per_token = per_token + beta * kl
 
     norms = Normalisers(max_completion_length, num_items_in_batch)
-    loss = objective.aggregate(per_token, mask, norms) / gradient_accumulation_divisor(loss_type, num_micro_batches)
+    loss = objective.aggregate(per_token, mask, norms) / gradient_accumulation_divisor(
+        loss_type, num_micro_batches
+    )
     kept = kept.to(logps.dtype)
     if entropy_coef != 0:
         # The mean entropy of the tokens the policy term reads, whatever the loss type's normaliser (as TRL).

@@ -14,7 +14,13 @@ from dataclasses import dataclass, field
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from torch import Tensor
-from transformers import AutoModelForCausalLM, BitsAndBytesConfig, GenerationConfig, LogitsProcessorList, PreTrainedModel
+from transformers import (
+    AutoModelForCausalLM,
+    BitsAndBytesConfig,
+    GenerationConfig,
+    LogitsProcessorList,
+    PreTrainedModel,
+)
 
 from lightning_flow.adapter_merge import merged_lora
 from lightning_flow.seeded_sampling import SeededSampler
@@ -90,7 +96,9 @@ class SamplingConfig:
 def load_policy(cfg: PolicyConfig) -> PeftModel:
     """Load the base model and wrap it with a trainable LoRA adapter, in train mode."""
     dtype = _DTYPES[cfg.dtype]
-    kwargs: dict = dict(dtype=dtype, attn_implementation=cfg.attn_implementation, trust_remote_code=cfg.trust_remote_code)
+    kwargs: dict = dict(
+        dtype=dtype, attn_implementation=cfg.attn_implementation, trust_remote_code=cfg.trust_remote_code
+    )
     if cfg.load_in_4bit:
         kwargs["quantization_config"] = BitsAndBytesConfig(
             load_in_4bit=True,
@@ -169,8 +177,15 @@ def position_ids_from_mask(attention_mask: Tensor) -> Tensor:
 
 @torch.no_grad()
 def generate(
-    model: PeftModel, prompt_ids: Tensor, prompt_mask: Tensor, cfg: SamplingConfig, pad_token_id: int,
-    eos_ids: list[int], greedy: bool = False, num_return_sequences: int | None = None, row_seeds: Tensor | None = None,
+    model: PeftModel,
+    prompt_ids: Tensor,
+    prompt_mask: Tensor,
+    cfg: SamplingConfig,
+    pad_token_id: int,
+    eos_ids: list[int],
+    greedy: bool = False,
+    num_return_sequences: int | None = None,
+    row_seeds: Tensor | None = None,
 ) -> Tensor:
     """Sample responses; returns completion ids [B * n, L<=max_new_tokens], groups contiguous.
 
@@ -184,11 +199,15 @@ def generate(
     processors = LogitsProcessorList()
     if row_seeds is not None and not greedy:
         if len(row_seeds) != len(prompt_ids) * n:
-            raise ValueError(f"row_seeds has {len(row_seeds)} seeds for {len(prompt_ids)} prompts x {n} responses")
+            raise ValueError(
+                f"row_seeds has {len(row_seeds)} seeds for {len(prompt_ids)} prompts x {n} responses"
+            )
         # Greedy decoding of the seeded draw (its only finite score) is sampling; rows are expanded here
         # because transformers only repeats prompts itself when it samples or beam-searches.
         prompt_ids, prompt_mask = prompt_ids.repeat_interleave(n, 0), prompt_mask.repeat_interleave(n, 0)
-        processors.append(SeededSampler(row_seeds, prompt_ids.shape[1], cfg.temperature, cfg.top_k, cfg.top_p))
+        processors.append(
+            SeededSampler(row_seeds, prompt_ids.shape[1], cfg.temperature, cfg.top_k, cfg.top_p)
+        )
         greedy, n = True, 1
     generation_config = GenerationConfig(
         do_sample=not greedy,
@@ -206,8 +225,11 @@ def generate(
     try:
         with merged_lora(model) if cfg.merge_adapter else nullcontext():
             out = model.generate(
-                input_ids=prompt_ids, attention_mask=prompt_mask, generation_config=generation_config, logits_processor=processors
+                input_ids=prompt_ids,
+                attention_mask=prompt_mask,
+                generation_config=generation_config,
+                logits_processor=processors,
             )
     finally:
         model.train(was_training)
-    return out[:, prompt_ids.shape[1]:]
+    return out[:, prompt_ids.shape[1] :]

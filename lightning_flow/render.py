@@ -30,7 +30,7 @@ from matplotlib.lines import Line2D
 from matplotlib.patches import Patch, PathPatch, Rectangle
 from matplotlib.path import Path as CurvePath
 
-from lightning_flow.trace import Trace, TokenTrace
+from lightning_flow.trace import TokenTrace, Trace
 
 CMAP = "YlOrRd"
 ANSWER_COLOUR, BOOST_COLOUR, ARC_COLOUR, DEAD_COLOUR = "#0b7a3e", "#7b2cbf", "#1f4e9c", "#9a9a9a"
@@ -116,10 +116,16 @@ def token_colours(trace: Trace) -> tuple[list[str], list[str]]:
 
 def summary(trace: Trace) -> str:
     """One line: the answer, absorbed flow, concentration, layers."""
-    answer = f"answer {trace.answer_text!r} ({trace.answer_source})" if trace.answer_text is not None else "no answer"
+    answer = (
+        f"answer {trace.answer_text!r} ({trace.answer_source})"
+        if trace.answer_text is not None
+        else "no answer"
+    )
     parts = [answer, "degenerate: uniform weights" if trace.degenerate else f"absorbed {trace.absorbed:.4f}"]
     if trace.concentration is not None:
-        parts.append(f"top {trace.config['concentration_fraction']:.0%} of response tokens carry {trace.concentration:.0%} of its flow")
+        parts.append(
+            f"top {trace.config['concentration_fraction']:.0%} of response tokens carry {trace.concentration:.0%} of its flow"
+        )
     parts.append(f"layers {trace.layers}")
     return " · ".join(parts)
 
@@ -128,7 +134,9 @@ def _arc(x0: float, y0: float, x1: float, y1: float, rise: float) -> CurvePath:
     """A cubic curve leaving the top of one cell upwards and entering the top of another from above (y grows downwards)."""
     if y0 == y1:
         rise = min(rise, 0.35 * rise + 0.25 * abs(x1 - x0))
-    return CurvePath([(x0, y0), (x0, y0 - rise), (x1, y1 - rise), (x1, y1)], [CurvePath.MOVETO] + [CurvePath.CURVE4] * 3)
+    return CurvePath(
+        [(x0, y0), (x0, y0 - rise), (x1, y1 - rise), (x1, y1)], [CurvePath.MOVETO] + [CurvePath.CURVE4] * 3
+    )
 
 
 class _Grid:
@@ -165,27 +173,69 @@ def _draw_strip(ax, trace: Trace, cells: list[Cell], g: _Grid, arcs: int) -> Non
             widths.append(1.6 if answer else 0.4)
             if token.weight > 1:
                 bars.append(Rectangle((x + 0.3, y + g.box + 0.1 * g.fs), w - 0.6, g.bar))
-            ax.text(x + w / 2, y + g.box / 2, cell.label, family="DejaVu Sans Mono", fontsize=g.fs, ha="center", va="center", color=fore[j],
-                    style="italic" if token.role == "prompt" else "normal", parse_math=False, gid=f"token-{j}", zorder=2)
+            ax.text(
+                x + w / 2,
+                y + g.box / 2,
+                cell.label,
+                family="DejaVu Sans Mono",
+                fontsize=g.fs,
+                ha="center",
+                va="center",
+                color=fore[j],
+                style="italic" if token.role == "prompt" else "normal",
+                parse_math=False,
+                gid=f"token-{j}",
+                zorder=2,
+            )
             if cell.column == 0:
-                ax.text(g.margin - 0.6 * g.cell, y + g.box / 2, str(j), fontsize=0.75 * g.fs, ha="right", va="center", color=DEAD_COLOUR, gid="line-start")
+                ax.text(
+                    g.margin - 0.6 * g.cell,
+                    y + g.box / 2,
+                    str(j),
+                    fontsize=0.75 * g.fs,
+                    ha="right",
+                    va="center",
+                    color=DEAD_COLOUR,
+                    gid="line-start",
+                )
             centre[j] = (x + w / 2, y)
-    ax.add_collection(PatchCollection(boxes, facecolors=back, edgecolors=edge_colours, linewidths=widths, zorder=1, gid="boxes"))
+    ax.add_collection(
+        PatchCollection(
+            boxes, facecolors=back, edgecolors=edge_colours, linewidths=widths, zorder=1, gid="boxes"
+        )
+    )
     ax.add_collection(PatchCollection(bars, facecolors=BOOST_COLOUR, linewidths=0, zorder=1, gid="weights"))
     edges = trace.backbone[:arcs][::-1]  # strongest drawn last, on top
     strongest = max((e["flow"] for e in edges), default=1.0)
     shares = [e["flow"] / strongest for e in edges]
     curves = [PathPatch(_arc(*centre[e["source"]], *centre[e["target"]], 0.95 * g.gap)) for e in edges]
-    ax.add_collection(PatchCollection(curves, facecolors="none", edgecolors=[to_rgba(ARC_COLOUR, 0.35 + 0.5 * s) for s in shares],
-                                      linewidths=[0.5 + 2.5 * s for s in shares], zorder=1.5, gid="arcs"))  # under the labels
+    ax.add_collection(
+        PatchCollection(
+            curves,
+            facecolors="none",
+            edgecolors=[to_rgba(ARC_COLOUR, 0.35 + 0.5 * s) for s in shares],
+            linewidths=[0.5 + 2.5 * s for s in shares],
+            zorder=1.5,
+            gid="arcs",
+        )
+    )  # under the labels
 
 
 def _key_handles(trace: Trace, arcs: int) -> list:
     boost = max((t.weight for t in trace.tokens), default=1.0)
     return [
         Patch(facecolor="white", edgecolor=ANSWER_COLOUR, linewidth=1.6, label="answer token"),
-        Patch(facecolor=BOOST_COLOUR, label=f"boosted: final weight {boost:g}" if boost > 1 else "boosted (none here)"),
-        Line2D([], [], color=ARC_COLOUR, linewidth=2, label=f"backbone: {min(arcs, len(trace.backbone))} strongest edge flows"),
+        Patch(
+            facecolor=BOOST_COLOUR,
+            label=f"boosted: final weight {boost:g}" if boost > 1 else "boosted (none here)",
+        ),
+        Line2D(
+            [],
+            [],
+            color=ARC_COLOUR,
+            linewidth=2,
+            label=f"backbone: {min(arcs, len(trace.backbone))} strongest edge flows",
+        ),
         Patch(facecolor="white", edgecolor="#d0d0d0", label="prompt: italics; grey: h = 0"),
     ]
 
@@ -195,12 +245,21 @@ def figure(trace: Trace, cfg: RenderConfig = RenderConfig(), title: str | None =
     g, fs = _Grid(cfg.font_size), cfg.font_size
     cells = layout(trace.tokens, cfg.line_chars, cfg.max_token_chars)
     lines = cells[-1].line + 1 if cells else 1
-    columns = max(max((c.column + c.width for c in cells), default=0), min(cfg.line_chars, 72))  # short traces get a narrower picture
+    columns = max(
+        max((c.column + c.width for c in cells), default=0), min(cfg.line_chars, 72)
+    )  # short traces get a narrower picture
     strip_w, strip_h = g.margin + (columns + 1) * g.cell, lines * g.pitch + 0.5 * fs
     info = summary(trace) + "".join(f" · {k} {v}" for k, v in trace.meta.items() if k != "title")
-    info_lines = textwrap.wrap(info, width=max(40, int(strip_w / (_ADVANCE * 0.9 * fs))))  # sans text is narrower than mono
+    info_lines = textwrap.wrap(
+        info, width=max(40, int(strip_w / (_ADVANCE * 0.9 * fs)))
+    )  # sans text is narrower than mono
     wide = strip_w >= 60 * fs  # room for the key in one row
-    pad, head, foot, prof = 0.8 * fs, (2.2 + 1.15 * len(info_lines)) * fs, (7.0 if wide else 8.2) * fs, (9 * fs if cfg.profile else 0.0)
+    pad, head, foot, prof = (
+        0.8 * fs,
+        (2.2 + 1.15 * len(info_lines)) * fs,
+        (7.0 if wide else 8.2) * fs,
+        (9 * fs if cfg.profile else 0.0),
+    )
     width, height = strip_w + 2 * pad, head + strip_h + foot + prof + 2 * pad
     fig = Figure(figsize=(width / 72, height / 72), dpi=cfg.dpi)
     FigureCanvasAgg(fig)
@@ -209,8 +268,24 @@ def figure(trace: Trace, cfg: RenderConfig = RenderConfig(), title: str | None =
         """Figure fractions of a box given in points from the top-left corner."""
         return x / width, 1 - (y + h) / height, w / width, h / height
 
-    fig.text(pad / width, 1 - pad / height, title or trace.meta.get("title", "flow trace"), fontsize=1.2 * fs, weight="bold", va="top", parse_math=False)
-    fig.text(pad / width, 1 - (pad + 1.7 * fs) / height, "\n".join(info_lines), fontsize=0.9 * fs, va="top", parse_math=False, color="#333333")
+    fig.text(
+        pad / width,
+        1 - pad / height,
+        title or trace.meta.get("title", "flow trace"),
+        fontsize=1.2 * fs,
+        weight="bold",
+        va="top",
+        parse_math=False,
+    )
+    fig.text(
+        pad / width,
+        1 - (pad + 1.7 * fs) / height,
+        "\n".join(info_lines),
+        fontsize=0.9 * fs,
+        va="top",
+        parse_math=False,
+        color="#333333",
+    )
     ax = fig.add_axes(frac(pad, pad + head, strip_w, strip_h))
     ax.set_xlim(0, strip_w)
     ax.set_ylim(strip_h, 0)  # data units are points, y down
@@ -218,22 +293,46 @@ def figure(trace: Trace, cfg: RenderConfig = RenderConfig(), title: str | None =
     _draw_strip(ax, trace, cells, g, cfg.arcs)
 
     top = pad + head + strip_h
-    cax = fig.add_axes(frac(pad + g.margin, top + 0.8 * fs, min(strip_w - g.margin - g.cell, 40 * fs), 0.9 * fs))
-    colour_bar = fig.colorbar(matplotlib.cm.ScalarMappable(norm=flow_norm(trace), cmap=CMAP), cax=cax, orientation="horizontal")
+    cax = fig.add_axes(
+        frac(pad + g.margin, top + 0.8 * fs, min(strip_w - g.margin - g.cell, 40 * fs), 0.9 * fs)
+    )
+    colour_bar = fig.colorbar(
+        matplotlib.cm.ScalarMappable(norm=flow_norm(trace), cmap=CMAP), cax=cax, orientation="horizontal"
+    )
     colour_bar.set_label("throughput f (square-root scale)", fontsize=0.8 * fs)
     cax.tick_params(labelsize=0.7 * fs)
-    fig.legend(handles=_key_handles(trace, cfg.arcs), loc="upper left", bbox_to_anchor=((pad + g.margin - 0.5 * fs) / width, 1 - (top + 4.2 * fs) / height),
-               ncols=4 if wide else 2, fontsize=0.75 * fs, frameon=False, handlelength=1.6)
+    fig.legend(
+        handles=_key_handles(trace, cfg.arcs),
+        loc="upper left",
+        bbox_to_anchor=((pad + g.margin - 0.5 * fs) / width, 1 - (top + 4.2 * fs) / height),
+        ncols=4 if wide else 2,
+        fontsize=0.75 * fs,
+        frameon=False,
+        handlelength=1.6,
+    )
     if cfg.profile:
-        _profile(fig.add_axes(frac(pad + g.margin, top + foot, strip_w - g.margin - g.cell, prof - 2.2 * fs)), trace, fs)
+        _profile(
+            fig.add_axes(frac(pad + g.margin, top + foot, strip_w - g.margin - g.cell, prof - 2.2 * fs)),
+            trace,
+            fs,
+        )
     return fig
 
 
 def _profile(ax, trace: Trace, fs: float) -> None:
     """f and h over the positions; prompt shaded, answer positions and boosted tokens marked."""
     pos = np.arange(len(trace.tokens))
-    ax.fill_between(pos, [t.f for t in trace.tokens], step="mid", color="#f08a3c", alpha=0.6, label="f (throughput)")
-    ax.plot(pos, [t.h for t in trace.tokens], drawstyle="steps-mid", color="#444444", linewidth=0.8, label="h (influence, max 1)")
+    ax.fill_between(
+        pos, [t.f for t in trace.tokens], step="mid", color="#f08a3c", alpha=0.6, label="f (throughput)"
+    )
+    ax.plot(
+        pos,
+        [t.h for t in trace.tokens],
+        drawstyle="steps-mid",
+        color="#444444",
+        linewidth=0.8,
+        label="h (influence, max 1)",
+    )
     ax.axvspan(-0.5, trace.prompt_length - 0.5, color="#e8e8e8", zorder=0, label="prompt")
     for t in trace.tokens:
         if t.role == "answer":
@@ -253,7 +352,9 @@ def png_bytes(trace: Trace, cfg: RenderConfig = RenderConfig(), title: str | Non
     return buffer.getvalue()
 
 
-def save_png(trace: Trace, path: str | Path, cfg: RenderConfig = RenderConfig(), title: str | None = None) -> Path:
+def save_png(
+    trace: Trace, path: str | Path, cfg: RenderConfig = RenderConfig(), title: str | None = None
+) -> Path:
     path = Path(path)
     path.write_bytes(png_bytes(trace, cfg, title))
     return path

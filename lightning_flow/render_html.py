@@ -15,7 +15,18 @@ import json
 import matplotlib
 from matplotlib.colors import to_hex
 
-from lightning_flow.render import ANSWER_COLOUR, ARC_COLOUR, BOOST_COLOUR, CMAP, DEAD_COLOUR, RenderConfig, flow_norm, layout, summary, token_colours
+from lightning_flow.render import (
+    ANSWER_COLOUR,
+    ARC_COLOUR,
+    BOOST_COLOUR,
+    CMAP,
+    DEAD_COLOUR,
+    RenderConfig,
+    flow_norm,
+    layout,
+    summary,
+    token_colours,
+)
 from lightning_flow.trace import Trace
 
 _CSS = f"""
@@ -100,7 +111,7 @@ strip.addEventListener('mouseleave', () => { tip.style.display = 'none'; strip.q
 addEventListener('resize', () => draw());
 draw();
 // file.html#hover=12 opens with token 12 hovered (for screenshots).
-const asked = /hover=(\d+)/.exec(location.hash);
+const asked = /hover=(\\d+)/.exec(location.hash);
 if (asked && span[asked[1]]) {
   const r = span[asked[1]].getBoundingClientRect();
   span[asked[1]].dispatchEvent(new MouseEvent('mouseover', {bubbles: true, clientX: r.right, clientY: r.bottom}));
@@ -150,19 +161,26 @@ def _backbone_table(trace: Trace, arcs: int) -> str:
         t = trace.tokens[i]
         return f"#{i} {html.escape(json.dumps(t.text or t.piece))}"
 
-    rows = "".join(f"<tr><td>{label(e['source'])}</td><td>→ {label(e['target'])}</td><td>{e['flow']:.4g}</td></tr>" for e in trace.backbone[:arcs])
+    rows = "".join(
+        f"<tr><td>{label(e['source'])}</td><td>→ {label(e['target'])}</td><td>{e['flow']:.4g}</td></tr>"
+        for e in trace.backbone[:arcs]
+    )
     return f'<h2 style="font-size:15px">Backbone: strongest edge flows f(i)·w(i,k)</h2><table class="bb">{rows}</table>'
 
 
 def html_page(trace: Trace, cfg: RenderConfig = RenderConfig(), title: str | None = None) -> str:
     """The whole page as a string (UTF-8); it loads nothing from anywhere."""
     title = title or trace.meta.get("title", "flow trace")
-    meta = "".join(f"<tr><td>{html.escape(str(k))}</td><td>{html.escape(str(v))}</td></tr>" for k, v in trace.meta.items() if k != "title")
+    meta = "".join(
+        f"<tr><td>{html.escape(str(k))}</td><td>{html.escape(str(v))}</td></tr>"
+        for k, v in trace.meta.items()
+        if k != "title"
+    )
     js = f"const ARCS = {int(cfg.arcs)};" + _JS
     return (
         f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>\n<style>{_CSS}</style></head>\n<body>\n'
-        f"<h1>{html.escape(title)}</h1>\n<div class=\"summary\">{html.escape(summary(trace))}</div>\n<table class=\"meta\">{meta}</table>\n"
-        f"{_legend(trace)}\n{_strip(trace, cfg)}\n<div id=\"tip\"></div>\n{_backbone_table(trace, cfg.arcs)}\n"
+        f'<h1>{html.escape(title)}</h1>\n<div class="summary">{html.escape(summary(trace))}</div>\n<table class="meta">{meta}</table>\n'
+        f'{_legend(trace)}\n{_strip(trace, cfg)}\n<div id="tip"></div>\n{_backbone_table(trace, cfg.arcs)}\n'
         f'<p style="font-size:12px;color:#666">Hover a token for its h, f, weight and strongest edges. Throughput f is the share of the '
         f"prompt-to-answer flow passing through a token; the answer tokens absorb 1 in all.</p>\n"
         f'<script type="application/json" id="trace-data">{_data_json(trace)}</script>\n<script>{js}</script>\n</body></html>\n'

@@ -113,7 +113,13 @@ def _timeout() -> int | None:
 def _parse_answer(answer: str, raise_on_error: bool = False) -> list:
     """math_verify parse of a bare answer string (gold, box content or "####" number)."""
     answer = _BRACELESS_FRAC.sub(r"\1{\2}{\3}", _LATEX_THOUSANDS.sub(r"\1", answer))
-    return parse(_BOXED + answer + "}", _LATEX_ONLY, fallback_mode="no_fallback", parsing_timeout=_timeout(), raise_on_error=raise_on_error)
+    return parse(
+        _BOXED + answer + "}",
+        _LATEX_ONLY,
+        fallback_mode="no_fallback",
+        parsing_timeout=_timeout(),
+        raise_on_error=raise_on_error,
+    )
 
 
 @lru_cache(maxsize=65536)
@@ -144,7 +150,9 @@ def parse_completion(completion: str) -> list:
     answer = extract_answer_text(completion)
     if answer is not None:
         return list(_parse_answer_text(answer))  # a list of its own: the cached parse stays as parsed
-    return parse(completion, _FREE_TEXT, fallback_mode="no_fallback", parsing_timeout=_timeout(), raise_on_error=True)
+    return parse(
+        completion, _FREE_TEXT, fallback_mode="no_fallback", parsing_timeout=_timeout(), raise_on_error=True
+    )
 
 
 _verifier_timeouts = 0
@@ -216,14 +224,20 @@ def load_reward_function(import_path: str) -> RewardFunction:
     else:
         module_name, _, attribute = import_path.rpartition(".")
     if not module_name or not attribute or not all(part.isidentifier() for part in attribute.split(".")):
-        raise ValueError(f"reward function path {import_path!r} must look like 'package.module:function' or 'package.module.function'")
+        raise ValueError(
+            f"reward function path {import_path!r} must look like 'package.module:function' or 'package.module.function'"
+        )
     try:
         target: Any = importlib.import_module(module_name)
     except ImportError as error:
-        raise ImportError(f"reward function {import_path!r}: cannot import module {module_name!r} ({error})") from error
+        raise ImportError(
+            f"reward function {import_path!r}: cannot import module {module_name!r} ({error})"
+        ) from error
     for part in attribute.split("."):
         if not hasattr(target, part):
-            raise AttributeError(f"reward function {import_path!r}: module {module_name!r} has no attribute {attribute!r}")
+            raise AttributeError(
+                f"reward function {import_path!r}: module {module_name!r} has no attribute {attribute!r}"
+            )
         target = getattr(target, part)
     if not callable(target):
         raise TypeError(f"reward function {import_path!r} is a {type(target).__name__}, not a callable")
@@ -273,19 +287,27 @@ class RewardSuite:
         for name, fn in zip(self.names, self.functions):
             values = list(fn(prompts=prompts, completions=completions, golds=golds))
             if len(values) != len(completions):
-                raise ValueError(f"reward function {name!r} returned {len(values)} values for {len(completions)} completions")
+                raise ValueError(
+                    f"reward function {name!r} returned {len(values)} values for {len(completions)} completions"
+                )
             try:
                 column = torch.tensor([float(v) for v in values], dtype=torch.float32)
             except (TypeError, ValueError) as error:
-                raise ValueError(f"reward function {name!r} returned a non-numeric value ({error})") from error
+                raise ValueError(
+                    f"reward function {name!r} returned a non-numeric value ({error})"
+                ) from error
             if not torch.isfinite(column).all():
                 bad = int((~torch.isfinite(column)).nonzero()[0])
-                raise ValueError(f"reward function {name!r} returned a non-finite value {values[bad]!r} at index {bad}")
+                raise ValueError(
+                    f"reward function {name!r} returned a non-finite value {values[bad]!r} at index {bad}"
+                )
             columns.append(column)
         return torch.stack(columns, dim=1)
 
     def total(self, per_function: torch.Tensor) -> torch.Tensor:
         """[N] weighted sum over the functions of a [N, F] reward matrix."""
         if per_function.ndim != 2 or per_function.shape[1] != len(self.names):
-            raise ValueError(f"expected rewards of shape [N, {len(self.names)}], got {tuple(per_function.shape)}")
+            raise ValueError(
+                f"expected rewards of shape [N, {len(self.names)}], got {tuple(per_function.shape)}"
+            )
         return per_function @ self.weights.to(per_function.device, per_function.dtype)

@@ -33,8 +33,12 @@ class Rollouts:
     step: int = 0  # trainer.global_step when this step began: the step FlowPictures logs at
     old_logps: Tensor | None = None  # [N, L] float, sampling policy's log-probs (num_iterations > 1)
     ref_logps: Tensor | None = None  # [N, L] float, adapter-disabled log-probs (beta > 0)
-    entropy: Tensor | None = None  # [N, L] float, predictive entropy of each completion position (the step's first policy pass)
-    flow_graphs: list[tuple[list[int], Batch]] = field(default_factory=list)  # solved flow graphs (FlowCredit): (rollout rows, one graph per row)
+    entropy: Tensor | None = (
+        None  # [N, L] float, predictive entropy of each completion position (the step's first policy pass)
+    )
+    flow_graphs: list[tuple[list[int], Batch]] = field(
+        default_factory=list
+    )  # solved flow graphs (FlowCredit): (rollout rows, one graph per row)
 
     @property
     def input_ids(self) -> Tensor:  # [N, P + L]
@@ -72,8 +76,12 @@ class MicroBatch:
     """
 
     rows: slice  # the micro-batch's rollout rows: on_credit sets rollouts.token_weights[rows]
-    attention_rows: list[int]  # rollout rows whose maps attention_maps() yields (credited rows, or all when asked)
-    recorded: tuple[list[int], Tensor] | None = None  # rows and [k, T, T] maps recorded by the forward, handed over once
+    attention_rows: list[
+        int
+    ]  # rollout rows whose maps attention_maps() yields (credited rows, or all when asked)
+    recorded: tuple[list[int], Tensor] | None = (
+        None  # rows and [k, T, T] maps recorded by the forward, handed over once
+    )
     capture: Callable[[list[int]], Tensor] | None = None  # [k, T, T] maps of more rows, one extra pass
     chunk_rows: int = 1  # rows per chunk (the attention budget)
 
@@ -110,7 +118,9 @@ class RolloutCallback(Callback):
        graphs credit kept (``rollouts.flow_graphs``).
     """
 
-    def on_credit(self, trainer: Trainer, pl_module: LightningModule, rollouts: Rollouts, micro_batch: MicroBatch) -> None:
+    def on_credit(
+        self, trainer: Trainer, pl_module: LightningModule, rollouts: Rollouts, micro_batch: MicroBatch
+    ) -> None:
         """Set ``rollouts.token_weights[micro_batch.rows]`` (in place); other rows are not ready yet."""
 
     def on_rollouts_end(self, trainer: Trainer, pl_module: LightningModule, rollouts: Rollouts) -> None:

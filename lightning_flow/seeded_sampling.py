@@ -57,9 +57,13 @@ class SeededSampler(LogitsProcessor):
     ``transformers`` applies them when sampling, then each row's draw (see the module docstring)
     becomes its only finite score, so that greedy's argmax picks it."""
 
-    def __init__(self, row_seeds: Tensor, prompt_length: int, temperature: float, top_k: int, top_p: float) -> None:
+    def __init__(
+        self, row_seeds: Tensor, prompt_length: int, temperature: float, top_k: int, top_p: float
+    ) -> None:
         self.row_seeds, self.prompt_length = row_seeds, prompt_length
-        self.warpers: list[LogitsProcessor] = [TemperatureLogitsWarper(temperature)] if temperature != 1.0 else []
+        self.warpers: list[LogitsProcessor] = (
+            [TemperatureLogitsWarper(temperature)] if temperature != 1.0 else []
+        )
         if top_k > 0:
             self.warpers.append(TopKLogitsWarper(top_k))
         if top_p < 1.0:
@@ -67,10 +71,14 @@ class SeededSampler(LogitsProcessor):
 
     def __call__(self, input_ids: Tensor, scores: Tensor) -> Tensor:  # [N, T], [N, V] -> [N, V]
         scores = scores.float()
-        scores = torch.where(scores.isnan(), float("-inf"), scores)  # a NaN never wins; the update skips such steps
+        scores = torch.where(
+            scores.isnan(), float("-inf"), scores
+        )  # a NaN never wins; the update skips such steps
         for warper in self.warpers:
             scores = warper(input_ids, scores)
-        self.row_seeds = self.row_seeds.to(scores.device)  # on the scores' device: no host round trip per token
+        self.row_seeds = self.row_seeds.to(
+            scores.device
+        )  # on the scores' device: no host round trip per token
         cdf = torch.softmax(scores, dim=-1).double().cumsum(dim=-1)  # [N, V]
         target = counter_uniform(self.row_seeds, input_ids.shape[1] - self.prompt_length) * cdf[:, -1]  # [N]
         # The first token whose CDF exceeds the target: a token of probability 0 never is.

@@ -65,15 +65,21 @@ class StepScalars:
                 values += [part for pair in ratios.values() for part in pair]
             if not values:
                 continue
-            if trainer.world_size > 1 or device.type != "cpu":  # one tensor: one collective, one copy to the host
-                reduced = torch.stack([torch.as_tensor(v).detach().to(device, torch.float64).reshape(()) for v in values])
+            if (
+                trainer.world_size > 1 or device.type != "cpu"
+            ):  # one tensor: one collective, one copy to the host
+                reduced = torch.stack(
+                    [torch.as_tensor(v).detach().to(device, torch.float64).reshape(()) for v in values]
+                )
                 reduced = trainer.strategy.reduce(reduced, reduce_op=reduce).tolist()
             else:  # nothing to gather: reading each value is cheaper than casting each into a stack
                 reduced = [float(v) for v in values]
             logged.update(zip(names, reduced))
             if reduce == "sum":
                 parts = reduced[len(names) :]
-                logged.update({name: num / den for name, num, den in zip(ratios, parts[::2], parts[1::2]) if den > 0})
+                logged.update(
+                    {name: num / den for name, num, den in zip(ratios, parts[::2], parts[1::2]) if den > 0}
+                )
         if trainer.is_global_zero:
             for logger in trainer.loggers:
                 logger.log_metrics(logged, step=batch_index(trainer))

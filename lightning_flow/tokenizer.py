@@ -40,7 +40,10 @@ def load_tokenizer(name_or_path: str) -> PreTrainedTokenizerBase:
     """
     config_file = Path(name_or_path) / "tokenizer_config.json"
     with model_source_errors(name_or_path):
-        if config_file.is_file() and json.loads(config_file.read_text()).get("tokenizer_class") in _GENERIC_CLASSES:
+        if (
+            config_file.is_file()
+            and json.loads(config_file.read_text()).get("tokenizer_class") in _GENERIC_CLASSES
+        ):
             tokenizer = PreTrainedTokenizerFast.from_pretrained(name_or_path)
         else:
             tokenizer = AutoTokenizer.from_pretrained(name_or_path)

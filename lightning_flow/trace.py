@@ -18,12 +18,25 @@ from typing import Any, Literal
 
 import torch
 from torch import Tensor
-
-from lightning_flow.capture import capture_attention, default_capture_layers
 from torch_geometric.data import Data
 
-from lightning_flow.flow import ROLE_ANSWER, ROLE_PROMPT, FlowConfig, answer_flow, boosted_count, credit_weights, edge_flow
-from lightning_flow.flow.answer import SOURCE_BOXED, SOURCE_FALLBACK, SOURCE_HASH, answer_masks, token_char_offsets
+from lightning_flow.capture import capture_attention, default_capture_layers
+from lightning_flow.flow import (
+    ROLE_ANSWER,
+    ROLE_PROMPT,
+    FlowConfig,
+    answer_flow,
+    boosted_count,
+    credit_weights,
+    edge_flow,
+)
+from lightning_flow.flow.answer import (
+    SOURCE_BOXED,
+    SOURCE_FALLBACK,
+    SOURCE_HASH,
+    answer_masks,
+    token_char_offsets,
+)
 from lightning_flow.policy import position_ids_from_mask
 
 ROLES = ("prompt", "response", "answer")
@@ -58,7 +71,14 @@ class TraceConfig:
     """The concentration figure is the share of the response's flow carried by this top fraction of its tokens."""
 
     def flow_config(self) -> FlowConfig:
-        return FlowConfig(self.sink_tokens, self.keep_mass, self.max_in_degree, self.min_capacity, self.top_fraction, self.boost)
+        return FlowConfig(
+            self.sink_tokens,
+            self.keep_mass,
+            self.max_in_degree,
+            self.min_capacity,
+            self.top_fraction,
+            self.boost,
+        )
 
 
 @dataclass
@@ -89,7 +109,9 @@ class Trace:
     answer_source: str  # "boxed", "hash", "fallback" (last token) or "none"
     degenerate: bool  # no answer / no path from prompt to answer: uniform weights, f = 0
     absorbed: float  # flow absorbed by the answer tokens (1 unless degenerate)
-    concentration: float | None  # share of the response's flow on its top concentration_fraction tokens (None: no flow)
+    concentration: (
+        float | None
+    )  # share of the response's flow on its top concentration_fraction tokens (None: no flow)
     layers: list[int]
     config: dict[str, Any]
     meta: dict[str, Any] = field(default_factory=dict)  # free labels: model, gold, reward, step...
@@ -105,7 +127,7 @@ class Trace:
         return json.dumps(self.to_dict(), indent=indent, ensure_ascii=False)
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "Trace":
+    def from_dict(cls, data: dict[str, Any]) -> Trace:
         tokens = [TokenTrace(**t) for t in data["tokens"]]
         return cls(**{**data, "tokens": tokens})
 
@@ -122,13 +144,19 @@ def flow_concentration(flow: Tensor, response: Tensor, fraction: float = 0.1) ->
     return torch.where(total > 0, top / total.clamp_min(1e-30), torch.full_like(total, float("nan")))
 
 
-def _strongest_edges(edge_index: Tensor, flow: Tensor, t: int, k: int) -> tuple[list[list[dict[str, float]]], list[list[dict[str, float]]]]:
+def _strongest_edges(
+    edge_index: Tensor, flow: Tensor, t: int, k: int
+) -> tuple[list[list[dict[str, float]]], list[list[dict[str, float]]]]:
     """Per token, its up to k strongest incoming and outgoing edge flows (zero flows are no edges).
     edge_index  # [2, E] (source, target) node ids;  flow  # [E] f(i) w(i, k)"""
     top_in: list[list[dict[str, float]]] = [[] for _ in range(t)]
     top_out: list[list[dict[str, float]]] = [[] for _ in range(t)]
     order = torch.argsort(flow, descending=True, stable=True)
-    sources, targets, values = edge_index[0, order].tolist(), edge_index[1, order].tolist(), flow[order].tolist()
+    sources, targets, values = (
+        edge_index[0, order].tolist(),
+        edge_index[1, order].tolist(),
+        flow[order].tolist(),
+    )
     for i, j, v in zip(sources, targets, values):
         if v <= 0:
             break
@@ -166,13 +194,25 @@ def trace_from_attention(
     """
     t = token_ids.shape[0]
     if attention.shape != (t, t) or not 0 < prompt_length < t:
-        raise ValueError(f"need attention [T, T] for T={t} tokens and 0 < prompt_length < T, got {tuple(attention.shape)} and {prompt_length}")
-    answer, _ = answer_masks(tokenizer, token_ids[None, prompt_length:].cpu(), torch.ones(1, t - prompt_length), cfg.answer_fallback, eos_token_ids)
+        raise ValueError(
+            f"need attention [T, T] for T={t} tokens and 0 < prompt_length < T, got {tuple(attention.shape)} and {prompt_length}"
+        )
+    answer, _ = answer_masks(
+        tokenizer,
+        token_ids[None, prompt_length:].cpu(),
+        torch.ones(1, t - prompt_length),
+        cfg.answer_fallback,
+        eos_token_ids,
+    )
     device = attention.device
     valid = torch.ones(1, t, dtype=torch.bool, device=device)  # [1, T]
     prompt = torch.arange(t, device=device)[None] < prompt_length  # [1, T]
-    answer_full = torch.cat([torch.zeros(1, prompt_length, dtype=torch.bool), answer], dim=1).to(device)  # [1, T]
-    graph = answer_flow(attention[None].float(), valid, prompt, answer_full, cfg.flow_config()).graphs.get_example(0)
+    answer_full = torch.cat([torch.zeros(1, prompt_length, dtype=torch.bool), answer], dim=1).to(
+        device
+    )  # [1, T]
+    graph = answer_flow(
+        attention[None].float(), valid, prompt, answer_full, cfg.flow_config()
+    ).graphs.get_example(0)
     return trace_from_graph(graph, token_ids, tokenizer, cfg, weights, eos_token_ids, layers, meta)
 
 
@@ -198,17 +238,27 @@ def trace_from_graph(
     role = graph.role.cpu()  # [T]
     prompt_length = int((role == ROLE_PROMPT).sum())
     if graph.num_nodes != t or not 0 < prompt_length < t:
-        raise ValueError(f"the graph has {graph.num_nodes} nodes ({prompt_length} in the prompt) for {t} tokens; need a prompt and a response")
+        raise ValueError(
+            f"the graph has {graph.num_nodes} nodes ({prompt_length} in the prompt) for {t} tokens; need a prompt and a response"
+        )
     if weights is not None and weights.shape != (t - prompt_length,):
         raise ValueError(f"weights must be [L] = [{t - prompt_length}], got {tuple(weights.shape)}")
     ids = token_ids.tolist()
-    _, source = answer_masks(tokenizer, token_ids[None, prompt_length:].cpu(), torch.ones(1, t - prompt_length), cfg.answer_fallback, eos_token_ids)
+    _, source = answer_masks(
+        tokenizer,
+        token_ids[None, prompt_length:].cpu(),
+        torch.ones(1, t - prompt_length),
+        cfg.answer_fallback,
+        eos_token_ids,
+    )
     answer = role == ROLE_ANSWER  # [T]
     response = role != ROLE_PROMPT  # [T]
     flow = graph.f.float().cpu()  # [T]
     degenerate = bool(graph.degenerate) or not bool(answer.any())
     if weights is None:
-        weights = credit_weights(flow[None], response[None], cfg.top_fraction, cfg.boost, torch.tensor([degenerate]))[0, prompt_length:]  # [L]
+        weights = credit_weights(
+            flow[None], response[None], cfg.top_fraction, cfg.boost, torch.tensor([degenerate])
+        )[0, prompt_length:]  # [L]
     all_weights = torch.cat([torch.ones(prompt_length), weights.float().cpu()]).tolist()  # [T]
 
     prompt_text, prompt_pieces = _token_texts(tokenizer, ids[:prompt_length])
@@ -219,21 +269,41 @@ def trace_from_graph(
     edges = edge_flow(graph).float().cpu()  # [E]
     top_in, top_out = _strongest_edges(graph.edge_index.cpu(), edges, t, cfg.top_edges)
     tokens = [
-        TokenTrace(position=j, id=ids[j], text=pieces[j], piece=vocab[j], role=ROLES[roles[j]], h=h[j], f=f[j],
-                   weight=all_weights[j], top_in=top_in[j], top_out=top_out[j])
+        TokenTrace(
+            position=j,
+            id=ids[j],
+            text=pieces[j],
+            piece=vocab[j],
+            role=ROLES[roles[j]],
+            h=h[j],
+            f=f[j],
+            weight=all_weights[j],
+            top_in=top_in[j],
+            top_out=top_out[j],
+        )
         for j in range(t)
     ]
     value, index = edges.topk(min(cfg.backbone_edges, len(edges)))
-    spine = [{"source": int(graph.edge_index[0, e]), "target": int(graph.edge_index[1, e]), "flow": float(v)}
-             for e, v in zip(index.tolist(), value.tolist()) if v > 0]
+    spine = [
+        {"source": int(graph.edge_index[0, e]), "target": int(graph.edge_index[1, e]), "flow": float(v)}
+        for e, v in zip(index.tolist(), value.tolist())
+        if v > 0
+    ]
     answer_chars = "".join(tok.text for tok in tokens if tok.role == "answer")
     share = flow_concentration(flow[None], response[None], cfg.concentration_fraction)[0].item()
     return Trace(
-        prompt=prompt_text, response=response_text, tokens=tokens, backbone=spine,
+        prompt=prompt_text,
+        response=response_text,
+        tokens=tokens,
+        backbone=spine,
         answer_text=answer_chars if answer.any() else None,
-        answer_source=_SOURCES.get(int(source[0]), "none") if answer.any() else "none", degenerate=degenerate,
-        absorbed=float((flow * answer).sum()), concentration=None if math.isnan(share) else share,
-        layers=list(layers or []), config=asdict(cfg), meta=dict(meta or {}),
+        answer_source=_SOURCES.get(int(source[0]), "none") if answer.any() else "none",
+        degenerate=degenerate,
+        absorbed=float((flow * answer).sum()),
+        concentration=None if math.isnan(share) else share,
+        layers=list(layers or []),
+        config=asdict(cfg),
+        meta=dict(meta or {}),
     )
 
 
@@ -245,13 +315,29 @@ def expected_boosted(trace: Trace) -> int:
 
 @torch.no_grad()
 def trace_ids(
-    model: torch.nn.Module, tokenizer: Any, prompt_ids: list[int], response_ids: list[int], cfg: TraceConfig = TraceConfig(),
-    eos_token_ids: list[int] | None = None, meta: dict[str, Any] | None = None,
+    model: torch.nn.Module,
+    tokenizer: Any,
+    prompt_ids: list[int],
+    response_ids: list[int],
+    cfg: TraceConfig = TraceConfig(),
+    eos_token_ids: list[int] | None = None,
+    meta: dict[str, Any] | None = None,
 ) -> Trace:
     """Capture the model's attention over prompt + response (one no-grad pass) and trace it."""
     num_layers = model.config.get_text_config().num_hidden_layers
     layers = sorted(set(cfg.layers)) if cfg.layers else default_capture_layers(num_layers)
     ids = torch.tensor([prompt_ids + response_ids])  # [1, T]
     mask = torch.ones_like(ids)  # [1, T]
-    attention = capture_attention(model, ids, mask, layers, position_ids=position_ids_from_mask(mask))[0]  # [T, T]
-    return trace_from_attention(attention, ids[0], len(prompt_ids), tokenizer, cfg, eos_token_ids=eos_token_ids, layers=layers, meta=meta)
+    attention = capture_attention(model, ids, mask, layers, position_ids=position_ids_from_mask(mask))[
+        0
+    ]  # [T, T]
+    return trace_from_attention(
+        attention,
+        ids[0],
+        len(prompt_ids),
+        tokenizer,
+        cfg,
+        eos_token_ids=eos_token_ids,
+        layers=layers,
+        meta=meta,
+    )

@@ -73,7 +73,9 @@ class TraceCommand:
 
 
 def parser() -> ArgumentParser:
-    set_parsing_settings(docstring_parse_attribute_docstrings=True)  # the option help comes from the docstrings above
+    set_parsing_settings(
+        docstring_parse_attribute_docstrings=True
+    )  # the option help comes from the docstrings above
     p = ArgumentParser(prog="python -m lightning_flow trace", description=__doc__.split("\n")[0])
     p.add_argument("--config", action=ActionConfigFile, help="YAML with any of the options below")
     p.add_class_arguments(TraceCommand, as_group=False)
@@ -99,7 +101,9 @@ def load_rows(cmd: TraceCommand) -> list[dict[str, Any]]:
 def prompt_ids(tokenizer: Any, prompt: str, chat: bool) -> list[int]:
     """Token ids of the prompt, with special tokens as the DataModules add them."""
     if chat:
-        prompt = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=False)
+        prompt = tokenizer.apply_chat_template(
+            [{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=False
+        )
         return tokenizer(prompt, add_special_tokens=False).input_ids
     return tokenizer(prompt).input_ids
 
@@ -119,13 +123,24 @@ def pick_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def respond(model: torch.nn.Module, tokenizer: Any, ids: list[int], cmd: TraceCommand, eos: list[int], seed: int) -> list[int]:
+def respond(
+    model: torch.nn.Module, tokenizer: Any, ids: list[int], cmd: TraceCommand, eos: list[int], seed: int
+) -> list[int]:
     """One response of the model to the prompt ids, up to and including its first EOS."""
     device = next(model.parameters()).device
     torch.manual_seed(seed)
     sampling = SamplingConfig(max_new_tokens=cmd.max_new_tokens, temperature=cmd.temperature or 1.0)
     prompt = torch.tensor([ids], device=device)  # [1, P]
-    out = generate(model, prompt, torch.ones_like(prompt), sampling, tokenizer.pad_token_id, eos, greedy=cmd.temperature == 0, num_return_sequences=1)
+    out = generate(
+        model,
+        prompt,
+        torch.ones_like(prompt),
+        sampling,
+        tokenizer.pad_token_id,
+        eos,
+        greedy=cmd.temperature == 0,
+        num_return_sequences=1,
+    )
     mask, _ = completion_mask(out, eos)  # [1, L]
     return out[0, : int(mask.sum())].tolist()
 
@@ -134,7 +149,11 @@ def run(cmd: TraceCommand) -> list[dict[str, Path]]:
     """Load the model once, trace every row, write its files; returns their paths per row."""
     rows = load_rows(cmd)
     tokenizer = load_tokenizer(cmd.model)
-    model = load_policy(PolicyConfig(cmd.model, dtype=cmd.dtype, adapter_path=cmd.adapter)).to(pick_device(cmd.device)).eval()
+    model = (
+        load_policy(PolicyConfig(cmd.model, dtype=cmd.dtype, adapter_path=cmd.adapter))
+        .to(pick_device(cmd.device))
+        .eval()
+    )
     eos = eos_token_ids(model, tokenizer)
     title = cmd.model + (f" + {cmd.adapter}" if cmd.adapter else "")
     written = []
@@ -146,12 +165,17 @@ def run(cmd: TraceCommand) -> list[dict[str, Path]]:
         else:
             response_ids = tokenizer(row["response"], add_special_tokens=False).input_ids
         stem = cmd.name if cmd.jsonl is None else f"{cmd.name}-{index:03d}"
-        meta: dict[str, Any] = {"title": f"{stem}: {title}", "response": "generated" if generated else "given"}
+        meta: dict[str, Any] = {
+            "title": f"{stem}: {title}",
+            "response": "generated" if generated else "given",
+        }
         trace = trace_ids(model, tokenizer, ids, response_ids, cmd.flow, eos, meta)
         if row.get("gold") is not None:
             gold = str(row["gold"])
             trace.meta["gold"] = gold
-            trace.meta["correct"] = correctness_reward(prompts=[row["prompt"]], completions=[trace.response], golds=[gold])[0]
+            trace.meta["correct"] = correctness_reward(
+                prompts=[row["prompt"]], completions=[trace.response], golds=[gold]
+            )[0]
         written.append(write(trace, Path(cmd.out_dir), stem, cmd.render))
         log.info("wrote %s", ", ".join(str(p) for p in written[-1].values()))
     return written

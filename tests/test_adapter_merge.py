@@ -46,7 +46,9 @@ def test_merged_layers_hold_w_plus_scaled_ba_and_compute_the_adapters_function(t
 
     for layer, (original, copy) in zip(layers, before):
         assert not layer.merged
-        assert layer.get_base_layer().weight.data_ptr() == original.data_ptr()  # the same memory, not a recomputed tensor
+        assert (
+            layer.get_base_layer().weight.data_ptr() == original.data_ptr()
+        )  # the same memory, not a recomputed tensor
         assert torch.equal(original, copy)
     assert torch.equal(model(input_ids=IDS).logits, with_adapter)
 
@@ -94,7 +96,9 @@ def test_4bit_base_disabled_adapter_and_dora_are_left_unmerged(tiny_policy_dir):
 def test_a_base_weight_tied_to_another_module_is_left_unmerged(tiny_policy_dir):
     base = AutoModelForCausalLM.from_pretrained(tiny_policy_dir)
     base.lm_head.weight = base.model.embed_tokens.weight  # one tensor for the head and the embedding
-    model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "lm_head"], task_type="CAUSAL_LM"))
+    model = get_peft_model(
+        base, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "lm_head"], task_type="CAUSAL_LM")
+    )
     perturb_lora(model)
     embedding = model.get_input_embeddings().weight.clone()
     with torch.no_grad(), merged_lora(model) as merged:
@@ -110,7 +114,15 @@ def test_generate_samples_the_same_tokens_merged_and_unmerged(tiny_policy_dir):
     seen_merged = []
     lora_layers(model)[0].register_forward_pre_hook(lambda layer, args: seen_merged.append(layer.merged))
     outs = [
-        generate(model, prompt, mask, SamplingConfig(num_generations=2, max_new_tokens=12, merge_adapter=merge), 0, [], row_seeds=seeds)
+        generate(
+            model,
+            prompt,
+            mask,
+            SamplingConfig(num_generations=2, max_new_tokens=12, merge_adapter=merge),
+            0,
+            [],
+            row_seeds=seeds,
+        )
         for merge in (False, True)
     ]
     assert outs[0].shape == (6, 12)

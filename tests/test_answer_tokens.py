@@ -109,7 +109,10 @@ def check_offsets(tokenizer, ids: list[int], text: str, offsets: list[tuple[int,
         done, pending = oracle[j]
         if token not in special:
             assert start == previous_done, (j, tokenizer.convert_ids_to_tokens([token]))
-            assert end == done + int(pending and done < len(text)), (j, tokenizer.convert_ids_to_tokens([token]))
+            assert end == done + int(pending and done < len(text)), (
+                j,
+                tokenizer.convert_ids_to_tokens([token]),
+            )
         previous_done = done
 
 
@@ -128,7 +131,9 @@ def test_offsets_match_decode_on_every_case(tokenizer):
         assert decoded == tokenizer.decode(ids, skip_special_tokens=True)
         check_offsets(tokenizer, ids, decoded, offsets)
         # Special tokens mid-response (EOS, BOS) add no characters and are skipped.
-        mixed = ids[:3] + [tokenizer.eos_token_id] + ids[3:] + [tokenizer.bos_token_id or tokenizer.eos_token_id]
+        mixed = (
+            ids[:3] + [tokenizer.eos_token_id] + ids[3:] + [tokenizer.bos_token_id or tokenizer.eos_token_id]
+        )
         decoded, offsets = token_char_offsets(tokenizer, torch.tensor(mixed))
         assert decoded == tokenizer.decode(mixed, skip_special_tokens=True)
         check_offsets(tokenizer, mixed, decoded, offsets)
@@ -149,6 +154,7 @@ def test_fast_path_needs_no_fallback(tokenizer, monkeypatch):
 def test_fallback_paths_agree_with_fast_path(tokenizer, monkeypatch):
     texts = [case[0] for case in cases_for(tokenizer)]
     expected = [token_char_offsets(tokenizer, encode(tokenizer, t)) for t in texts]
+
     # A duck-typed tokenizer without a tokenizers backend: the pure-decode incremental path.
     class PlainTokenizer:
         all_special_ids = tokenizer.all_special_ids
@@ -159,7 +165,9 @@ def test_fallback_paths_agree_with_fast_path(tokenizer, monkeypatch):
     plain = PlainTokenizer()
     assert [token_char_offsets(plain, encode(tokenizer, t)) for t in texts] == expected
     # Both incremental paths unusable: the quadratic prefix-decode path.
-    monkeypatch.setattr(answer_module, "_incremental_pieces", lambda decode, ids: [""] * (len(ids) - 1) + ["\x00"])
+    monkeypatch.setattr(
+        answer_module, "_incremental_pieces", lambda decode, ids: [""] * (len(ids) - 1) + ["\x00"]
+    )
     assert [token_char_offsets(plain, encode(tokenizer, t)) for t in texts] == expected
 
 
@@ -198,11 +206,21 @@ def test_runs_of_several_tokens_take_the_exact_path(gpt2_tokenizer, stories260k,
     first = stories.convert_tokens_to_ids(["▁", "F", "ir", "st"])
     rows = [
         # (tokenizer, ids, the text each token spans, written out by hand, the runs resolved)
-        (gpt2, encode(gpt2, "so") + emoji + encode(gpt2, "5") + [gpt2.eos_token_id], ["so", "😀", "😀", "😀", "5", ""], [(1, 4)]),
+        (
+            gpt2,
+            encode(gpt2, "so") + emoji + encode(gpt2, "5") + [gpt2.eos_token_id],
+            ["so", "😀", "😀", "😀", "5", ""],
+            [(1, 4)],
+        ),
         # SentencePiece strips the space of a leading "▁": it completes no text until "F" does.
         (stories, first + [stories.eos_token_id], ["", "F", "ir", "st", ""], [(0, 2)]),
         # The same "▁" inside the text is a space of its own; no run to resolve.
-        (stories, stories.convert_tokens_to_ids(["▁O", "k", "."]) + first, ["O", "k", ".", " ", "F", "ir", "st"], []),
+        (
+            stories,
+            stories.convert_tokens_to_ids(["▁O", "k", "."]) + first,
+            ["O", "k", ".", " ", "F", "ir", "st"],
+            [],
+        ),
     ]
     for tok, ids, spelled, runs in rows:
         resolved_runs.clear()
@@ -221,8 +239,15 @@ def test_special_tokens_inside_a_response_get_empty_spans():
 
 def test_pieces_that_disagree_with_the_text_are_rejected():
     ids = [5, 6, 7]
-    decode = lambda ids: "?"  # never called: nothing to resolve
-    assert answer_module._assemble(decode, ids, ["a", "b", "c"], "abc", frozenset()) == [(0, 1), (1, 2), (2, 3)]
+
+    def decode(ids):  # never called: nothing to resolve
+        return "?"
+
+    assert answer_module._assemble(decode, ids, ["a", "b", "c"], "abc", frozenset()) == [
+        (0, 1),
+        (1, 2),
+        (2, 3),
+    ]
     assert answer_module._assemble(decode, ids, ["a", "b", "c"], "abd", frozenset()) is None
     assert answer_module._assemble(decode, ids, ["a", "b", "c"], "abcd", frozenset()) is None
 
@@ -230,7 +255,9 @@ def test_pieces_that_disagree_with_the_text_are_rejected():
 def test_spans_from_the_piece_table_only_where_the_pieces_spell_the_text():
     table = ["a", "", "bc", "d"]  # id 1 decodes to nothing alone (a special token)
     assert answer_module._spans_from_table(table, [0, 1, 2], "abc") == [(0, 1), (1, 1), (1, 3)]
-    assert answer_module._spans_from_table(table, [0, 2], "a bc") is None  # a space the decoder put between them
+    assert (
+        answer_module._spans_from_table(table, [0, 2], "a bc") is None
+    )  # a space the decoder put between them
     assert answer_module._spans_from_table(table, [0, 4], "a?") is None  # an id past the table
 
 
@@ -248,12 +275,18 @@ def test_piece_table_gives_the_masks_of_the_incremental_decode(tokenizer, monkey
     expected = answer_masks(tokenizer, ids, mask)
     decoded = []
     real = answer_module._stream_pieces
-    monkeypatch.setattr(answer_module, "_stream_pieces", lambda backend, row_ids: decoded.append(row_ids) or real(backend, row_ids))
+    monkeypatch.setattr(
+        answer_module,
+        "_stream_pieces",
+        lambda backend, row_ids: decoded.append(row_ids) or real(backend, row_ids),
+    )
     got = answer_masks(tokenizer, ids, mask, pieces=table)
     assert torch.equal(got[0], expected[0]) and torch.equal(got[1], expected[1])
     ascii_rows = [row for row, (text, _, _) in zip(rows, CASES) if text.isascii()]
     if request.node.callspec.params["tokenizer"] == "stories260k":
-        assert any(row in decoded for row in ascii_rows)  # a "▁" inside the text decodes alone without its space
+        assert any(
+            row in decoded for row in ascii_rows
+        )  # a "▁" inside the text decodes alone without its space
     else:  # byte-level BPE and one-character vocabularies: ASCII rows come from the table
         assert not any(row in decoded for row in ascii_rows)
 
@@ -304,7 +337,9 @@ def test_answer_tokens_spell_the_answer_minimally(tokenizer):
         assert marked == list(range(marked[0], marked[-1] + 1))  # one contiguous run
         spelled = tokenizer.decode([ids[j] for j in marked])
         # SentencePiece decoders drop the leading space of a sequence's first token.
-        assert expected in spelled or (expected[0] == " " and not spelled.startswith(" ") and expected[1:] in spelled)
+        assert expected in spelled or (
+            expected[0] == " " and not spelled.startswith(" ") and expected[1:] in spelled
+        )
         for j in (marked[0], marked[-1]):  # minimal: the ends of the run touch the answer
             start, end = offsets[j]
             assert start < last and end > first, (text, j)
@@ -315,7 +350,13 @@ def test_answer_mask_rules():
     assert answer_token_mask(offsets, (3, 5)) == [False, True, False, True, False]
     assert answer_token_mask(offsets, (2, 4)) == [False, True, False, False, False]
     assert answer_token_mask(offsets, None) == [False, False, False, True, False]
-    assert answer_token_mask(offsets, None, exclude=[False, False, False, True, False]) == [False, True, False, False, False]
+    assert answer_token_mask(offsets, None, exclude=[False, False, False, True, False]) == [
+        False,
+        True,
+        False,
+        False,
+        False,
+    ]
     assert answer_token_mask(offsets, (4, 4)) == [False, False, False, True, False]  # empty: fallback
     assert answer_token_mask(offsets, None, fallback="none") == [False] * 5
     # A long token reaching into the answer, a character split over two tokens, a special token.
@@ -326,7 +367,14 @@ def test_answer_mask_rules():
     assert answer_token_mask(offsets, (6, 8)) == [False, False, True, False, True, False]
     excluded = [False, False, False, False, True, False]
     assert answer_token_mask(offsets, (0, 9), exclude=excluded) == [True, True, True, False, False, False]
-    assert answer_token_mask(offsets, (8, 9), exclude=excluded) == [False, False, True, False, False, False]  # fallback
+    assert answer_token_mask(offsets, (8, 9), exclude=excluded) == [
+        False,
+        False,
+        True,
+        False,
+        False,
+        False,
+    ]  # fallback
     assert answer_token_mask([(0, 2), (2, 2), (2, 2), (2, 4)], (1, 3)) == [True, False, False, True]
     # A special token between two tokens holding bytes of the answer's first character; tokens
     # without characters are passed over on either side of the answer's start.
@@ -390,7 +438,11 @@ def test_masked_out_tokens_inside_a_row_are_skipped():
 
 @pytest.mark.parametrize("which", ["gpt2", "stories260k"])
 def test_gsm8k_solutions(which, shared_data, request):
-    tok = request.getfixturevalue("gpt2_tokenizer") if which == "gpt2" else load_tokenizer(str(request.getfixturevalue("stories260k")))
+    tok = (
+        request.getfixturevalue("gpt2_tokenizer")
+        if which == "gpt2"
+        else load_tokenizer(str(request.getfixturevalue("stories260k")))
+    )
     path = shared_data / "gsm8k" / "test.jsonl"
     if not path.is_file():
         pytest.skip(f"{path} is absent")

@@ -37,7 +37,10 @@ def test_paired_ratio_pairs_runs_of_the_same_round():
 
 def test_curve_over_seeds_keeps_shared_steps():
     curves = [{0: 0.2, 10: 0.4, 20: 0.5}, {0: 0.2, 10: 0.6}]
-    assert curve_over_seeds(curves) == [(0, 0.2, 0.0), (10, pytest.approx(0.5), pytest.approx(math.sqrt(0.02)))]
+    assert curve_over_seeds(curves) == [
+        (0, 0.2, 0.0),
+        (10, pytest.approx(0.5), pytest.approx(math.sqrt(0.02))),
+    ]
 
 
 def test_read_val_curve_takes_validation_rows_only(tmp_path):
@@ -69,14 +72,37 @@ def test_summarise_and_table_over_seeds():
 
 
 def test_summarise_run_rates_from_step_records():
-    step = {"step_s": 2.0, "generation_s": 1.0, "generation_tokens": 100, "update_tokens": 150, "response_length": 10.0}
+    step = {
+        "step_s": 2.0,
+        "generation_s": 1.0,
+        "generation_tokens": 100,
+        "update_tokens": 150,
+        "response_length": 10.0,
+    }
     phases = [(None, None)] * 3  # a CPU run records no per-phase peaks
-    summary = summarise_run({"steps": [{**step, "generation_peak_mib": g, "update_peak_mib": u} for g, u in phases], "peak_memory_bytes": 3 * 2**20}, warmup=1)
+    summary = summarise_run(
+        {
+            "steps": [{**step, "generation_peak_mib": g, "update_peak_mib": u} for g, u in phases],
+            "peak_memory_bytes": 3 * 2**20,
+        },
+        warmup=1,
+    )
     assert {k: v for k, v in summary.items() if "_peak_" not in k} == {
-        "step_s": 2.0, "generation_tokens_per_s": 100.0, "update_tokens_per_s": 150.0, "response_length": 10.0, "peak_memory_mib": 3.0}
+        "step_s": 2.0,
+        "generation_tokens_per_s": 100.0,
+        "update_tokens_per_s": 150.0,
+        "response_length": 10.0,
+        "peak_memory_mib": 3.0,
+    }
     assert math.isnan(summary["generation_peak_mib"]) and math.isnan(summary["update_peak_mib"])
     phases = [(50.0, 70.0), (60.0, 65.0), (55.0, 80.0)]  # GPU: the highest of each phase over the steps
-    summary = summarise_run({"steps": [{**step, "generation_peak_mib": g, "update_peak_mib": u} for g, u in phases], "peak_memory_bytes": 3 * 2**20}, warmup=1)
+    summary = summarise_run(
+        {
+            "steps": [{**step, "generation_peak_mib": g, "update_peak_mib": u} for g, u in phases],
+            "peak_memory_bytes": 3 * 2**20,
+        },
+        warmup=1,
+    )
     assert (summary["generation_peak_mib"], summary["update_peak_mib"]) == (60.0, 80.0)
 
 
@@ -87,8 +113,8 @@ def test_every_capture_chunk_setting_records_the_maps_of_a_capture_pass(tmp_path
 
     from capture_chunks import SETTINGS, record_with
     from flow_overhead import StepParts, build_module, make_rollouts
-
     from lightning_flow.callbacks.flow_credit import FlowCredit
+
     from lightning_flow.capture import capture_attention
     from lightning_flow.policy import position_ids_from_mask
 
@@ -96,11 +122,18 @@ def test_every_capture_chunk_setting_records_the_maps_of_a_capture_pass(tmp_path
     module = build_module(args, tmp_path)
     rollouts = make_rollouts(module, 2, 64, 200, seed=0)
     parts = StepParts(module, rollouts, 200, FlowCredit())
-    expected = capture_attention(module.policy, rollouts.input_ids, rollouts.attention_mask, module.attention_layers,
-                                 position_ids=position_ids_from_mask(rollouts.attention_mask))
+    expected = capture_attention(
+        module.policy,
+        rollouts.input_ids,
+        rollouts.attention_mask,
+        module.attention_layers,
+        position_ids=position_ids_from_mask(rollouts.attention_mask),
+    )
     for setting in SETTINGS:
         seconds, maps = record_with(setting, parts)
         assert seconds > 0
         torch.testing.assert_close(maps, expected, rtol=1e-5, atol=1e-6)
     parts.solve()  # FlowCredit on the recorded maps: one solved graph per response
-    assert [rows for rows, _ in rollouts.flow_graphs] == [[0, 1]] and rollouts.flow_graphs[0][1].num_graphs == 2
+    assert [rows for rows, _ in rollouts.flow_graphs] == [[0, 1]] and rollouts.flow_graphs[0][
+        1
+    ].num_graphs == 2

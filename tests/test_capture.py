@@ -7,7 +7,12 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 from transformers import AutoModelForCausalLM
 
-from lightning_flow.capture import PROFILER_RANGE, AttentionRecorder, capture_attention, default_capture_layers
+from lightning_flow.capture import (
+    PROFILER_RANGE,
+    AttentionRecorder,
+    capture_attention,
+    default_capture_layers,
+)
 from lightning_flow.policy import PolicyConfig, load_policy, position_ids_from_mask
 
 from .lora import perturb_lora
@@ -22,7 +27,11 @@ def base_of(model):
 
 def implementations(model) -> list:
     """The attention implementation of every config in the model."""
-    return [m.config._attn_implementation for m in base_of(model).modules() if hasattr(m, "config") and hasattr(m.config, "_attn_implementation")]
+    return [
+        m.config._attn_implementation
+        for m in base_of(model).modules()
+        if hasattr(m, "config") and hasattr(m.config, "_attn_implementation")
+    ]
 
 
 def make_batch(vocab: int, n: int = 4, t: int = 14, padded: bool = True, seed: int = 0):
@@ -36,7 +45,7 @@ def make_batch(vocab: int, n: int = 4, t: int = 14, padded: bool = True, seed: i
             left, right = pads[row % len(pads)]
             mask[row, :left] = 0
             if right:
-                mask[row, t - right:] = 0
+                mask[row, t - right :] = 0
         ids = ids.masked_fill(mask == 0, 0)
     return ids, mask, position_ids_from_mask(mask)
 
@@ -48,7 +57,13 @@ def eager_reference(model, ids, mask, positions, layers) -> torch.Tensor:
     original = base.config._attn_implementation
     base.set_attn_implementation("eager")
     try:
-        out = model(input_ids=ids, attention_mask=mask, position_ids=positions, output_attentions=True, use_cache=False)
+        out = model(
+            input_ids=ids,
+            attention_mask=mask,
+            position_ids=positions,
+            output_attentions=True,
+            use_cache=False,
+        )
     finally:
         base.set_attn_implementation(original)
     maps = torch.stack([out.attentions[layer].float() for layer in layers]).mean(dim=0).mean(dim=1)
@@ -81,7 +96,9 @@ def tiny_plain(tiny_policy_dir):
 @pytest.fixture(scope="module")
 def stories_peft(stories260k):
     torch.manual_seed(0)  # as tiny_peft
-    model = load_policy(PolicyConfig(str(stories260k), lora_rank=4, lora_target_modules=["q_proj", "k_proj", "v_proj"]))
+    model = load_policy(
+        PolicyConfig(str(stories260k), lora_rank=4, lora_target_modules=["q_proj", "k_proj", "v_proj"])
+    )
     perturb_lora(model, seed=1, scale=0.3, match="lora_B")
     return model
 
@@ -142,7 +159,9 @@ def test_adapter_matters_and_disable_adapter_is_captured(tiny_peft):
     with_adapter = capture_attention(tiny_peft, ids, mask, layers, position_ids=positions)
     with tiny_peft.disable_adapter():
         without = capture_attention(tiny_peft, ids, mask, layers, position_ids=positions)
-        torch.testing.assert_close(without, eager_reference(tiny_peft, ids, mask, positions, layers), rtol=0, atol=1e-5)
+        torch.testing.assert_close(
+            without, eager_reference(tiny_peft, ids, mask, positions, layers), rtol=0, atol=1e-5
+        )
     assert (with_adapter - without).abs().max() > 1e-3
 
 
@@ -151,7 +170,9 @@ def test_gqa_single_layer_and_micro_batches_agree(stories_peft):
     whole = capture_attention(stories_peft, ids, mask, [4], micro_batch_size=8, position_ids=positions)
     split = capture_attention(stories_peft, ids, mask, [4], micro_batch_size=2, position_ids=positions)
     torch.testing.assert_close(split, whole, rtol=0, atol=1e-6)
-    torch.testing.assert_close(whole, eager_reference(stories_peft, ids, mask, positions, [4]), rtol=0, atol=1e-5)
+    torch.testing.assert_close(
+        whole, eager_reference(stories_peft, ids, mask, positions, [4]), rtol=0, atol=1e-5
+    )
 
 
 def _gemma2_eager():
@@ -159,8 +180,16 @@ def _gemma2_eager():
     from transformers import Gemma2Config, Gemma2ForCausalLM
 
     config = Gemma2Config(
-        vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4,
-        num_key_value_heads=2, head_dim=8, sliding_window=4, attn_logit_softcapping=5.0, attn_implementation="eager",
+        vocab_size=100,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=8,
+        sliding_window=4,
+        attn_logit_softcapping=5.0,
+        attn_implementation="eager",
     )
     return Gemma2ForCausalLM(config)
 
@@ -169,8 +198,13 @@ def _qwen2_sdpa():
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
     config = Qwen2Config(
-        vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4,
-        num_key_value_heads=2, attn_implementation="sdpa",
+        vocab_size=100,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        attn_implementation="sdpa",
     )
     return Qwen2ForCausalLM(config)
 
@@ -183,12 +217,19 @@ def test_other_architectures_match_eager(build):
     ids, mask, positions = make_batch(100)
     maps = capture_attention(model, ids, mask, [0, 1, 2], position_ids=positions)
     assert model.config._attn_implementation == original
-    torch.testing.assert_close(maps, eager_reference(model, ids, mask, positions, [0, 1, 2]), rtol=0, atol=1e-5)
+    torch.testing.assert_close(
+        maps, eager_reference(model, ids, mask, positions, [0, 1, 2]), rtol=0, atol=1e-5
+    )
 
 
-@pytest.mark.parametrize("min_elements, chunks", [(200, "one head, 2 query rows"), (2000, "2 of 4 heads, all rows")])
-@pytest.mark.parametrize("build, padded", [(_gemma2_eager, True), (_qwen2_sdpa, False), (_qwen2_sdpa, True)],
-                         ids=["gemma2-eager-padded", "qwen2-sdpa-causal", "qwen2-sdpa-padded"])
+@pytest.mark.parametrize(
+    "min_elements, chunks", [(200, "one head, 2 query rows"), (2000, "2 of 4 heads, all rows")]
+)
+@pytest.mark.parametrize(
+    "build, padded",
+    [(_gemma2_eager, True), (_qwen2_sdpa, False), (_qwen2_sdpa, True)],
+    ids=["gemma2-eager-padded", "qwen2-sdpa-causal", "qwen2-sdpa-padded"],
+)
 def test_chunked_recording_matches_eager(build, padded, min_elements, chunks, monkeypatch):
     """n=5, T=14: one head's scores are 980 elements, an eighth of the map 122. A floor of 200
     elements leaves one head and 200 // 70 = 2 query rows per chunk; 2000 takes two heads at once. Masks,
@@ -201,11 +242,16 @@ def test_chunked_recording_matches_eager(build, padded, min_elements, chunks, mo
     model = build().eval()
     ids, mask, positions = make_batch(100, n=5, padded=padded)
     maps = capture_attention(model, ids, mask, [0, 1, 2], micro_batch_size=5, position_ids=positions)
-    torch.testing.assert_close(maps, eager_reference(model, ids, mask, positions, [0, 1, 2]), rtol=0, atol=1e-5)
+    torch.testing.assert_close(
+        maps, eager_reference(model, ids, mask, positions, [0, 1, 2]), rtol=0, atol=1e-5
+    )
 
 
-@pytest.mark.parametrize("t, min_elements, rows_per_chunk", [(14, 200, 2), (256, 2**20, 64)],
-                         ids=["2-row chunks by memory", "4 chunks of a 256-row causal layer"])
+@pytest.mark.parametrize(
+    "t, min_elements, rows_per_chunk",
+    [(14, 200, 2), (256, 2**20, 64)],
+    ids=["2-row chunks by memory", "4 chunks of a 256-row causal layer"],
+)
 def test_causal_chunks_compute_only_the_keys_their_queries_see(monkeypatch, t, min_elements, rows_per_chunk):
     """A causal layer's chunk of query rows ending at row r1 scores keys :r1 only: with chunks of
     2 rows (T = 14, a small memory floor) 2 × (2 + 4 + ... + 14) = 112 of each head's 196 scores;
@@ -219,17 +265,28 @@ def test_causal_chunks_compute_only_the_keys_their_queries_see(monkeypatch, t, m
     ids, mask, positions = make_batch(100, n=n, t=t, padded=True)
     scored = []
     softmax = torch.softmax
-    monkeypatch.setattr(torch, "softmax", lambda x, *args, **kwargs: scored.append(x.numel()) or softmax(x, *args, **kwargs))
+    monkeypatch.setattr(
+        torch, "softmax", lambda x, *args, **kwargs: scored.append(x.numel()) or softmax(x, *args, **kwargs)
+    )
     maps = capture_attention(model, ids, mask, [0, 1, 2], micro_batch_size=n, position_ids=positions)
     monkeypatch.setattr(torch, "softmax", softmax)
     per_head = rows_per_chunk * sum(range(rows_per_chunk, t + 1, rows_per_chunk))
-    assert sum(scored) == n * model.config.num_attention_heads * 3 * per_head < n * model.config.num_attention_heads * 3 * t * t
-    torch.testing.assert_close(maps, eager_reference(model, ids, mask, positions, [0, 1, 2]), rtol=0, atol=1e-5)
+    assert (
+        sum(scored)
+        == n * model.config.num_attention_heads * 3 * per_head
+        < n * model.config.num_attention_heads * 3 * t * t
+    )
+    torch.testing.assert_close(
+        maps, eager_reference(model, ids, mask, positions, [0, 1, 2]), rtol=0, atol=1e-5
+    )
 
 
 @pytest.mark.parametrize("rows", [[1, 3, 4], [2], []], ids=["three", "one", "none"])
-@pytest.mark.parametrize("build, padded", [(_gemma2_eager, True), (_qwen2_sdpa, False), (_qwen2_sdpa, True)],
-                         ids=["gemma2-eager-padded", "qwen2-sdpa-causal", "qwen2-sdpa-padded"])
+@pytest.mark.parametrize(
+    "build, padded",
+    [(_gemma2_eager, True), (_qwen2_sdpa, False), (_qwen2_sdpa, True)],
+    ids=["gemma2-eager-padded", "qwen2-sdpa-causal", "qwen2-sdpa-padded"],
+)
 def test_recording_selected_rows_gives_their_eager_maps(build, padded, rows, monkeypatch):
     """``run(rows=...)`` records only those batch rows (masks, soft-capping, GQA sliced with them,
     in chunks of one head and 2 query rows), in that order, into ``out`` ([k, T, T])."""
@@ -241,7 +298,14 @@ def test_recording_selected_rows_gives_their_eager_maps(build, padded, rows, mon
     ids, mask, positions = make_batch(100, n=5, padded=padded)
     out = torch.full((len(rows), 14, 14), 7.0)  # stale values must not survive
     with AttentionRecorder(model, [0, 1, 2], stop_after_last=True) as recorder:
-        recorder.run(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=False, out=out, rows=torch.tensor(rows, dtype=torch.long))
+        recorder.run(
+            input_ids=ids,
+            attention_mask=mask,
+            position_ids=positions,
+            use_cache=False,
+            out=out,
+            rows=torch.tensor(rows, dtype=torch.long),
+        )
         maps = recorder.take()
     expected = eager_reference(model, ids, mask, positions, [0, 1, 2])[rows]
     assert maps.data_ptr() == out.data_ptr() and maps.shape == (len(rows), 14, 14)
@@ -291,7 +355,12 @@ def test_full_forward_inside_recorder_equals_plain_forward(request, model_name):
             recorded = model(input_ids=ids, attention_mask=mask, position_ids=positions).logits
             maps = rec.take()
     assert torch.equal(recorded, plain)
-    torch.testing.assert_close(maps * mask.bool()[:, :, None], capture_attention(model, ids, mask, [0, 1], position_ids=positions), rtol=0, atol=1e-6)
+    torch.testing.assert_close(
+        maps * mask.bool()[:, :, None],
+        capture_attention(model, ids, mask, [0, 1], position_ids=positions),
+        rtol=0,
+        atol=1e-6,
+    )
 
 
 def test_eager_model_is_recorded_through_eager_and_restored(tiny_policy_dir):
@@ -305,7 +374,9 @@ def test_eager_model_is_recorded_through_eager_and_restored(tiny_policy_dir):
             recorded = model(input_ids=ids, attention_mask=mask, position_ids=positions).logits
     assert torch.equal(recorded, plain)
     assert implementations(model) and set(implementations(model)) == {"eager"}
-    torch.testing.assert_close(rec.take(mask), eager_reference(model, ids, mask, positions, [1]), rtol=0, atol=1e-5)
+    torch.testing.assert_close(
+        rec.take(mask), eager_reference(model, ids, mask, positions, [1]), rtol=0, atol=1e-5
+    )
 
 
 def test_implementation_restored_after_an_exception(tiny_peft):
@@ -316,7 +387,7 @@ def test_implementation_restored_after_an_exception(tiny_peft):
         with AttentionRecorder(tiny_peft, [0]) as rec:
             assert set(implementations(tiny_peft)) != {"sdpa"}  # switched while recording
             tiny_peft(input_ids=ids, attention_mask=mask)
-            1 / 0
+            raise ZeroDivisionError("an error inside the recorder")
     assert implementations(tiny_peft) == before
     with AttentionRecorder(tiny_peft, [0], stop_after_last=True):
         tiny_peft(input_ids=ids, attention_mask=mask)
@@ -368,7 +439,9 @@ def test_several_passes_in_one_recorder_are_concatenated(tiny_peft):
         both = rec.take()
         with pytest.raises(RuntimeError, match="no attention was captured"):
             rec.take()
-    torch.testing.assert_close(both, capture_attention(tiny_peft, ids, mask, [0, 1], position_ids=positions), rtol=0, atol=1e-6)
+    torch.testing.assert_close(
+        both, capture_attention(tiny_peft, ids, mask, [0, 1], position_ids=positions), rtol=0, atol=1e-6
+    )
 
 
 def test_a_recorder_entered_again_starts_afresh(tiny_peft):
@@ -397,8 +470,16 @@ def test_pass_stops_after_the_last_captured_layer(stories_peft):
     mlp_calls = [count_calls(layer.mlp) for layer in decoder_layers]
     norm_calls, head_calls = count_calls(base.model.norm), count_calls(base.lm_head)
     ids, mask, positions = make_batch(512, n=5)
-    capture_attention(stories_peft, ids, mask, [1, 2], micro_batch_size=2, position_ids=positions)  # 3 micro-batches
-    assert [c[0] for c in layer_calls] == [3, 3, 0, 0, 0]  # layer 2 never finishes (stopped inside its attention)
+    capture_attention(
+        stories_peft, ids, mask, [1, 2], micro_batch_size=2, position_ids=positions
+    )  # 3 micro-batches
+    assert [c[0] for c in layer_calls] == [
+        3,
+        3,
+        0,
+        0,
+        0,
+    ]  # layer 2 never finishes (stopped inside its attention)
     assert [c[0] for c in mlp_calls] == [3, 3, 0, 0, 0]
     assert norm_calls[0] == 0 and head_calls[0] == 0
     with torch.no_grad(), AttentionRecorder(stories_peft, [1, 2], stop_after_last=False) as rec:
@@ -418,7 +499,9 @@ def memory_profile(fn):
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         fn()
     events = prof.profiler.kineto_results.events()
-    memory = sorted(((e.start_ns(), e.nbytes()) for e in events if e.name() == "[memory]"), key=lambda e: e[0])
+    memory = sorted(
+        ((e.start_ns(), e.nbytes()) for e in events if e.name() == "[memory]"), key=lambda e: e[0]
+    )
     windows = [(e.start_ns(), e.end_ns()) for e in events if e.name() == RECORD_LABEL]
     return memory, windows
 
@@ -456,7 +539,9 @@ def test_extra_memory_is_about_one_map(tiny_plain, monkeypatch):
     monkeypatch.setattr(AttentionRecorder, "_record", labelled_record)
 
     def baseline():  # the sdpa forward up to the attention output of the last captured layer
-        hook = model.model.layers[layers[-1]].self_attn.o_proj.register_forward_pre_hook(lambda *_: (_ for _ in ()).throw(_Stop()))
+        hook = model.model.layers[layers[-1]].self_attn.o_proj.register_forward_pre_hook(
+            lambda *_: (_ for _ in ()).throw(_Stop())
+        )
         try:
             with torch.no_grad():
                 model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=False)

@@ -54,9 +54,17 @@ def test_missing_model_folder_is_named(tmp_path):
         main([*tiny_args(Path("/nonexistent/policy"), tmp_path)], run=False)
     # A relative name could be a hub id: it is tried there (offline here, so at once) and both are named.
     code = "from lightning_flow.tokenizer import load_tokenizer; load_tokenizer('artifacts/no-such-policy')"
-    done = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env={**os.environ, "HF_HUB_OFFLINE": "1"}, capture_output=True, text=True)
+    done = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=tmp_path,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+        capture_output=True,
+        text=True,
+    )
     last_line = done.stderr.strip().splitlines()[-1]
-    assert last_line.startswith("OSError: cannot load model 'artifacts/no-such-policy': no such folder"), done.stderr[-2000:]
+    assert last_line.startswith("OSError: cannot load model 'artifacts/no-such-policy': no such folder"), (
+        done.stderr[-2000:]
+    )
     assert "not loadable from the Hugging Face hub" in last_line
 
 
@@ -66,7 +74,14 @@ def test_tokenizer_without_pad_token_is_handled(tmp_path):
     policy = tmp_path / "no-pad"
     build_tiny_llama(tokenizer).save_pretrained(policy)
     tokenizer.save_pretrained(policy)
-    cli = main(["fit", *tiny_args(policy, tmp_path, steps=1), "--trainer.limit_val_batches=0", "--trainer.val_check_interval=null"])
+    cli = main(
+        [
+            "fit",
+            *tiny_args(policy, tmp_path, steps=1),
+            "--trainer.limit_val_batches=0",
+            "--trainer.val_check_interval=null",
+        ]
+    )
     assert cli.trainer.global_step == 1
     assert cli.model.tokenizer.pad_token == cli.model.tokenizer.eos_token == "</s>"
 
@@ -76,4 +91,11 @@ def test_gpu_only_options_on_a_cpu_machine(tiny_policy_dir, tmp_path):
         main([*tiny_args(tiny_policy_dir, tmp_path), "--trainer.accelerator=gpu"], run=False)
     # Lightning's own check, before bitsandbytes is touched.
     with pytest.raises(RuntimeError, match="Bitsandbytes is only supported on CUDA GPUs"):
-        main([*tiny_args(tiny_policy_dir, tmp_path), "--trainer.plugins=lightning.pytorch.plugins.BitsandbytesPrecision", "--trainer.plugins.mode=nf4"], run=False)
+        main(
+            [
+                *tiny_args(tiny_policy_dir, tmp_path),
+                "--trainer.plugins=lightning.pytorch.plugins.BitsandbytesPrecision",
+                "--trainer.plugins.mode=nf4",
+            ],
+            run=False,
+        )

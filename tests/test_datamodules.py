@@ -8,8 +8,14 @@ from pathlib import Path
 
 import pytest
 import torch
+from lightning_flow.datamodules import (
+    ArithmeticDataModule,
+    DataError,
+    MathDataModule,
+    MathExample,
+    generate_arithmetic,
+)
 
-from lightning_flow.datamodules import ArithmeticDataModule, DataError, MathDataModule, MathExample, generate_arithmetic
 from lightning_flow.tokenizer import load_tokenizer
 
 
@@ -34,10 +40,23 @@ def gsm8k_gold_from_line(line: str) -> str:
 # ---- real data ----------------------------------------------------------------------------
 def test_gsm8k_batches(shared_data: Path, gpt2_tokenizer) -> None:
     test_file = shared_data / "gsm8k" / "test.jsonl"
-    data = MathDataModule(train=str(shared_data / "gsm8k" / "train.jsonl"), val=str(test_file), limit=200, batch_size=8, val_batch_size=50)
+    data = MathDataModule(
+        train=str(shared_data / "gsm8k" / "train.jsonl"),
+        val=str(test_file),
+        limit=200,
+        batch_size=8,
+        val_batch_size=50,
+    )
     data.set_tokenizer(gpt2_tokenizer)
     data.setup("fit")
-    assert data.stats == {"train_examples": 200, "val_examples": 200, "skipped_invalid": 0, "unparseable_gold": 0, "dropped_too_long": 0, "duplicate_prompts": 0}
+    assert data.stats == {
+        "train_examples": 200,
+        "val_examples": 200,
+        "skipped_invalid": 0,
+        "unparseable_gold": 0,
+        "dropped_too_long": 0,
+        "duplicate_prompts": 0,
+    }
 
     train = list(data.train_dataloader())
     assert len(train) == 200 // 8 and all(b["prompt_ids"].shape[0] == 8 for b in train)
@@ -54,7 +73,9 @@ def test_gsm8k_batches(shared_data: Path, gpt2_tokenizer) -> None:
 
 def test_training_order_is_seeded(shared_data: Path, gpt2_tokenizer) -> None:
     def first_sources(seed: int) -> list[str]:
-        data = MathDataModule(train=str(shared_data / "gsm8k" / "test.jsonl"), val_size=20, limit=100, seed=seed)
+        data = MathDataModule(
+            train=str(shared_data / "gsm8k" / "test.jsonl"), val_size=20, limit=100, seed=seed
+        )
         data.set_tokenizer(gpt2_tokenizer)
         data.setup()
         return next(iter(data.train_dataloader()))["sources"]
@@ -80,7 +101,9 @@ def test_math_golds_match_math500_answers(shared_data: Path, gpt2_tokenizer) -> 
     for line in (shared_data / "math500" / "test.jsonl").read_text(encoding="utf-8").splitlines():
         row = json.loads(line)
         reference[row["problem"]] = row["answer"]
-    data = MathDataModule(train=str(shared_data / "math" / "test.jsonl"), val=str(shared_data / "math500" / "test.jsonl"))
+    data = MathDataModule(
+        train=str(shared_data / "math" / "test.jsonl"), val=str(shared_data / "math500" / "test.jsonl")
+    )
     shared = [e for e in data.load_examples("train") if e.question in reference]
     assert len(shared) == 500
     assert [e.gold for e in shared] == [reference[e.question] for e in shared]
@@ -106,7 +129,13 @@ def test_math500_with_chat_template(shared_data: Path) -> None:
 
 def test_stories260k_tokenizer_keeps_bos(shared_data: Path) -> None:
     path = str(shared_data / "gsm8k" / "test.jsonl")
-    data = MathDataModule(train=path, val=path, limit=16, tokenizer=str(shared_data / "models" / "stories260K" / "hf"), max_prompt_length=10_000)
+    data = MathDataModule(
+        train=path,
+        val=path,
+        limit=16,
+        tokenizer=str(shared_data / "models" / "stories260K" / "hf"),
+        max_prompt_length=10_000,
+    )
     data.setup()
     tokenizer = data.get_tokenizer()
     batch = next(iter(data.val_dataloader()))
@@ -134,8 +163,12 @@ def module_for(train: str, val: str, gpt2_tokenizer, **kwargs) -> MathDataModule
 
 
 def test_row_formats(tmp_path: Path, gpt2_tokenizer) -> None:
-    rows = [GOOD_GSM, GOOD_MATH, json.dumps({"problem": "p", "solution": "\\boxed{1}", "answer": "2"}),
-            json.dumps({"question": "q", "answer": "#### 1,234"})]
+    rows = [
+        GOOD_GSM,
+        GOOD_MATH,
+        json.dumps({"problem": "p", "solution": "\\boxed{1}", "answer": "2"}),
+        json.dumps({"question": "q", "answer": "#### 1,234"}),
+    ]
     path = write(tmp_path, "mixed.jsonl", rows)
     examples = MathDataModule(train=path, val=path).load_examples("train")
     assert [e.gold for e in examples] == ["4", "\\frac{1}{2}", "2", "1234"]
@@ -153,7 +186,9 @@ def test_malformed_line(tmp_path: Path, gpt2_tokenizer) -> None:
 
 
 def test_missing_fields_lists_existing(tmp_path: Path, gpt2_tokenizer) -> None:
-    path = write(tmp_path, "fields.jsonl", [GOOD_GSM, GOOD_GSM, json.dumps({"question": "x", "solution": "y"})])
+    path = write(
+        tmp_path, "fields.jsonl", [GOOD_GSM, GOOD_GSM, json.dumps({"question": "x", "solution": "y"})]
+    )
     with pytest.raises(DataError, match=r"fields\.jsonl:3: expected fields .*'question', 'solution'"):
         module_for(path, path, gpt2_tokenizer).setup()
 
@@ -173,8 +208,12 @@ def test_unusable_rows(tmp_path: Path, row: dict, message: str) -> None:
 
 
 def test_unparseable_gold(tmp_path: Path, gpt2_tokenizer) -> None:
-    path = write(tmp_path, "golds.jsonl", [GOOD_MATH, json.dumps({"problem": "p", "answer": "\\frac{"}), GOOD_GSM])
-    with pytest.raises(DataError, match=r"golds\.jsonl:2: math_verify cannot parse the gold answer '\\\\frac\{'"):
+    path = write(
+        tmp_path, "golds.jsonl", [GOOD_MATH, json.dumps({"problem": "p", "answer": "\\frac{"}), GOOD_GSM]
+    )
+    with pytest.raises(
+        DataError, match=r"golds\.jsonl:2: math_verify cannot parse the gold answer '\\\\frac\{'"
+    ):
         module_for(path, path, gpt2_tokenizer).setup()
     data = module_for(path, path, gpt2_tokenizer, skip_invalid=True)
     data.setup()
@@ -186,7 +225,10 @@ def test_too_long_prompt_dropped(tmp_path: Path, gpt2_tokenizer) -> None:
     path = write(tmp_path, "long.jsonl", [GOOD_GSM, long_row, GOOD_GSM])
     data = module_for(path, path, gpt2_tokenizer, max_prompt_length=40)
     data.setup()
-    assert data.stats["dropped_too_long"] == 2 and data.stats["train_examples"] == data.stats["val_examples"] == 2
+    assert (
+        data.stats["dropped_too_long"] == 2
+        and data.stats["train_examples"] == data.stats["val_examples"] == 2
+    )
     assert all(s.endswith((":1", ":3")) for b in data.val_dataloader() for s in b["sources"])
 
 
@@ -222,7 +264,10 @@ def test_generate_arithmetic_is_correct() -> None:
         assert example.source == f"arithmetic:seed=7:i={i}"
         steps = re.findall(r"(-?\d+)([+-])(\d+)=(-?\d+)\.", example.solution)
         assert len(steps) == len(operands) - 1
-        assert example.solution == " ".join(f"{a}{op}{b}={c}." for a, op, b, c in steps) + f" \\boxed{{{example.gold}}}"
+        assert (
+            example.solution
+            == " ".join(f"{a}{op}{b}={c}." for a, op, b, c in steps) + f" \\boxed{{{example.gold}}}"
+        )
     assert {len(re.findall(r"[+-]", e.question)) for e in examples} == {1, 2, 3}
 
 
@@ -234,7 +279,9 @@ def test_generate_arithmetic_is_deterministic() -> None:
 
 
 def test_arithmetic_module(gpt2_tokenizer) -> None:
-    data = ArithmeticDataModule(num_train=300, num_val=50, batch_size=16, instruction="", plain_template="{question}\n")
+    data = ArithmeticDataModule(
+        num_train=300, num_val=50, batch_size=16, instruction="", plain_template="{question}\n"
+    )
     data.set_tokenizer(gpt2_tokenizer)
     data.setup()
     train, val = data.load_examples("train"), data.load_examples("val")

@@ -25,7 +25,10 @@ def demo_config_at(tmp_path: Path, name: str) -> Path:
 def test_demo_policy_is_bitwise_reproducible(tmp_path):
     for name in ("a", "b"):
         build_demo_policy(["--config", str(demo_config_at(tmp_path, name)), "--steps", "15"])
-    first, second = load_file(tmp_path / "a" / "model.safetensors"), load_file(tmp_path / "b" / "model.safetensors")
+    first, second = (
+        load_file(tmp_path / "a" / "model.safetensors"),
+        load_file(tmp_path / "b" / "model.safetensors"),
+    )
     assert first.keys() == second.keys()
     assert all(torch.equal(first[k], second[k]) for k in first)
 

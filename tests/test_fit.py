@@ -23,7 +23,8 @@ DEMO = str(REPO / "configs" / "demo.yaml")
 def tiny_args(policy: Path, root: Path, steps: int = 2) -> list[str]:
     """The demo config shrunk to a few quick steps on a given policy, logging under root."""
     return [
-        "--config", DEMO,
+        "--config",
+        DEMO,
         f"--model.policy.name_or_path={policy}",
         f"--trainer.max_steps={steps}",
         f"--trainer.default_root_dir={root}",
@@ -50,17 +51,43 @@ def lora_state(path: Path) -> dict[str, torch.Tensor]:
 
 
 def test_fit_logs_saves_and_resumes(tiny_policy_dir, tmp_path):
-    cli = main(["fit", *tiny_args(tiny_policy_dir, tmp_path), "--model.grpo.beta=0.04", "--model.grpo.num_iterations=2", "--trainer.val_check_interval=1"])
+    cli = main(
+        [
+            "fit",
+            *tiny_args(tiny_policy_dir, tmp_path),
+            "--model.grpo.beta=0.04",
+            "--model.grpo.num_iterations=2",
+            "--trainer.val_check_interval=1",
+        ]
+    )
     log_dir = Path(cli.trainer.log_dir)
     assert cli.trainer.global_step == 2  # num_iterations=2: two optimizer steps from one batch
 
     logged = scalars(log_dir)
     expected = [
-        "train/reward", "train/reward/correctness", "train/accuracy", "train/reward_std", "train/zero_std_group_fraction",
-        "train/advantage_mean", "train/advantage_std", "train/kl", "train/clip_ratio_low", "train/clip_ratio_high",
-        "train/entropy", "train/response_length_mean", "train/response_length_max", "train/truncated_fraction",
-        "perf/generation_tokens_per_s", "perf/update_tokens_per_s", "perf/step_time_s", "train/grad_norm", "train/lr",
-        "train/loss", "val/accuracy", "data/train_examples", "data/dropped_too_long",
+        "train/reward",
+        "train/reward/correctness",
+        "train/accuracy",
+        "train/reward_std",
+        "train/zero_std_group_fraction",
+        "train/advantage_mean",
+        "train/advantage_std",
+        "train/kl",
+        "train/clip_ratio_low",
+        "train/clip_ratio_high",
+        "train/entropy",
+        "train/response_length_mean",
+        "train/response_length_max",
+        "train/truncated_fraction",
+        "perf/generation_tokens_per_s",
+        "perf/update_tokens_per_s",
+        "perf/step_time_s",
+        "train/grad_norm",
+        "train/lr",
+        "train/loss",
+        "val/accuracy",
+        "data/train_examples",
+        "data/dropped_too_long",
     ]
     assert not [tag for tag in expected if tag not in logged]
     assert all(v == v for values in logged.values() for v in values), "a NaN was logged"
@@ -80,7 +107,13 @@ def test_fit_logs_saves_and_resumes(tiny_policy_dir, tmp_path):
             torch.testing.assert_close(param, checkpoint["policy." + name])
 
     # Resume from the checkpoint and train two more steps.
-    resumed = main(["fit", *tiny_args(tiny_policy_dir, tmp_path, steps=4), f"--ckpt_path={log_dir / 'checkpoints' / 'last.ckpt'}"])
+    resumed = main(
+        [
+            "fit",
+            *tiny_args(tiny_policy_dir, tmp_path, steps=4),
+            f"--ckpt_path={log_dir / 'checkpoints' / 'last.ckpt'}",
+        ]
+    )
     assert resumed.trainer.global_step == 4
 
 
@@ -101,10 +134,21 @@ class ZeroCredit(RolloutCallback):
 
 @pytest.mark.parametrize("credit", [None, "zero"])
 def test_token_weights_reach_the_loss(tiny_policy_dir, tmp_path, credit):
-    args = [*tiny_args(tiny_policy_dir, tmp_path, steps=1), "--trainer.val_check_interval=null", "--trainer.limit_val_batches=0"]
+    args = [
+        *tiny_args(tiny_policy_dir, tmp_path, steps=1),
+        "--trainer.val_check_interval=null",
+        "--trainer.limit_val_batches=0",
+    ]
     if credit:
         args.append("--trainer.callbacks+=tests.test_fit.ZeroCredit")
-    cli = main(["fit", *args, "--model.optim.lr=0.05", '--model.rewards.custom={"tests.test_fit.length_reward": 1.0}'])
+    cli = main(
+        [
+            "fit",
+            *args,
+            "--model.optim.lr=0.05",
+            '--model.rewards.custom={"tests.test_fit.length_reward": 1.0}',
+        ]
+    )
     assert cli.model.reward_suite.names == ["correctness", "tests.test_fit.length_reward"]
     # The LoRA B matrices start at zero; any update with a nonzero gradient moves them.
     moved = max(p.abs().max().item() for n, p in cli.model.policy.named_parameters() if "lora_B" in n)
@@ -124,7 +168,10 @@ def test_validate_logs_accuracy(tiny_policy_dir, tmp_path):
 def test_print_config_shows_every_group():
     out = subprocess.run(
         [sys.executable, "-m", "lightning_flow", "fit", "--config", DEMO, "--print_config"],
-        capture_output=True, text=True, check=True, cwd=REPO,
+        capture_output=True,
+        text=True,
+        check=True,
+        cwd=REPO,
     ).stdout
     config = yaml.safe_load(out)
     assert set(config["model"]) >= {"policy", "sampling", "grpo", "optim", "rewards"}
@@ -135,7 +182,8 @@ def test_print_config_shows_every_group():
 def test_fit_on_real_stories260k_weights(stories260k, shared_data, tmp_path):
     """Real weights and a SentencePiece tokenizer through generation, reward, loss and backward."""
     args = [
-        "--config", DEMO,
+        "--config",
+        DEMO,
         f"--model.policy.name_or_path={stories260k}",
         "--trainer.max_steps=2",
         f"--trainer.default_root_dir={tmp_path}",
@@ -156,5 +204,8 @@ def test_fit_on_real_stories260k_weights(stories260k, shared_data, tmp_path):
     cli = main(["fit", *args])
     logged = scalars(Path(cli.trainer.log_dir))
     assert cli.trainer.global_step == 2
-    assert all(torch.isfinite(torch.tensor(logged[tag])).all() for tag in ["train/loss", "train/kl", "train/grad_norm", "train/entropy"])
+    assert all(
+        torch.isfinite(torch.tensor(logged[tag])).all()
+        for tag in ["train/loss", "train/kl", "train/grad_norm", "train/entropy"]
+    )
     assert logged["train/response_length_mean"][0] > 0

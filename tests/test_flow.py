@@ -32,7 +32,9 @@ TOL = 1e-5
 
 
 # ---- inputs --------------------------------------------------------------------------------
-def layout(rows: list[tuple[int, int, int, int, int]], t: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def layout(
+    rows: list[tuple[int, int, int, int, int]], t: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Masks from (left_pad, prompt_len, response_len, answer_start, answer_len) per response,
     answer_start counted inside the response; the rest of each row is right padding."""
     valid, prompt, answer = (torch.zeros(len(rows), t, dtype=torch.bool) for _ in range(3))
@@ -165,7 +167,11 @@ def test_matches_python_reference(t: int, cfg_id: int) -> None:
             h, f = ref["h"], ref["f"]
             g = {i: f[i] / h[i] for i in ref["nodes"] if h[i] > 0}
             for k in g:
-                into_k = [(i, cc) for (i, kk), cc in ref["cap"].items() if kk == k and i in g and i not in ref["ans"]]
+                into_k = [
+                    (i, cc)
+                    for (i, kk), cc in ref["cap"].items()
+                    if kk == k and i in g and i not in ref["ans"]
+                ]
                 rhs = ref["mu"][k] / h[k] + sum(g[i] * cc for i, cc in into_k)
                 assert g[k] == pytest.approx(rhs, rel=1e-9, abs=1e-12)
 
@@ -187,12 +193,25 @@ def test_vector_matrix_is_the_sum_over_the_shared_index_in_any_layout() -> None:
     from lightning_flow.flow.solver import vector_matrix
 
     g = torch.Generator().manual_seed(0)
-    x, m = torch.rand(3, 5, generator=g, dtype=torch.float64), torch.rand(3, 5, 4, generator=g, dtype=torch.float64)
+    x, m = (
+        torch.rand(3, 5, generator=g, dtype=torch.float64),
+        torch.rand(3, 5, 4, generator=g, dtype=torch.float64),
+    )
     expected = [[sum(x[n, a] * m[n, a, b] for a in range(5)) for b in range(4)] for n in range(3)]
     assert torch.allclose(vector_matrix(x, m), torch.tensor(expected, dtype=torch.float64))
-    square = torch.rand(3, 5, 5, generator=g, dtype=torch.float64)  # a transposed view: the sum over the last index
-    assert torch.allclose(vector_matrix(x, square.mT), torch.tensor([[sum(square[n, k, a] * x[n, a] for a in range(5)) for k in range(5)] for n in range(3)], dtype=torch.float64))
-    blocks = torch.rand(2, 3, 5, 4, generator=g, dtype=torch.float64)  # two batch dims, as the blocked sweep uses it
+    square = torch.rand(
+        3, 5, 5, generator=g, dtype=torch.float64
+    )  # a transposed view: the sum over the last index
+    assert torch.allclose(
+        vector_matrix(x, square.mT),
+        torch.tensor(
+            [[sum(square[n, k, a] * x[n, a] for a in range(5)) for k in range(5)] for n in range(3)],
+            dtype=torch.float64,
+        ),
+    )
+    blocks = torch.rand(
+        2, 3, 5, 4, generator=g, dtype=torch.float64
+    )  # two batch dims, as the blocked sweep uses it
     y = torch.rand(2, 3, 5, generator=g, dtype=torch.float64)
     assert torch.allclose(vector_matrix(y, blocks), (y[..., None] * blocks).sum(-2))
 
@@ -219,7 +238,12 @@ def test_graph_sink_and_pruning_options() -> None:
     assert edges(FlowConfig(sink_tokens=2, max_in_degree=None, min_capacity=0.0)) == {(3, 4), (3, 5), (4, 5)}
     strong = {(1, 2), (1, 3), (2, 3), (1, 4), (3, 4), (3, 5)}
     assert edges(FlowConfig(sink_tokens=0, max_in_degree=None, min_capacity=0.3)) == strong
-    assert edges(FlowConfig(sink_tokens=0, max_in_degree=1, min_capacity=0.0)) == {(1, 2), (1, 3), (1, 4), (3, 5)}
+    assert edges(FlowConfig(sink_tokens=0, max_in_degree=1, min_capacity=0.0)) == {
+        (1, 2),
+        (1, 3),
+        (1, 4),
+        (3, 5),
+    }
     # Ties at the cut go to the earliest source, deterministically.
     tied = att.clone()
     tied[0, 5, 1:5] = 0.2
@@ -455,14 +479,21 @@ def test_prune_incoming_keeps_the_shortest_strongest_run_reaching_keep_mass() ->
     assert kept(0.81) == [1, 4, 0, 2, 2, 0]  # then the earlier 1
     assert kept(1.0, 2) == [0, 4, 0, 2, 0, 0]  # the cap cuts first
     assert kept(0.3, 2) == [0, 4, 0, 0, 0, 0]
-    assert prune_incoming(torch.zeros(2, 3), 0.5, 1).tolist() == [[0, 0, 0], [0, 0, 0]]  # no edges stay no edges
+    assert prune_incoming(torch.zeros(2, 3), 0.5, 1).tolist() == [
+        [0, 0, 0],
+        [0, 0, 0],
+    ]  # no edges stay no edges
 
 
 def float64_dense_flow(att, valid, prompt, answer, sink_tokens: int = 1, min_capacity: float = 1e-6):
     """Unpruned flow, written out as two dense float64 solves per response: (I - C') h = 1_S with
     the answer's out-edges removed, then (I - Wᵀ) f = μ. Returns (f [N, T], log h [N, T], degenerate [N])."""
     n, t = valid.shape
-    flows, log_hs, degenerate = torch.zeros(n, t, dtype=torch.float64), torch.full((n, t), -math.inf, dtype=torch.float64), []
+    flows, log_hs, degenerate = (
+        torch.zeros(n, t, dtype=torch.float64),
+        torch.full((n, t), -math.inf, dtype=torch.float64),
+        [],
+    )
     for r in range(n):
         idx = valid[r].nonzero().flatten()
         a = att[r][idx][:, idx].double()  # [V, V] query, key
@@ -488,7 +519,9 @@ def float64_dense_flow(att, valid, prompt, answer, sink_tokens: int = 1, min_cap
 def test_unpruned_graph_flow_equals_a_dense_float64_solve_on_padded_batches(block_size: int) -> None:
     gen = torch.Generator().manual_seed(21)
     t = 70
-    rows = [(0, 9, 50, 40, 3), (15, 6, 40, 39, 1), (4, 10, 45, 2, 4), (20, 3, 12, 5, 2)] + [random_layout(gen, t) for _ in range(4)]
+    rows = [(0, 9, 50, 40, 3), (15, 6, 40, 39, 1), (4, 10, 45, 2, 4), (20, 3, 12, 5, 2)] + [
+        random_layout(gen, t) for _ in range(4)
+    ]
     valid, prompt, answer = layout(rows, t)
     att = random_attention(valid, gen, sharpness=2.0)
     r = answer_flow(att, valid, prompt, answer, FlowConfig(keep_mass=1.0, block_size=block_size))
@@ -505,7 +538,9 @@ def test_unpruned_graph_flow_equals_a_dense_float64_solve_on_padded_batches(bloc
 def test_pruned_graphs_keep_the_invariants(keep_mass: float, max_in_degree: int | None) -> None:
     gen = torch.Generator().manual_seed(12)
     t = 60
-    rows = [(0, 9, 40, 30, 3), (9, 6, 40, 39, 1), (4, 10, 40, 2, 4)] + [random_layout(gen, t) for _ in range(5)]
+    rows = [(0, 9, 40, 30, 3), (9, 6, 40, 39, 1), (4, 10, 40, 2, 4)] + [
+        random_layout(gen, t) for _ in range(5)
+    ]
     valid, prompt, answer = layout(rows, t)
     att = random_attention(valid, gen, sharpness=3.0)
     cfg = FlowConfig(keep_mass=keep_mass, max_in_degree=max_in_degree, block_size=16)
@@ -521,7 +556,9 @@ def test_pruned_graphs_keep_the_invariants(keep_mass: float, max_in_degree: int 
     source, target = g.edge_index
     w = (g.edge_attr.double().log() + g.log_h[target] - g.log_h[source]).exp()
     sender = (g.role != ROLE_ANSWER) & torch.isfinite(g.log_h)
-    w_out = torch.zeros(g.num_nodes, dtype=torch.float64).index_add_(0, source, torch.where(sender[source], w, 0.0))
+    w_out = torch.zeros(g.num_nodes, dtype=torch.float64).index_add_(
+        0, source, torch.where(sender[source], w, 0.0)
+    )
     assert torch.allclose(w_out[sender], torch.ones(()).double(), atol=TOL)
     # Nothing after the last answer token.
     last = torch.where(answer, torch.arange(t), -1).amax(-1, keepdim=True)
@@ -549,7 +586,13 @@ def test_h_spanning_hundreds_of_orders_in_one_block_gives_the_float64_flow(span:
     ratio = span ** (-1 / (t - n_prompt))  # h(i) = 0.7 r h(i + 1) + 0.3 r² h(i + 2) decays by r per token
     att, valid, prompt, answer = sink_chain(t, n_prompt, 0.7 * ratio, second=0.3 * ratio**2)
     r = answer_flow(att.float(), valid, prompt, answer, FlowConfig(block_size=512, min_capacity=0.0))
-    ref = reference(att[0].float().tolist(), valid[0].tolist(), prompt[0].tolist(), answer[0].tolist(), FlowConfig(min_capacity=0.0))
+    ref = reference(
+        att[0].float().tolist(),
+        valid[0].tolist(),
+        prompt[0].tolist(),
+        answer[0].tolist(),
+        FlowConfig(min_capacity=0.0),
+    )
     h_span = max(ref["h"].values()) / min(v for v in ref["h"].values() if v > 0)
     assert h_span > span / 100  # the map really spans that range inside the one block
     assert not r.degenerate[0] and torch.isfinite(r.flow).all() and not r.flow.isnan().any()
@@ -572,7 +615,9 @@ def test_solve_flow_fills_node_attributes_of_the_graphs() -> None:
     assert g.f.abs().sum() == 0 and g.edge_index.shape[1] == 10
     solve_flow(g)
     one = g.get_example(0)
-    assert one.f.tolist() == pytest.approx(answer_flow(att, valid, prompt, answer, NO_PRUNING).flow[0, 1:].tolist(), abs=TOL)
+    assert one.f.tolist() == pytest.approx(
+        answer_flow(att, valid, prompt, answer, NO_PRUNING).flow[0, 1:].tolist(), abs=TOL
+    )
     assert float(one.h.max()) == pytest.approx(1.0) and not bool(one.degenerate)
 
 
@@ -585,10 +630,12 @@ def test_boosted_count_rounds_half_up() -> None:
 
 
 def test_credit_weights_rank_response_tokens_stably() -> None:
-    signal = torch.tensor([
-        [9.0, 9.0, 0.5, 0.5, 0.5, 0.1, 0.7, 9.0],
-        [0.0, 3.0, 1.0, float("nan"), 2.0, -math.inf, 0.0, 0.0],
-    ])
+    signal = torch.tensor(
+        [
+            [9.0, 9.0, 0.5, 0.5, 0.5, 0.1, 0.7, 9.0],
+            [0.0, 3.0, 1.0, float("nan"), 2.0, -math.inf, 0.0, 0.0],
+        ]
+    )
     response = torch.tensor([[0, 0, 1, 1, 1, 1, 1, 0], [0, 1, 1, 1, 1, 1, 0, 0]], dtype=torch.bool)
     w = credit_weights(signal, response, 0.4, 1.5)
     # Row 0: 5 response tokens -> 2 boosted: 0.7 (pos 6), then the earliest 0.5 (pos 2).

@@ -20,7 +20,9 @@ from lightning_flow.tokenizer import load_tokenizer
 
 from .test_fit import scalars, tiny_args
 
-VARYING_REWARD = '--model.rewards.custom={"tests.test_fit.length_reward": 1.0}'  # nonzero advantages, so rows get credit
+VARYING_REWARD = (
+    '--model.rewards.custom={"tests.test_fit.length_reward": 1.0}'  # nonzero advantages, so rows get credit
+)
 
 FLOW = "lightning_flow.callbacks.FlowCredit"
 
@@ -39,21 +41,39 @@ class RecordWeights(RolloutCallback):
 
 def fit_with_credit(policy: Path, root: Path, signal: str, *extra: str):
     RecordWeights.seen, RecordWeights.graphs = [], []
-    return main([
-        "fit", *tiny_args(policy, root, steps=2), "--trainer.limit_val_batches=0",
-        f"--trainer.callbacks+={FLOW}", f"--trainer.callbacks.signal={signal}",
-        "--trainer.callbacks+=tests.test_flow_fit.RecordWeights", VARYING_REWARD, *extra,
-    ])
+    return main(
+        [
+            "fit",
+            *tiny_args(policy, root, steps=2),
+            "--trainer.limit_val_batches=0",
+            f"--trainer.callbacks+={FLOW}",
+            f"--trainer.callbacks.signal={signal}",
+            "--trainer.callbacks+=tests.test_flow_fit.RecordWeights",
+            VARYING_REWARD,
+            *extra,
+        ]
+    )
 
 
 def test_flow_credit_fit_logs_and_boosts_the_top_tokens(tiny_policy_dir, tmp_path):
     cli = fit_with_credit(tiny_policy_dir, tmp_path, "flow")
     logged = scalars(Path(cli.trainer.log_dir))
-    for tag in ["credit/answer_found_fraction", "credit/fallback_fraction", "credit/top_signal_share", "credit/time_s",
-                "credit/kept_capacity", "credit/edges_per_token", "perf/capture_time_s", "perf/capture_share",
-                "perf/credit_time_s", "perf/credit_share"]:
+    for tag in [
+        "credit/answer_found_fraction",
+        "credit/fallback_fraction",
+        "credit/top_signal_share",
+        "credit/time_s",
+        "credit/kept_capacity",
+        "credit/edges_per_token",
+        "perf/capture_time_s",
+        "perf/capture_share",
+        "perf/credit_time_s",
+        "perf/credit_share",
+    ]:
         assert tag in logged and all(v == v for v in logged[tag]), tag
-    assert all(0.999 <= v <= 1 for v in logged["credit/kept_capacity"])  # keep_mass 0.999; the cap of 64 does not bind at T < 64
+    assert all(
+        0.999 <= v <= 1 for v in logged["credit/kept_capacity"]
+    )  # keep_mass 0.999; the cap of 64 does not bind at T < 64
     assert logged["perf/capture_time_s"][0] > 0  # recorded in the update's forward (mu = 1, beta = 0)
     weights = RecordWeights.seen[0]
     used = weights[weights > 0]
@@ -91,17 +111,26 @@ class CountForwards(RolloutCallback):
     def on_fit_start(self, trainer, pl_module):
         CountForwards.calls = 0
         embeddings = pl_module.policy.get_input_embeddings()
-        embeddings.register_forward_pre_hook(lambda *_: setattr(CountForwards, "calls", CountForwards.calls + 1))
+        embeddings.register_forward_pre_hook(
+            lambda *_: setattr(CountForwards, "calls", CountForwards.calls + 1)
+        )
 
 
-@pytest.mark.parametrize("extra", [[], ["--model.grpo.num_iterations=2"], ["--model.grpo.beta=0.1"]], ids=["mu1", "mu2", "beta"])
+@pytest.mark.parametrize(
+    "extra", [[], ["--model.grpo.num_iterations=2"], ["--model.grpo.beta=0.1"]], ids=["mu1", "mu2", "beta"]
+)
 def test_flow_credit_adds_no_forward_pass(tiny_policy_dir, tmp_path, extra):
     """One step with and without FlowCredit (same seed, so the same samples): the same number of
     policy forwards; the attention is recorded in a pass the step runs anyway."""
     counts = {}
     for credit in (False, True):
-        args = ["fit", *tiny_args(tiny_policy_dir, tmp_path / str(credit), steps=1), "--trainer.limit_val_batches=0",
-                "--trainer.callbacks+=tests.test_flow_fit.CountForwards", *extra]
+        args = [
+            "fit",
+            *tiny_args(tiny_policy_dir, tmp_path / str(credit), steps=1),
+            "--trainer.limit_val_batches=0",
+            "--trainer.callbacks+=tests.test_flow_fit.CountForwards",
+            *extra,
+        ]
         if credit:
             args += [f"--trainer.callbacks+={FLOW}", "--trainer.callbacks.signal=flow"]
         cli = main(args)
@@ -119,14 +148,22 @@ class KeepCreditInputs(RolloutCallback):
     def on_credit(self, trainer, pl_module, rollouts, micro_batch):
         rows = micro_batch.rows
         chunks = [(chunk, maps.clone()) for chunk, maps in micro_batch.attention_maps()]
-        KeepCreditInputs.kept.append({
-            "start": rows.start, "ids": rollouts.input_ids[rows].clone(), "mask": rollouts.attention_mask[rows].clone(),
-            "completion": (rollouts.completion_ids[rows].clone(), rollouts.completion_mask[rows].clone()),
-            "recorded": [row for chunk, _ in chunks for row in chunk], "chunks": [len(chunk) for chunk, _ in chunks],
-            "attention": torch.cat([maps for _, maps in chunks]) if chunks else None, "entropy": rollouts.entropy[rows].clone(),
-            "advantages": rollouts.advantages[rows].clone(),
-            "adapter": {k: v.detach().clone() for k, v in pl_module.policy.named_parameters() if v.requires_grad},
-        })
+        KeepCreditInputs.kept.append(
+            {
+                "start": rows.start,
+                "ids": rollouts.input_ids[rows].clone(),
+                "mask": rollouts.attention_mask[rows].clone(),
+                "completion": (rollouts.completion_ids[rows].clone(), rollouts.completion_mask[rows].clone()),
+                "recorded": [row for chunk, _ in chunks for row in chunk],
+                "chunks": [len(chunk) for chunk, _ in chunks],
+                "attention": torch.cat([maps for _, maps in chunks]) if chunks else None,
+                "entropy": rollouts.entropy[rows].clone(),
+                "advantages": rollouts.advantages[rows].clone(),
+                "adapter": {
+                    k: v.detach().clone() for k, v in pl_module.policy.named_parameters() if v.requires_grad
+                },
+            }
+        )
 
 
 class AskForEveryRow(RolloutCallback):
@@ -134,10 +171,20 @@ class AskForEveryRow(RolloutCallback):
         pl_module.request_attention(None, zero_advantage_rows=True)
 
 
-@pytest.mark.parametrize("iterations, every_row, precision, budget", [
-    (1, False, "32", None), (2, False, "32", None), (1, True, "32", None), (1, False, "bf16-mixed", None), (1, True, "32", 1), (2, True, "32", 1),
-])
-def test_recorded_attention_equals_a_capture_pass(tiny_policy_dir, tmp_path, iterations, every_row, precision, budget):
+@pytest.mark.parametrize(
+    "iterations, every_row, precision, budget",
+    [
+        (1, False, "32", None),
+        (2, False, "32", None),
+        (1, True, "32", None),
+        (1, False, "bf16-mixed", None),
+        (1, True, "32", 1),
+        (2, True, "32", 1),
+    ],
+)
+def test_recorded_attention_equals_a_capture_pass(
+    tiny_policy_dir, tmp_path, iterations, every_row, precision, budget
+):
     """mu = 1 records in the update's grad forward, mu = 2 in the no-grad old log-prob pass; both
     give, micro-batch by micro-batch (16 rows in 8s), the maps and entropies of a separate pass
     with the weights of that moment (under the step's autocast with bf16-mixed precision). Rows
@@ -145,23 +192,41 @@ def test_recorded_attention_equals_a_capture_pass(tiny_policy_dir, tmp_path, ite
     budget of ``budget`` rows' maps, the rows come in chunks of that many (the first recorded by
     the forward, the others by extra passes), with the same maps."""
     KeepCreditInputs.kept = []
-    reward = ["--trainer.callbacks+=tests.test_flow_fit.AskForEveryRow"] if every_row else [VARYING_REWARD]  # correctness alone: all advantages 0
-    budget_mb = None if budget is None else budget * 4 * 44 * 44 / 2**20  # tiny_args: T <= 32 prompt + 12 new tokens
+    reward = (
+        ["--trainer.callbacks+=tests.test_flow_fit.AskForEveryRow"] if every_row else [VARYING_REWARD]
+    )  # correctness alone: all advantages 0
+    budget_mb = (
+        None if budget is None else budget * 4 * 44 * 44 / 2**20
+    )  # tiny_args: T <= 32 prompt + 12 new tokens
     extra = [] if budget is None else [f"--trainer.callbacks.max_attention_mb={budget_mb}"]
-    cli = main(["fit", *tiny_args(tiny_policy_dir, tmp_path, steps=1), "--trainer.limit_val_batches=0",
-                "--trainer.callbacks+=tests.test_flow_fit.KeepCreditInputs", f"--trainer.callbacks+={FLOW}", *extra,
-                f"--model.grpo.num_iterations={iterations}", f"--trainer.precision={precision}", *reward])
+    cli = main(
+        [
+            "fit",
+            *tiny_args(tiny_policy_dir, tmp_path, steps=1),
+            "--trainer.limit_val_batches=0",
+            "--trainer.callbacks+=tests.test_flow_fit.KeepCreditInputs",
+            f"--trainer.callbacks+={FLOW}",
+            *extra,
+            f"--model.grpo.num_iterations={iterations}",
+            f"--trainer.precision={precision}",
+            *reward,
+        ]
+    )
     autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16-mixed")
     module = cli.model
     assert [kept["ids"].shape[0] for kept in KeepCreditInputs.kept] == [8, 8]
     for kept in KeepCreditInputs.kept:
         expected_rows = [kept["start"] + j for j in range(8) if every_row or kept["advantages"][j] != 0]
         assert kept["recorded"] == expected_rows
-        if budget is not None:  # as many rows as fit the budget at this step's length (at least the asked-for number)
+        if (
+            budget is not None
+        ):  # as many rows as fit the budget at this step's length (at least the asked-for number)
             chunk = int(budget_mb * 2**20) // (4 * kept["ids"].shape[1] ** 2)
             assert chunk >= budget and kept["chunks"] == [min(chunk, 8 - i) for i in range(0, 8, chunk)]
     assert any(kept["recorded"] for kept in KeepCreditInputs.kept)
-    assert budget is None or any(len(kept["chunks"]) > 1 for kept in KeepCreditInputs.kept)  # extra passes ran
+    assert budget is None or any(
+        len(kept["chunks"]) > 1 for kept in KeepCreditInputs.kept
+    )  # extra passes ran
     parameters = dict(module.policy.named_parameters())
     for kept in KeepCreditInputs.kept:
         if not kept["recorded"]:
@@ -171,14 +236,25 @@ def test_recorded_attention_equals_a_capture_pass(tiny_policy_dir, tmp_path, ite
                 parameters[name].copy_(value)
         local = [row - kept["start"] for row in kept["recorded"]]
         with autocast:
-            expected = capture_attention(module.policy, kept["ids"][local], kept["mask"][local], module.attention_layers,
-                                         position_ids=position_ids_from_mask(kept["mask"][local]))
+            expected = capture_attention(
+                module.policy,
+                kept["ids"][local],
+                kept["mask"][local],
+                module.attention_layers,
+                position_ids=position_ids_from_mask(kept["mask"][local]),
+            )
         assert expected.dtype == torch.float32
         torch.testing.assert_close(kept["attention"], expected, rtol=1e-5, atol=1e-6)
         prompt = kept["ids"].shape[1] - kept["completion"][0].shape[1]
-        rollouts = Rollouts(**{**{f.name: None for f in fields(Rollouts)}, "prompt_ids": kept["ids"][:, :prompt],
-                               "prompt_mask": kept["mask"][:, :prompt], "completion_ids": kept["completion"][0],
-                               "completion_mask": kept["completion"][1]})
+        rollouts = Rollouts(
+            **{
+                **{f.name: None for f in fields(Rollouts)},
+                "prompt_ids": kept["ids"][:, :prompt],
+                "prompt_mask": kept["mask"][:, :prompt],
+                "completion_ids": kept["completion"][0],
+                "completion_mask": kept["completion"][1],
+            }
+        )
         with torch.no_grad(), autocast:
             entropy = module.completion_logps(rollouts, slice(0, None))[1]
         torch.testing.assert_close(kept["entropy"], entropy, rtol=1e-5, atol=1e-6)
@@ -186,16 +262,30 @@ def test_recorded_attention_equals_a_capture_pass(tiny_policy_dir, tmp_path, ite
 
 def test_flow_credit_fit_on_real_stories260k(stories260k, shared_data, tmp_path):
     RecordWeights.seen = []
-    cli = main([
-        "fit", "--config", str(Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"),
-        f"--model.policy.name_or_path={stories260k}", "--trainer.max_steps=1",
-        f"--trainer.default_root_dir={tmp_path}", f"--trainer.logger.init_args.save_dir={tmp_path / 'runs'}",
-        "--trainer.limit_val_batches=0", "--model.sampling.num_generations=4", "--model.sampling.max_new_tokens=32",
-        "--model.grpo.micro_batch_size=8", "--data=lightning_flow.datamodules.MathDataModule",
-        f"--data.train={shared_data / 'gsm8k' / 'test.jsonl'}", "--data.limit=16", "--data.val_size=4", "--data.batch_size=2",
-        "--data.max_prompt_length=512", f"--trainer.callbacks+={FLOW}", "--trainer.callbacks+=tests.test_flow_fit.RecordWeights",
-        VARYING_REWARD,
-    ])
+    cli = main(
+        [
+            "fit",
+            "--config",
+            str(Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"),
+            f"--model.policy.name_or_path={stories260k}",
+            "--trainer.max_steps=1",
+            f"--trainer.default_root_dir={tmp_path}",
+            f"--trainer.logger.init_args.save_dir={tmp_path / 'runs'}",
+            "--trainer.limit_val_batches=0",
+            "--model.sampling.num_generations=4",
+            "--model.sampling.max_new_tokens=32",
+            "--model.grpo.micro_batch_size=8",
+            "--data=lightning_flow.datamodules.MathDataModule",
+            f"--data.train={shared_data / 'gsm8k' / 'test.jsonl'}",
+            "--data.limit=16",
+            "--data.val_size=4",
+            "--data.batch_size=2",
+            "--data.max_prompt_length=512",
+            f"--trainer.callbacks+={FLOW}",
+            "--trainer.callbacks+=tests.test_flow_fit.RecordWeights",
+            VARYING_REWARD,
+        ]
+    )
     logged = scalars(Path(cli.trainer.log_dir))
     # A story model never writes \boxed{}: the answer falls back to the last token, and flow still routes to it.
     assert logged["credit/answer_found_fraction"][0] == 0.0
@@ -207,12 +297,22 @@ def test_flow_invariants_on_real_stories260k_attention(stories260k):
     """Real captured attention, a padded batch: the answer absorbs exactly one unit of flow."""
     model = load_policy(PolicyConfig(str(stories260k), lora_rank=4))
     tokenizer = load_tokenizer(str(stories260k))
-    prompts = tokenizer(["Once upon a time", "Lily saw a big red ball in the park and"], return_tensors="pt", padding=True)
+    prompts = tokenizer(
+        ["Once upon a time", "Lily saw a big red ball in the park and"], return_tensors="pt", padding=True
+    )
     model.eval()
     with torch.no_grad():
-        sequences = model.generate(**prompts, max_new_tokens=40, do_sample=False, pad_token_id=tokenizer.pad_token_id, eos_token_id=None)
+        sequences = model.generate(
+            **prompts,
+            max_new_tokens=40,
+            do_sample=False,
+            pad_token_id=tokenizer.pad_token_id,
+            eos_token_id=None,
+        )
     prompt_length = prompts.input_ids.shape[1]
-    mask = torch.cat([prompts.attention_mask, torch.ones(2, sequences.shape[1] - prompt_length, dtype=torch.long)], dim=1)
+    mask = torch.cat(
+        [prompts.attention_mask, torch.ones(2, sequences.shape[1] - prompt_length, dtype=torch.long)], dim=1
+    )
     mask[1, -5:] = 0  # right padding on the second response
     layers = default_capture_layers(model.config.num_hidden_layers)
     attention = capture_attention(model, sequences, mask, layers, position_ids=position_ids_from_mask(mask))
@@ -241,7 +341,9 @@ class RecordAdvantages(RolloutCallback):
     seen: list[tuple[torch.Tensor, torch.Tensor]] = []
 
     def on_rollouts_end(self, trainer, pl_module, rollouts):
-        RecordAdvantages.seen.append((rollouts.advantages.clone(), rollouts.token_weights.clone() * rollouts.completion_mask))
+        RecordAdvantages.seen.append(
+            (rollouts.advantages.clone(), rollouts.token_weights.clone() * rollouts.completion_mask)
+        )
 
 
 @pytest.mark.parametrize("reward", ["varying", "constant"])
@@ -250,9 +352,24 @@ def test_zero_advantage_responses_keep_weight_one_and_are_not_counted(tiny_polic
     gradient) keep weight 1 and stay out of the fractions; with no credited row at all, only
     the credited fraction (0) is logged."""
     RecordAdvantages.seen = []
-    extra = [VARYING_REWARD] if reward == "varying" else ["--model.rewards.correctness=0", '--model.rewards.custom={"tests.test_numerics.constant_reward": 1.0}']
-    cli = main(["fit", *tiny_args(tiny_policy_dir, tmp_path, steps=1), "--trainer.limit_val_batches=0", f"--trainer.callbacks+={FLOW}",
-                "--trainer.callbacks+=tests.test_flow_fit.RecordAdvantages", *extra])
+    extra = (
+        [VARYING_REWARD]
+        if reward == "varying"
+        else [
+            "--model.rewards.correctness=0",
+            '--model.rewards.custom={"tests.test_numerics.constant_reward": 1.0}',
+        ]
+    )
+    cli = main(
+        [
+            "fit",
+            *tiny_args(tiny_policy_dir, tmp_path, steps=1),
+            "--trainer.limit_val_batches=0",
+            f"--trainer.callbacks+={FLOW}",
+            "--trainer.callbacks+=tests.test_flow_fit.RecordAdvantages",
+            *extra,
+        ]
+    )
     advantages, weights = RecordAdvantages.seen[0]
     zero = advantages == 0
     kept = weights[zero]
@@ -262,32 +379,49 @@ def test_zero_advantage_responses_keep_weight_one_and_are_not_counted(tiny_polic
     if reward == "constant":
         events = EventAccumulator(str(cli.trainer.log_dir), size_guidance={"histograms": 0})
         events.Reload()
-        assert zero.all() and "credit/fallback_fraction" not in logged and "credit/weights" not in events.Tags()["histograms"]
+        assert (
+            zero.all()
+            and "credit/fallback_fraction" not in logged
+            and "credit/weights" not in events.Tags()["histograms"]
+        )
     else:
         assert (~zero).any() and (weights[~zero] == 1.5).any()
         # The weight histogram counts the credited responses' tokens, one bucket per distinct weight.
         events = EventAccumulator(str(cli.trainer.log_dir), size_guidance={"histograms": 0})
         events.Reload()
         histogram = events.Histograms("credit/weights")[0].histogram_value
-        tokens = [w for w in weights[~zero].flatten().tolist() if w > 0]  # weights were multiplied by the completion mask
+        tokens = [
+            w for w in weights[~zero].flatten().tolist() if w > 0
+        ]  # weights were multiplied by the completion mask
         expected = sorted(Counter(tokens).items())
-        assert list(zip(histogram.bucket_limit, histogram.bucket)) == [(value, float(count)) for value, count in expected]
+        assert list(zip(histogram.bucket_limit, histogram.bucket)) == [
+            (value, float(count)) for value, count in expected
+        ]
         assert histogram.num == len(tokens) and histogram.sum == pytest.approx(sum(tokens))
 
 
-def hand_made_rollouts(tokenizer, advantages: list[float], prompt: int = 5, length: int = 9) -> tuple[Rollouts, torch.Tensor]:
+def hand_made_rollouts(
+    tokenizer, advantages: list[float], prompt: int = 5, length: int = 9
+) -> tuple[Rollouts, torch.Tensor]:
     """Responses "i+i=\\boxed{2i}" after a prompt of ones, and random causal attention maps [N, T, T]."""
     n = len(advantages)
     generator = torch.Generator().manual_seed(0)
-    completion_ids = torch.tensor([tokenizer.encode(f"{i}+{i}=\\boxed{{{2 * i}}}", add_special_tokens=False)[:length] for i in range(n)])
+    completion_ids = torch.tensor(
+        [tokenizer.encode(f"{i}+{i}=\\boxed{{{2 * i}}}", add_special_tokens=False)[:length] for i in range(n)]
+    )
     attention = torch.rand(n, prompt + length, prompt + length, generator=generator).tril()
     attention = attention / attention.sum(-1, keepdim=True)
-    rollouts = Rollouts(**{
-        **{f.name: None for f in fields(Rollouts) if f.name != "flow_graphs"},
-        "prompt_ids": torch.ones(n, prompt, dtype=torch.long), "prompt_mask": torch.ones(n, prompt, dtype=torch.long),
-        "completion_ids": completion_ids, "completion_mask": torch.ones(n, length),
-        "completions": [tokenizer.decode(row) for row in completion_ids.tolist()], "advantages": torch.tensor(advantages),
-    })
+    rollouts = Rollouts(
+        **{
+            **{f.name: None for f in fields(Rollouts) if f.name != "flow_graphs"},
+            "prompt_ids": torch.ones(n, prompt, dtype=torch.long),
+            "prompt_mask": torch.ones(n, prompt, dtype=torch.long),
+            "completion_ids": completion_ids,
+            "completion_mask": torch.ones(n, length),
+            "completions": [tokenizer.decode(row) for row in completion_ids.tolist()],
+            "advantages": torch.tensor(advantages),
+        }
+    )
     return rollouts, attention
 
 
@@ -323,7 +457,10 @@ def test_top_share_and_token_counts_of_the_credited_rows(tiny_policy_dir):
     for row in (0, 1, 3):
         # attention_received: mean attention a response token gets from the later valid tokens
         att = maps[row]
-        signal = [float(att[k + 1 :, k].mean()) if k + 1 < att.shape[0] else 0.0 for k in range(prompt, att.shape[0])]
+        signal = [
+            float(att[k + 1 :, k].mean()) if k + 1 < att.shape[0] else 0.0
+            for k in range(prompt, att.shape[0])
+        ]
         boosted = weights[row, prompt:] == 1.5
         expected = sum(s for s, b in zip(signal, boosted.tolist()) if b) / sum(signal)
         assert float(stats["top_share"][row]) == pytest.approx(expected, rel=1e-5)

@@ -7,10 +7,10 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
 from lightning_flow.callbacks import FlowPictures
 from lightning_flow.callbacks.flow_pictures import completions_table, pick_rows
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
 from lightning_flow.cli import main
 from lightning_flow.rollouts import RolloutCallback
 
@@ -30,7 +30,11 @@ class RecordingPictures(FlowPictures):
         used = rollouts.token_weights[row][rollouts.completion_mask[row] > 0]
         credited = rollouts.flow_graph(row)
         # The graph drawn is the one FlowCredit solved when it credited the row (same object's tensors).
-        same = credited is not None and torch.equal(credited.f, graph.f) and torch.equal(credited.edge_attr, graph.edge_attr)
+        same = (
+            credited is not None
+            and torch.equal(credited.f, graph.f)
+            and torch.equal(credited.edge_attr, graph.edge_attr)
+        )
         RecordingPictures.traces.append((trace, used.clone(), same, float(graph.candidate_capacity.sum())))
         return trace
 
@@ -43,15 +47,24 @@ class CountSteps(RolloutCallback):
 
 
 def events(log_dir: Path) -> EventAccumulator:
-    accumulator = EventAccumulator(str(log_dir), size_guidance={"images": 0, "histograms": 0, "tensors": 0, "scalars": 0})
+    accumulator = EventAccumulator(
+        str(log_dir), size_guidance={"images": 0, "histograms": 0, "tensors": 0, "scalars": 0}
+    )
     accumulator.Reload()
     return accumulator
 
 
 def fit(policy: Path, root: Path, steps: int, *extra: str):
     RecordingPictures.traces, CountSteps.steps = [], []
-    return main(["fit", *tiny_args(policy, root, steps=steps), "--trainer.limit_val_batches=0", *extra,
-                 "--trainer.callbacks+=tests.test_flow_pictures.CountSteps"])
+    return main(
+        [
+            "fit",
+            *tiny_args(policy, root, steps=steps),
+            "--trainer.limit_val_batches=0",
+            *extra,
+            "--trainer.callbacks+=tests.test_flow_pictures.CountSteps",
+        ]
+    )
 
 
 def test_pictures_table_and_histograms_only_on_logging_steps(tiny_policy_dir, tmp_path, monkeypatch):
@@ -59,10 +72,21 @@ def test_pictures_table_and_histograms_only_on_logging_steps(tiny_policy_dir, tm
 
     captured = []
     real = module.capture_attention
-    monkeypatch.setattr(module, "capture_attention", lambda model, ids, *a, **k: captured.append(ids.shape[0]) or real(model, ids, *a, **k))
-    cli = fit(tiny_policy_dir, tmp_path, 4, f"--trainer.callbacks+={FLOW}", f"--trainer.callbacks+={PICTURES}",
-              "--trainer.callbacks.every_n_steps=2", "--trainer.callbacks.pictures=2",
-              '--model.rewards.custom={"tests.test_fit.length_reward": 1.0}')
+    monkeypatch.setattr(
+        module,
+        "capture_attention",
+        lambda model, ids, *a, **k: captured.append(ids.shape[0]) or real(model, ids, *a, **k),
+    )
+    cli = fit(
+        tiny_policy_dir,
+        tmp_path,
+        4,
+        f"--trainer.callbacks+={FLOW}",
+        f"--trainer.callbacks+={PICTURES}",
+        "--trainer.callbacks.every_n_steps=2",
+        "--trainer.callbacks.pictures=2",
+        '--model.rewards.custom={"tests.test_fit.length_reward": 1.0}',
+    )
     assert CountSteps.steps == [0, 1, 2, 3]
     logged = events(Path(cli.trainer.log_dir))
     tags = logged.Tags()
@@ -80,7 +104,9 @@ def test_pictures_table_and_histograms_only_on_logging_steps(tiny_policy_dir, tm
     texts = logged.Tensors(text_tag)
     assert [t.step for t in texts] == [0, 2]
     table = texts[0].tensor_proto.string_val[0].decode()
-    assert table.startswith("| row | group | pick | prompt | response | extracted | gold | correctness | tests.test\\_fit.length\\_reward | total | advantage |")
+    assert table.startswith(
+        "| row | group | pick | prompt | response | extracted | gold | correctness | tests.test\\_fit.length\\_reward | total | advantage |"
+    )
     assert len(table.splitlines()) == 2 + 4  # header, rule, best and worst of two groups
 
     # The pictures show what reached the loss, and the flow the method defines.
@@ -89,8 +115,9 @@ def test_pictures_table_and_histograms_only_on_logging_steps(tiny_policy_dir, tm
     # drawn rows it skipped (groups with equal rewards) are captured for the pictures.
     assert sum(captured) == sum(not credited for _, _, credited, _ in RecordingPictures.traces)
     assert any(credited for _, _, credited, _ in RecordingPictures.traces)
-    for trace, used, credited, incoming in RecordingPictures.traces:
-        assert incoming > 1  # a real map (each valid row sums to 1, less the sinks), recorded by the step or captured
+    for trace, used, _credited, incoming in RecordingPictures.traces:
+        # a real map (each valid row sums to 1, less the sinks), recorded by the step or captured
+        assert incoming > 1
         response = [t for t in trace.tokens if t.role != "prompt"]
         assert torch.equal(torch.tensor([t.weight for t in response]), used.float())
         if not trace.degenerate:
@@ -102,8 +129,14 @@ def test_pictures_without_flow_credit_capture_only_the_drawn_rows(tiny_policy_di
     import lightning_flow.callbacks.flow_pictures as module
 
     real = module.capture_attention
-    monkeypatch.setattr(module, "capture_attention", lambda model, ids, *a, **k: calls.append(ids.shape[0]) or real(model, ids, *a, **k))
-    cli = fit(tiny_policy_dir, tmp_path, 1, f"--trainer.callbacks+={PICTURES}", "--trainer.callbacks.pictures=1")
+    monkeypatch.setattr(
+        module,
+        "capture_attention",
+        lambda model, ids, *a, **k: calls.append(ids.shape[0]) or real(model, ids, *a, **k),
+    )
+    cli = fit(
+        tiny_policy_dir, tmp_path, 1, f"--trainer.callbacks+={PICTURES}", "--trainer.callbacks.pictures=1"
+    )
     assert cli.model.attention_layers is None  # no per-step capture was requested
     assert calls == [1]
     logged = events(Path(cli.trainer.log_dir))
@@ -127,12 +160,18 @@ def test_pick_rows_takes_best_and_worst_of_groups_that_differ():
 
 def test_completions_table_escapes_markdown_and_shortens():
     rollouts = SimpleNamespace(
-        prompts=["What is 2|3?\n"], completions=["a*b_c " + "x" * 50 + " \\boxed{7}"], golds=["7"],
-        rewards=torch.tensor([[1.0, 0.0]]), total_rewards=torch.tensor([1.0]), advantages=torch.tensor([0.5]),
+        prompts=["What is 2|3?\n"],
+        completions=["a*b_c " + "x" * 50 + " \\boxed{7}"],
+        golds=["7"],
+        rewards=torch.tensor([[1.0, 0.0]]),
+        total_rewards=torch.tensor([1.0]),
+        advantages=torch.tensor([0.5]),
     )
     table = completions_table(rollouts, [(0, "best")], ["correctness", "format"], group=8, limit=30)
     row = table.splitlines()[2]
-    assert row.startswith("| 0 | 0 | best | ") and row.count(" | ") == 10  # eleven cells, no stray separators from the text
+    assert (
+        row.startswith("| 0 | 0 | best | ") and row.count(" | ") == 10
+    )  # eleven cells, no stray separators from the text
     assert "2\\|3?↵" in row and "a\\*b\\_c" in row and " … " in row and "\\\\boxed\\{7\\}" in row
     assert row.endswith("| 7 | 7 | 1 | 0 | 1 | +0.500 |")
 

@@ -8,10 +8,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from lightning_flow.datamodules.base import DataError
 
 from lightning_flow import rewards
-from lightning_flow.datamodules import MathDataModule
-from lightning_flow.datamodules.base import DataError
 from lightning_flow.loss import completion_mask
 from lightning_flow.module import GRPOModule
 from lightning_flow.policy import PolicyConfig, SamplingConfig
@@ -27,7 +26,9 @@ from tests.test_datamodules import GOOD_GSM, GOOD_MATH, module_for, write
         ({"question": "What is 2+2?", "answer": "2+2=4 #### "}, "has nothing after its last '####'"),
     ],
 )
-def test_empty_question_or_gold_names_the_line(tmp_path: Path, gpt2_tokenizer, row: dict, message: str) -> None:
+def test_empty_question_or_gold_names_the_line(
+    tmp_path: Path, gpt2_tokenizer, row: dict, message: str
+) -> None:
     path = write(tmp_path, "rows.jsonl", [GOOD_GSM, json.dumps(row), GOOD_MATH])
     with pytest.raises(DataError, match=rf"rows\.jsonl:2: .*{message}"):
         module_for(path, path, gpt2_tokenizer).setup()
@@ -38,7 +39,14 @@ def test_empty_question_or_gold_names_the_line(tmp_path: Path, gpt2_tokenizer, r
 
 def test_non_utf8_bytes_name_the_line(tmp_path: Path, gpt2_tokenizer) -> None:
     path = tmp_path / "latin1.jsonl"
-    path.write_bytes(GOOD_GSM.encode() + b"\n" + '{"question": "Caf\u00e9?", "answer": "#### 1"}'.encode("latin-1") + b"\n" + GOOD_MATH.encode() + b"\n")
+    path.write_bytes(
+        GOOD_GSM.encode()
+        + b"\n"
+        + '{"question": "Caf\u00e9?", "answer": "#### 1"}'.encode("latin-1")
+        + b"\n"
+        + GOOD_MATH.encode()
+        + b"\n"
+    )
     with pytest.raises(DataError, match=r"latin1\.jsonl:2: not UTF-8 \(byte 0xe9 at column 18\)"):
         module_for(str(path), str(path), gpt2_tokenizer).setup()
     data = module_for(str(path), str(path), gpt2_tokenizer, skip_invalid=True)
@@ -71,7 +79,9 @@ def test_latex_that_hangs_the_verifier_times_out_scores_zero_and_is_counted(monk
     before = verifier_timeouts()
     start = time.perf_counter()
     # sympy tries to evaluate the power tower when comparing it with 5.
-    scores = correctness_reward(prompts=["", ""], completions=["\\boxed{9^{9^{9^{9}}}}", "\\boxed{5}"], golds=["5", "5"])
+    scores = correctness_reward(
+        prompts=["", ""], completions=["\\boxed{9^{9^{9^{9}}}}", "\\boxed{5}"], golds=["5", "5"]
+    )
     assert scores == [0.0, 1.0]
     assert verifier_timeouts() == before + 1
     assert time.perf_counter() - start < 10
@@ -79,7 +89,10 @@ def test_latex_that_hangs_the_verifier_times_out_scores_zero_and_is_counted(monk
 
 @pytest.fixture(scope="module")
 def module(tiny_policy_dir) -> GRPOModule:
-    return GRPOModule(PolicyConfig(name_or_path=str(tiny_policy_dir), lora_rank=4), SamplingConfig(num_generations=2, max_new_tokens=8))
+    return GRPOModule(
+        PolicyConfig(name_or_path=str(tiny_policy_dir), lora_rank=4),
+        SamplingConfig(num_generations=2, max_new_tokens=8),
+    )
 
 
 def responses(module: GRPOModule, cases: list[tuple[str, bool, int]]) -> torch.Tensor:
@@ -87,7 +100,9 @@ def responses(module: GRPOModule, cases: list[tuple[str, bool, int]]) -> torch.T
     token limit (no EOS then), padded to a common width."""
     rows = []
     for text, ended, limit in cases:
-        ids = module.tokenizer(text, add_special_tokens=False).input_ids + ([module.tokenizer.eos_token_id] if ended else [])
+        ids = module.tokenizer(text, add_special_tokens=False).input_ids + (
+            [module.tokenizer.eos_token_id] if ended else []
+        )
         rows.append(ids[:limit])
     width = max(len(r) for r in rows)
     return torch.tensor([r + [module.tokenizer.pad_token_id] * (width - len(r)) for r in rows])
@@ -110,7 +125,9 @@ def test_hostile_responses_score_without_crashing(module) -> None:
     texts = module.decode(ids, mask)
     assert texts[0] == "" and len(texts[1]) == 24
     start = time.perf_counter()
-    scores = correctness_reward(prompts=[""] * len(cases), completions=texts, golds=[case[3] for case in cases])
+    scores = correctness_reward(
+        prompts=[""] * len(cases), completions=texts, golds=[case[3] for case in cases]
+    )
     assert time.perf_counter() - start < 20
     assert scores == [case[4] for case in cases]
     assert truncated.tolist() == [case[5] for case in cases]

@@ -8,9 +8,9 @@ import random
 import pytest
 import tensorboard.summary.writer.record_writer as record_writer
 import torch
-from tensorboard.compat.tensorflow_stub.pywrap_tensorflow import masked_crc32c as tensorboard_masked_crc32c
 from lightning.pytorch.loggers import TensorBoardLogger as LightningTensorBoardLogger
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from tensorboard.compat.tensorflow_stub.pywrap_tensorflow import masked_crc32c as tensorboard_masked_crc32c
 
 from lightning_flow.loggers import TensorBoardLogger, masked_crc32c, write_bucket_histogram
 
@@ -25,7 +25,12 @@ def read_scalars(logger) -> dict[str, list[tuple[int, float]]]:
 @pytest.mark.parametrize("prefix", ["", "run"])
 def test_same_tags_steps_and_values_as_lightnings_logger(tmp_path, prefix):
     steps = [
-        {"train/reward": 0.25, "train/loss": torch.tensor(-1.5), "perf/step_time_s": 0.123456789, "credit/fallback_fraction": 0},
+        {
+            "train/reward": 0.25,
+            "train/loss": torch.tensor(-1.5),
+            "perf/step_time_s": 0.123456789,
+            "credit/fallback_fraction": 0,
+        },
         {"train/reward": 0.5, "val/accuracy": torch.tensor([0.75])},
     ]
     ours = TensorBoardLogger(tmp_path / "ours", prefix=prefix)
@@ -41,8 +46,13 @@ def test_same_tags_steps_and_values_as_lightnings_logger(tmp_path, prefix):
 def test_dict_metrics_still_go_through_add_scalars(tmp_path):
     logger = TensorBoardLogger(tmp_path)
     logger.log_metrics({"plain": 1.0, "grouped": {"a": 1.0, "b": 2.0}}, 3)
-    assert read_scalars(logger) == {"plain": [(3, 1.0)]}  # add_scalars writes "grouped" into sub-runs of its own
-    assert sorted(p.name for p in (tmp_path / "lightning_logs" / "version_0").iterdir() if p.is_dir()) == ["grouped_a", "grouped_b"]
+    assert read_scalars(logger) == {
+        "plain": [(3, 1.0)]
+    }  # add_scalars writes "grouped" into sub-runs of its own
+    assert sorted(p.name for p in (tmp_path / "lightning_logs" / "version_0").iterdir() if p.is_dir()) == [
+        "grouped_a",
+        "grouped_b",
+    ]
 
 
 def test_a_value_that_is_not_a_number_is_named(tmp_path):
@@ -52,10 +62,19 @@ def test_a_value_that_is_not_a_number_is_named(tmp_path):
 
 def test_bucket_histogram_is_the_event_add_histogram_raw_writes(tmp_path):
     ours, theirs = TensorBoardLogger(tmp_path / "ours"), TensorBoardLogger(tmp_path / "theirs")
-    write_bucket_histogram(ours.experiment, "credit/weights", {1.5: 4, 1.0: 6, 2.0: 0}, 7)  # an empty bucket is left out
+    write_bucket_histogram(
+        ours.experiment, "credit/weights", {1.5: 4, 1.0: 6, 2.0: 0}, 7
+    )  # an empty bucket is left out
     theirs.experiment.add_histogram_raw(
-        "credit/weights", min=1.0, max=1.5, num=10, sum=6 * 1.0 + 4 * 1.5, sum_squares=6 * 1.0 + 4 * 2.25,
-        bucket_limits=[1.0, 1.5], bucket_counts=[6, 4], global_step=7,
+        "credit/weights",
+        min=1.0,
+        max=1.5,
+        num=10,
+        sum=6 * 1.0 + 4 * 1.5,
+        sum_squares=6 * 1.0 + 4 * 2.25,
+        bucket_limits=[1.0, 1.5],
+        bucket_counts=[6, 4],
+        global_step=7,
     )
     write_bucket_histogram(ours.experiment, "credit/weights", {1.0: 0}, 8)  # nothing to draw: no event
     write_bucket_histogram(object(), "credit/weights", {1.0: 3}, 9)  # not a SummaryWriter: nothing, no error

@@ -22,14 +22,21 @@ def peak_bytes(fn) -> int:
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         fn()
     live = peak = 0
-    for _, nbytes in sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"):
+    for _, nbytes in sorted(
+        (e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"
+    ):
         live += nbytes
         peak = max(peak, live)
     return peak
 
 
 def graph_bytes(rollouts) -> int:
-    return sum(value.numel() * value.element_size() for _, batch in rollouts.flow_graphs for _, value in batch if isinstance(value, torch.Tensor))
+    return sum(
+        value.numel() * value.element_size()
+        for _, batch in rollouts.flow_graphs
+        for _, value in batch
+        if isinstance(value, torch.Tensor)
+    )
 
 
 @pytest.fixture(scope="module")
@@ -42,14 +49,18 @@ def long_policy_dir(tmp_path_factory) -> Path:
     return path
 
 
-def test_a_16_step_fit_at_2k_positions_holds_one_micro_batch_map_at_a_time(long_policy_dir, tmp_path, monkeypatch):
+def test_a_16_step_fit_at_2k_positions_holds_one_micro_batch_map_at_a_time(
+    long_policy_dir, tmp_path, monkeypatch
+):
     """Prompts of about 2,000 characters (one token each) + 16 new tokens; 4 responses a step in
     micro-batches of 2. Per micro-batch, torch.profiler's memory events give the peak of the step's
     first pass (the update's forward + recording + FlowCredit: graphs, solve) minus the peak of the
     same forward without recording: it stays within 1.1 maps of the micro-batch's recorded rows plus
     the graphs it kept,
     where the whole-step [N, T, T] float32 buffer of the old path alone would exceed it."""
-    measured: list[tuple[int, int, int, int]] = []  # (extra peak, one micro-batch's map, graphs kept by it, T)
+    measured: list[
+        tuple[int, int, int, int]
+    ] = []  # (extra peak, one micro-batch's map, graphs kept by it, T)
     first_pass = GRPOModule.first_pass
 
     def measured_first_pass(self, rollouts, rows, recorder):
@@ -68,13 +79,22 @@ def test_a_16_step_fit_at_2k_positions_holds_one_micro_batch_map_at_a_time(long_
 
     monkeypatch.setattr(GRPOModule, "first_pass", measured_first_pass)
     instruction = "Add the numbers and reply with the sum. " * 49  # 1,960 characters
-    cli = main([
-        "fit", *tiny_args(long_policy_dir, tmp_path, steps=16), "--trainer.limit_val_batches=0", "--trainer.val_check_interval=null",
-        f"--data.init_args.instruction={instruction}", "--data.init_args.plain_template={instruction}{question}\n",
-        "--data.init_args.max_prompt_length=2048", "--data.init_args.batch_size=1",
-        "--model.sampling.max_new_tokens=16", "--model.grpo.micro_batch_size=2",
-        "--trainer.callbacks+=lightning_flow.callbacks.FlowCredit", VARYING_REWARD,
-    ])
+    cli = main(
+        [
+            "fit",
+            *tiny_args(long_policy_dir, tmp_path, steps=16),
+            "--trainer.limit_val_batches=0",
+            "--trainer.val_check_interval=null",
+            f"--data.init_args.instruction={instruction}",
+            "--data.init_args.plain_template={instruction}{question}\n",
+            "--data.init_args.max_prompt_length=2048",
+            "--data.init_args.batch_size=1",
+            "--model.sampling.max_new_tokens=16",
+            "--model.grpo.micro_batch_size=2",
+            "--trainer.callbacks+=lightning_flow.callbacks.FlowCredit",
+            VARYING_REWARD,
+        ]
+    )
     assert cli.trainer.global_step == 16
     assert len(measured) == 16 * 2
     credited = [m for m in measured if m[1] > 0]

@@ -20,8 +20,26 @@ LOSS_TYPES = ["grpo", "bnpo", "dr_grpo", "dapo"]
 
 # ---- reference: every objective, token by token --------------------------------------------
 def reference_loss(
-    logps, old, adv, mask, loss_type, eps_low=0.2, eps_high=None, beta=0.0, ref=None, weights=None, max_len=None, num_items=None,
-    kl_correction=True, level="token", delta=None, tau_pos=1.0, tau_neg=1.05, entropy=None, threshold=None, num_micro_batches=1,
+    logps,
+    old,
+    adv,
+    mask,
+    loss_type,
+    eps_low=0.2,
+    eps_high=None,
+    beta=0.0,
+    ref=None,
+    weights=None,
+    max_len=None,
+    num_items=None,
+    kl_correction=True,
+    level="token",
+    delta=None,
+    tau_pos=1.0,
+    tau_neg=1.05,
+    entropy=None,
+    threshold=None,
+    num_micro_batches=1,
 ):
     """Returns (loss, dloss/dlogps as nested lists), all python floats: this micro-batch's share
     of the step's loss (entropy bonus aside, see reference_entropy_bonus)."""
@@ -92,9 +110,17 @@ def reference_loss(
 
 def reference_entropy_bonus(entropy, mask, coef, threshold=None, num_micro_batches=1):
     """-coef × the mean entropy of the tokens the policy term reads, / micro-batches; and its gradient w.r.t. each entropy."""
-    kept = [[bool(m) and (threshold is None or h >= threshold) for h, m in zip(hs, ms)] for hs, ms in zip(entropy, mask)]
+    kept = [
+        [bool(m) and (threshold is None or h >= threshold) for h, m in zip(hs, ms)]
+        for hs, ms in zip(entropy, mask)
+    ]
     count = max(sum(map(sum, kept)), 1)
-    value = -coef * sum(h for hs, ks in zip(entropy, kept) for h, k in zip(hs, ks) if k) / count / num_micro_batches
+    value = (
+        -coef
+        * sum(h for hs, ks in zip(entropy, kept) for h, k in zip(hs, ks) if k)
+        / count
+        / num_micro_batches
+    )
     return value, [[-coef / count / num_micro_batches if k else 0.0 for k in ks] for ks in kept]
 
 
@@ -127,23 +153,47 @@ def case():
     row 1 (A=-0.5): rho 1.5 (min takes rho*A -> grad), rho 0.5 (clipped low -> grad 0), inside, masked
     row 2 (A=+2):   fully masked, with a log-ratio of 800 that would overflow exp if not masked
     """
-    logps = torch.tensor([[-1.2, -0.3, -2.0, -0.7], [-0.5, -1.1, -0.9, -3.0], [-0.4, -0.6, -0.8, -1.0]], dtype=torch.float64)
-    log_ratio = torch.tensor([[math.log(1.5), math.log(0.5), 0.1, 0.0], [math.log(1.5), math.log(0.5), -0.05, 0.3], [800.0] * 4], dtype=torch.float64)
+    logps = torch.tensor(
+        [[-1.2, -0.3, -2.0, -0.7], [-0.5, -1.1, -0.9, -3.0], [-0.4, -0.6, -0.8, -1.0]], dtype=torch.float64
+    )
+    log_ratio = torch.tensor(
+        [[math.log(1.5), math.log(0.5), 0.1, 0.0], [math.log(1.5), math.log(0.5), -0.05, 0.3], [800.0] * 4],
+        dtype=torch.float64,
+    )
     mask = torch.tensor([[1, 1, 1, 1], [1, 1, 1, 0], [0, 0, 0, 0]], dtype=torch.float64)
-    ref = logps + torch.tensor([[0.3, -0.2, 0.5, 0.0], [-0.4, 0.1, 0.2, 0.7], [0.1, 0.1, 0.1, 0.1]], dtype=torch.float64)
-    return {"logps": logps, "old": logps - log_ratio, "adv": torch.tensor([1.0, -0.5, 2.0], dtype=torch.float64), "mask": mask, "ref": ref}
+    ref = logps + torch.tensor(
+        [[0.3, -0.2, 0.5, 0.0], [-0.4, 0.1, 0.2, 0.7], [0.1, 0.1, 0.1, 0.1]], dtype=torch.float64
+    )
+    return {
+        "logps": logps,
+        "old": logps - log_ratio,
+        "adv": torch.tensor([1.0, -0.5, 2.0], dtype=torch.float64),
+        "mask": mask,
+        "ref": ref,
+    }
 
 
 def normaliser_kwargs(loss_type, mask):
-    return {"max_completion_length": 6, "num_items_in_batch": int(mask.sum()) + 5}  # dapo: the batch is bigger
+    return {
+        "max_completion_length": 6,
+        "num_items_in_batch": int(mask.sum()) + 5,
+    }  # dapo: the batch is bigger
 
 
 def reference_for(case, loss_type, **kwargs):
     return reference_loss(
-        to_lists(case["logps"]), to_lists(case["old"]), to_lists(case["adv"]), to_lists(case["mask"]), loss_type,
-        max_len=kwargs.get("max_completion_length"), num_items=kwargs.get("num_items_in_batch"),
-        eps_low=kwargs.get("epsilon_low", 0.2), eps_high=kwargs.get("epsilon_high"), beta=kwargs.get("beta", 0.0),
-        ref=to_lists(case["ref"]), weights=to_lists(kwargs["token_weights"]) if "token_weights" in kwargs else None,
+        to_lists(case["logps"]),
+        to_lists(case["old"]),
+        to_lists(case["adv"]),
+        to_lists(case["mask"]),
+        loss_type,
+        max_len=kwargs.get("max_completion_length"),
+        num_items=kwargs.get("num_items_in_batch"),
+        eps_low=kwargs.get("epsilon_low", 0.2),
+        eps_high=kwargs.get("epsilon_high"),
+        beta=kwargs.get("beta", 0.0),
+        ref=to_lists(case["ref"]),
+        weights=to_lists(kwargs["token_weights"]) if "token_weights" in kwargs else None,
         kl_correction=kwargs.get("kl_bias_correction", True),
     )
 
@@ -183,7 +233,13 @@ def test_first_iteration_gradient_is_minus_advantage(case):
     logps = case["logps"].clone().requires_grad_(True)
     loss, stats = policy_loss(logps, logps.detach(), case["adv"], case["mask"], loss_type="grpo")
     (grad,) = torch.autograd.grad(loss, logps)
-    expected = [[-case["adv"][i].item() * case["mask"][i, t].item() / (max(case["mask"][i].sum().item(), 1) * 3) for t in range(4)] for i in range(3)]
+    expected = [
+        [
+            -case["adv"][i].item() * case["mask"][i, t].item() / (max(case["mask"][i].sum().item(), 1) * 3)
+            for t in range(4)
+        ]
+        for i in range(3)
+    ]
     torch.testing.assert_close(grad, torch.tensor(expected, dtype=torch.float64))
     assert stats.clip_ratio.item() == 0.0
 
@@ -220,14 +276,22 @@ def test_no_gradient_flows_into_advantages_or_token_weights(case):
 @pytest.mark.parametrize("loss_type", LOSS_TYPES)
 @pytest.mark.parametrize("kl_bias_correction", [False, True])
 def test_kl_penalty_value_and_gradient(case, loss_type, kl_bias_correction):
-    kwargs = {**normaliser_kwargs(loss_type, case["mask"]), "beta": 0.04, "kl_bias_correction": kl_bias_correction}
+    kwargs = {
+        **normaliser_kwargs(loss_type, case["mask"]),
+        "beta": 0.04,
+        "kl_bias_correction": kl_bias_correction,
+    }
     loss, grad, stats = run_loss(case, loss_type, ref_logps=case["ref"], **kwargs)
     expected_loss, expected_grad = reference_for(case, loss_type, **kwargs)
     assert loss.item() == pytest.approx(expected_loss, rel=1e-12)
     torch.testing.assert_close(grad, torch.tensor(expected_grad, dtype=torch.float64))
     rows = zip(to_lists(case["logps"]), to_lists(case["old"]), to_lists(case["ref"]), to_lists(case["mask"]))
-    k3 = [(math.exp(r - lp) - (r - lp) - 1) * (math.exp(lp - o) if kl_bias_correction else 1.0)
-          for lr, olr, rr, mr in rows for lp, o, r, m in zip(lr, olr, rr, mr) if m]
+    k3 = [
+        (math.exp(r - lp) - (r - lp) - 1) * (math.exp(lp - o) if kl_bias_correction else 1.0)
+        for lr, olr, rr, mr in rows
+        for lp, o, r, m in zip(lr, olr, rr, mr)
+        if m
+    ]
     assert stats.kl.item() == pytest.approx(sum(k3) / len(k3), rel=1e-12)
 
 
@@ -236,7 +300,15 @@ def test_kl_bias_correction_changes_the_gradient_but_not_the_value_on_policy(cas
     # corrected gradient gains beta * k3 per token (times the normaliser).
     def first_iteration(correction):
         logps = case["logps"].clone().requires_grad_(True)
-        loss, _ = policy_loss(logps, logps.detach(), case["adv"], case["mask"], beta=0.1, ref_logps=case["ref"], kl_bias_correction=correction)
+        loss, _ = policy_loss(
+            logps,
+            logps.detach(),
+            case["adv"],
+            case["mask"],
+            beta=0.1,
+            ref_logps=case["ref"],
+            kl_bias_correction=correction,
+        )
         return loss, torch.autograd.grad(loss, logps)[0]
 
     plain_loss, plain_grad = first_iteration(False)
@@ -244,7 +316,9 @@ def test_kl_bias_correction_changes_the_gradient_but_not_the_value_on_policy(cas
     assert corrected_loss.item() == pytest.approx(plain_loss.item(), rel=1e-14)
     d = case["ref"] - case["logps"]
     counts = case["mask"].sum(1, keepdim=True).clamp(min=1)
-    torch.testing.assert_close(corrected_grad - plain_grad, 0.1 * (d.exp() - d - 1) * case["mask"] / (counts * 3))
+    torch.testing.assert_close(
+        corrected_grad - plain_grad, 0.1 * (d.exp() - d - 1) * case["mask"] / (counts * 3)
+    )
 
 
 def test_kl_stat_is_reported_with_ref_even_when_beta_is_zero(case):
@@ -266,7 +340,14 @@ def test_stats_are_frozen_detached_scalars(case):
 def test_all_masked_batch_gives_zero_not_nan(case):
     mask = torch.zeros_like(case["mask"])
     for loss_type in LOSS_TYPES:
-        loss, grad, stats = run_loss({**case, "mask": mask}, loss_type, max_completion_length=4, num_items_in_batch=0, beta=0.1, ref_logps=case["ref"])
+        loss, grad, stats = run_loss(
+            {**case, "mask": mask},
+            loss_type,
+            max_completion_length=4,
+            num_items_in_batch=0,
+            beta=0.1,
+            ref_logps=case["ref"],
+        )
         assert loss.item() == 0.0 and (grad == 0).all()
         assert all(v.item() == 0.0 for v in dataclasses.asdict(stats).values())
 
@@ -300,7 +381,9 @@ def test_accumulated_micro_batches_equal_the_whole_batch(loss_type):
     logps = -torch.rand(4, 5, generator=gen, dtype=torch.float64) * 2
     old = logps + (torch.rand(4, 5, generator=gen, dtype=torch.float64) - 0.5)  # some tokens clipped
     adv = torch.tensor([1.0, -1.0, 0.5, -0.3], dtype=torch.float64)
-    mask = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 0, 0, 0], [1, 0, 0, 0, 0], [1, 1, 1, 1, 0]], dtype=torch.float64)
+    mask = torch.tensor(
+        [[1, 1, 1, 1, 1], [1, 1, 0, 0, 0], [1, 0, 0, 0, 0], [1, 1, 1, 1, 0]], dtype=torch.float64
+    )
     kwargs = {"loss_type": loss_type, "max_completion_length": 5, "num_items_in_batch": int(mask.sum())}
     whole_lp = logps.clone().requires_grad_(True)
     whole, _ = policy_loss(whole_lp, old, adv, mask, **kwargs)
@@ -388,7 +471,9 @@ def reference_logps_entropy(logits, targets, temperature):
 
 
 def test_logps_and_entropy_match_explicit_formula():
-    logits = torch.tensor([[[1.0, 2.0, 0.5, -1.0], [0.0, 0.0, 3.0, 1.0]], [[-2.0, 1.5, 1.5, 0.2], [4.0, -4.0, 0.0, 0.0]]])
+    logits = torch.tensor(
+        [[[1.0, 2.0, 0.5, -1.0], [0.0, 0.0, 3.0, 1.0]], [[-2.0, 1.5, 1.5, 0.2], [4.0, -4.0, 0.0, 0.0]]]
+    )
     targets = torch.tensor([[1, 3], [0, 2]])
     temperature = 0.7
     logps, entropy = token_logprobs_and_entropy(logits, targets, temperature, chunk_tokens=1)
@@ -397,7 +482,9 @@ def test_logps_and_entropy_match_explicit_formula():
             z = [v / temperature for v in logits[i, t].tolist()]
             log_norm = math.log(sum(math.exp(v) for v in z))
             assert logps[i, t].item() == pytest.approx(z[targets[i, t]] - log_norm, abs=1e-6)
-            assert entropy[i, t].item() == pytest.approx(-sum(math.exp(v - log_norm) * (v - log_norm) for v in z), abs=1e-6)
+            assert entropy[i, t].item() == pytest.approx(
+                -sum(math.exp(v - log_norm) * (v - log_norm) for v in z), abs=1e-6
+            )
 
 
 @pytest.mark.parametrize("temperature", [1.0, 0.5])
@@ -449,7 +536,9 @@ def test_chunked_logps_match_unchunked_values_and_gradients(dtype, temperature, 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("chunk_tokens", [1, 4, 100])
 @pytest.mark.parametrize("head_trainable", [False, True])
-def test_head_on_hidden_states_matches_autograd_through_linear_and_log_softmax(dtype, chunk_tokens, head_trainable):
+def test_head_on_hidden_states_matches_autograd_through_linear_and_log_softmax(
+    dtype, chunk_tokens, head_trainable
+):
     gen = torch.Generator().manual_seed(2)
     hidden_full = torch.randn(5, 7, 16, generator=gen).to(dtype)
     weight0 = (torch.randn(33, 16, generator=gen) / 2).to(dtype)
@@ -458,12 +547,20 @@ def test_head_on_hidden_states_matches_autograd_through_linear_and_log_softmax(d
     upstream = torch.randn(5, 6, generator=gen)
 
     def leaves():
-        return (hidden_full.clone().requires_grad_(True), weight0.clone().requires_grad_(head_trainable), bias0.clone().requires_grad_(head_trainable))
+        return (
+            hidden_full.clone().requires_grad_(True),
+            weight0.clone().requires_grad_(head_trainable),
+            bias0.clone().requires_grad_(head_trainable),
+        )
 
     h, w, b = leaves()
-    logps, entropy = token_logprobs_and_entropy(h[:, :-1], targets, 0.8, chunk_tokens, head_weight=w, head_bias=b)
+    logps, entropy = token_logprobs_and_entropy(
+        h[:, :-1], targets, 0.8, chunk_tokens, head_weight=w, head_bias=b
+    )
     rh, rw, rb = leaves()
-    ref_logps, ref_entropy = reference_logps_entropy(torch.nn.functional.linear(rh[:, :-1], rw, rb), targets, 0.8)
+    ref_logps, ref_entropy = reference_logps_entropy(
+        torch.nn.functional.linear(rh[:, :-1], rw, rb), targets, 0.8
+    )
     tol = {"rtol": 1e-5, "atol": 1e-5} if dtype == torch.float32 else {"rtol": 2e-2, "atol": 2e-2}
     torch.testing.assert_close(logps, ref_logps, **tol)
     torch.testing.assert_close(entropy, ref_entropy, **tol)
@@ -485,7 +582,9 @@ def test_head_never_saves_logits_and_ignores_autocast():
     targets = torch.randint(0, 50, (4, 5), generator=gen)
     saved = []
     with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.shape[-1]) or t, lambda t: t):
-        with torch.autocast("cpu", dtype=torch.bfloat16):  # the head runs in its weight's dtype, as in backward
+        with torch.autocast(
+            "cpu", dtype=torch.bfloat16
+        ):  # the head runs in its weight's dtype, as in backward
             logps, _ = token_logprobs_and_entropy(hidden, targets, chunk_tokens=3, head_weight=weight)
     assert saved and 50 not in saved  # hidden states, targets and the [V, D] weight; no [..., V] logits
     ref_logps, _ = reference_logps_entropy(hidden.detach() @ weight.T, targets, 1.0)
@@ -497,7 +596,9 @@ def test_head_never_saves_logits_and_ignores_autocast():
 def test_no_full_fp32_logits_are_saved_for_backward():
     logits = torch.randn(6, 4, 50, dtype=torch.bfloat16, requires_grad=True)
     saved = []
-    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append((t.dtype, t.numel())) or t, lambda t: t):
+    with torch.autograd.graph.saved_tensors_hooks(
+        lambda t: saved.append((t.dtype, t.numel())) or t, lambda t: t
+    ):
         logps, _ = token_logprobs_and_entropy(logits, torch.zeros(6, 4, dtype=torch.long), chunk_tokens=8)
     assert (torch.float32, logits.numel()) not in saved
     logps.sum().backward()
@@ -522,7 +623,9 @@ def test_scored_positions_match_all_positions_there_and_are_zero_elsewhere(chunk
     # Responses of 6, 2 and 0 scored tokens (an all-padding row, as a masked truncated response is).
     positions = torch.tensor([[1] * 6, [1, 1, 0, 0, 0, 0], [0] * 6], dtype=torch.bool)
     h = hidden_full.clone().requires_grad_(True)
-    logps, entropy = token_logprobs_and_entropy(h, targets, 0.9, chunk_tokens, head_weight=weight, positions=positions)
+    logps, entropy = token_logprobs_and_entropy(
+        h, targets, 0.9, chunk_tokens, head_weight=weight, positions=positions
+    )
     rh = hidden_full.clone().requires_grad_(True)
     ref_logps, ref_entropy = reference_logps_entropy(torch.nn.functional.linear(rh, weight), targets, 0.9)
     torch.testing.assert_close(logps[positions], ref_logps[positions], rtol=1e-5, atol=1e-5)
@@ -537,7 +640,10 @@ def test_scored_positions_match_all_positions_there_and_are_zero_elsewhere(chunk
 def test_no_scored_position_gives_zeros_and_a_zero_gradient():
     hidden = torch.randn(2, 3, 4, requires_grad=True)
     logps, entropy = token_logprobs_and_entropy(
-        hidden, torch.zeros(2, 3, dtype=torch.long), head_weight=torch.randn(5, 4), positions=torch.zeros(2, 3, dtype=torch.bool)
+        hidden,
+        torch.zeros(2, 3, dtype=torch.long),
+        head_weight=torch.randn(5, 4),
+        positions=torch.zeros(2, 3, dtype=torch.bool),
     )
     logps.sum().backward()
     assert logps.eq(0).all() and entropy.eq(0).all() and hidden.grad.eq(0).all()
@@ -545,4 +651,9 @@ def test_no_scored_position_gives_zeros_and_a_zero_gradient():
 
 def test_positions_of_another_shape_are_refused():
     with pytest.raises(ValueError, match="positions must be"):
-        token_logprobs_and_entropy(torch.randn(2, 3, 4), torch.zeros(2, 3, dtype=torch.long), head_weight=torch.randn(5, 4), positions=torch.ones(2, 4, dtype=torch.bool))
+        token_logprobs_and_entropy(
+            torch.randn(2, 3, 4),
+            torch.zeros(2, 3, dtype=torch.long),
+            head_weight=torch.randn(5, 4),
+            positions=torch.ones(2, 4, dtype=torch.bool),
+        )

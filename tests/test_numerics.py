@@ -52,7 +52,10 @@ class PoisonLogits(Callback):
 @pytest.mark.parametrize("value", [float("nan"), float("inf")])
 def test_nonfinite_logits_skip_the_step_and_count_it(tiny_policy_dir, tmp_path, value):
     poison = PoisonLogits(value)
-    cli = main([*tiny_args(tiny_policy_dir, tmp_path, steps=2), *NO_VAL, VARYING_REWARD, "--model.optim.lr=0.05"], run=False)
+    cli = main(
+        [*tiny_args(tiny_policy_dir, tmp_path, steps=2), *NO_VAL, VARYING_REWARD, "--model.optim.lr=0.05"],
+        run=False,
+    )
     cli.trainer.callbacks.append(poison)
     cli.trainer.fit(cli.model, cli.datamodule)
 
@@ -61,7 +64,9 @@ def test_nonfinite_logits_skip_the_step_and_count_it(tiny_policy_dir, tmp_path, 
         assert torch.equal(poison.after_step0[name], before), name  # not updated, not NaN
     assert poison.optimizer_state_after == {}  # AdamW kept no moments from the bad step
     moved = max((p - poison.before[n]).abs().max().item() for n, p in lora(cli.model).items())
-    assert moved > 0 and all(torch.isfinite(p).all() for p in lora(cli.model).values())  # step 1 trains normally
+    assert moved > 0 and all(
+        torch.isfinite(p).all() for p in lora(cli.model).values()
+    )  # step 1 trains normally
     logged = scalars(Path(cli.trainer.log_dir))
     assert logged["train/skipped_nonfinite_steps"] == [1.0, 1.0]
 
@@ -72,7 +77,9 @@ class PoisonAttention(RolloutCallback):
     row: int | None = None
 
     def on_credit(self, trainer, pl_module, rollouts, micro_batch):
-        if PoisonAttention.row is None and micro_batch.recorded is not None:  # this micro-batch's maps were just recorded
+        if (
+            PoisonAttention.row is None and micro_batch.recorded is not None
+        ):  # this micro-batch's maps were just recorded
             rows, maps = micro_batch.recorded  # the credited rows, in place (nothing is handed over)
             PoisonAttention.row = rows[0]
             maps[0, -1, 0] = float("nan")
@@ -101,11 +108,15 @@ def test_nonfinite_attention_falls_back_to_uniform_weights(tiny_policy_dir, tmp_
     cli = main([*tiny_args(tiny_policy_dir, tmp_path, steps=1), *NO_VAL, VARYING_REWARD], run=False)
     credit = FlowCredit(layers=[0, 1])
     cli.trainer.callbacks.extend([PoisonAttention(), credit, check])
-    credit.setup(cli.trainer, cli.model, "fit")  # callbacks added after construction: ask for attention as the CLI would
+    credit.setup(
+        cli.trainer, cli.model, "fit"
+    )  # callbacks added after construction: ask for attention as the CLI would
     cli.trainer.fit(cli.model, cli.datamodule)
     assert check.checked == 1
     logged = scalars(Path(cli.trainer.log_dir))
-    assert logged["credit/nonfinite_attention_fraction"] == [pytest.approx(1 / check.credited)]  # of the credited responses
+    assert logged["credit/nonfinite_attention_fraction"] == [
+        pytest.approx(1 / check.credited)
+    ]  # of the credited responses
     assert logged["train/skipped_nonfinite_steps"] == [0.0]
 
 
@@ -114,8 +125,16 @@ def constant_reward(prompts, completions, golds):
 
 
 def test_all_equal_rewards_for_many_steps_leave_the_adapter_alone(tiny_policy_dir, tmp_path):
-    cli = main([*tiny_args(tiny_policy_dir, tmp_path, steps=6), *NO_VAL, "--model.optim.lr=0.05",
-                "--model.rewards.correctness=0", '--model.rewards.custom={"tests.test_numerics.constant_reward": 1.0}'], run=False)
+    cli = main(
+        [
+            *tiny_args(tiny_policy_dir, tmp_path, steps=6),
+            *NO_VAL,
+            "--model.optim.lr=0.05",
+            "--model.rewards.correctness=0",
+            '--model.rewards.custom={"tests.test_numerics.constant_reward": 1.0}',
+        ],
+        run=False,
+    )
     start = lora(cli.model)
     cli.trainer.fit(cli.model, cli.datamodule)
     logged = scalars(Path(cli.trainer.log_dir))
@@ -134,13 +153,23 @@ class RecordAppliedNorms(Callback):
 
     def on_before_optimizer_step(self, trainer, pl_module, optimizer):
         grads = [p.grad for p in pl_module.policy.parameters() if p.requires_grad and p.grad is not None]
-        self.norms.append(torch.linalg.vector_norm(torch.stack([g.norm() for g in grads])).item() if grads else None)
+        self.norms.append(
+            torch.linalg.vector_norm(torch.stack([g.norm() for g in grads])).item() if grads else None
+        )
 
 
 def test_exploding_learning_rate_is_held_by_clipping(tiny_policy_dir, tmp_path):
     record = RecordAppliedNorms()
-    cli = main([*tiny_args(tiny_policy_dir, tmp_path, steps=6), *NO_VAL, VARYING_REWARD,
-                "--model.optim.lr=1000", "--model.grpo.max_grad_norm=0.5"], run=False)
+    cli = main(
+        [
+            *tiny_args(tiny_policy_dir, tmp_path, steps=6),
+            *NO_VAL,
+            VARYING_REWARD,
+            "--model.optim.lr=1000",
+            "--model.grpo.max_grad_norm=0.5",
+        ],
+        run=False,
+    )
     cli.trainer.callbacks.append(record)
     cli.trainer.fit(cli.model, cli.datamodule)
     logged = scalars(Path(cli.trainer.log_dir))

@@ -16,7 +16,13 @@ import torch
 
 from lightning_flow.loss import token_logprobs_and_entropy
 from lightning_flow.module import GRPOConfig
-from lightning_flow.objectives import OBJECTIVES, LossType, entropy_threshold, gradient_accumulation_divisor, policy_loss
+from lightning_flow.objectives import (
+    OBJECTIVES,
+    LossType,
+    entropy_threshold,
+    gradient_accumulation_divisor,
+    policy_loss,
+)
 from tests.test_loss import reference_entropy_bonus, reference_loss, reference_quantile, to_lists
 
 LOSS_TYPES = list(get_args(LossType))
@@ -39,20 +45,32 @@ def batch():
     row 5 A=+2.0  no valid token, a log-ratio of 800 that would overflow exp if not masked
     rows 6, 7     A = 0: a group whose rewards were all equal
     """
-    log_ratio = torch.tensor([
-        [math.log(1.5), math.log(0.5), 0.1, 0.0, 0.05],
-        [math.log(1.5), math.log(0.5), -0.05, 0.3, 0.0],
-        [0.6, 0.5, 0.3, 0.1, 0.0],
-        [-0.5, -0.4, -0.1, -0.3, 0.0],
-        [0.6, 0.5, 0.4, 0.0, 0.0],
-        [800.0] * 5,
-        [0.3, -0.2, 0.1, 0.0, 0.0],
-        [-0.3, 0.25, 0.0, 0.1, 0.2],
-    ], dtype=torch.float64)
-    mask = torch.tensor([
-        [1, 1, 1, 1, 0], [1, 1, 1, 0, 0], [1, 1, 1, 1, 1], [1, 1, 1, 1, 0],
-        [1, 1, 1, 0, 0], [0, 0, 0, 0, 0], [1, 1, 1, 0, 0], [1, 1, 1, 1, 1],
-    ], dtype=torch.float64)
+    log_ratio = torch.tensor(
+        [
+            [math.log(1.5), math.log(0.5), 0.1, 0.0, 0.05],
+            [math.log(1.5), math.log(0.5), -0.05, 0.3, 0.0],
+            [0.6, 0.5, 0.3, 0.1, 0.0],
+            [-0.5, -0.4, -0.1, -0.3, 0.0],
+            [0.6, 0.5, 0.4, 0.0, 0.0],
+            [800.0] * 5,
+            [0.3, -0.2, 0.1, 0.0, 0.0],
+            [-0.3, 0.25, 0.0, 0.1, 0.2],
+        ],
+        dtype=torch.float64,
+    )
+    mask = torch.tensor(
+        [
+            [1, 1, 1, 1, 0],
+            [1, 1, 1, 0, 0],
+            [1, 1, 1, 1, 1],
+            [1, 1, 1, 1, 0],
+            [1, 1, 1, 0, 0],
+            [0, 0, 0, 0, 0],
+            [1, 1, 1, 0, 0],
+            [1, 1, 1, 1, 1],
+        ],
+        dtype=torch.float64,
+    )
     gen = torch.Generator().manual_seed(20)
     logps = -0.1 - 2.9 * torch.rand(8, 5, generator=gen, dtype=torch.float64)
     # Distinct entropies that are exact in float32 (multiples of 1/8): no quantile lands on a tie by rounding.
@@ -60,15 +78,20 @@ def batch():
     weights = 0.25 + 1.75 * torch.rand(8, 5, generator=gen, dtype=torch.float64)
     weights[0, 2] = 0.0  # a token credit switches off
     return {
-        "logps": logps, "old": logps - log_ratio, "mask": mask,
+        "logps": logps,
+        "old": logps - log_ratio,
+        "mask": mask,
         "adv": torch.tensor([1.0, -0.5, 0.7, -1.2, -0.8, 2.0, 0.0, 0.0], dtype=torch.float64),
         "ref": logps + 0.3 * torch.randn(8, 5, generator=gen, dtype=torch.float64),
-        "entropy": entropy, "weights": weights,
+        "entropy": entropy,
+        "weights": weights,
     }
 
 
 def valid_entropies(batch) -> list[float]:
-    return [h for hs, ms in zip(to_lists(batch["entropy"]), to_lists(batch["mask"])) for h, m in zip(hs, ms) if m]
+    return [
+        h for hs, ms in zip(to_lists(batch["entropy"]), to_lists(batch["mask"])) for h, m in zip(hs, ms) if m
+    ]
 
 
 MODIFIERS = {
@@ -79,7 +102,14 @@ MODIFIERS = {
     "kl": {"beta": 0.05, "kl_bias_correction": True},
     "kl_uncorrected": {"beta": 0.05, "kl_bias_correction": False},
     "entropy_bonus": {"entropy_coef": 0.03},
-    "all": {"weights": True, "delta": DELTA, "mask_entropy": True, "beta": 0.05, "kl_bias_correction": True, "entropy_coef": 0.03},
+    "all": {
+        "weights": True,
+        "delta": DELTA,
+        "mask_entropy": True,
+        "beta": 0.05,
+        "kl_bias_correction": True,
+        "entropy_coef": 0.03,
+    },
 }
 
 
@@ -91,15 +121,32 @@ def options(batch, loss_type, level, modifier, rows=slice(None)):
     weights = batch["weights"][rows] if spec.get("weights") else None
     mask = batch["mask"][rows]
     ours = {
-        "loss_type": loss_type, "importance_sampling_level": level, "epsilon_high": EPSILON_HIGH.get(loss_type, 0.28), "delta": delta,
-        "beta": spec.get("beta", 0.0), "ref_logps": batch["ref"][rows], "kl_bias_correction": spec.get("kl_bias_correction", True),
-        "token_weights": weights, "entropy": batch["entropy"][rows], "entropy_threshold": threshold,
-        "entropy_coef": spec.get("entropy_coef", 0.0), "max_completion_length": 6, "num_items_in_batch": int(batch["mask"].sum()),
+        "loss_type": loss_type,
+        "importance_sampling_level": level,
+        "epsilon_high": EPSILON_HIGH.get(loss_type, 0.28),
+        "delta": delta,
+        "beta": spec.get("beta", 0.0),
+        "ref_logps": batch["ref"][rows],
+        "kl_bias_correction": spec.get("kl_bias_correction", True),
+        "token_weights": weights,
+        "entropy": batch["entropy"][rows],
+        "entropy_threshold": threshold,
+        "entropy_coef": spec.get("entropy_coef", 0.0),
+        "max_completion_length": 6,
+        "num_items_in_batch": int(batch["mask"].sum()),
     }
     reference = {
-        "eps_high": ours["epsilon_high"], "beta": ours["beta"], "ref": to_lists(batch["ref"][rows]), "kl_correction": ours["kl_bias_correction"],
-        "weights": None if weights is None else to_lists(weights), "max_len": 6, "num_items": ours["num_items_in_batch"], "level": level,
-        "delta": delta, "entropy": to_lists(batch["entropy"][rows]), "threshold": threshold,
+        "eps_high": ours["epsilon_high"],
+        "beta": ours["beta"],
+        "ref": to_lists(batch["ref"][rows]),
+        "kl_correction": ours["kl_bias_correction"],
+        "weights": None if weights is None else to_lists(weights),
+        "max_len": 6,
+        "num_items": ours["num_items_in_batch"],
+        "level": level,
+        "delta": delta,
+        "entropy": to_lists(batch["entropy"][rows]),
+        "threshold": threshold,
     }
     return ours, reference, ours["entropy_coef"], threshold, mask
 
@@ -108,18 +155,37 @@ def run(batch, rows=slice(None), num_micro_batches=1, **kwargs):
     """(loss, d loss / d logps, d loss / d entropy, stats) of policy_loss on ``rows``."""
     logps = batch["logps"][rows].clone().requires_grad_(True)
     entropy = kwargs.pop("entropy").clone().requires_grad_(True)
-    loss, stats = policy_loss(logps, batch["old"][rows], batch["adv"][rows], batch["mask"][rows], entropy=entropy, num_micro_batches=num_micro_batches, **kwargs)
+    loss, stats = policy_loss(
+        logps,
+        batch["old"][rows],
+        batch["adv"][rows],
+        batch["mask"][rows],
+        entropy=entropy,
+        num_micro_batches=num_micro_batches,
+        **kwargs,
+    )
     grad_logps, grad_entropy = torch.autograd.grad(loss, [logps, entropy], allow_unused=True)
     return loss, grad_logps, torch.zeros_like(entropy) if grad_entropy is None else grad_entropy, stats
 
 
 def expected(batch, loss_type, reference, coef, threshold, rows=slice(None), num_micro_batches=1):
     loss, grad = reference_loss(
-        to_lists(batch["logps"][rows]), to_lists(batch["old"][rows]), to_lists(batch["adv"][rows]), to_lists(batch["mask"][rows]), loss_type,
-        num_micro_batches=num_micro_batches, **reference,
+        to_lists(batch["logps"][rows]),
+        to_lists(batch["old"][rows]),
+        to_lists(batch["adv"][rows]),
+        to_lists(batch["mask"][rows]),
+        loss_type,
+        num_micro_batches=num_micro_batches,
+        **reference,
     )
-    bonus, grad_entropy = reference_entropy_bonus(reference["entropy"], to_lists(batch["mask"][rows]), coef, threshold, num_micro_batches)
-    return loss + bonus, torch.tensor(grad, dtype=torch.float64), torch.tensor(grad_entropy, dtype=torch.float64)
+    bonus, grad_entropy = reference_entropy_bonus(
+        reference["entropy"], to_lists(batch["mask"][rows]), coef, threshold, num_micro_batches
+    )
+    return (
+        loss + bonus,
+        torch.tensor(grad, dtype=torch.float64),
+        torch.tensor(grad_entropy, dtype=torch.float64),
+    )
 
 
 def assert_matches(got, want):
@@ -174,7 +240,12 @@ def test_gradient_accumulation_over_micro_batches(batch, loss_type, level):
     """Two micro-batches of 4 responses, every option on: the shares add up to the step's loss as
     TRL accumulates it (the entropy bonus a mean of the micro-batches' means), and the policy
     part, but for bnpo (a mean over each micro-batch's own tokens), to the whole batch's."""
-    total, bonus, grad, grad_entropy = 0.0, 0.0, torch.zeros_like(batch["logps"]), torch.zeros_like(batch["entropy"])
+    total, bonus, grad, grad_entropy = (
+        0.0,
+        0.0,
+        torch.zeros_like(batch["logps"]),
+        torch.zeros_like(batch["entropy"]),
+    )
     want_total, want_grad, want_grad_entropy = 0.0, torch.zeros_like(grad), torch.zeros_like(grad)
     for rows in (slice(0, 4), slice(4, 8)):
         ours, reference, coef, threshold, mask = options(batch, loss_type, level, "all", rows)
@@ -183,20 +254,39 @@ def test_gradient_accumulation_over_micro_batches(batch, loss_type, level):
         want = expected(batch, loss_type, reference, coef, threshold, rows, num_micro_batches=2)
         want_total += want[0]
         want_grad[rows], want_grad_entropy[rows] = want[1], want[2]
-        bonus += reference_entropy_bonus(reference["entropy"], to_lists(mask), coef, threshold, num_micro_batches=2)[0]
-    assert_matches((torch.tensor(total, dtype=torch.float64), grad, grad_entropy), (want_total, want_grad, want_grad_entropy))
+        bonus += reference_entropy_bonus(
+            reference["entropy"], to_lists(mask), coef, threshold, num_micro_batches=2
+        )[0]
+    assert_matches(
+        (torch.tensor(total, dtype=torch.float64), grad, grad_entropy),
+        (want_total, want_grad, want_grad_entropy),
+    )
     if loss_type != "bnpo":
         _, reference, *_ = options(batch, loss_type, level, "all")
         whole_loss, whole_grad = reference_loss(
-            to_lists(batch["logps"]), to_lists(batch["old"]), to_lists(batch["adv"]), to_lists(batch["mask"]), loss_type, **reference
+            to_lists(batch["logps"]),
+            to_lists(batch["old"]),
+            to_lists(batch["adv"]),
+            to_lists(batch["mask"]),
+            loss_type,
+            **reference,
         )
         assert total - bonus == pytest.approx(whole_loss, rel=1e-12)
-        torch.testing.assert_close(grad, torch.tensor(whole_grad, dtype=torch.float64), rtol=1e-12, atol=1e-15)
+        torch.testing.assert_close(
+            grad, torch.tensor(whole_grad, dtype=torch.float64), rtol=1e-12, atol=1e-15
+        )
 
 
 def test_accumulation_divisor_follows_the_normaliser():
     assert {t: gradient_accumulation_divisor(t, 4) for t in LOSS_TYPES} == {
-        "grpo": 4, "bnpo": 4, "dr_grpo": 4, "dapo": 1, "cispo": 1, "sapo": 4, "luspo": 4}
+        "grpo": 4,
+        "bnpo": 4,
+        "dr_grpo": 4,
+        "dapo": 1,
+        "cispo": 1,
+        "sapo": 4,
+        "luspo": 4,
+    }
 
 
 # ---- what a token weight means --------------------------------------------------------------
@@ -268,7 +358,9 @@ def test_entropy_bonus_gradient_reaches_the_logits_exactly():
     kwargs = {"loss_type": "dapo", "num_items_in_batch": 12, "entropy_coef": 0.1, "entropy_threshold": 1.2}
 
     ours = logits.clone().requires_grad_(True)
-    logps, entropy = token_logprobs_and_entropy(ours, targets, temperature=0.7, chunk_tokens=3, entropy_grad=True)
+    logps, entropy = token_logprobs_and_entropy(
+        ours, targets, temperature=0.7, chunk_tokens=3, entropy_grad=True
+    )
     loss, _ = policy_loss(logps.double(), old, adv, mask, entropy=entropy.double(), **kwargs)
     loss.backward()
 
@@ -288,7 +380,9 @@ def test_entropy_stays_detached_unless_asked():
     logits = torch.randn(2, 3, 5, requires_grad=True)
     _, entropy = token_logprobs_and_entropy(logits, torch.zeros(2, 3, dtype=torch.long))
     assert not entropy.requires_grad
-    logps, entropy = token_logprobs_and_entropy(logits, torch.zeros(2, 3, dtype=torch.long), entropy_grad=True)
+    logps, entropy = token_logprobs_and_entropy(
+        logits, torch.zeros(2, 3, dtype=torch.long), entropy_grad=True
+    )
     assert entropy.requires_grad
     entropy.sum().backward()  # the entropy alone (the log-probs unused) has a gradient too
     assert logits.grad.abs().sum() > 0
@@ -312,16 +406,25 @@ def test_policy_loss_refuses_what_it_cannot_compute(batch):
 
 
 # ---- GRPOConfig: bad input before the first step ----------------------------------------------
-@pytest.mark.parametrize(("fields", "message"), [
-    ({"top_entropy_quantile": 0.0}, r"model.grpo.top_entropy_quantile=0.0: .* \(0, 1\]"),
-    ({"top_entropy_quantile": 1.2}, r"model.grpo.top_entropy_quantile=1.2"),
-    ({"delta": 1.2}, r"model.grpo.delta=1.2 must exceed 1 \+ epsilon_high = 1.2"),
-    ({"delta": 1.25, "epsilon_high": 0.28}, r"model.grpo.delta=1.25 must exceed 1 \+ epsilon_high = 1.28"),
-    ({"delta": 2.0, "loss_type": "sapo"}, r"model.grpo.delta=2.0: .*not loss_type=sapo"),
-    ({"loss_type": "cispo"}, r"model.grpo.epsilon_high=None: loss_type=cispo caps the ratio at epsilon_high itself"),
-    ({"loss_type": "cispo", "epsilon_high": 0.28}, r"model.grpo.epsilon_high=0.28"),
-    ({"sapo_temperature_neg": 0.0}, r"model.grpo.sapo_temperature_neg=0.0 must be > 0"),
-])
+@pytest.mark.parametrize(
+    ("fields", "message"),
+    [
+        ({"top_entropy_quantile": 0.0}, r"model.grpo.top_entropy_quantile=0.0: .* \(0, 1\]"),
+        ({"top_entropy_quantile": 1.2}, r"model.grpo.top_entropy_quantile=1.2"),
+        ({"delta": 1.2}, r"model.grpo.delta=1.2 must exceed 1 \+ epsilon_high = 1.2"),
+        (
+            {"delta": 1.25, "epsilon_high": 0.28},
+            r"model.grpo.delta=1.25 must exceed 1 \+ epsilon_high = 1.28",
+        ),
+        ({"delta": 2.0, "loss_type": "sapo"}, r"model.grpo.delta=2.0: .*not loss_type=sapo"),
+        (
+            {"loss_type": "cispo"},
+            r"model.grpo.epsilon_high=None: loss_type=cispo caps the ratio at epsilon_high itself",
+        ),
+        ({"loss_type": "cispo", "epsilon_high": 0.28}, r"model.grpo.epsilon_high=0.28"),
+        ({"sapo_temperature_neg": 0.0}, r"model.grpo.sapo_temperature_neg=0.0 must be > 0"),
+    ],
+)
 def test_config_refuses_bad_options_naming_them(fields, message):
     with pytest.raises(ValueError, match=message):
         GRPOConfig(**fields)
@@ -329,8 +432,15 @@ def test_config_refuses_bad_options_naming_them(fields, message):
 
 @pytest.mark.parametrize("loss_type", ["bnpo", "dr_grpo", "dapo", "cispo"])
 def test_config_warns_of_sequence_ratios_in_a_loss_that_sums_tokens(loss_type):
-    with pytest.warns(UserWarning, match=f"importance_sampling_level=sequence with loss_type={loss_type}: this loss sums token terms"):
-        GRPOConfig(loss_type=loss_type, importance_sampling_level="sequence", epsilon_high=5.0 if loss_type == "cispo" else None)
+    with pytest.warns(
+        UserWarning,
+        match=f"importance_sampling_level=sequence with loss_type={loss_type}: this loss sums token terms",
+    ):
+        GRPOConfig(
+            loss_type=loss_type,
+            importance_sampling_level="sequence",
+            epsilon_high=5.0 if loss_type == "cispo" else None,
+        )
 
 
 def test_config_warns_of_token_level_luspo_and_accepts_the_sound_settings():

@@ -23,25 +23,63 @@ class KeepEntropies(RolloutCallback):
         self.steps.append((rollouts.entropy.clone(), rollouts.completion_mask.clone()))
 
 
-@pytest.mark.parametrize(("options", "keep"), [
-    # μ = 1 in 4 micro-batches: the threshold needs a no-grad pass over the 3 later ones.
-    (["--model.grpo.loss_type=sapo", "--model.grpo.importance_sampling_level=sequence", "--model.grpo.micro_batch_size=4",
-      "--model.grpo.entropy_coef=0.01"], 0.25),
-    # μ = 2: the threshold comes from the first pass, which stored every row's entropy.
-    (["--model.grpo.loss_type=luspo", "--model.grpo.importance_sampling_level=sequence", "--model.grpo.num_iterations=2",
-      "--model.grpo.delta=1.5", "--model.grpo.beta=0.04"], 0.5),
-    (["--model.grpo.loss_type=cispo", "--model.grpo.epsilon_high=5", "--model.grpo.num_iterations=2", "--model.grpo.micro_batch_size=4",
-      "--model.grpo.entropy_coef=0.01"], 0.2),
-])
+@pytest.mark.parametrize(
+    ("options", "keep"),
+    [
+        # μ = 1 in 4 micro-batches: the threshold needs a no-grad pass over the 3 later ones.
+        (
+            [
+                "--model.grpo.loss_type=sapo",
+                "--model.grpo.importance_sampling_level=sequence",
+                "--model.grpo.micro_batch_size=4",
+                "--model.grpo.entropy_coef=0.01",
+            ],
+            0.25,
+        ),
+        # μ = 2: the threshold comes from the first pass, which stored every row's entropy.
+        (
+            [
+                "--model.grpo.loss_type=luspo",
+                "--model.grpo.importance_sampling_level=sequence",
+                "--model.grpo.num_iterations=2",
+                "--model.grpo.delta=1.5",
+                "--model.grpo.beta=0.04",
+            ],
+            0.5,
+        ),
+        (
+            [
+                "--model.grpo.loss_type=cispo",
+                "--model.grpo.epsilon_high=5",
+                "--model.grpo.num_iterations=2",
+                "--model.grpo.micro_batch_size=4",
+                "--model.grpo.entropy_coef=0.01",
+            ],
+            0.2,
+        ),
+    ],
+)
 def test_objective_trains_and_keeps_the_batch_top_entropy_share(tiny_policy_dir, tmp_path, options, keep):
-    cli = main([
-        "fit", *tiny_args(tiny_policy_dir, tmp_path), "--trainer.val_check_interval=null", "--trainer.limit_val_batches=0",
-        "--model.optim.lr=0.05", '--model.rewards.custom={"tests.test_fit.length_reward": 1.0}',
-        f"--model.grpo.top_entropy_quantile={keep}", "--trainer.callbacks+=tests.test_objectives_fit.KeepEntropies", *options,
-    ])
+    cli = main(
+        [
+            "fit",
+            *tiny_args(tiny_policy_dir, tmp_path),
+            "--trainer.val_check_interval=null",
+            "--trainer.limit_val_batches=0",
+            "--model.optim.lr=0.05",
+            '--model.rewards.custom={"tests.test_fit.length_reward": 1.0}',
+            f"--model.grpo.top_entropy_quantile={keep}",
+            "--trainer.callbacks+=tests.test_objectives_fit.KeepEntropies",
+            *options,
+        ]
+    )
     logged = scalars(Path(cli.trainer.log_dir))
-    assert all(torch.isfinite(torch.tensor(values)).all() for values in logged.values()), "a NaN or inf was logged"
-    assert max(p.abs().max().item() for n, p in cli.model.policy.named_parameters() if "lora_B" in n) > 0  # it trained
+    assert all(torch.isfinite(torch.tensor(values)).all() for values in logged.values()), (
+        "a NaN or inf was logged"
+    )
+    assert (
+        max(p.abs().max().item() for n, p in cli.model.policy.named_parameters() if "lora_B" in n) > 0
+    )  # it trained
     kept_entropies = next(c for c in cli.trainer.callbacks if isinstance(c, KeepEntropies))
     fractions = []
     for entropy, mask in kept_entropies.steps:
@@ -74,11 +112,17 @@ def test_the_extra_entropy_pass_leaves_the_recorded_attention_alone(tiny_policy_
     of a run without the mask."""
     maps = []
     for keep in (1.0, 0.25):
-        cli = main([
-            "fit", *tiny_args(tiny_policy_dir, tmp_path / str(keep), steps=1), "--trainer.val_check_interval=null",
-            "--trainer.limit_val_batches=0", "--model.grpo.micro_batch_size=4", f"--model.grpo.top_entropy_quantile={keep}",
-            "--trainer.callbacks+=tests.test_objectives_fit.KeepMaps",
-        ])
+        cli = main(
+            [
+                "fit",
+                *tiny_args(tiny_policy_dir, tmp_path / str(keep), steps=1),
+                "--trainer.val_check_interval=null",
+                "--trainer.limit_val_batches=0",
+                "--model.grpo.micro_batch_size=4",
+                f"--model.grpo.top_entropy_quantile={keep}",
+                "--trainer.callbacks+=tests.test_objectives_fit.KeepMaps",
+            ]
+        )
         maps.append(next(c for c in cli.trainer.callbacks if isinstance(c, KeepMaps)).maps)
     assert sorted(maps[0]) == sorted(maps[1]) == list(range(16))
     for row in range(16):

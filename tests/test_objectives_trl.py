@@ -15,12 +15,23 @@ import pytest
 import torch
 
 from lightning_flow.objectives import entropy_threshold, policy_loss
-from tests.test_objectives import CLIPPED, EPSILON_HIGH, KEEP, LEVELS, LOSS_TYPES, MODIFIERS
-from tests.test_objectives import batch  # noqa: F401 (the fixture)
+from tests.test_objectives import (
+    CLIPPED,
+    EPSILON_HIGH,
+    KEEP,
+    LEVELS,
+    LOSS_TYPES,
+    MODIFIERS,
+    batch,  # noqa: F401 (the fixture)
+)
 
-trl = pytest.importorskip("trl", reason="TRL is not installed (the optional 'bench' extra: pip install -e '.[bench]')")
+trl = pytest.importorskip(
+    "trl", reason="TRL is not installed (the optional 'bench' extra: pip install -e '.[bench]')"
+)
 if trl.__version__ != "1.16.0":
-    pytest.skip(f"these tests pin TRL 1.16.0's definitions; installed is {trl.__version__}", allow_module_level=True)
+    pytest.skip(
+        f"these tests pin TRL 1.16.0's definitions; installed is {trl.__version__}", allow_module_level=True
+    )
 from trl import GRPOTrainer  # noqa: E402
 
 # TRL picks SAPO's temperature with torch.where over python floats, which makes a float32 tensor:
@@ -45,13 +56,20 @@ class TRLLossOnly:
         self.off_policy_mask_threshold, self.use_vllm, self.aux_loss_enabled = None, False, False
         self.max_completion_length, self.current_gradient_accumulation_steps = 6, accumulation
         self.args = SimpleNamespace(
-            use_bias_correction_kl=spec.get("kl_bias_correction", True), delta=spec.get("delta") if loss_type in CLIPPED else None,
-            sapo_temperature_pos=SAPO_TEMPERATURES[0], sapo_temperature_neg=SAPO_TEMPERATURES[1], steps_per_generation=accumulation,
+            use_bias_correction_kl=spec.get("kl_bias_correction", True),
+            delta=spec.get("delta") if loss_type in CLIPPED else None,
+            sapo_temperature_pos=SAPO_TEMPERATURES[0],
+            sapo_temperature_neg=SAPO_TEMPERATURES[1],
+            steps_per_generation=accumulation,
         )
         self.model = SimpleNamespace(training=True)
         self.accelerator = SimpleNamespace(
-            num_processes=1, sync_gradients=True, gather=lambda t: t, gather_for_metrics=lambda t: t,
-            reduce=lambda t, reduction: t, pad_across_processes=lambda t, dim, pad_index: t,
+            num_processes=1,
+            sync_gradients=True,
+            gather=lambda t: t,
+            gather_for_metrics=lambda t: t,
+            reduce=lambda t, reduction: t,
+            pad_across_processes=lambda t, dim, pad_index: t,
         )
         self._metrics = {"train": defaultdict(list)}
 
@@ -60,14 +78,21 @@ class TRLLossOnly:
 
 
 @pytest.fixture(scope="module")
-def trl_batch(batch):
+def trl_batch(batch):  # noqa: F811 (the fixture imported above)
     """The objectives' batch, but TRL exponentiates padding log-ratios unmasked: a finite one there."""
     old = batch["old"].clone()
     old[5] = batch["logps"][5] - 0.3
     return {**batch, "old": old}
 
 
-def both_losses(batch, loss_type, level, spec, rows, accumulation):
+def both_losses(
+    batch,  # noqa: F811 (a plain argument)
+    loss_type,
+    level,
+    spec,
+    rows,
+    accumulation,
+):
     mask, adv = batch["mask"][rows], batch["adv"][rows]
     weights = batch["weights"][rows] if spec.get("weights") else torch.ones_like(mask)
     tokens = batch["mask"].sum()  # of the whole generation batch
@@ -77,9 +102,13 @@ def both_losses(batch, loss_type, level, spec, rows, accumulation):
     trainer = TRLLossOnly(theirs_logps, theirs_entropy, loss_type, level, spec, accumulation)
     n, length = mask.shape
     inputs = {
-        "prompt_ids": torch.zeros(n, 1, dtype=torch.long), "prompt_mask": torch.ones(n, 1, dtype=torch.long),
-        "completion_ids": torch.zeros(n, length, dtype=torch.long), "completion_mask": mask,
-        "advantages": adv[:, None] * weights, "old_per_token_logps": batch["old"][rows], "ref_per_token_logps": batch["ref"][rows],
+        "prompt_ids": torch.zeros(n, 1, dtype=torch.long),
+        "prompt_mask": torch.ones(n, 1, dtype=torch.long),
+        "completion_ids": torch.zeros(n, length, dtype=torch.long),
+        "completion_mask": mask,
+        "advantages": adv[:, None] * weights,
+        "old_per_token_logps": batch["old"][rows],
+        "ref_per_token_logps": batch["ref"][rows],
         "num_items_in_batch": tokens,
     }
     theirs = trainer._compute_loss(None, inputs)
@@ -87,15 +116,33 @@ def both_losses(batch, loss_type, level, spec, rows, accumulation):
     ours_logps = batch["logps"][rows].clone().requires_grad_(True)
     ours_entropy = batch["entropy"][rows].clone().requires_grad_(True)
     ours, _ = policy_loss(
-        ours_logps, batch["old"][rows], adv, mask, loss_type=loss_type, importance_sampling_level=level,
-        epsilon_high=trainer.epsilon_high, delta=trainer.args.delta, sapo_temperature_pos=SAPO_TEMPERATURES[0],
-        sapo_temperature_neg=SAPO_TEMPERATURES[1], beta=trainer.beta, ref_logps=batch["ref"][rows],
-        kl_bias_correction=trainer.args.use_bias_correction_kl, token_weights=weights, entropy=ours_entropy,
-        entropy_threshold=entropy_threshold(ours_entropy.detach(), mask, KEEP) if spec.get("mask_entropy") else None,
-        entropy_coef=trainer.entropy_coef, max_completion_length=6, num_items_in_batch=tokens, num_micro_batches=accumulation,
+        ours_logps,
+        batch["old"][rows],
+        adv,
+        mask,
+        loss_type=loss_type,
+        importance_sampling_level=level,
+        epsilon_high=trainer.epsilon_high,
+        delta=trainer.args.delta,
+        sapo_temperature_pos=SAPO_TEMPERATURES[0],
+        sapo_temperature_neg=SAPO_TEMPERATURES[1],
+        beta=trainer.beta,
+        ref_logps=batch["ref"][rows],
+        kl_bias_correction=trainer.args.use_bias_correction_kl,
+        token_weights=weights,
+        entropy=ours_entropy,
+        entropy_threshold=entropy_threshold(ours_entropy.detach(), mask, KEEP)
+        if spec.get("mask_entropy")
+        else None,
+        entropy_coef=trainer.entropy_coef,
+        max_completion_length=6,
+        num_items_in_batch=tokens,
+        num_micro_batches=accumulation,
     )
-    grads = [torch.autograd.grad(loss, [lp, h], allow_unused=True) for loss, lp, h in
-             ((theirs, theirs_logps, theirs_entropy), (ours, ours_logps, ours_entropy))]
+    grads = [
+        torch.autograd.grad(loss, [lp, h], allow_unused=True)
+        for loss, lp, h in ((theirs, theirs_logps, theirs_entropy), (ours, ours_logps, ours_entropy))
+    ]
     return (theirs, ours), [[torch.zeros_like(mask) if g is None else g for g in pair] for pair in grads]
 
 
@@ -121,7 +168,9 @@ def test_two_accumulated_micro_batches_equal_trl(trl_batch, loss_type, level):
     everything_but_the_mask = {**MODIFIERS["all"], "mask_entropy": False}
     losses, grads = [], []
     for rows in (slice(0, 4), slice(4, 8)):
-        pair, pair_grads = both_losses(trl_batch, loss_type, level, everything_but_the_mask, rows, accumulation=2)
+        pair, pair_grads = both_losses(
+            trl_batch, loss_type, level, everything_but_the_mask, rows, accumulation=2
+        )
         losses.append(pair)
         grads.append(pair_grads)
     theirs, ours = (sum(pair[side] for pair in losses) for side in (0, 1))

@@ -43,7 +43,15 @@ def test_4bit_gradients_after_generate_equal_gradients_before(tiny_policy_dir):
     perturb_lora(model)
     ids = torch.randint(4, 90, (2, 12), generator=torch.Generator().manual_seed(0))
     before = lora_gradients(model, ids)
-    generate(model, ids[:, :4], torch.ones(2, 4, dtype=torch.long), SamplingConfig(max_new_tokens=4), 0, [2], greedy=True)
+    generate(
+        model,
+        ids[:, :4],
+        torch.ones(2, 4, dtype=torch.long),
+        SamplingConfig(max_new_tokens=4),
+        0,
+        [2],
+        greedy=True,
+    )
     after = lora_gradients(model, ids)
     torch.testing.assert_close(after, before, rtol=0, atol=0)
 
@@ -57,7 +65,15 @@ def test_4bit_trap_exists_without_the_guard(tiny_policy_dir, monkeypatch):
     perturb_lora(model)
     ids = torch.randint(4, 90, (2, 12), generator=torch.Generator().manual_seed(0))
     before = lora_gradients(model, ids)
-    generate(model, ids[:, :4], torch.ones(2, 4, dtype=torch.long), SamplingConfig(max_new_tokens=4), 0, [2], greedy=True)
+    generate(
+        model,
+        ids[:, :4],
+        torch.ones(2, 4, dtype=torch.long),
+        SamplingConfig(max_new_tokens=4),
+        0,
+        [2],
+        greedy=True,
+    )
     assert not torch.allclose(lora_gradients(model, ids), before)
     assert disable_cpu_4bit_repacking(model) > 0
 
@@ -72,14 +88,24 @@ def test_training_forward_reproduces_generation_logits_with_left_padding(tiny_po
     model.eval()
     with torch.no_grad():
         out = model.generate(
-            **batch, do_sample=False, max_new_tokens=6, output_logits=True, return_dict_in_generate=True,
-            pad_token_id=tokenizer.pad_token_id, eos_token_id=None,
+            **batch,
+            do_sample=False,
+            max_new_tokens=6,
+            output_logits=True,
+            return_dict_in_generate=True,
+            pad_token_id=tokenizer.pad_token_id,
+            eos_token_id=None,
         )
-        completion = out.sequences[:, batch.input_ids.shape[1]:]
+        completion = out.sequences[:, batch.input_ids.shape[1] :]
         generation_logits = torch.stack(out.logits, dim=1)  # [B, L, V]
         ids = out.sequences
         mask = torch.cat([batch.attention_mask, torch.ones_like(completion)], dim=1)
-        logits = model(input_ids=ids, attention_mask=mask, position_ids=position_ids_from_mask(mask), logits_to_keep=completion.shape[1] + 1).logits[:, :-1]
+        logits = model(
+            input_ids=ids,
+            attention_mask=mask,
+            position_ids=position_ids_from_mask(mask),
+            logits_to_keep=completion.shape[1] + 1,
+        ).logits[:, :-1]
     torch.testing.assert_close(logits, generation_logits, rtol=1e-4, atol=1e-4)
     assert torch.equal(logits.argmax(-1), completion)
 
@@ -95,7 +121,9 @@ def test_head_on_decoder_states_gives_the_models_log_probs_and_lora_gradients(ti
     ids = torch.randint(4, 90, (3, 14), generator=gen)
     mask = torch.ones_like(ids)
     mask[0, :4] = 0  # left padding
-    inputs = dict(input_ids=ids, attention_mask=mask, position_ids=position_ids_from_mask(mask), use_cache=False)
+    inputs = dict(
+        input_ids=ids, attention_mask=mask, position_ids=position_ids_from_mask(mask), use_cache=False
+    )
     targets = ids[:, -6:]
 
     def logps_and_grads(fused: bool, adapter: bool = True):
@@ -103,7 +131,9 @@ def test_head_on_decoder_states_gives_the_models_log_probs_and_lora_gradients(ti
         with model.disable_adapter() if not adapter else torch.enable_grad():
             if fused:
                 hidden = decoder(**inputs).last_hidden_state[:, -7:-1]
-                logps, _ = token_logprobs_and_entropy(hidden, targets, 0.7, chunk_tokens=4, head_weight=head.weight, head_bias=head.bias)
+                logps, _ = token_logprobs_and_entropy(
+                    hidden, targets, 0.7, chunk_tokens=4, head_weight=head.weight, head_bias=head.bias
+                )
             else:
                 logits = model(**inputs).logits[:, -7:-1]
                 logps = torch.log_softmax(logits / 0.7, -1).gather(-1, targets[..., None]).squeeze(-1)
@@ -123,12 +153,22 @@ def test_head_on_decoder_states_gives_the_models_log_probs_and_lora_gradients(ti
 
 
 def test_decoder_and_head_is_refused_where_logits_are_more_than_a_plain_head(tiny_policy_dir):
-    adapted_head = load_policy(PolicyConfig(str(tiny_policy_dir), lora_rank=4, lora_target_modules=["q_proj", "lm_head"]))
+    adapted_head = load_policy(
+        PolicyConfig(str(tiny_policy_dir), lora_rank=4, lora_target_modules=["q_proj", "lm_head"])
+    )
     assert decoder_and_head(adapted_head) is None  # a LoRA on the head: its logits come from the model
     from transformers import GraniteConfig, GraniteForCausalLM
 
-    granite = GraniteForCausalLM(GraniteConfig(vocab_size=50, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                                               num_attention_heads=2, logits_scaling=4.0))
+    granite = GraniteForCausalLM(
+        GraniteConfig(
+            vocab_size=50,
+            hidden_size=16,
+            intermediate_size=32,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            logits_scaling=4.0,
+        )
+    )
     assert type(granite.get_output_embeddings()) is torch.nn.Linear
     assert decoder_and_head(granite) is None  # its logits are the head's divided by logits_scaling
 
@@ -155,7 +195,9 @@ def test_gradient_checkpointing_gives_the_same_lora_gradients(tiny_policy_dir):
     ids = torch.randint(4, 90, (2, 12), generator=torch.Generator().manual_seed(2))
     grads = []
     for checkpointing in (False, True):
-        model = load_policy(PolicyConfig(str(tiny_policy_dir), lora_rank=4, gradient_checkpointing=checkpointing))
+        model = load_policy(
+            PolicyConfig(str(tiny_policy_dir), lora_rank=4, gradient_checkpointing=checkpointing)
+        )
         perturb_lora(model)
         grads.append(lora_gradients(model, ids))
     torch.testing.assert_close(grads[1], grads[0])
@@ -165,7 +207,9 @@ def test_saved_adapter_loads_in_plain_peft(tiny_policy_dir, tmp_path):
     model = load_policy(PolicyConfig(str(tiny_policy_dir), lora_rank=4))
     perturb_lora(model)
     model.save_pretrained(tmp_path / "adapter")
-    reloaded = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_policy_dir), tmp_path / "adapter").eval()
+    reloaded = PeftModel.from_pretrained(
+        AutoModelForCausalLM.from_pretrained(tiny_policy_dir), tmp_path / "adapter"
+    ).eval()
     ids = torch.randint(4, 90, (2, 10), generator=torch.Generator().manual_seed(3))
     model.eval()
     with torch.no_grad():
@@ -183,7 +227,9 @@ def test_unknown_dtype_names_the_choices():
 
 
 @pytest.mark.parametrize("load_in_4bit", [False, True])
-def test_module_log_probs_are_the_same_from_the_fused_head_and_from_the_models_logits(tiny_policy_dir, load_in_4bit):
+def test_module_log_probs_are_the_same_from_the_fused_head_and_from_the_models_logits(
+    tiny_policy_dir, load_in_4bit
+):
     """GRPOModule.completion_logps on both of its paths, at the loss's tokens: decoder + blockwise
     head, and (for models without a plain head) the model's own logits; a 4-bit base keeps its
     head unquantised."""
@@ -192,16 +238,24 @@ def test_module_log_probs_are_the_same_from_the_fused_head_and_from_the_models_l
     from lightning_flow.module import GRPOModule
     from lightning_flow.rollouts import Rollouts
 
-    module = GRPOModule(PolicyConfig(str(tiny_policy_dir), lora_rank=4, load_in_4bit=load_in_4bit),
-                        SamplingConfig(num_generations=2, max_new_tokens=6, temperature=0.7))
+    module = GRPOModule(
+        PolicyConfig(str(tiny_policy_dir), lora_rank=4, load_in_4bit=load_in_4bit),
+        SamplingConfig(num_generations=2, max_new_tokens=6, temperature=0.7),
+    )
     perturb_lora(module.policy)
     assert module.decoder_and_head is not None
     gen = torch.Generator().manual_seed(4)
     prompt_mask = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1], [0, 1, 1, 1, 1]])
     completion_mask = torch.tensor([[1, 1, 1, 1, 0, 0], [1, 1, 1, 1, 1, 1], [1, 1, 0, 0, 0, 0]])
-    rollouts = Rollouts(**{**{f.name: None for f in fields(Rollouts)},
-                           "prompt_ids": torch.randint(4, 90, (3, 5), generator=gen), "prompt_mask": prompt_mask,
-                           "completion_ids": torch.randint(4, 90, (3, 6), generator=gen), "completion_mask": completion_mask})
+    rollouts = Rollouts(
+        **{
+            **{f.name: None for f in fields(Rollouts)},
+            "prompt_ids": torch.randint(4, 90, (3, 5), generator=gen),
+            "prompt_mask": prompt_mask,
+            "completion_ids": torch.randint(4, 90, (3, 6), generator=gen),
+            "completion_mask": completion_mask,
+        }
+    )
     results = []
     for path in ("fused", "logits"):
         if path == "logits":

@@ -34,11 +34,20 @@ def fit_command(policy: Path, root: Path, *extra: str) -> list[str]:
     """A 6-step fit over 2 epochs (3 batches each), dropout on, a checkpoint after every step."""
     (root / "every-step.yaml").write_text(EVERY_STEP)
     return [
-        sys.executable, "-m", "lightning_flow", "fit", *tiny_args(policy, root, steps=STEPS),
-        "--config", str(root / "every-step.yaml"),
-        "--trainer.limit_val_batches=0", "--trainer.val_check_interval=null",
-        "--data.init_args.num_train=12", "--model.policy.lora_dropout=0.1", "--model.optim.lr=0.02",
-        '--model.rewards.custom={"tests.test_fit.length_reward": 1.0}', *extra,
+        sys.executable,
+        "-m",
+        "lightning_flow",
+        "fit",
+        *tiny_args(policy, root, steps=STEPS),
+        "--config",
+        str(root / "every-step.yaml"),
+        "--trainer.limit_val_batches=0",
+        "--trainer.val_check_interval=null",
+        "--data.init_args.num_train=12",
+        "--model.policy.lora_dropout=0.1",
+        "--model.optim.lr=0.02",
+        '--model.rewards.custom={"tests.test_fit.length_reward": 1.0}',
+        *extra,
     ]
 
 
@@ -63,22 +72,44 @@ def test_sigkill_and_resume_equals_an_uninterrupted_run(tiny_policy_dir, tmp_pat
     straight, killed = tmp_path / "straight", tmp_path / "killed"
     straight.mkdir(), killed.mkdir()
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    uninterrupted = subprocess.Popen(fit_command(tiny_policy_dir, straight), cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    uninterrupted = subprocess.Popen(
+        fit_command(tiny_policy_dir, straight),
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
 
     # Meanwhile, kill the second run (SIGKILL: no handler, no cleanup) once the checkpoint of step 4
     # (one batch into the second epoch) is on disk.
     checkpoints = killed / "runs" / "demo" / "version_0" / "checkpoints"
-    process = subprocess.Popen(fit_command(tiny_policy_dir, killed), cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    process = subprocess.Popen(
+        fit_command(tiny_policy_dir, killed),
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
     deadline = time.monotonic() + 120
-    while not list(checkpoints.glob("*step=4.ckpt")) and process.poll() is None and time.monotonic() < deadline:
+    while (
+        not list(checkpoints.glob("*step=4.ckpt")) and process.poll() is None and time.monotonic() < deadline
+    ):
         time.sleep(0.01)
     process.send_signal(signal.SIGKILL)
     process.wait()
     assert process.returncode == -signal.SIGKILL, process.stderr.read().decode()[-2000:]
-    resumed_from = torch.load(checkpoints / "last.ckpt", map_location="cpu", weights_only=False)["global_step"]
+    resumed_from = torch.load(checkpoints / "last.ckpt", map_location="cpu", weights_only=False)[
+        "global_step"
+    ]
     assert 3 <= resumed_from < STEPS  # the step-4 file is written before last.ckpt: the kill may fall between
 
-    subprocess.run([*fit_command(tiny_policy_dir, killed), "--ckpt_path=last"], cwd=REPO, env=env, check=True, capture_output=True)
+    subprocess.run(
+        [*fit_command(tiny_policy_dir, killed), "--ckpt_path=last"],
+        cwd=REPO,
+        env=env,
+        check=True,
+        capture_output=True,
+    )
     assert uninterrupted.wait() == 0, uninterrupted.stderr.read().decode()[-2000:]
 
     tags = ["train/reward", "train/loss", "train/grad_norm"]
@@ -129,16 +160,31 @@ def test_unreadable_checkpoints_name_the_file(tmp_path):
 
 
 def test_checkpoint_of_another_lora_config_is_refused_by_name(tiny_policy_dir, tmp_path):
-    cli = main(["fit", *tiny_args(tiny_policy_dir, tmp_path, steps=1), "--trainer.limit_val_batches=0", "--trainer.val_check_interval=null"])
+    cli = main(
+        [
+            "fit",
+            *tiny_args(tiny_policy_dir, tmp_path, steps=1),
+            "--trainer.limit_val_batches=0",
+            "--trainer.val_check_interval=null",
+        ]
+    )
     checkpoint = Path(cli.trainer.log_dir) / "checkpoints" / "last.ckpt"
     # Through the CLI the checkpoint's own hyperparameters rebuild the policy; a module built
     # otherwise can still meet a checkpoint of another LoRA shape.
     args = [*tiny_args(tiny_policy_dir, tmp_path, steps=2), "--trainer.limit_val_batches=0"]
     other = main([*args, "--model.policy.lora_rank=4"], run=False)
-    with pytest.raises(CheckpointError, match=r"lora_A.*has shape \(8, \d+\), this policy's has \(4, \d+\)") as error:
+    with pytest.raises(
+        CheckpointError, match=r"lora_A.*has shape \(8, \d+\), this policy's has \(4, \d+\)"
+    ) as error:
         other.trainer.fit(other.model, other.datamodule, ckpt_path=checkpoint)
     assert str(checkpoint) in str(error.value)
-    other = main([*args, "--model.policy.lora_target_modules=[q_proj,k_proj,v_proj,o_proj,up_proj,down_proj,gate_proj,lm_head]"], run=False)
+    other = main(
+        [
+            *args,
+            "--model.policy.lora_target_modules=[q_proj,k_proj,v_proj,o_proj,up_proj,down_proj,gate_proj,lm_head]",
+        ],
+        run=False,
+    )
     with pytest.raises(CheckpointError, match="lacks .* adapter tensors") as error:
         other.trainer.fit(other.model, other.datamodule, ckpt_path=checkpoint)
     assert str(checkpoint) in str(error.value)
@@ -155,13 +201,25 @@ def test_cli_names_a_corrupt_checkpoint(tmp_path):
 def test_saved_adapter_gives_the_training_modules_logprobs(tiny_policy_dir, tmp_path):
     """The adapter written at the end of a fit, loaded in plain transformers + peft, scores a
     response exactly as the trained module does."""
-    cli = main(["fit", *tiny_args(tiny_policy_dir, tmp_path, steps=2), "--trainer.limit_val_batches=0", "--trainer.val_check_interval=null", "--model.optim.lr=0.05",
-                '--model.rewards.custom={"tests.test_fit.length_reward": 1.0}'])
+    cli = main(
+        [
+            "fit",
+            *tiny_args(tiny_policy_dir, tmp_path, steps=2),
+            "--trainer.limit_val_batches=0",
+            "--trainer.val_check_interval=null",
+            "--model.optim.lr=0.05",
+            '--model.rewards.custom={"tests.test_fit.length_reward": 1.0}',
+        ]
+    )
     module = cli.model.eval()
-    plain = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_policy_dir), Path(cli.trainer.log_dir) / "adapter").eval()
+    plain = PeftModel.from_pretrained(
+        AutoModelForCausalLM.from_pretrained(tiny_policy_dir), Path(cli.trainer.log_dir) / "adapter"
+    ).eval()
     ids = module.tokenizer(["3+4-2\n3+4=7. 7-2=5. \\boxed{5}"], return_tensors="pt").input_ids
     with torch.no_grad():
-        expected = torch.log_softmax(module.policy(input_ids=ids).logits[:, :-1], -1).gather(-1, ids[:, 1:, None])
+        expected = torch.log_softmax(module.policy(input_ids=ids).logits[:, :-1], -1).gather(
+            -1, ids[:, 1:, None]
+        )
         got = torch.log_softmax(plain(input_ids=ids).logits[:, :-1], -1).gather(-1, ids[:, 1:, None])
     assert any("lora_B" in n and p.abs().max() > 0 for n, p in plain.named_parameters())  # it trained
     torch.testing.assert_close(got, expected, rtol=0, atol=1e-6)

@@ -215,7 +215,9 @@ def custom_module(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
 def test_load_reward_function(custom_module: str) -> None:
     assert load_reward_function("lightning_flow.rewards:format_reward") is format_reward
     assert load_reward_function("lightning_flow.rewards.correctness_reward") is correctness_reward
-    assert load_reward_function(f"{custom_module}:length_penalty")(prompts=[""], completions=["ab"], golds=["1"]) == [-0.02]
+    assert load_reward_function(f"{custom_module}:length_penalty")(
+        prompts=[""], completions=["ab"], golds=["1"]
+    ) == [-0.02]
     with pytest.raises(ImportError, match="no_such_pkg.mod:fn"):
         load_reward_function("no_such_pkg.mod:fn")
     with pytest.raises(AttributeError, match="lightning_flow.rewards:nope"):

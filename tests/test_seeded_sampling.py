@@ -12,9 +12,13 @@ from lightning_flow.tokenizer import load_tokenizer
 ROWS = 40_000
 
 
-def sampled_frequencies(logits: torch.Tensor, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
+def sampled_frequencies(
+    logits: torch.Tensor, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0
+) -> torch.Tensor:
     """Token frequencies of ROWS independent seeded draws from one distribution (one position)."""
-    sampler = SeededSampler(torch.arange(ROWS), prompt_length=3, temperature=temperature, top_k=top_k, top_p=top_p)
+    sampler = SeededSampler(
+        torch.arange(ROWS), prompt_length=3, temperature=temperature, top_k=top_k, top_p=top_p
+    )
     scores = sampler(torch.zeros(ROWS, 3, dtype=torch.long), logits.expand(ROWS, -1).clone())
     return torch.bincount(scores.argmax(1), minlength=len(logits)).double() / ROWS
 
@@ -30,7 +34,9 @@ LOGITS = torch.tensor([2.0, 1.0, 0.5, 0.0, -1.0, -3.0])
 
 @pytest.mark.parametrize("temperature", [1.0, 0.7])
 def test_frequencies_follow_the_tempered_softmax(temperature):
-    assert_matches(sampled_frequencies(LOGITS, temperature=temperature), torch.softmax(LOGITS.double() / temperature, 0))
+    assert_matches(
+        sampled_frequencies(LOGITS, temperature=temperature), torch.softmax(LOGITS.double() / temperature, 0)
+    )
 
 
 def test_top_k_and_top_p_renormalise_the_kept_tokens():
@@ -57,11 +63,15 @@ def test_uniforms_are_uniform_and_independent_of_the_batch():
 def test_a_long_tail_of_small_probabilities_keeps_its_mass():
     """50K tokens share half the mass (1e-5 each, after a token of 0.5): the CDF is summed in
     float64, so the tail is drawn as often as its total says."""
-    logits = torch.cat([torch.tensor([0.0]), torch.full((50_000,), -torch.log(torch.tensor(50_000.0)).item())])
+    logits = torch.cat(
+        [torch.tensor([0.0]), torch.full((50_000,), -torch.log(torch.tensor(50_000.0)).item())]
+    )
     tail = 0
     for seeds in torch.arange(4000).split(500):  # 500 rows at a time: [500, 50001] float64 CDFs
         sampler = SeededSampler(seeds, prompt_length=0, temperature=1.0, top_k=0, top_p=1.0)
-        drawn = sampler(torch.zeros(len(seeds), 1, dtype=torch.long), logits.expand(len(seeds), -1).clone()).argmax(1)
+        drawn = sampler(
+            torch.zeros(len(seeds), 1, dtype=torch.long), logits.expand(len(seeds), -1).clone()
+        ).argmax(1)
         tail += int((drawn > 0).sum())
     assert abs(tail / 4000 - 0.5) <= 5 * (0.25 / 4000) ** 0.5  # 5 binomial standard deviations
 
@@ -82,10 +92,14 @@ def test_generated_responses_do_not_depend_on_batch_layout_or_global_rng(tiny_po
     seeds = response_seeds(0, 0, ["p0", "p1"], group=3)
 
     torch.manual_seed(1)
-    together = generate(model, batch.input_ids, batch.attention_mask, cfg, tokenizer.pad_token_id, eos, row_seeds=seeds)
+    together = generate(
+        model, batch.input_ids, batch.attention_mask, cfg, tokenizer.pad_token_id, eos, row_seeds=seeds
+    )
     torch.manual_seed(2)
     alone = tokenizer(["7-3+1\n"], return_tensors="pt")
-    second = generate(model, alone.input_ids, alone.attention_mask, cfg, tokenizer.pad_token_id, eos, row_seeds=seeds[3:])
+    second = generate(
+        model, alone.input_ids, alone.attention_mask, cfg, tokenizer.pad_token_id, eos, row_seeds=seeds[3:]
+    )
     width = second.shape[1]
     assert torch.equal(together[3:, :width], second)
     assert (together[3:, width:] == tokenizer.pad_token_id).all()

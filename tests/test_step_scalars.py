@@ -22,15 +22,28 @@ class LogThroughLightning(RolloutCallback):
 
 
 def test_step_scalars_follow_lightnings_cadence_and_steps(tiny_policy_dir, tmp_path):
-    cli = main(["fit", *tiny_args(tiny_policy_dir, tmp_path, steps=7), "--trainer.limit_val_batches=0",
-                "--trainer.log_every_n_steps=3", "--trainer.callbacks+=lightning_flow.callbacks.FlowCredit",
-                "--trainer.callbacks+=tests.test_step_scalars.LogThroughLightning",
-                '--model.rewards.custom={"tests.test_fit.length_reward": 1.0}'])  # nonzero advantages: credit and its histogram every step
+    cli = main(
+        [
+            "fit",
+            *tiny_args(tiny_policy_dir, tmp_path, steps=7),
+            "--trainer.limit_val_batches=0",
+            "--trainer.log_every_n_steps=3",
+            "--trainer.callbacks+=lightning_flow.callbacks.FlowCredit",
+            "--trainer.callbacks+=tests.test_step_scalars.LogThroughLightning",
+            '--model.rewards.custom={"tests.test_fit.length_reward": 1.0}',
+        ]
+    )  # nonzero advantages: credit and its histogram every step
     events = EventAccumulator(str(Path(cli.trainer.log_dir)), size_guidance={"histograms": 0, "scalars": 0})
     events.Reload()
     reference = [e.step for e in events.Scalars("probe/lightning")]
     assert reference == [2, 5]  # batches 3 and 6 of 7, numbered from 0
-    for tag in ["train/reward", "train/response_length_max", "train/verifier_timeouts", "perf/step_time_s", "credit/time_s"]:
+    for tag in [
+        "train/reward",
+        "train/response_length_max",
+        "train/verifier_timeouts",
+        "perf/step_time_s",
+        "credit/time_s",
+    ]:
         assert [e.step for e in events.Scalars(tag)] == reference, tag
     assert [h.step for h in events.Histograms("credit/weights")] == reference
     assert cli.trainer.callback_metrics["reward"] >= 0  # the progress bar's scalars still go through self.log

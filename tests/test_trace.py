@@ -41,9 +41,13 @@ def stories(stories260k):
     tokenizer = load_tokenizer(str(stories260k))
     prompt_ids = tokenizer(PROMPT).input_ids
     response_ids = tokenizer(RESPONSE, add_special_tokens=False).input_ids
-    trace = trace_ids(model, tokenizer, prompt_ids, response_ids, TraceConfig(), meta={"title": "stories260K"})
+    trace = trace_ids(
+        model, tokenizer, prompt_ids, response_ids, TraceConfig(), meta={"title": "stories260K"}
+    )
     ids = torch.tensor([prompt_ids + response_ids])
-    attention = capture_attention(model, ids, torch.ones_like(ids), default_capture_layers(model.config.num_hidden_layers))[0]
+    attention = capture_attention(
+        model, ids, torch.ones_like(ids), default_capture_layers(model.config.num_hidden_layers)
+    )[0]
     return trace, attention.double().numpy(), ids[0].tolist(), len(prompt_ids)
 
 
@@ -76,15 +80,28 @@ def test_trace_numbers_follow_the_method(stories):
     f = np.array([tok.f for tok in trace.tokens])
     assert abs(f[answer].sum() - 1.0) < 1e-5 and abs(trace.absorbed - 1.0) < 1e-5
     after = np.arange(t) > np.flatnonzero(answer).max()
-    assert after.sum() == 6 and (f[after] == 0).all() and all(trace.tokens[j].h == 0 for j in np.flatnonzero(after))
+    assert (
+        after.sum() == 6
+        and (f[after] == 0).all()
+        and all(trace.tokens[j].h == 0 for j in np.flatnonzero(after))
+    )
 
     h_ref, f_ref, edge_ref = plain_flow(attention, p, answer)
     np.testing.assert_allclose([tok.h for tok in trace.tokens], h_ref / h_ref.max(), atol=1e-5, rtol=1e-3)
     np.testing.assert_allclose(f, f_ref, atol=1e-5, rtol=1e-3)
     for tok in trace.tokens:  # strongest in/out edges are the largest entries of the column / row
-        assert [e["source"] for e in tok.top_in] == [int(i) for i in np.argsort(-edge_ref[:, tok.position])[: len(tok.top_in)]]
-        assert [e["target"] for e in tok.top_out] == [int(k) for k in np.argsort(-edge_ref[tok.position])[: len(tok.top_out)]]
-        np.testing.assert_allclose([e["flow"] for e in tok.top_out], np.sort(edge_ref[tok.position])[::-1][: len(tok.top_out)], atol=1e-6, rtol=1e-3)
+        assert [e["source"] for e in tok.top_in] == [
+            int(i) for i in np.argsort(-edge_ref[:, tok.position])[: len(tok.top_in)]
+        ]
+        assert [e["target"] for e in tok.top_out] == [
+            int(k) for k in np.argsort(-edge_ref[tok.position])[: len(tok.top_out)]
+        ]
+        np.testing.assert_allclose(
+            [e["flow"] for e in tok.top_out],
+            np.sort(edge_ref[tok.position])[::-1][: len(tok.top_out)],
+            atol=1e-6,
+            rtol=1e-3,
+        )
         assert len(tok.top_out) == min(3, int((edge_ref[tok.position] > 0).sum()))
     flat = np.sort(edge_ref.ravel())[::-1][:20]
     np.testing.assert_allclose([e["flow"] for e in trace.backbone], flat, atol=1e-6, rtol=1e-3)
@@ -148,15 +165,31 @@ def test_png_marks_the_answer_weights_and_backbone(stories):
 
 def test_layout_wraps_breaks_and_cuts_by_rule(stories):
     base = stories[0].tokens[1]
-    texts = [("ab", "prompt"), ("c\n", "response"), ("def", "response"), ("ghij", "response"), ("", "response"), ("数", "answer")]
+    texts = [
+        ("ab", "prompt"),
+        ("c\n", "response"),
+        ("def", "response"),
+        ("ghij", "response"),
+        ("", "response"),
+        ("数", "answer"),
+    ]
     tokens = [replace(base, position=j, text=t, role=r, piece="</s>") for j, (t, r) in enumerate(texts)]
     cells = [(c.line, c.column, c.width, c.label) for c in layout(tokens, line_chars=8, max_token_chars=16)]
     # the response starts a line, a newline ends one, a token that does not fit moves down, an empty one shows its
     # piece and a wide character takes two cells
-    assert cells == [(0, 0, 2, "ab"), (1, 0, 2, "c↵"), (2, 0, 3, "def"), (2, 3, 4, "ghij"), (3, 0, 4, "</s>"), (3, 4, 2, "数")]
+    assert cells == [
+        (0, 0, 2, "ab"),
+        (1, 0, 2, "c↵"),
+        (2, 0, 3, "def"),
+        (2, 3, 4, "ghij"),
+        (3, 0, 4, "</s>"),
+        (3, 4, 2, "数"),
+    ]
     long = replace(base, text="abcdefghijklmnopqrstuvwxyz")
     assert layout([long], line_chars=40, max_token_chars=16)[0].label == "abcdefghijklmno…"
-    assert layout([long], line_chars=10, max_token_chars=16)[0].label == "abcd…"  # never wider than half a line
+    assert (
+        layout([long], line_chars=10, max_token_chars=16)[0].label == "abcd…"
+    )  # never wider than half a line
 
 
 def test_a_1000_token_response_wraps_without_overlapping_labels(stories):
@@ -164,8 +197,15 @@ def test_a_1000_token_response_wraps_without_overlapping_labels(stories):
     rng = np.random.default_rng(0)
     words = ["the", " answer", " is", "\n", " 12345678901234567890", "数", ",", " x", "{", "\t", ""]
     roles = ["prompt"] + ["response"] * 998 + ["answer"]
-    tokens = [replace(trace.tokens[1], position=j, text=str(rng.choice(words)), role=roles[j], f=float(rng.random())) for j in range(1000)]
-    edges = [{"source": int(i), "target": 999, "flow": 1.0 / (i + 1)} for i in range(0, 990, 9)]  # 110 edges, 20 drawn
+    tokens = [
+        replace(
+            trace.tokens[1], position=j, text=str(rng.choice(words)), role=roles[j], f=float(rng.random())
+        )
+        for j in range(1000)
+    ]
+    edges = [
+        {"source": int(i), "target": 999, "flow": 1.0 / (i + 1)} for i in range(0, 990, 9)
+    ]  # 110 edges, 20 drawn
     long = replace(trace, tokens=tokens, backbone=edges)
     cfg = RenderConfig(line_chars=100, dpi=40)
     fig = figure(long, cfg)
@@ -185,24 +225,56 @@ def test_html_is_self_contained_and_carries_the_trace(stories):
     assert Trace.from_dict(json.loads(data)) == trace
     spans = re.findall(r'<span class="tok ([a-z ]+)" data-i="(\d+)"', page)
     assert [int(i) for _, i in spans] == list(range(len(trace.tokens)))
-    assert [int(i) for c, i in spans if "answer" in c.split()] == [t.position for t in trace.tokens if t.role == "answer"]
-    assert [int(i) for c, i in spans if "boosted" in c.split()] == [t.position for t in trace.tokens if t.weight > 1]
+    assert [int(i) for c, i in spans if "answer" in c.split()] == [
+        t.position for t in trace.tokens if t.role == "answer"
+    ]
+    assert [int(i) for c, i in spans if "boosted" in c.split()] == [
+        t.position for t in trace.tokens if t.weight > 1
+    ]
 
 
-@pytest.mark.skipif(shutil.which("chromium") is None, reason="headless Chromium (Debian package chromium) is not installed")
+@pytest.mark.skipif(
+    shutil.which("chromium") is None, reason="headless Chromium (Debian package chromium) is not installed"
+)
 def test_chromium_draws_the_backbone_and_the_hover(stories, tmp_path):
     trace = stories[0]
     page = tmp_path / "trace.html"
     page.write_text(html_page(trace), encoding="utf-8")
     answer = next(t.position for t in trace.tokens if t.role == "answer")
-    shot = subprocess.run(["bash", str(REPO / "scripts" / "screenshot_trace.sh"), str(page), str(tmp_path / "shot.png"), "1000", "500", str(answer)],
-                          capture_output=True, text=True, timeout=120)
+    shot = subprocess.run(
+        [
+            "bash",
+            str(REPO / "scripts" / "screenshot_trace.sh"),
+            str(page),
+            str(tmp_path / "shot.png"),
+            "1000",
+            "500",
+            str(answer),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert shot.returncode == 0, shot.stderr
     assert (tmp_path / "shot.png").read_bytes().startswith(b"\x89PNG")
-    dom = subprocess.run(["chromium", "--headless", "--no-sandbox", "--disable-gpu", f"--user-data-dir={tmp_path / 'profile'}",
-                          "--virtual-time-budget=3000", "--dump-dom", f"file://{page}#hover={answer}"],
-                         capture_output=True, text=True, timeout=120).stdout
-    assert len(re.findall(r'<path class="bb"', dom)) == min(20, len(trace.backbone))  # the script drew the backbone
+    dom = subprocess.run(
+        [
+            "chromium",
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            f"--user-data-dir={tmp_path / 'profile'}",
+            "--virtual-time-budget=3000",
+            "--dump-dom",
+            f"file://{page}#hover={answer}",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    ).stdout
+    assert len(re.findall(r'<path class="bb"', dom)) == min(
+        20, len(trace.backbone)
+    )  # the script drew the backbone
     assert len(re.findall(r'<path class="in"', dom)) == len(trace.tokens[answer].top_in)
     tip = re.search(r'<div id="tip"[^>]*>(.*?)</div>', dom, re.S).group(1)
     assert f"#{answer}  answer" in tip and f"f {trace.tokens[answer].f:.4g}"[:6] in tip
@@ -210,33 +282,72 @@ def test_chromium_draws_the_backbone_and_the_hover(stories, tmp_path):
 
 def test_trace_command_on_stories260k_from_a_config_file(stories, stories260k, tmp_path):
     config = tmp_path / "trace.yaml"
-    config.write_text(yaml.safe_dump({"model": str(stories260k), "prompt": PROMPT, "response": RESPONSE, "gold": "5",
-                                      "out_dir": str(tmp_path / "out"), "flow": {"top_edges": 3}}))
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "model": str(stories260k),
+                "prompt": PROMPT,
+                "response": RESPONSE,
+                "gold": "5",
+                "out_dir": str(tmp_path / "out"),
+                "flow": {"top_edges": 3},
+            }
+        )
+    )
     [paths] = trace_main(["--config", str(config), "--name", "lily"])
     assert sorted(p.name for p in paths.values()) == ["lily.html", "lily.json", "lily.png"]
     written = Trace.from_dict(json.loads(paths["json"].read_text()))
     expected = stories[0]
     assert [t.id for t in written.tokens] == [t.id for t in expected.tokens]
     np.testing.assert_allclose([t.f for t in written.tokens], [t.f for t in expected.tokens], atol=1e-6)
-    assert written.meta["gold"] == "5" and written.meta["correct"] == 1.0 and written.meta["response"] == "given"
+    assert (
+        written.meta["gold"] == "5" and written.meta["correct"] == 1.0 and written.meta["response"] == "given"
+    )
     assert paths["png"].read_bytes().startswith(b"\x89PNG") and "trace-data" in paths["html"].read_text()
 
 
 def test_trace_command_generates_and_reads_jsonl(tiny_policy_dir, tmp_path):
     rows = tmp_path / "rows.jsonl"
-    rows.write_text('{"prompt": "3+4-2\\n", "gold": "5"}\n\n{"prompt": "1+1\\n", "response": "1+1=2. \\\\boxed{2}"}\n')
-    written = trace_main(["--model", str(tiny_policy_dir), "--jsonl", str(rows), "--max_new_tokens", "12", "--out_dir", str(tmp_path)])
+    rows.write_text(
+        '{"prompt": "3+4-2\\n", "gold": "5"}\n\n{"prompt": "1+1\\n", "response": "1+1=2. \\\\boxed{2}"}\n'
+    )
+    written = trace_main(
+        [
+            "--model",
+            str(tiny_policy_dir),
+            "--jsonl",
+            str(rows),
+            "--max_new_tokens",
+            "12",
+            "--out_dir",
+            str(tmp_path),
+        ]
+    )
     assert [p["json"].name for p in written] == ["trace-000.json", "trace-001.json"]
     first, second = (Trace.from_dict(json.loads(p["json"].read_text())) for p in written)
-    assert first.meta["response"] == "generated" and first.prompt == "3+4-2\n" and 0 < len(first.tokens) - first.prompt_length <= 12
-    assert second.response == "1+1=2. \\boxed{2}" and second.answer_text == "2" and abs(second.absorbed - 1) < 1e-5
+    assert (
+        first.meta["response"] == "generated"
+        and first.prompt == "3+4-2\n"
+        and 0 < len(first.tokens) - first.prompt_length <= 12
+    )
+    assert (
+        second.response == "1+1=2. \\boxed{2}"
+        and second.answer_text == "2"
+        and abs(second.absorbed - 1) < 1e-5
+    )
 
 
 def test_module_entry_point_dispatches_trace(monkeypatch, capsys):
     """``python -m lightning_flow trace ...`` reaches the trace parser (run in-process: no second interpreter start)."""
-    monkeypatch.setattr(sys, "argv", ["lightning_flow", "trace", "--model", "some/model", "--flow.boost", "2", "--print_config"])
+    monkeypatch.setattr(
+        sys,
+        "argv",
+        ["lightning_flow", "trace", "--model", "some/model", "--flow.boost", "2", "--print_config"],
+    )
     with pytest.raises(SystemExit) as done:
         runpy.run_module("lightning_flow", run_name="__main__")
     assert done.value.code in (0, None)
     config = yaml.safe_load(capsys.readouterr().out)
-    assert config["model"] == "some/model" and config["flow"]["boost"] == 2.0 and config["render"]["arcs"] == 20
+    assert (
+        config["model"] == "some/model" and config["flow"]["boost"] == 2.0 and config["render"]["arcs"] == 20
+    )

@@ -78,7 +78,10 @@ _span_start = itemgetter(0)
 
 # ---- character offsets ------------------------------------------------------------------------
 def token_char_offsets(
-    tokenizer: Any, token_ids: Sequence[int] | Tensor, special_ids: frozenset[int] | None = None, text: str | None = None
+    tokenizer: Any,
+    token_ids: Sequence[int] | Tensor,
+    special_ids: frozenset[int] | None = None,
+    text: str | None = None,
 ) -> tuple[str, list[Span]]:
     """Decode one response and give each token its character span in the decoded text.
 
@@ -95,14 +98,18 @@ def token_char_offsets(
     ids = [int(i) for i in (token_ids.tolist() if isinstance(token_ids, Tensor) else token_ids)]
     if text is None:
         text = tokenizer.decode(ids, skip_special_tokens=True)
-    return text, _offsets(tokenizer, ids, text, special_token_ids(tokenizer) if special_ids is None else special_ids)
+    return text, _offsets(
+        tokenizer, ids, text, special_token_ids(tokenizer) if special_ids is None else special_ids
+    )
 
 
 def special_token_ids(tokenizer: Any) -> frozenset[int]:
     return frozenset(int(i) for i in (getattr(tokenizer, "all_special_ids", None) or ()))
 
 
-def _offsets(tokenizer: Any, ids: list[int], text: str, special: frozenset[int], pieces: Sequence[str] | None = None) -> list[Span]:
+def _offsets(
+    tokenizer: Any, ids: list[int], text: str, special: frozenset[int], pieces: Sequence[str] | None = None
+) -> list[Span]:
     if not ids:
         return []
     if pieces is not None:
@@ -135,7 +142,9 @@ def piece_table(tokenizer: Any) -> list[str] | None:
     backend = _backend(tokenizer)
     if backend is None:
         return None
-    return backend.decode_batch([[i] for i in range(backend.get_vocab_size(with_added_tokens=True))], skip_special_tokens=True)
+    return backend.decode_batch(
+        [[i] for i in range(backend.get_vocab_size(with_added_tokens=True))], skip_special_tokens=True
+    )
 
 
 def _spans_from_table(pieces: Sequence[str], ids: list[int], text: str) -> list[Span] | None:
@@ -201,7 +210,9 @@ def _incremental_pieces(decode: Decode, ids: list[int]) -> list[str]:
     return pieces
 
 
-def _assemble(decode: Decode, ids: list[int], pieces: list[str], text: str, special: frozenset[int]) -> list[Span] | None:
+def _assemble(
+    decode: Decode, ids: list[int], pieces: list[str], text: str, special: frozenset[int]
+) -> list[Span] | None:
     """Spans from per-token completed text ("" for none); None when the pieces disagree with ``text``.
 
     A run is the tokens since the last completing token, up to and including the next one
@@ -243,7 +254,15 @@ def _assemble(decode: Decode, ids: list[int], pieces: list[str], text: str, spec
 
 
 def _place_run(
-    decode: Decode, ids: list[int], pieces: list[str], spans: list[Span], start: int, stop: int, pos: int, target: str, special: frozenset[int]
+    decode: Decode,
+    ids: list[int],
+    pieces: list[str],
+    spans: list[Span],
+    start: int,
+    stop: int,
+    pos: int,
+    target: str,
+    special: frozenset[int],
 ) -> bool:
     """Resolve the run ``ids[start:stop]``, which produces ``target`` at ``pos``, into ``spans``."""
     # Context: whole runs, at least _CONTEXT_TOKENS tokens back (or from the response start),
@@ -263,7 +282,9 @@ def _place_run(
     return True
 
 
-def _resolve_run(decode: Decode, context: list[int], run: list[int], target: str, special: frozenset[int]) -> list[Span] | None:
+def _resolve_run(
+    decode: Decode, context: list[int], run: list[int], target: str, special: frozenset[int]
+) -> list[Span] | None:
     """Spans within ``target`` (the text the run produces) of each run token.
 
     After each token the decoded prefix is ``target[:done]`` plus, while a character is
@@ -341,7 +362,9 @@ def answer_token_mask(
     return marks
 
 
-def _mark(offsets: Sequence[Span], span: Span | None, fallback: str, excluded: Callable[[int], bool]) -> tuple[list[int], bool]:
+def _mark(
+    offsets: Sequence[Span], span: Span | None, fallback: str, excluded: Callable[[int], bool]
+) -> tuple[list[int], bool]:
     """(indices of the marked tokens, whether the span marked them); the fallback applies when it did not.
 
     Only the tokens near the span are read. Starts never decrease, so the tokens starting in
@@ -400,10 +423,16 @@ def answer_masks(
     skip_special_tokens=True), the string the rewards score.
     """
     if completion_ids.dim() != 2 or completion_mask.shape != completion_ids.shape:
-        raise ValueError(f"expected completion_ids and completion_mask of one shape [N, L], got {tuple(completion_ids.shape)} and {tuple(completion_mask.shape)}")
+        raise ValueError(
+            f"expected completion_ids and completion_mask of one shape [N, L], got {tuple(completion_ids.shape)} and {tuple(completion_mask.shape)}"
+        )
     if eos_token_ids is None:
         eos_token_ids = getattr(tokenizer, "eos_token_id", None)
-    eos = frozenset() if eos_token_ids is None else frozenset([int(eos_token_ids)] if isinstance(eos_token_ids, int) else map(int, eos_token_ids))
+    eos = (
+        frozenset()
+        if eos_token_ids is None
+        else frozenset([int(eos_token_ids)] if isinstance(eos_token_ids, int) else map(int, eos_token_ids))
+    )
     keep = completion_mask != 0  # [N, L]
     lengths = keep.sum(dim=1).tolist()
     prefix_lengths = keep.int().cumprod(dim=1).sum(dim=1).tolist()  # kept tokens before the first dropped one
@@ -417,9 +446,13 @@ def answer_masks(
         ids = row[:length] if positions is None else [row[j] for j in positions]
         text = tokenizer.decode(ids, skip_special_tokens=True) if texts is None else texts[i]
         span, found = find_answer(text)
-        tokens, from_span = _mark(_offsets(tokenizer, ids, text, special, pieces), span, fallback, lambda j, ids=ids: ids[j] in eos)
+        tokens, from_span = _mark(
+            _offsets(tokenizer, ids, text, special, pieces), span, fallback, lambda j, ids=ids: ids[j] in eos
+        )
         source[i] = found if from_span else (SOURCE_FALLBACK if tokens else SOURCE_NONE)
         marked += [i * width + (j if positions is None else positions[j]) for j in tokens]
     answer = torch.zeros(completion_ids.numel(), dtype=torch.bool)
     answer[torch.tensor(marked, dtype=torch.long)] = True
-    return answer.view(completion_ids.shape).to(completion_ids.device), torch.tensor(source, dtype=torch.long, device=completion_ids.device)
+    return answer.view(completion_ids.shape).to(completion_ids.device), torch.tensor(
+        source, dtype=torch.long, device=completion_ids.device
+    )

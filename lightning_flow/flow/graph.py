@@ -119,7 +119,9 @@ def _rows_per_step(n: int, t: int) -> int:
     return max(1, min(t, max(_BUILD_ELEMENTS, n * t * t // 512) // max(1, n * t)))
 
 
-def pruned_rows(attention: Tensor, valid: Tensor, cfg: FlowConfig, whole: Tensor | None = None) -> Iterator[tuple[int, Tensor, Tensor]]:
+def pruned_rows(
+    attention: Tensor, valid: Tensor, cfg: FlowConfig, whole: Tensor | None = None
+) -> Iterator[tuple[int, Tensor, Tensor]]:
     """(r0, p, incoming) for consecutive blocks of query rows: p  # [N, r, r0 + r] the kept incoming
     capacities of rows r0 : r0 + r in attention layout, p[n, k - r0, i] = c(i, k) (keys i < k
     only), and incoming  # [N, r] each row's capacity before pruning (after sinks and min_capacity).
@@ -140,14 +142,18 @@ def pruned_rows(attention: Tensor, valid: Tensor, cfg: FlowConfig, whole: Tensor
 
 
 @torch.no_grad()
-def capacities(attention: Tensor, valid: Tensor, cfg: FlowConfig | None = None, answer: Tensor | None = None) -> Tensor:
+def capacities(
+    attention: Tensor, valid: Tensor, cfg: FlowConfig | None = None, answer: Tensor | None = None
+) -> Tensor:
     """[N, T, T] capacities c[n, i, k] = Ā[n, k, i] on the graph's edges (after sink dropping
     and pruning; edges into ``answer`` tokens unpruned), zero elsewhere: exactly the edges of
     ``build_flow_graphs``, densely, for tests and pictures of short responses."""
     check_inputs(attention, valid)
     n, t, _ = attention.shape
     cfg = cfg or FlowConfig()
-    p = torch.zeros(n, t, t, dtype=cfg.dtype, device=attention.device)  # [N, T, T] attention layout p[n, k, i] = c(i, k)
+    p = torch.zeros(
+        n, t, t, dtype=cfg.dtype, device=attention.device
+    )  # [N, T, T] attention layout p[n, k, i] = c(i, k)
     for r0, block, _ in pruned_rows(attention, valid, cfg, whole=answer):
         p[:, r0 : r0 + block.shape[1], : block.shape[2]] = block
     return p.transpose(1, 2)
@@ -160,7 +166,9 @@ class KeptEdges:
 
     valid: Tensor  # [N, T] bool
     incoming: Tensor  # [N, T] each target's capacity before pruning (after sinks and min_capacity)
-    steps: list[tuple[int, Tensor, Tensor, Tensor]]  # per block of target rows: (r0, edges per row [N, r] int32, source positions [e] int32, capacities [e])
+    steps: list[
+        tuple[int, Tensor, Tensor, Tensor]
+    ]  # per block of target rows: (r0, edges per row [N, r] int32, source positions [e] int32, capacities [e])
 
 
 @torch.no_grad()
@@ -173,7 +181,9 @@ def prune_edges(attention: Tensor, valid: Tensor, answer: Tensor, cfg: FlowConfi
     steps = []
     for r0, kept, before in pruned_rows(attention, valid, cfg, whole=answer):
         edges = kept != 0  # [N, r, c]
-        steps.append((r0, edges.sum(-1, dtype=torch.int32), edges.nonzero()[:, 2].int(), kept[edges]))  # (graph, target, source) order
+        steps.append(
+            (r0, edges.sum(-1, dtype=torch.int32), edges.nonzero()[:, 2].int(), kept[edges])
+        )  # (graph, target, source) order
         incoming[:, r0 : r0 + before.shape[1]] = before
         del kept, edges
     return KeptEdges(valid, incoming, steps)
@@ -196,8 +206,12 @@ def flow_graphs(kept: KeptEdges, prompt: Tensor, answer: Tensor) -> Batch:
         targets.append(torch.arange(r0, r0 + r, device=valid.device).repeat(n).repeat_interleave(flat))
         sources.append(source)
         capacities_.append(capacity)
-    graph, target, source, capacity = (torch.cat(x) for x in (graph_ids, targets, sources, capacities_))  # [E] each
-    if len(kept.steps) > 1:  # steps are target-major over the whole batch: regroup by graph, keeping the order
+    graph, target, source, capacity = (
+        torch.cat(x) for x in (graph_ids, targets, sources, capacities_)
+    )  # [E] each
+    if (
+        len(kept.steps) > 1
+    ):  # steps are target-major over the whole batch: regroup by graph, keeping the order
         order = torch.argsort(graph, stable=True)
         graph, target, source, capacity = graph[order], target[order], source[order], capacity[order]
     local = valid.long().cumsum(-1) - 1  # [N, T] node id of each valid position
@@ -210,16 +224,27 @@ def flow_graphs(kept: KeptEdges, prompt: Tensor, answer: Tensor) -> Batch:
     for g, (edges, caps) in enumerate(zip(edge_index.split(edge_counts, dim=1), capacity.split(edge_counts))):
         nodes = valid[g]
         v = int(nodes.sum())
-        data.append(Data(
-            edge_index=edges, edge_attr=caps, role=roles[g][nodes], position=position[g][nodes], candidate_capacity=kept.incoming[g][nodes],
-            f=caps.new_zeros(v), h=caps.new_zeros(v), log_h=torch.zeros(v, dtype=torch.float64, device=valid.device),
-            degenerate=torch.zeros(1, dtype=torch.bool, device=valid.device), num_nodes=v,
-        ))
+        data.append(
+            Data(
+                edge_index=edges,
+                edge_attr=caps,
+                role=roles[g][nodes],
+                position=position[g][nodes],
+                candidate_capacity=kept.incoming[g][nodes],
+                f=caps.new_zeros(v),
+                h=caps.new_zeros(v),
+                log_h=torch.zeros(v, dtype=torch.float64, device=valid.device),
+                degenerate=torch.zeros(1, dtype=torch.bool, device=valid.device),
+                num_nodes=v,
+            )
+        )
     return Batch.from_data_list(data)
 
 
 @torch.no_grad()
-def build_flow_graphs(attention: Tensor, valid: Tensor, prompt: Tensor, answer: Tensor, cfg: FlowConfig | None = None) -> Batch:
+def build_flow_graphs(
+    attention: Tensor, valid: Tensor, prompt: Tensor, answer: Tensor, cfg: FlowConfig | None = None
+) -> Batch:
     """``flow_graphs(prune_edges(...))``: the flow graphs of dense maps  # [N, T, T] (masks [N, T] bool)."""
     check_inputs(attention, valid, prompt, answer)
     return flow_graphs(prune_edges(attention, valid, answer, cfg or FlowConfig()), prompt, answer)
@@ -229,7 +254,9 @@ def kept_capacity(graphs: Batch) -> Tensor:
     """[V] share of each node's candidate incoming capacity that its kept edges carry (1 where it had none)."""
     kept = torch.zeros_like(graphs.candidate_capacity).index_add_(0, graphs.edge_index[1], graphs.edge_attr)
     total = graphs.candidate_capacity
-    return torch.where(total > 0, kept / total.clamp_min(torch.finfo(total.dtype).tiny), torch.ones_like(kept))
+    return torch.where(
+        total > 0, kept / total.clamp_min(torch.finfo(total.dtype).tiny), torch.ones_like(kept)
+    )
 
 
 def dense_graph(graphs: Batch, values: Tensor, t: int) -> Tensor:

@@ -60,7 +60,7 @@ class _Layout:
     by_block: list[Tensor]  # per target block, the edges into it (indices into E)
 
     @classmethod
-    def of(cls, graphs: Batch, block_size: int) -> "_Layout":
+    def of(cls, graphs: Batch, block_size: int) -> _Layout:
         counts = graphs.ptr.diff()  # [G] nodes per graph
         longest = int(counts.max()) if len(counts) else 0
         size = max(1, min(block_size, longest))
@@ -71,7 +71,17 @@ class _Layout:
         target_block = target // size
         order = torch.argsort(target_block, stable=True)
         by_block = list(order.split(torch.bincount(target_block, minlength=blocks).tolist()))
-        return cls(len(counts), size, blocks, node_graph, node_local, source, target, node_graph[graphs.edge_index[0]], by_block)
+        return cls(
+            len(counts),
+            size,
+            blocks,
+            node_graph,
+            node_local,
+            source,
+            target,
+            node_graph[graphs.edge_index[0]],
+            by_block,
+        )
 
     def grid(self, values: Tensor, fill: float | bool = 0) -> Tensor:
         """[G, S] from per-node [V] values (``fill`` where a graph has no node)."""
@@ -85,27 +95,42 @@ def _solve_h(layout: _Layout, capacity: Tensor, answer: Tensor) -> tuple[Tensor,
     capacity  # [E] float64, 0 on edges out of answer tokens (they feed the super-sink only)"""
     g, bs = layout.graphs, layout.size
     log_h = torch.full(answer.shape, _NEG_INF, dtype=torch.float64, device=answer.device)  # [G, S]
-    log_later = torch.full_like(log_h, _NEG_INF)  # [G, S] log Σ c(i, k) h(k) over k in the blocks solved so far
+    log_later = torch.full_like(
+        log_h, _NEG_INF
+    )  # [G, S] log Σ c(i, k) h(k) over k in the blocks solved so far
     overflowed = torch.zeros(g, dtype=torch.bool, device=answer.device)
     for b in reversed(range(layout.blocks)):
         s, e = b * bs, (b + 1) * bs
         edges = layout.by_block[b]
-        graph, source, target, c = layout.edge_graph[edges], layout.source[edges], layout.target[edges] - s, capacity[edges]
+        graph, source, target, c = (
+            layout.edge_graph[edges],
+            layout.source[edges],
+            layout.target[edges] - s,
+            capacity[edges],
+        )
         inner = source >= s
         log_rhs = torch.where(answer[:, s:e], 0.0, log_later[:, s:e])  # [G, bs]; h(a) = 1
         scale = _finite_max(log_rhs)  # [G, 1]
         rhs = (log_rhs - scale).exp()  # [G, bs] max 1 (or all 0)
-        minus_m = torch.zeros(g, bs, bs, dtype=torch.float64, device=c.device)  # [G, i, k] -c(i, k) inside the block
+        minus_m = torch.zeros(
+            g, bs, bs, dtype=torch.float64, device=c.device
+        )  # [G, i, k] -c(i, k) inside the block
         minus_m[graph[inner], source[inner] - s, target[inner]] = -c[inner]
-        x = torch.linalg.solve_triangular(minus_m, rhs[..., None], upper=True, unitriangular=True).squeeze(-1)  # [G, bs] h / e^scale
+        x = torch.linalg.solve_triangular(minus_m, rhs[..., None], upper=True, unitriangular=True).squeeze(
+            -1
+        )  # [G, bs] h / e^scale
         finite = torch.isfinite(x).all(-1)  # [G]
         overflowed |= ~finite
         x = torch.where(finite[:, None], x.clamp_min(0), 0.0)
         within = -vector_matrix(x, minus_m.mT)  # [G, bs] Σ_k c(i, k) h(k) / e^scale over k in the block
-        log_h[:, s:e] = torch.where(answer[:, s:e], 0.0, torch.logaddexp(log_later[:, s:e], within.log() + scale))
+        log_h[:, s:e] = torch.where(
+            answer[:, s:e], 0.0, torch.logaddexp(log_later[:, s:e], within.log() + scale)
+        )
         # What the block's tokens pass back to earlier sources, in the log domain (blocks differ in scale).
         later = torch.zeros_like(log_h).index_put_(
-            (graph[~inner], source[~inner]), c[~inner] * x[graph[~inner], target[~inner]], accumulate=True,
+            (graph[~inner], source[~inner]),
+            c[~inner] * x[graph[~inner], target[~inner]],
+            accumulate=True,
         )  # [G, S]
         log_later[:, :s] = torch.logaddexp(log_later[:, :s], later[:, :s].log() + scale)
     return log_h, overflowed
@@ -123,10 +148,16 @@ def _solve_f(layout: _Layout, capacity: Tensor, log_h: Tensor, mu: Tensor, sends
         log_w = capacity[edges].log() + log_h[graph, target] - log_h[graph, source]
         w = torch.where(sends[graph, source], log_w.exp(), 0.0)  # [e] w(i, k); senders only (no -inf - -inf)
         inner = source >= s
-        rhs = mu[:, s:e].index_put((graph[~inner], target[~inner] - s), f[graph[~inner], source[~inner]] * w[~inner], accumulate=True)
-        minus_wt = torch.zeros(g, bs, bs, dtype=torch.float64, device=mu.device)  # [G, k, i] -w(i, k) inside the block
+        rhs = mu[:, s:e].index_put(
+            (graph[~inner], target[~inner] - s), f[graph[~inner], source[~inner]] * w[~inner], accumulate=True
+        )
+        minus_wt = torch.zeros(
+            g, bs, bs, dtype=torch.float64, device=mu.device
+        )  # [G, k, i] -w(i, k) inside the block
         minus_wt[graph[inner], target[inner] - s, source[inner] - s] = -w[inner]
-        f[:, s:e] = torch.linalg.solve_triangular(minus_wt, rhs[..., None], upper=False, unitriangular=True).squeeze(-1)
+        f[:, s:e] = torch.linalg.solve_triangular(
+            minus_wt, rhs[..., None], upper=False, unitriangular=True
+        ).squeeze(-1)
     return f
 
 
@@ -165,8 +196,15 @@ def edge_flow(graphs: Batch) -> Tensor:
     """[E] edge flow f(i) · w(i, k) of solved graphs, w(i, k) = c(i, k) h(k) / h(i); 0 out of
     answer tokens and tokens with h = 0 or f = 0."""
     source, target = graphs.edge_index
-    sends = (graphs.role[source] != ROLE_ANSWER) & torch.isfinite(graphs.log_h[source]) & (graphs.f[source] > 0)
-    log_edge = graphs.edge_attr.double().log() + graphs.log_h[target] - graphs.log_h[source] + graphs.f[source].double().log()
+    sends = (
+        (graphs.role[source] != ROLE_ANSWER) & torch.isfinite(graphs.log_h[source]) & (graphs.f[source] > 0)
+    )
+    log_edge = (
+        graphs.edge_attr.double().log()
+        + graphs.log_h[target]
+        - graphs.log_h[source]
+        + graphs.f[source].double().log()
+    )
     return torch.where(sends, log_edge.exp(), 0.0).to(graphs.edge_attr.dtype)
 
 
@@ -188,9 +226,14 @@ def strongest_edge_flows(graphs: Batch, k: int) -> Batch:
     flow = edge_flow(graphs)  # [E]
     order = torch.argsort(flow, descending=True, stable=True)
     source, target = graphs.edge_index
-    keep = (flow > 0) & ((_first_ranks(target, order, graphs.num_nodes) < k) | (_first_ranks(source, order, graphs.num_nodes) < k))
+    keep = (flow > 0) & (
+        (_first_ranks(target, order, graphs.num_nodes) < k)
+        | (_first_ranks(source, order, graphs.num_nodes) < k)
+    )
     data = graphs.to_data_list()
-    for one, kept in zip(data, keep.split(torch.bincount(graphs.batch[source], minlength=graphs.num_graphs).tolist())):
+    for one, kept in zip(
+        data, keep.split(torch.bincount(graphs.batch[source], minlength=graphs.num_graphs).tolist())
+    ):
         one.edge_index, one.edge_attr = one.edge_index[:, kept], one.edge_attr[kept]
     return Batch.from_data_list(data)
 
@@ -217,7 +260,9 @@ class FlowResult:
 
 
 @torch.no_grad()
-def answer_flow(attention: Tensor, valid: Tensor, prompt: Tensor, answer: Tensor, cfg: FlowConfig | None = None) -> FlowResult:
+def answer_flow(
+    attention: Tensor, valid: Tensor, prompt: Tensor, answer: Tensor, cfg: FlowConfig | None = None
+) -> FlowResult:
     """Flow graphs of dense maps, solved, with their node results laid out per position.
 
     attention  # [N, T, T] head- and layer-mean attention (query, key); masks  # [N, T] bool"""
@@ -226,5 +271,9 @@ def answer_flow(attention: Tensor, valid: Tensor, prompt: Tensor, answer: Tensor
     n, t = valid.shape
     at = (graphs.batch, graphs.position)
     flow = attention.new_zeros(n, t, dtype=cfg.dtype).index_put_(at, graphs.f)
-    log_h = torch.full((n, t), _NEG_INF, dtype=torch.float64, device=valid.device).index_put_(at, graphs.log_h)
-    return FlowResult(flow=flow, degenerate=graphs.degenerate, answer=answer & valid & ~prompt, log_h=log_h, graphs=graphs)
+    log_h = torch.full((n, t), _NEG_INF, dtype=torch.float64, device=valid.device).index_put_(
+        at, graphs.log_h
+    )
+    return FlowResult(
+        flow=flow, degenerate=graphs.degenerate, answer=answer & valid & ~prompt, log_h=log_h, graphs=graphs
+    )
