@@ -27,7 +27,7 @@ import torch
 from torch import Tensor
 
 from lightning_flow.capture import AttentionRecorder, default_capture_layers
-from lightning_flow.checkpoint_io import CheckpointError
+from lightning_flow.checkpoint_io import CheckpointError, reopen_cut_epoch
 from lightning_flow.loss import ScaleRewards, completion_mask, group_advantages, token_logprobs_and_entropy
 from lightning_flow.objectives import (
     OBJECTIVES,
@@ -722,6 +722,7 @@ class GRPOModule(L.LightningModule):
             "python": random.getstate(),
         }
         checkpoint["skipped_nonfinite_steps"] = self.skipped_nonfinite_steps
+        reopen_cut_epoch(checkpoint)  # a resumed run goes on with the rest of the epoch a stop cut short
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         source = f"checkpoint {self._trainer.ckpt_path}" if self._trainer is not None else "checkpoint"
