@@ -1,16 +1,23 @@
-"""``python -m lightning_flow fit|validate --config configs/X.yaml`` through LightningCLI."""
+"""``lightning-flow fit|validate ...`` through LightningCLI: ``main`` for Python callers and tests
+(errors raise as usual); the command line itself is ``lightning_flow.console``."""
 
 from __future__ import annotations
 
+import math
 import warnings
 from pathlib import Path
 
 import torch
-from lightning.pytorch.cli import LightningCLI
+from jsonargparse import ArgumentParser
+from lightning.pytorch.callbacks import ProgressBar as LightningProgressBar
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from lightning_flow.checkpoint_io import AtomicCheckpointIO, CheckpointError
+from lightning_flow.console import OneLineErrors
 from lightning_flow.datamodules import PromptDataModule
 from lightning_flow.module import GRPOModule
+from lightning_flow.progress import ProgressBar
+from lightning_flow.tokenizer import check_model_source
 
 # A checkpoint taken after the step's optimizer updates is exactly the state to resume from;
 # Lightning's advice to save the pre-update weights does not apply to these steps.
@@ -21,10 +28,22 @@ warnings.filterwarnings(
 )
 
 
+class FlowArgumentParser(OneLineErrors, LightningArgumentParser):
+    pass
+
+
 class FlowCLI(LightningCLI):
     def add_arguments_to_parser(self, parser) -> None:
         # The prompts must be tokenized by the policy's own tokenizer.
         parser.link_arguments("model.policy.name_or_path", "data.init_args.tokenizer")
+
+    def _add_subcommands(self, parser, **kwargs) -> None:
+        super()._add_subcommands(parser, **kwargs)
+        # Only for --help: ``console`` hands ``trace`` to trace_cli before this parser runs.
+        trace = ArgumentParser(prog=f"{parser.prog} trace", add_help=False)
+        parser._subcommands_action.add_subcommand(
+            "trace", trace, help="Trace a response's flow (trace --help)"
+        )
 
     def _parse_ckpt_path(self) -> None:
         # LightningCLI reads the checkpoint's hyperparameters with a bare torch.load before
@@ -42,10 +61,67 @@ class FlowCLI(LightningCLI):
         if config.trainer.get("accelerator") in ("gpu", "cuda") and not torch.cuda.is_available():
             # Lightning would only say "No supported gpu backend found!"
             raise ValueError(
-                f"trainer.accelerator={config.trainer.accelerator} but this machine has no CUDA GPU; use --trainer.accelerator=cpu"
+                f"trainer.accelerator={config.trainer.accelerator} but this machine has no CUDA GPU; "
+                "use --trainer.accelerator=auto or cpu"
             )
+        policy = config.model.policy
+        for name in (policy.name_or_path, policy.adapter_path):
+            if name:  # before anything loads: a missing folder or an unreachable hub fails at once
+                check_model_source(name)
         if config.get("ckpt_path") == "last":
             resume_in_latest_version(config.trainer)
+
+    def _instantiate_trainer(self, config: dict, callbacks: list) -> object:
+        given = [*(config.get("callbacks") or []), *callbacks]
+        if config.get("enable_progress_bar", True) and not any(
+            isinstance(c, LightningProgressBar) for c in given
+        ):
+            callbacks = [*callbacks, ProgressBar()]
+        return super()._instantiate_trainer(config, callbacks)
+
+    def before_fit(self) -> None:
+        check_context(self.model, self.datamodule)
+
+    def before_validate(self) -> None:
+        check_context(self.model, self.datamodule)
+
+    def after_fit(self) -> None:
+        if self.trainer.is_global_zero:
+            print(run_summary(self.trainer), flush=True)
+
+
+def check_context(model: GRPOModule, datamodule: PromptDataModule | None) -> None:
+    """The longest prompt plus the longest response must fit the policy's positions (before the first step)."""
+    context = getattr(model.policy.config, "max_position_embeddings", None)
+    longest = getattr(datamodule, "max_prompt_length", None)
+    if context is None or longest is None:
+        return
+    new = model.sampling.max_new_tokens
+    if longest + new > context:
+        raise ValueError(
+            f"data.init_args.max_prompt_length={longest} + model.sampling.max_new_tokens={new} = {longest + new} "
+            f"positions exceed the policy's context of {context} (max_position_embeddings); lower one of them"
+        )
+
+
+def run_summary(trainer) -> str:
+    """Where a finished fit put its run, checkpoints and adapter, and its last reward and accuracy."""
+    run_dir = Path(trainer.log_dir or trainer.default_root_dir)
+    lines = [f"fit ended after {trainer.global_step} steps", f"  run folder   {run_dir}"]
+    checkpoint = trainer.checkpoint_callback
+    if checkpoint is not None and checkpoint.last_model_path:
+        lines.append(f"  last ckpt    {checkpoint.last_model_path}")
+    if checkpoint is not None and checkpoint.monitor and checkpoint.best_model_path:
+        lines.append(
+            f"  best ckpt    {checkpoint.best_model_path} ({checkpoint.monitor} {checkpoint.best_model_score:.4g})"
+        )
+    if (run_dir / "adapter").is_dir():
+        lines.append(f"  adapter      {run_dir / 'adapter'}")
+    metrics = trainer.callback_metrics
+    for name, label in (("reward", "final reward"), ("val/accuracy", "val accuracy")):
+        if name in metrics and math.isfinite(float(metrics[name])):
+            lines.append(f"  {label:<12} {float(metrics[name]):.4f}")
+    return "\n".join(lines)
 
 
 def resume_in_latest_version(trainer_config) -> None:
@@ -64,13 +140,15 @@ def resume_in_latest_version(trainer_config) -> None:
         init["version"] = max(versions)
 
 
-def main(args: list[str] | None = None, run: bool = True) -> FlowCLI:
+def main(args: list[str] | None = None, run: bool = True, prog: str = "lightning-flow") -> FlowCLI:
     """Parse ``args`` (default: sys.argv) and run the subcommand; with ``run=False`` only build
     the model, data and trainer from a config without a subcommand (for scripts)."""
     return FlowCLI(
         GRPOModule,
         PromptDataModule,
         subclass_mode_data=True,
+        parser_class=FlowArgumentParser,
+        parser_kwargs={"prog": prog},
         save_config_kwargs={"overwrite": True},
         # Checkpoints are written beside their target, fsynced and renamed into place.
         trainer_defaults={"plugins": [{"class_path": "lightning_flow.checkpoint_io.AtomicCheckpointIO"}]},
