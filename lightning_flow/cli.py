@@ -73,7 +73,7 @@ class FlowCLI(LightningCLI):
 
     def _instantiate_trainer(self, config: dict, callbacks: list) -> object:
         given = [*(config.get("callbacks") or []), *callbacks]
-        if config.get("enable_progress_bar", True) and not any(
+        if config.get("enable_progress_bar") is not False and not any(
             isinstance(c, LightningProgressBar) for c in given
         ):
             callbacks = [*callbacks, ProgressBar()]

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from lightning_flow.console import console
-from tests.test_fit import DEMO, REPO, tiny_args
+from tests.test_fit import DEMO, REPO, scalars, tiny_args
 
 
 def stderr_of(args: list[str], capfd) -> tuple[int, str]:
@@ -101,3 +101,20 @@ def test_help_and_program_name():
     assert done.stderr.strip() == (
         "python -m lightning_flow fit: error: unrecognized arguments: --trainer.max_stepz=3"
     )
+
+
+def test_a_fit_ends_with_a_summary(tiny_policy_dir, tmp_path, capfd):
+    capfd.readouterr()
+    console(["fit", *tiny_args(tiny_policy_dir, tmp_path, steps=2)])  # validation after step 2
+    out = capfd.readouterr().out
+    run_dir = tmp_path / "runs" / "demo" / "version_0"
+    logged = scalars(run_dir)
+    summary = out[out.index("fit ended after 2 steps") :].splitlines()
+    assert summary[1:] == [
+        f"  run folder   {run_dir}",
+        f"  last ckpt    {run_dir / 'checkpoints' / 'last.ckpt'}",
+        f"  adapter      {run_dir / 'adapter'}",
+        f"  final reward {logged['train/reward'][-1]:.4f}",
+        f"  val accuracy {logged['val/accuracy'][-1]:.4f}",
+    ]
+    assert (run_dir / "checkpoints" / "last.ckpt").is_file() and (run_dir / "adapter").is_dir()
