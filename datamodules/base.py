@@ -117,7 +117,8 @@ class PromptDataModule(L.LightningDataModule):
             plain_template.format(question="", instruction="")
         except (KeyError, IndexError, ValueError) as error:
             raise ValueError(
-                f"plain_template {plain_template!r} may only use the fields {{question}} and {{instruction}} ({error!r})"
+                f"plain_template {plain_template!r} may only use the fields {{question}} and "
+                f"{{instruction}} ({error!r})"
             ) from None
         self.tokenizer = tokenizer
         self.batch_size, self.val_batch_size = batch_size, val_batch_size
@@ -200,7 +201,8 @@ class PromptDataModule(L.LightningDataModule):
         items = {split: self._prepare(split, tokenizer) for split in ("train", "val")}
         self._items = items
         log.info(
-            "%s: %d train / %d val prompts (skipped %d invalid rows, %d unparseable golds; dropped %d prompts over %d tokens)",
+            "%s: %d train / %d val prompts (skipped %d invalid rows, %d unparseable golds; "
+            "dropped %d prompts over %d tokens)",
             type(self).__name__,
             self.stats["train_examples"],
             self.stats["val_examples"],
@@ -244,6 +246,10 @@ class PromptDataModule(L.LightningDataModule):
         self.stats[f"{split}_examples"] = len(items)
         return items
 
+    def longest_prompt(self) -> int:
+        """Tokens of the longest prompt kept by ``setup``, over both splits."""
+        return max((len(item.input_ids) for items in self._items.values() for item in items), default=0)
+
     # ---- loaders --------------------------------------------------------------------------
     def _split_items(self, split: Split) -> list[PromptItem]:
         if not self._items:
@@ -260,7 +266,8 @@ class PromptDataModule(L.LightningDataModule):
         world, rank = (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
         if len(items) < self.batch_size * world:
             raise DataError(
-                f"only {len(items)} train prompts for batch_size {self.batch_size} on {world} ranks: every batch would be dropped"
+                f"only {len(items)} train prompts for batch_size {self.batch_size} on {world} ranks: "
+                "every batch would be dropped"
             )
         sampler = GlobalBatchSampler(
             items, self.batch_size, world, rank, self.seed, skip=self.trained_batches

@@ -68,6 +68,8 @@ class FlowCLI(LightningCLI):
         for name in (policy.name_or_path, policy.adapter_path):
             if name:  # before anything loads: a missing folder or an unreachable hub fails at once
                 check_model_source(name)
+        if config.get("ckpt_path"):  # a resumed run writes into its own checkpoint folder
+            warnings.filterwarnings("ignore", message=r"Checkpoint directory .* exists and is not empty")
         if config.get("ckpt_path") == "last":
             resume_in_latest_version(config.trainer)
 
@@ -80,27 +82,29 @@ class FlowCLI(LightningCLI):
         return super()._instantiate_trainer(config, callbacks)
 
     def before_fit(self) -> None:
-        check_context(self.model, self.datamodule)
+        check_context(self.model, self.datamodule, "fit")
 
     def before_validate(self) -> None:
-        check_context(self.model, self.datamodule)
+        check_context(self.model, self.datamodule, "validate")
 
     def after_fit(self) -> None:
         if self.trainer.is_global_zero:
             print(run_summary(self.trainer), flush=True)
 
 
-def check_context(model: GRPOModule, datamodule: PromptDataModule | None) -> None:
-    """The longest prompt plus the longest response must fit the policy's positions (before the first step)."""
+def check_context(model: GRPOModule, datamodule: PromptDataModule | None, stage: str) -> None:
+    """The longest prompt plus ``max_new_tokens`` must fit the policy's positions: checked before the
+    first step (the DataModule's setup runs here, once; the Trainer's finds it done)."""
     context = getattr(model.policy.config, "max_position_embeddings", None)
-    longest = getattr(datamodule, "max_prompt_length", None)
-    if context is None or longest is None:
+    if context is None or not isinstance(datamodule, PromptDataModule):
         return
-    new = model.sampling.max_new_tokens
+    datamodule.setup(stage)
+    longest, new = datamodule.longest_prompt(), model.sampling.max_new_tokens
     if longest + new > context:
         raise ValueError(
-            f"data.init_args.max_prompt_length={longest} + model.sampling.max_new_tokens={new} = {longest + new} "
-            f"positions exceed the policy's context of {context} (max_position_embeddings); lower one of them"
+            f"the longest prompt ({longest} tokens) + model.sampling.max_new_tokens={new} = {longest + new} positions "
+            f"exceed the policy's context of {context} (max_position_embeddings); lower max_new_tokens, or "
+            "data.init_args.max_prompt_length to drop the longest prompts"
         )
 
 

@@ -45,7 +45,10 @@ def jsonl_with_a_bad_row(folder: Path) -> Path:
         (["--model.grpo.epsilon=1.5"], ["model.grpo.epsilon=1.5"]),
         (["--model.sampling.top_p=0"], ["model.sampling.top_p=0"]),
         (["--data.init_args.batch_size=0"], ["data.init_args.batch_size=0"]),
-        (["--model.sampling.max_new_tokens=1024"], ["max_prompt_length=32", "max_new_tokens=1024", "512"]),
+        (
+            ["--model.sampling.max_new_tokens=600"],
+            ["longest prompt (", "max_new_tokens=600", "context of 512"],
+        ),
         (["--ckpt_path=no/such.ckpt"], ["no/such.ckpt"]),
         (["--model.policy.name_or_path=artifacts/no-such-policy"], ["artifacts/no-such-policy"]),
     ],
@@ -83,6 +86,8 @@ def test_an_exception_in_a_users_reward_keeps_its_traceback(tiny_policy_dir, tmp
 
 def test_help_and_program_name():
     env = {**os.environ, "PYTHONPATH": str(REPO)}
+    # The console script runs what python -m does (the same commands).
+    assert 'lightning-flow = "lightning_flow.console:console"' in (REPO / "pyproject.toml").read_text()
     done = subprocess.run(
         [sys.executable, "-m", "lightning_flow", "--help"], cwd=REPO, env=env, capture_output=True, text=True
     )
