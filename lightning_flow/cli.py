@@ -88,8 +88,9 @@ class FlowCLI(LightningCLI):
         check_context(self.model, self.datamodule, "validate")
 
     def after_fit(self) -> None:
+        summary = run_summary(self.trainer)  # on every rank: trainer.log_dir is a collective call under DDP
         if self.trainer.is_global_zero:
-            print(run_summary(self.trainer), flush=True)
+            print(summary, flush=True)
 
 
 def check_context(model: GRPOModule, datamodule: PromptDataModule | None, stage: str) -> None:
