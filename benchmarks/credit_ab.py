@@ -112,9 +112,8 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    workdir = tempfile.mkdtemp(
-        prefix="credit_ab-"
-    )  # the config's checkpoints and logs land here, not in the repo
+    # the config's checkpoints and logs land here, not in the repo
+    workdir = tempfile.mkdtemp(prefix="credit_ab-")
     logger = (yaml.safe_load(Path(args.config).read_text()).get("trainer") or {}).get("logger")
     if args.no_logging or not logger:
         logging = ["--trainer.logger=false"]
@@ -171,9 +170,8 @@ def main() -> None:
                     item.flow_graphs = []
                     part_seconds.update(dict.fromkeys(PARTS, 0.0))
                     start = time.perf_counter()
-                    pl_module.learn(
-                        item, sampling_seconds=sampling
-                    )  # the step after sampling, scalars and logging included
+                    # the step after sampling, scalars and logging included
+                    pl_module.learn(item, sampling_seconds=sampling)
                     elapsed = time.perf_counter() - start
                     state = state or TrainingState(pl_module)
                     state.restore()
@@ -194,9 +192,8 @@ def main() -> None:
                     times["share"].append(times["added"][-1] / (sampling + times["off"][-1]))
         trainer_.should_stop = True
 
-    trainer.callbacks.append(
-        OnFirstBatch(measure)
-    )  # inside fit, where the update's optimizer and strategy exist
+    # inside fit, where the update's optimizer and strategy exist
+    trainer.callbacks.append(OnFirstBatch(measure))
     try:
         trainer.fit(module, cli.datamodule)
     finally:

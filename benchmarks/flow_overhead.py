@@ -124,9 +124,8 @@ class StepParts:
 
     def __init__(self, module: GRPOModule, rollouts: Rollouts, length: int, credit: FlowCredit) -> None:
         self.module, self.rollouts, self.length, self.credit = module, rollouts, length, credit
-        self.maps: list[
-            tuple[list[int], torch.Tensor]
-        ] = []  # (rollout rows, [k, T, T]) of the last recorded update
+        # (rollout rows, [k, T, T]) of the last recorded update
+        self.maps: list[tuple[list[int], torch.Tensor]] = []
 
     def sample(self) -> None:
         module, rollouts = self.module, self.rollouts
@@ -284,11 +283,12 @@ def main() -> None:
                 rollouts = make_rollouts(module, n, args.prompt_length, length, seed=length + n)
                 parts = StepParts(module, rollouts, length, credit)
                 sample, update, solve = parts.sample, parts.update, parts.solve
+                # warm-up: each path's first call (kernel set-up, allocator) is left out
                 (
                     update(),
                     update(record=True),
                     solve(),
-                )  # warm-up: each path's first call (kernel set-up, allocator) is left out
+                )
                 plain, recorded, captures = [], [], []
                 for _ in range(args.repeats):  # interleaved, so both see the same machine state
                     plain.append(median_time(update, 1))

@@ -55,9 +55,8 @@ def run(
     """Extra peak bytes of one forward+backward beyond the inputs and the hidden states' gradient,
     and the median seconds of ``repeats`` more (NaN for none)."""
     hidden = torch.randn(rows, length, hidden_size, dtype=torch.bfloat16).requires_grad_(True)
-    weight = torch.randn(vocab, hidden_size, dtype=torch.bfloat16).mul_(
-        hidden_size**-0.5
-    )  # no fp32 temporary to raise the baseline
+    # no fp32 temporary to raise the baseline
+    weight = torch.randn(vocab, hidden_size, dtype=torch.bfloat16).mul_(hidden_size**-0.5)
     targets = torch.randint(vocab, (rows, length))
     hidden.grad = torch.zeros_like(hidden)  # the gradient buffer exists in every method
     positions = (torch.arange(length) < round(scored * length)).expand(rows, length) if scored < 1 else None

@@ -49,11 +49,12 @@ FOLDERS = {
     "demo": REPO / "artifacts" / "demo-policy",
     "stories260K": REPO.parent / "shared" / "data" / "models" / "stories260K" / "hf",
 }
+# round 1 runs this order: ours vs TRL first, where a time limit may cut a round
 FRAMEWORKS = [
     "ours",
     "trl",
     "ours+flow",
-]  # round 1 runs this order: ours vs TRL first, where a time limit may cut a round
+]
 
 
 class StepRecord:
@@ -474,9 +475,8 @@ def main() -> None:
                         args.out.with_name(
                             f"{args.out.stem}-{model}-{fw}-round{round_ + 1}.profile.txt"
                         ).write_text(table)
-                    runs[fw].append(
-                        {**summarise_run(run, args.warmup + args.profile), "raw": run}
-                    )  # the profiled step left out
+                    # the profiled step left out
+                    runs[fw].append({**summarise_run(run, args.warmup + args.profile), "raw": run})
                     print(
                         f"{model} round {round_ + 1} {fw}: "
                         + json.dumps({k: round(v, 4) for k, v in runs[fw][-1].items() if k != "raw"}),

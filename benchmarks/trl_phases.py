@@ -87,9 +87,8 @@ def measure(args, folder: Path, workdir: str) -> dict:
     # As Trainer's loop does before its first step: onto the device, forward wrapped in bf16 autocast.
     trainer.model = trainer.model_wrapped = trainer.accelerator.prepare_model(trainer.model)
     trainer.model.train()
-    trainer.current_gradient_accumulation_steps = (
-        args.prompts_per_step * args.group // args.micro_batch
-    )  # set by Trainer's loop, read by compute_loss
+    # set by Trainer's loop, read by compute_loss
+    trainer.current_gradient_accumulation_steps = args.prompts_per_step * args.group // args.micro_batch
     # TRL's generation batch: each prompt repeated group times, as its sampler yields them.
     examples = [
         {"prompt": p, "golds": g}
@@ -111,9 +110,8 @@ def measure(args, folder: Path, workdir: str) -> dict:
             our_update(module, last["ours"])
 
     def trl_update_():
-        trl_update(
-            trainer, last["trl"], module.micro_batches(last["ours"])
-        )  # both batches hold prompts x group rows
+        # both batches hold prompts x group rows
+        trl_update(trainer, last["trl"], module.micro_batches(last["ours"]))
 
     times = {phase: {"ours": [], "trl": []} for phase in ("generation", "update")}
     for repeat in range(args.warmup + args.repeats):

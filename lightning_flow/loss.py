@@ -134,9 +134,8 @@ class _ChunkedTokenLogprobs(torch.autograd.Function):
     """
 
     @staticmethod
-    def _block_logits(
-        inputs: Tensor, weight: Tensor | None, bias: Tensor | None
-    ) -> Tensor:  # [r, c, D] -> [r, c, V]
+    # [r, c, D] -> [r, c, V]
+    def _block_logits(inputs: Tensor, weight: Tensor | None, bias: Tensor | None) -> Tensor:
         if weight is None:
             return inputs
         with torch.autocast(inputs.device.type, enabled=False):
@@ -201,9 +200,8 @@ class _ChunkedTokenLogprobs(torch.autograd.Function):
                 )
                 grad = log_p.exp()
                 log_p.add_(entropy[rows, cols, None]).mul_(grad_entropy[rows, cols, None].float()).add_(g)
-                grad.mul_(log_p).neg_().nan_to_num_(
-                    nan=0.0
-                )  # a -inf logit: p = 0 times -inf, whose limit is 0
+                # a -inf logit: p = 0 times -inf, whose limit is 0
+                grad.mul_(log_p).neg_().nan_to_num_(nan=0.0)
                 del log_p
             grad.scatter_add_(-1, targets[rows, cols, None], g)  # [r, c, V] fp32
             if ctx.temperature != 1.0:

@@ -204,16 +204,13 @@ class GRPOModule(L.LightningModule):
         self.reward_suite = RewardSuite(rewards)
         self.eos_ids = eos_token_ids(self.policy, self.tokenizer, sampling.extra_eos_token_ids)
         self.attention_layers: list[int] | None = None  # set by request_attention
-        self.record_zero_advantage = (
-            False  # whether rows with a zero advantage are recorded too (request_attention)
-        )
-        self.attention_budget: int | None = (
-            None  # bytes of dense maps held at once (request_attention); None: a micro-batch's
-        )
+        # whether rows with a zero advantage are recorded too (request_attention)
+        self.record_zero_advantage = False
+        # bytes of dense maps held at once (request_attention); None: a micro-batch's
+        self.attention_budget: int | None = None
         self.capture_seconds = self.credit_seconds = 0.0  # this step's, see first_pass
-        self.attention_recorder: AttentionRecorder | None = (
-            None  # of attention_layers, made by request_attention, entered each step
-        )
+        # of attention_layers, made by request_attention, entered each step
+        self.attention_recorder: AttentionRecorder | None = None
         # Sampling noise comes from (seed, step, prompt source); see seeded_sampling.
         self.sampling_seed = (
             sampling.seed if sampling.seed is not None else int(os.environ.get("PL_GLOBAL_SEED", 0))
@@ -221,9 +218,18 @@ class GRPOModule(L.LightningModule):
         self.skipped_nonfinite_steps = 0  # optimizer steps whose gradient had a NaN or inf (no update made)
         self.step_verifier_timeouts = 0  # completions of this step whose verification timed out (scored 0)
         self._rng_states_to_restore: dict | None = None  # from a checkpoint, applied when training starts
-        self.step_scalars = (
-            StepScalars()
-        )  # this step's scalars; rollout callbacks add theirs in on_rollouts_end
+        # this step's scalars; rollout callbacks add theirs in on_rollouts_end
+        self.step_scalars = StepScalars()
+
+    @property
+    def group_size(self) -> int:
+        """Responses per prompt (``sampling.num_generations``)."""
+        return self.sampling.num_generations
+
+    @property
+    def reward_names(self) -> list[str]:
+        """The reward functions' names, in the order of ``Rollouts.rewards``' columns."""
+        return self.reward_suite.names
 
     def request_attention(
         self, layers: list[int] | None = None, zero_advantage_rows: bool = False, max_bytes: int | None = None
@@ -421,9 +427,8 @@ class GRPOModule(L.LightningModule):
             micro_batch.capture = partial(self.capture_rows, rollouts, recorder)
         first = micro_batch.attention_rows[: micro_batch.chunk_rows]
         local = torch.tensor([row - rows.start for row in first], dtype=torch.long, device=self.device)
-        logps, entropy = self.completion_logps(
-            rollouts, rows, recorder, local
-        )  # no rows to record: the recorder only passes through
+        # no rows to record: the recorder only passes through
+        logps, entropy = self.completion_logps(rollouts, rows, recorder, local)
         if recorder is not None:
             maps = recorder.take()
             micro_batch.recorded = (first, maps) if first else None
@@ -496,12 +501,10 @@ class GRPOModule(L.LightningModule):
                     if iteration == 0:  # where the policy still is the sampler
                         entropy_mean = (entropy.detach() * mask).sum() / mask.sum().clamp(min=1)
                         step_loss = step_loss + loss.detach()
-                        first_pass.append(
-                            (mask.sum(), {"entropy": entropy_mean, **vars(stats)})
-                        )  # vars: asdict deep-copies tensors
-            trainable = [
-                p for group in optimizer.param_groups for p in group["params"]
-            ]  # configure_optimizers' (no module walk)
+                        # vars: asdict deep-copies tensors
+                        first_pass.append((mask.sum(), {"entropy": entropy_mean, **vars(stats)}))
+            # configure_optimizers' (no module walk)
+            trainable = [p for group in optimizer.param_groups for p in group["params"]]
             grad_norm = torch.nn.utils.clip_grad_norm_(trainable, self.grpo.max_grad_norm or float("inf"))
             if not torch.isfinite(grad_norm):  # a NaN/inf anywhere in the loss or logits ends up here
                 # AdamW skips parameters without a gradient: the step counts, weights and moments stay.
@@ -613,10 +616,11 @@ class GRPOModule(L.LightningModule):
         forward = self.policy if self.decoder_and_head is None else self.decoder_and_head[0]
         if recorder is not None:
             forward = partial(recorder.run, forward=forward, rows=record)
+        # the bonus differentiates the entropy
         temperature, entropy_grad = (
             self.sampling.temperature,
             self.grpo.entropy_coef != 0,
-        )  # the bonus differentiates the entropy
+        )
         if self.decoder_and_head is None:
             logits = forward(**inputs, logits_to_keep=targets.shape[1] + 1).logits[:, :-1]
             return token_logprobs_and_entropy(logits, targets, temperature, entropy_grad=entropy_grad)
@@ -757,9 +761,8 @@ class GRPOModule(L.LightningModule):
         self.tokenizer.save_pretrained(directory)
 
     def on_train_end(self) -> None:
-        directory = (
-            Path(self.trainer.log_dir or self.trainer.default_root_dir) / "adapter"
-        )  # a collective call under DDP: every rank asks
+        # a collective call under DDP: every rank asks
+        directory = Path(self.trainer.log_dir or self.trainer.default_root_dir) / "adapter"
         if self.trainer.is_global_zero:
             self.save_adapter(directory)
 

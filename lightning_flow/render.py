@@ -209,6 +209,7 @@ def _draw_strip(ax, trace: Trace, cells: list[Cell], g: _Grid, arcs: int) -> Non
     strongest = max((e["flow"] for e in edges), default=1.0)
     shares = [e["flow"] / strongest for e in edges]
     curves = [PathPatch(_arc(*centre[e["source"]], *centre[e["target"]], 0.95 * g.gap)) for e in edges]
+    # under the labels
     ax.add_collection(
         PatchCollection(
             curves,
@@ -218,7 +219,7 @@ def _draw_strip(ax, trace: Trace, cells: list[Cell], g: _Grid, arcs: int) -> Non
             zorder=1.5,
             gid="arcs",
         )
-    )  # under the labels
+    )
 
 
 def _key_handles(trace: Trace, arcs: int) -> list:
@@ -245,14 +246,12 @@ def figure(trace: Trace, cfg: RenderConfig = RenderConfig(), title: str | None =
     g, fs = _Grid(cfg.font_size), cfg.font_size
     cells = layout(trace.tokens, cfg.line_chars, cfg.max_token_chars)
     lines = cells[-1].line + 1 if cells else 1
-    columns = max(
-        max((c.column + c.width for c in cells), default=0), min(cfg.line_chars, 72)
-    )  # short traces get a narrower picture
+    # short traces get a narrower picture
+    columns = max(max((c.column + c.width for c in cells), default=0), min(cfg.line_chars, 72))
     strip_w, strip_h = g.margin + (columns + 1) * g.cell, lines * g.pitch + 0.5 * fs
     info = summary(trace) + "".join(f" · {k} {v}" for k, v in trace.meta.items() if k != "title")
-    info_lines = textwrap.wrap(
-        info, width=max(40, int(strip_w / (_ADVANCE * 0.9 * fs)))
-    )  # sans text is narrower than mono
+    # sans text is narrower than mono
+    info_lines = textwrap.wrap(info, width=max(40, int(strip_w / (_ADVANCE * 0.9 * fs))))
     wide = strip_w >= 60 * fs  # room for the key in one row
     pad, head, foot, prof = (
         0.8 * fs,

@@ -109,9 +109,8 @@ class Trace:
     answer_source: str  # "boxed", "hash", "fallback" (last token) or "none"
     degenerate: bool  # no answer / no path from prompt to answer: uniform weights, f = 0
     absorbed: float  # flow absorbed by the answer tokens (1 unless degenerate)
-    concentration: (
-        float | None
-    )  # share of the response's flow on its top concentration_fraction tokens (None: no flow)
+    # share of the response's flow on its top concentration_fraction tokens (None: no flow)
+    concentration: float | None
     layers: list[int]
     config: dict[str, Any]
     meta: dict[str, Any] = field(default_factory=dict)  # free labels: model, gold, reward, step...
@@ -207,9 +206,8 @@ def trace_from_attention(
     device = attention.device
     valid = torch.ones(1, t, dtype=torch.bool, device=device)  # [1, T]
     prompt = torch.arange(t, device=device)[None] < prompt_length  # [1, T]
-    answer_full = torch.cat([torch.zeros(1, prompt_length, dtype=torch.bool), answer], dim=1).to(
-        device
-    )  # [1, T]
+    # [1, T]
+    answer_full = torch.cat([torch.zeros(1, prompt_length, dtype=torch.bool), answer], dim=1).to(device)
     graph = answer_flow(
         attention[None].float(), valid, prompt, answer_full, cfg.flow_config()
     ).graphs.get_example(0)
@@ -256,9 +254,10 @@ def trace_from_graph(
     flow = graph.f.float().cpu()  # [T]
     degenerate = bool(graph.degenerate) or not bool(answer.any())
     if weights is None:
+        # [L]
         weights = credit_weights(
             flow[None], response[None], cfg.top_fraction, cfg.boost, torch.tensor([degenerate])
-        )[0, prompt_length:]  # [L]
+        )[0, prompt_length:]
     all_weights = torch.cat([torch.ones(prompt_length), weights.float().cpu()]).tolist()  # [T]
 
     prompt_text, prompt_pieces = _token_texts(tokenizer, ids[:prompt_length])
@@ -328,9 +327,8 @@ def trace_ids(
     layers = sorted(set(cfg.layers)) if cfg.layers else default_capture_layers(num_layers)
     ids = torch.tensor([prompt_ids + response_ids])  # [1, T]
     mask = torch.ones_like(ids)  # [1, T]
-    attention = capture_attention(model, ids, mask, layers, position_ids=position_ids_from_mask(mask))[
-        0
-    ]  # [T, T]
+    # [T, T]
+    attention = capture_attention(model, ids, mask, layers, position_ids=position_ids_from_mask(mask))[0]
     return trace_from_attention(
         attention,
         ids[0],

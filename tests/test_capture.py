@@ -470,16 +470,16 @@ def test_pass_stops_after_the_last_captured_layer(stories_peft):
     mlp_calls = [count_calls(layer.mlp) for layer in decoder_layers]
     norm_calls, head_calls = count_calls(base.model.norm), count_calls(base.lm_head)
     ids, mask, positions = make_batch(512, n=5)
-    capture_attention(
-        stories_peft, ids, mask, [1, 2], micro_batch_size=2, position_ids=positions
-    )  # 3 micro-batches
+    # 3 micro-batches
+    capture_attention(stories_peft, ids, mask, [1, 2], micro_batch_size=2, position_ids=positions)
+    # layer 2 never finishes (stopped inside its attention)
     assert [c[0] for c in layer_calls] == [
         3,
         3,
         0,
         0,
         0,
-    ]  # layer 2 never finishes (stopped inside its attention)
+    ]
     assert [c[0] for c in mlp_calls] == [3, 3, 0, 0, 0]
     assert norm_calls[0] == 0 and head_calls[0] == 0
     with torch.no_grad(), AttentionRecorder(stories_peft, [1, 2], stop_after_last=False) as rec:

@@ -67,10 +67,11 @@ def finished(run: subprocess.Popen, root: Path) -> Path:
 
 
 def test_two_processes_match_one_with_the_same_global_batch(tiny_policy_dir, tmp_path):
+    # side by side
     runs = [
         start_fit(tiny_policy_dir, tmp_path / "one", devices=1, prompts_per_rank=4),
         start_fit(tiny_policy_dir, tmp_path / "two", devices=2, prompts_per_rank=2),
-    ]  # side by side
+    ]
     single, double = finished(runs[0], tmp_path / "one"), finished(runs[1], tmp_path / "two")
 
     # Each rank generated the groups of its own prompts, and together they are the single run's.

@@ -174,10 +174,11 @@ def case():
 
 
 def normaliser_kwargs(loss_type, mask):
+    # dapo: the batch is bigger
     return {
         "max_completion_length": 6,
         "num_items_in_batch": int(mask.sum()) + 5,
-    }  # dapo: the batch is bigger
+    }
 
 
 def reference_for(case, loss_type, **kwargs):
@@ -582,9 +583,8 @@ def test_head_never_saves_logits_and_ignores_autocast():
     targets = torch.randint(0, 50, (4, 5), generator=gen)
     saved = []
     with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.shape[-1]) or t, lambda t: t):
-        with torch.autocast(
-            "cpu", dtype=torch.bfloat16
-        ):  # the head runs in its weight's dtype, as in backward
+        # the head runs in its weight's dtype, as in backward
+        with torch.autocast("cpu", dtype=torch.bfloat16):
             logps, _ = token_logprobs_and_entropy(hidden, targets, chunk_tokens=3, head_weight=weight)
     assert saved and 50 not in saved  # hidden states, targets and the [V, D] weight; no [..., V] logits
     ref_logps, _ = reference_logps_entropy(hidden.detach() @ weight.T, targets, 1.0)

@@ -1,7 +1,7 @@
 """Flow traces of a real model's attention, their pictures and pages, and the trace command.
 
 The numbers of a trace are checked against a plain float64 re-derivation of the method
-(flow-credit.md) from the same captured attention map, not against the solver that made them.
+(docs/method.md) from the same captured attention map, not against the solver that made them.
 """
 
 from __future__ import annotations
@@ -187,9 +187,8 @@ def test_layout_wraps_breaks_and_cuts_by_rule(stories):
     ]
     long = replace(base, text="abcdefghijklmnopqrstuvwxyz")
     assert layout([long], line_chars=40, max_token_chars=16)[0].label == "abcdefghijklmno…"
-    assert (
-        layout([long], line_chars=10, max_token_chars=16)[0].label == "abcd…"
-    )  # never wider than half a line
+    # never wider than half a line
+    assert layout([long], line_chars=10, max_token_chars=16)[0].label == "abcd…"
 
 
 def test_a_1000_token_response_wraps_without_overlapping_labels(stories):
@@ -203,9 +202,8 @@ def test_a_1000_token_response_wraps_without_overlapping_labels(stories):
         )
         for j in range(1000)
     ]
-    edges = [
-        {"source": int(i), "target": 999, "flow": 1.0 / (i + 1)} for i in range(0, 990, 9)
-    ]  # 110 edges, 20 drawn
+    # 110 edges, 20 drawn
+    edges = [{"source": int(i), "target": 999, "flow": 1.0 / (i + 1)} for i in range(0, 990, 9)]
     long = replace(trace, tokens=tokens, backbone=edges)
     cfg = RenderConfig(line_chars=100, dpi=40)
     fig = figure(long, cfg)
@@ -272,9 +270,8 @@ def test_chromium_draws_the_backbone_and_the_hover(stories, tmp_path):
         text=True,
         timeout=120,
     ).stdout
-    assert len(re.findall(r'<path class="bb"', dom)) == min(
-        20, len(trace.backbone)
-    )  # the script drew the backbone
+    # the script drew the backbone
+    assert len(re.findall(r'<path class="bb"', dom)) == min(20, len(trace.backbone))
     assert len(re.findall(r'<path class="in"', dom)) == len(trace.tokens[answer].top_in)
     tip = re.search(r'<div id="tip"[^>]*>(.*?)</div>', dom, re.S).group(1)
     assert f"#{answer}  answer" in tip and f"f {trace.tokens[answer].f:.4g}"[:6] in tip

@@ -1,6 +1,6 @@
 """Answer-token masks: which response tokens spell the final answer.
 
-The answer region S of a response (docs/flow-credit.md, "Inputs") is the set of tokens that
+The answer region S of a response (docs/method.md, "Inputs") is the set of tokens that
 produce the characters of the final answer: the content of the last balanced ``\\boxed{...}``,
 else the number after the last ``####`` (both as ``rewards.extract_answer`` finds them), else,
 optionally, the last response token that produces characters. The tokens are found from

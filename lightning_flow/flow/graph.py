@@ -151,9 +151,8 @@ def capacities(
     check_inputs(attention, valid)
     n, t, _ = attention.shape
     cfg = cfg or FlowConfig()
-    p = torch.zeros(
-        n, t, t, dtype=cfg.dtype, device=attention.device
-    )  # [N, T, T] attention layout p[n, k, i] = c(i, k)
+    # [N, T, T] attention layout p[n, k, i] = c(i, k)
+    p = torch.zeros(n, t, t, dtype=cfg.dtype, device=attention.device)
     for r0, block, _ in pruned_rows(attention, valid, cfg, whole=answer):
         p[:, r0 : r0 + block.shape[1], : block.shape[2]] = block
     return p.transpose(1, 2)
@@ -166,9 +165,8 @@ class KeptEdges:
 
     valid: Tensor  # [N, T] bool
     incoming: Tensor  # [N, T] each target's capacity before pruning (after sinks and min_capacity)
-    steps: list[
-        tuple[int, Tensor, Tensor, Tensor]
-    ]  # per block of target rows: (r0, edges per row [N, r] int32, source positions [e] int32, capacities [e])
+    # per block of target rows: (r0, edges per row [N, r] int32, source positions [e] int32, capacities [e])
+    steps: list[tuple[int, Tensor, Tensor, Tensor]]
 
 
 @torch.no_grad()
@@ -181,9 +179,8 @@ def prune_edges(attention: Tensor, valid: Tensor, answer: Tensor, cfg: FlowConfi
     steps = []
     for r0, kept, before in pruned_rows(attention, valid, cfg, whole=answer):
         edges = kept != 0  # [N, r, c]
-        steps.append(
-            (r0, edges.sum(-1, dtype=torch.int32), edges.nonzero()[:, 2].int(), kept[edges])
-        )  # (graph, target, source) order
+        # (graph, target, source) order
+        steps.append((r0, edges.sum(-1, dtype=torch.int32), edges.nonzero()[:, 2].int(), kept[edges]))
         incoming[:, r0 : r0 + before.shape[1]] = before
         del kept, edges
     return KeptEdges(valid, incoming, steps)
@@ -206,12 +203,10 @@ def flow_graphs(kept: KeptEdges, prompt: Tensor, answer: Tensor) -> Batch:
         targets.append(torch.arange(r0, r0 + r, device=valid.device).repeat(n).repeat_interleave(flat))
         sources.append(source)
         capacities_.append(capacity)
-    graph, target, source, capacity = (
-        torch.cat(x) for x in (graph_ids, targets, sources, capacities_)
-    )  # [E] each
-    if (
-        len(kept.steps) > 1
-    ):  # steps are target-major over the whole batch: regroup by graph, keeping the order
+    # [E] each
+    graph, target, source, capacity = (torch.cat(x) for x in (graph_ids, targets, sources, capacities_))
+    # steps are target-major over the whole batch: regroup by graph, keeping the order
+    if len(kept.steps) > 1:
         order = torch.argsort(graph, stable=True)
         graph, target, source, capacity = graph[order], target[order], source[order], capacity[order]
     local = valid.long().cumsum(-1) - 1  # [N, T] node id of each valid position
