@@ -1,6 +1,6 @@
 """What flow credit adds to a step of a config, measured A/B on identical rollouts in one process.
 
-    python benchmarks/credit_ab.py                                  # configs/demo-flow.yaml's model and FlowCredit
+    python benchmarks/credit_ab.py  # configs/demo-flow.yaml's model and FlowCredit
     python benchmarks/credit_ab.py --config configs/demo-flow.yaml --batches 8 --repeats 12 --threads 1
 
 The config's model samples ``--batches`` batches of rollouts once; then, in each round, every
@@ -204,10 +204,12 @@ def main() -> None:
     step = median["sampling"] + median["off"]
     print(f"threads {torch.get_num_threads()}; {args.batches} batches x {args.repeats - 2} repeats")
     print(
-        f"step without credit {1000 * step:.1f} ms (sampling {1000 * median['sampling']:.1f} + the rest {1000 * median['off']:.1f})"
+        f"step without credit {1000 * step:.1f} ms (sampling {1000 * median['sampling']:.1f} + the rest "
+        f"{1000 * median['off']:.1f})"
     )
     print(
-        f"the rest with credit {1000 * median['on']:.1f} ms: credit adds {1000 * added:.2f} ms = {100 * median['share']:.2f} % of the step "
+        f"the rest with credit {1000 * median['on']:.1f} ms: credit adds {1000 * added:.2f} ms = "
+        f"{100 * median['share']:.2f} % of the step "
         f"(logged: capture {1000 * median['capture']:.2f} ms, credit {1000 * median['credit']:.2f} ms)"
     )
     print("credit by part: " + ", ".join(f"{name} {1000 * median[name]:.2f} ms" for name in PARTS))

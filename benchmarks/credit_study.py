@@ -1,8 +1,9 @@
 """Does flow credit learn faster? Held-out accuracy of GRPO with each credit signal, over seeds.
 
-    python benchmarks/credit_study.py            # full study: 2 tasks x 5 signals x 3 seeds (< 1 h on 2 CPU cores)
+    python benchmarks/credit_study.py  # full study: 2 tasks x 5 signals x 3 seeds (< 1 h on 2 CPU cores)
     python benchmarks/credit_study.py --quick    # 1 seed, 40 steps (a few minutes), written to runs/
-    python benchmarks/credit_study.py --losses grpo cispo gspo --signals uniform flow   # any loss x credit signal
+    python benchmarks/credit_study.py --losses grpo cispo gspo --signals uniform flow
+        # any loss x credit signal
 
 For each task (``configs/demo.yaml``: 1-2 operations; ``configs/demo-long.yaml``: 3-4 operations,
 its own warm-started policy) it builds the warm-start policy if missing (deterministic), measures
@@ -82,7 +83,8 @@ def read_val_curve(metrics_csv: Path) -> dict[int, float]:
 def cli_command(
     subcommand: str, config: str, run_dir: Path, name: str, version: str, args, extra: list[str]
 ) -> list[str]:
-    """Our CLI on a task config, logging to ``run_dir/name/version/metrics.csv`` with a larger held-out set."""
+    """Our CLI on a task config, logging to ``run_dir/name/version/metrics.csv`` with a larger held-out
+    set."""
     return [
         sys.executable,
         "-m",

@@ -1,7 +1,9 @@
-"""Peak memory (and optionally time) of the LM head plus the loss's log-probs (forward + backward), three ways.
+"""Peak memory (and optionally time) of the LM head plus the loss's log-probs (forward + backward), three
+ways.
 
     python benchmarks/logprob_memory.py [--rows 4 --length 1024 --hidden 1536 --vocab 151936 --chunk-tokens N]
-    python benchmarks/logprob_memory.py --rows 2 --length 129 --hidden 16 --repeats 7   # time of the softmax passes
+    python benchmarks/logprob_memory.py --rows 2 --length 129 --hidden 16 --repeats 7
+        # time of the softmax passes
     python benchmarks/logprob_memory.py --rows 4 --length 256 --hidden 64 --repeats 5 --scored 0.5
 
 From one micro-batch's final hidden states ``[rows, length, hidden]`` (bf16, as a bf16 policy

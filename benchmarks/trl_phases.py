@@ -57,7 +57,8 @@ def trl_micro_batch(inputs: dict, rows: slice) -> dict:
 
 
 def our_update(module, rollouts) -> None:
-    """The update's forward, loss and backward per micro-batch as ``GRPOModule.update`` runs them, without the optimizer step."""
+    """The update's forward, loss and backward per micro-batch as ``GRPOModule.update`` runs them, without the
+    optimizer step."""
     tokens = rollouts.completion_mask.sum()
     for rows in module.micro_batches(rollouts):
         logps, _ = module.completion_logps(rollouts, rows)
@@ -172,12 +173,14 @@ def main() -> None:
             result = measure(args, model_folder(model, Path(tmp)), tmp)
             results["models"][model] = result
             print(
-                f"\n{model}: median seconds per call over {args.repeats} alternations; tokens {json.dumps(result['tokens'])}"
+                f"\n{model}: median seconds per call over {args.repeats} alternations; tokens "
+                f"{json.dumps(result['tokens'])}"
             )
             print("| phase | ours s | TRL s | ours / TRL (paired median) |\n|---|---|---|---|")
             for phase, medians in result["medians_s"].items():
                 print(
-                    f"| {phase} | {medians['ours']:.4f} | {medians['trl']:.4f} | {result['ratio_ours_over_trl'][phase]:.3f} |"
+                    f"| {phase} | {medians['ours']:.4f} | {medians['trl']:.4f} | "
+                    f"{result['ratio_ours_over_trl'][phase]:.3f} |"
                 )
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -221,7 +221,8 @@ class FlowCredit(RolloutCallback):
         return self.weigh(rollouts, self.read(rollouts, rows, maps, tokenizer))
 
     def read(self, rollouts: Rollouts, rows: list[int], maps: Tensor | None, tokenizer) -> _Read:
-        """Everything credit takes from the maps (the graphs, unsolved, or the signal) and the rows' masks and answers."""
+        """Everything credit takes from the maps (the graphs, unsolved, or the signal) and the rows' masks and
+        answers."""
         prompt_length = rollouts.prompt_ids.shape[1]
         device = rollouts.completion_ids.device
         kept = rollouts.completion_mask[rows]  # [k, L]

@@ -206,7 +206,8 @@ class FlowPictures(RolloutCallback):
         layers: list[int] | None,
         meta: dict[str, Any],
     ) -> Trace:
-        """The trace of one rollout row's solved graph, padding removed, with the weights that reach the loss."""
+        """The trace of one rollout row's solved graph, padding removed, with the weights that reach the
+        loss."""
         keep = rollouts.attention_mask[row].bool()  # [T]
         response = rollouts.completion_mask[row] > 0  # [L]
         weights = rollouts.token_weights[row][response]  # [L']

@@ -59,7 +59,8 @@ _ACTIVE: dict[int, AttentionRecorder] = {}
 
 
 _MIN_CHUNK_ELEMENTS = 2**18
-"""Score elements a recorded chunk may always use (1 MiB in float32), however small the map: short sequences take all heads in one product."""
+"""Score elements a recorded chunk may always use (1 MiB in float32), however small the map: short sequences
+take all heads in one product."""
 _CAUSAL_SPLIT = 256
 """Causal layers with this many query rows or more are recorded in at least 4 row chunks (see ``_record``)."""
 
@@ -69,7 +70,8 @@ class _StopForward(Exception):
 
 
 def default_capture_layers(num_layers: int, count: int = 5) -> list[int]:
-    """`count` layer indices evenly spaced over [floor(L/3), floor(2L/3)] (deduplicated, sorted; fewer when the range is smaller).
+    """`count` layer indices evenly spaced over [floor(L/3), floor(2L/3)] (deduplicated, sorted; fewer when
+    the range is smaller).
 
     Positions ``lo + i·(hi − lo)/(count − 1)`` are rounded half up, in integer arithmetic. Examples:
     L=5 -> [1, 2, 3]; L=28 -> [9, 11, 14, 16, 18]; L=36 -> [12, 15, 18, 21, 24]; L=1 -> [0].
@@ -86,7 +88,8 @@ def default_capture_layers(num_layers: int, count: int = 5) -> list[int]:
 
 
 def _outermost_pretrained(model: nn.Module) -> PreTrainedModel:
-    """The first ``PreTrainedModel`` in ``model.modules()``: the model itself, or the one a PeftModel wraps."""
+    """The first ``PreTrainedModel`` in ``model.modules()``: the model itself, or the one a PeftModel
+    wraps."""
     for module in model.modules():
         if isinstance(module, PreTrainedModel):
             return module
@@ -137,7 +140,8 @@ def _recording_attention(
     *args,
     **kwargs,
 ):
-    """The registered attention function: record the selected layers, delegate every layer to the real kernel."""
+    """The registered attention function: record the selected layers, delegate every layer to the real
+    kernel."""
     recorder = _ACTIVE.get(id(getattr(module, "config", None)))
     eager = recorder._eager if recorder is not None else False
     if recorder is not None and recorder._wants(getattr(module, "layer_idx", None)):
@@ -322,8 +326,10 @@ class AttentionRecorder:
         ``rows``: optional ``[k]`` indices of the batch rows to record (the others cost nothing);
         the pass's map then holds those k rows, in that order.
         ``out``: an optional ``[k, T, T]`` float32 buffer on the model's device (k: the recorded
-        rows) that this pass's map is accumulated into (it is zeroed first and later returned by :meth:`take`).
-        ``stop``: end this pass right after the last recorded layer (as ``stop_after_last`` does for every pass).
+        rows) that this pass's map is accumulated into (it is zeroed first and later returned by
+        :meth:`take`).
+        ``stop``: end this pass right after the last recorded layer (as ``stop_after_last`` does for every
+        pass).
         """
         if not self._entered:
             raise RuntimeError("AttentionRecorder.run must be called inside its `with` block")
@@ -357,7 +363,8 @@ class AttentionRecorder:
                 )
             raise RuntimeError(
                 "no attention was captured: run the model inside the recorder's `with` block "
-                "(its attention modules must dispatch through transformers' AttentionInterface and have layer_idx)"
+                "(its attention modules must dispatch through transformers' AttentionInterface and have "
+                "layer_idx)"
             )
         return self._done[0] if len(self._done) == 1 else torch.cat(self._done)
 
@@ -383,7 +390,8 @@ class AttentionRecorder:
         t_k = key.shape[2]
         if t_q != t_k:
             raise RuntimeError(
-                f"attention capture needs a full pass without a filled KV cache (got {t_q} queries and {t_k} keys); "
+                f"attention capture needs a full pass without a filled KV cache (got {t_q} queries and {t_k} "
+                "keys); "
                 "pass use_cache=False"
             )
         if self._sum is None:  # first recorded layer of this forward
@@ -470,7 +478,8 @@ class AttentionRecorder:
         self._seen.append(module.layer_idx)
         if tuple(self._seen) == self.layers:
             # Padded keys got probability exactly 0 from the mask in every row; a padded query's row
-            # (all its keys masked: uniform) is zeroed here, by a multiply (cheaper than masked_fill on a CPU).
+            # (all its keys masked: uniform) is zeroed here, by a multiply (cheaper than masked_fill on a
+            # CPU).
             self._sum.mul_(self._valid.to(self._sum.dtype)[:, :, None])
             self._done.append(self._sum)
             self._reset_pass()
@@ -523,7 +532,8 @@ def capture_attention(
     micro_batch_size: int = 8,
     position_ids: Tensor | None = None,
 ) -> Tensor:
-    """[N, T] ids/mask (prompt left-padded + response right-padded; padding anywhere) -> [N, T, T] float32 head- and layer-mean attention maps Ā[n, query, key], zeros at padded rows and columns.
+    """[N, T] ids/mask (prompt left-padded + response right-padded; padding anywhere) -> [N, T, T] float32
+    head- and layer-mean attention maps Ā[n, query, key], zeros at padded rows and columns.
 
     One forward pass per micro-batch, in eval mode (dropout off; the modules' train/eval flags
     are restored after), with ``use_cache=False``. Attention probabilities are computed only for
@@ -548,7 +558,8 @@ def capture_attention(
         raise ValueError(f"micro_batch_size={micro_batch_size}: must be at least 1")
     if input_ids.shape != attention_mask.shape or input_ids.dim() != 2:
         raise ValueError(
-            f"input_ids {tuple(input_ids.shape)} and attention_mask {tuple(attention_mask.shape)} must both be [N, T]"
+            f"input_ids {tuple(input_ids.shape)} and attention_mask {tuple(attention_mask.shape)} must both "
+            "be [N, T]"
         )
     top = _outermost_pretrained(model)
     device = top.get_input_embeddings().weight.device

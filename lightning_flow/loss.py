@@ -194,7 +194,8 @@ class _ChunkedTokenLogprobs(torch.autograd.Function):
                     _ChunkedTokenLogprobs._block_logits(block, weight, bias), ctx.temperature
                 ).mul_(-g)
             else:
-                # d H / d z_v = -p_v (log p_v + H) / T; with the log-prob's: (g 1[v == y] - p_v (g + g_H (log p_v + H))) / T
+                # d H / d z_v = -p_v (log p_v + H) / T; with the log-prob's: (g 1[v == y] - p_v (g + g_H (log
+                # p_v + H))) / T
                 log_p = _log_normalised(
                     _ChunkedTokenLogprobs._block_logits(block, weight, bias), ctx.temperature
                 )
@@ -246,7 +247,8 @@ def token_logprobs_and_entropy(
     at once (default: as many as make 2^25 vocabulary entries, 220 with a 152K vocabulary, all of
     a small model's micro-batch), so each fp32 temporary is chunk_tokens × V × 4 bytes (128 MiB
     at the default) whatever N and L are; a block holds at most two of them; with a head no
-    [N, L, V] tensor is made at all. With ``positions`` ([N, L] bool) only those positions are scored (the loss's
+    [N, L, V] tensor is made at all. With ``positions`` ([N, L] bool) only those positions are scored (the
+    loss's
     completion tokens, not the padding after EOS); the others get 0 and no gradient. Selecting
     them copies their inputs, so pass it with hidden states, not with full logits.
     """

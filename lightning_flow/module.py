@@ -112,19 +112,23 @@ class GRPOConfig:
         high = self.epsilon if self.epsilon_high is None else self.epsilon_high
         if not 0 < self.top_entropy_quantile <= 1:
             raise ValueError(
-                f"model.grpo.top_entropy_quantile={self.top_entropy_quantile}: the share of tokens kept must be in (0, 1] (1 keeps all)"
+                f"model.grpo.top_entropy_quantile={self.top_entropy_quantile}: the share of tokens kept must "
+                "be in (0, 1] (1 keeps all)"
             )
         if self.delta is not None and objective is not None and objective.term is not clipped_term:
             raise ValueError(
-                f"model.grpo.delta={self.delta}: two-sided clipping applies to the clipped objectives, not loss_type={self.loss_type}"
+                f"model.grpo.delta={self.delta}: two-sided clipping applies to the clipped objectives, not "
+                f"loss_type={self.loss_type}"
             )
         if self.delta is not None and self.delta <= 1 + high:
             raise ValueError(
-                f"model.grpo.delta={self.delta} must exceed 1 + epsilon_high = {1 + high:g}, or the upper clip never acts"
+                f"model.grpo.delta={self.delta} must exceed 1 + epsilon_high = {1 + high:g}, or the upper "
+                "clip never acts"
             )
         if self.loss_type == "cispo" and (self.epsilon_high is None or self.epsilon_high < 1):
             raise ValueError(
-                f"model.grpo.epsilon_high={self.epsilon_high}: loss_type=cispo caps the ratio at epsilon_high itself "
+                f"model.grpo.epsilon_high={self.epsilon_high}: loss_type=cispo caps the ratio at "
+                "epsilon_high itself "
                 "(ε_max, e.g. 5.0), which must be set and at least 1"
             )
         for name in ("sapo_temperature_pos", "sapo_temperature_neg"):
@@ -136,13 +140,16 @@ class GRPOConfig:
             and objective.weighs_responses_by_length
         ):
             warnings.warn(
-                f"model.grpo.importance_sampling_level=sequence with loss_type={self.loss_type}: this loss sums token terms, "
-                "so each response's sequence-level term counts once per token (a length weighting); GSPO uses loss_type=grpo",
+                f"model.grpo.importance_sampling_level=sequence with loss_type={self.loss_type}: this loss "
+                "sums token terms, "
+                "so each response's sequence-level term counts once per token (a length weighting); GSPO "
+                "uses loss_type=grpo",
                 stacklevel=2,
             )
         if self.loss_type == "luspo" and self.importance_sampling_level == "token":
             warnings.warn(
-                "model.grpo.loss_type=luspo is defined with importance_sampling_level=sequence; token-level ratios are used",
+                "model.grpo.loss_type=luspo is defined with importance_sampling_level=sequence; token-level "
+                "ratios are used",
                 stacklevel=2,
             )
 
@@ -274,15 +281,18 @@ class GRPOModule(L.LightningModule):
             self.logger.log_metrics({f"data/{key}": float(value) for key, value in stats.items()}, step=0)
 
     def check_attention_budget(self) -> None:
-        """Before the first step: one response's map, at the longest prompt + response, must fit the budget."""
+        """Before the first step: one response's map, at the longest prompt + response, must fit the
+        budget."""
         longest = getattr(self.trainer.datamodule, "max_prompt_length", None)
         if self.attention_budget is None or not self.attention_layers or longest is None:
             return
         positions = longest + self.sampling.max_new_tokens
         if 4 * positions**2 > self.attention_budget:
             raise ValueError(
-                f"the attention budget ({self.attention_budget / 2**20:.1f} MiB, FlowCredit's max_attention_mb) holds no "
-                f"response's map: {positions} positions (data.max_prompt_length {longest} + model.sampling.max_new_tokens "
+                f"the attention budget ({self.attention_budget / 2**20:.1f} MiB, FlowCredit's "
+                "max_attention_mb) holds no "
+                f"response's map: {positions} positions (data.max_prompt_length {longest} + "
+                "model.sampling.max_new_tokens "
                 f"{self.sampling.max_new_tokens}) need {4 * positions**2 / 2**20:.1f} MiB"
             )
 
@@ -383,7 +393,8 @@ class GRPOModule(L.LightningModule):
 
     @torch.no_grad()
     def add_old_and_reference_logps(self, rollouts: Rollouts) -> None:
-        """Log-probs of the sampling policy (μ > 1, the step's first pass) and of the adapter-disabled reference (β > 0)."""
+        """Log-probs of the sampling policy (μ > 1, the step's first pass) and of the adapter-disabled
+        reference (β > 0)."""
         if self.grpo.num_iterations > 1:
             with self.first_pass_recording(rollouts) as recorder:
                 rollouts.old_logps = torch.cat(
@@ -398,7 +409,8 @@ class GRPOModule(L.LightningModule):
     @contextmanager
     def first_pass_recording(self, rollouts: Rollouts) -> Iterator[AttentionRecorder | None]:
         """Opens the step's first pass over the rollouts: allocates ``rollouts.entropy`` and, when a
-        callback asked for attention, enters the recorder (None otherwise); once per pass, not per micro-batch."""
+        callback asked for attention, enters the recorder (None otherwise); once per pass, not per
+        micro-batch."""
         rollouts.entropy = torch.zeros_like(rollouts.completion_mask)
         if not self.attention_layers:
             yield None
@@ -703,7 +715,8 @@ class GRPOModule(L.LightningModule):
         if not math.isfinite(total):  # e.g. a run bounded by trainer.max_time only
             if self.optim.schedule != "constant":
                 raise ValueError(
-                    f"optim.schedule={self.optim.schedule!r} decays to 0 at the last step: set trainer.max_steps"
+                    f"optim.schedule={self.optim.schedule!r} decays to 0 at the last step: set "
+                    "trainer.max_steps"
                 )
             total = 0  # unused by the constant schedule
         scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -740,7 +753,8 @@ class GRPOModule(L.LightningModule):
         for key in sorted(self.trainable_state_keys()):
             if saved[key].shape != own[key].shape:
                 raise CheckpointError(
-                    f"{source}: {key} has shape {tuple(saved[key].shape)}, this policy's has {tuple(own[key].shape)} "
+                    f"{source}: {key} has shape {tuple(saved[key].shape)}, this policy's has "
+                    f"{tuple(own[key].shape)} "
                     "(another lora_rank or model?)"
                 )
         self._rng_states_to_restore = checkpoint.get("rng_states")

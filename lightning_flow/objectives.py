@@ -99,7 +99,8 @@ def max_length_mean(per_token: Tensor, mask: Tensor, norms: Normalisers) -> Tens
 
 
 def batch_token_mean(per_token: Tensor, mask: Tensor, norms: Normalisers) -> Tensor:
-    """Token sum / the completion tokens of the whole generation batch (dapo, cispo); an all-empty batch gives 0."""
+    """Token sum / the completion tokens of the whole generation batch (dapo, cispo); an all-empty batch gives
+    0."""
     if norms.num_items_in_batch is None:
         raise ValueError("this loss_type needs num_items_in_batch (completion tokens of the whole batch)")
     return (per_token * mask).sum() / torch.as_tensor(

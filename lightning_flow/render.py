@@ -124,14 +124,16 @@ def summary(trace: Trace) -> str:
     parts = [answer, "degenerate: uniform weights" if trace.degenerate else f"absorbed {trace.absorbed:.4f}"]
     if trace.concentration is not None:
         parts.append(
-            f"top {trace.config['concentration_fraction']:.0%} of response tokens carry {trace.concentration:.0%} of its flow"
+            f"top {trace.config['concentration_fraction']:.0%} of response tokens carry "
+            f"{trace.concentration:.0%} of its flow"
         )
     parts.append(f"layers {trace.layers}")
     return " · ".join(parts)
 
 
 def _arc(x0: float, y0: float, x1: float, y1: float, rise: float) -> CurvePath:
-    """A cubic curve leaving the top of one cell upwards and entering the top of another from above (y grows downwards)."""
+    """A cubic curve leaving the top of one cell upwards and entering the top of another from above (y grows
+    downwards)."""
     if y0 == y1:
         rise = min(rise, 0.35 * rise + 0.25 * abs(x1 - x0))
     return CurvePath(

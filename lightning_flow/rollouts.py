@@ -60,7 +60,8 @@ class Rollouts:
         return self.completion_ids.shape[0]
 
     def flow_graph(self, row: int) -> Data | None:
-        """The solved flow graph of ``row`` (node attributes f, h, log_h, role, position), if credit made one."""
+        """The solved flow graph of ``row`` (node attributes f, h, log_h, role, position), if credit made
+        one."""
         for rows, graphs in self.flow_graphs:
             if row in rows:
                 return graphs.get_example(rows.index(row))

@@ -68,7 +68,8 @@ class TraceConfig:
     backbone_edges: int = 20
     """Strongest edge flows of the response kept as its backbone."""
     concentration_fraction: float = 0.1
-    """The concentration figure is the share of the response's flow carried by this top fraction of its tokens."""
+    """The concentration figure is the share of the response's flow carried by this top fraction of its
+    tokens."""
 
     def flow_config(self) -> FlowConfig:
         return FlowConfig(
@@ -194,7 +195,8 @@ def trace_from_attention(
     t = token_ids.shape[0]
     if attention.shape != (t, t) or not 0 < prompt_length < t:
         raise ValueError(
-            f"need attention [T, T] for T={t} tokens and 0 < prompt_length < T, got {tuple(attention.shape)} and {prompt_length}"
+            f"need attention [T, T] for T={t} tokens and 0 < prompt_length < T, got {tuple(attention.shape)} "
+            f"and {prompt_length}"
         )
     answer, _ = answer_masks(
         tokenizer,
@@ -225,7 +227,8 @@ def trace_from_graph(
     layers: list[int] | None = None,
     meta: dict[str, Any] | None = None,
 ) -> Trace:
-    """The trace of one solved flow graph (``build_flow_graphs`` + ``solve_flow``), whose nodes are these tokens.
+    """The trace of one solved flow graph (``build_flow_graphs`` + ``solve_flow``), whose nodes are these
+    tokens.
 
     token_ids      # [T] the graph's tokens: prompt ids then response ids (node j is token j)
     weights        # [L] final credit weights of the response tokens (what reached the loss);
@@ -237,7 +240,8 @@ def trace_from_graph(
     prompt_length = int((role == ROLE_PROMPT).sum())
     if graph.num_nodes != t or not 0 < prompt_length < t:
         raise ValueError(
-            f"the graph has {graph.num_nodes} nodes ({prompt_length} in the prompt) for {t} tokens; need a prompt and a response"
+            f"the graph has {graph.num_nodes} nodes ({prompt_length} in the prompt) for {t} tokens; need a "
+            "prompt and a response"
         )
     if weights is not None and weights.shape != (t - prompt_length,):
         raise ValueError(f"weights must be [L] = [{t - prompt_length}], got {tuple(weights.shape)}")

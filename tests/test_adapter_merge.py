@@ -1,4 +1,5 @@
-"""Sampling with the adapter merged: the same function as the adapter, and the base weights back bit for bit."""
+"""Sampling with the adapter merged: the same function as the adapter, and the base weights back bit for
+bit."""
 
 from __future__ import annotations
 

@@ -279,7 +279,8 @@ def test_flow_credit_fit_on_real_stories260k(stories260k, shared_data, tmp_path)
         ]
     )
     logged = scalars(Path(cli.trainer.log_dir))
-    # A story model never writes \boxed{}: the answer falls back to the last token, and flow still routes to it.
+    # A story model never writes \boxed{}: the answer falls back to the last token, and flow still routes to
+    # it.
     assert logged["credit/answer_found_fraction"][0] == 0.0
     assert logged["credit/fallback_fraction"][0] < 1.0
     assert (RecordWeights.seen[0] == 1.5).any()
@@ -409,7 +410,8 @@ def hand_made_rollouts(
 
 
 def test_skipping_zero_advantage_rows_leaves_the_credited_rows_weights(tiny_policy_dir):
-    """The weights of a credited response are the same whether its neighbours in the batch are credited or skipped."""
+    """The weights of a credited response are the same whether its neighbours in the batch are credited or
+    skipped."""
     from lightning_flow.callbacks import FlowCredit
 
     tokenizer = load_tokenizer(str(tiny_policy_dir))

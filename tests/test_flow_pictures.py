@@ -1,4 +1,5 @@
-"""FlowPictures in real fits: what reaches TensorBoard, on which steps, and that it shows the loss's weights."""
+"""FlowPictures in real fits: what reaches TensorBoard, on which steps, and that it shows the loss's
+weights."""
 
 from __future__ import annotations
 
@@ -106,7 +107,8 @@ def test_pictures_table_and_histograms_only_on_logging_steps(tiny_policy_dir, tm
     assert [t.step for t in texts] == [1, 3]
     table = texts[0].tensor_proto.string_val[0].decode()
     assert table.startswith(
-        "| row | group | pick | prompt | response | extracted | gold | correctness | tests.test\\_fit.length\\_reward | total | advantage |"
+        "| row | group | pick | prompt | response | extracted | gold | correctness | "
+        "tests.test\\_fit.length\\_reward | total | advantage |"
     )
     assert len(table.splitlines()) == 2 + 4  # header, rule, best and worst of two groups
 

@@ -1,4 +1,5 @@
-"""Flow credit at long positions: through a real fit, the credit path holds one micro-batch's map at a time."""
+"""Flow credit at long positions: through a real fit, the credit path holds one micro-batch's map at a
+time."""
 
 from __future__ import annotations
 
@@ -18,7 +19,8 @@ VARYING_REWARD = '--model.rewards.custom={"tests.test_fit.length_reward": 1.0}'
 
 
 def peak_bytes(fn) -> int:
-    """Peak of the running sum of torch.profiler's CPU allocation (+) and free (-) events while ``fn`` runs."""
+    """Peak of the running sum of torch.profiler's CPU allocation (+) and free (-) events while ``fn``
+    runs."""
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         fn()
     live = peak = 0

@@ -50,7 +50,8 @@ def reference_loss(
     loss, grad = 0.0, [[0.0] * length for _ in range(n)]
     for i in range(n):
         tokens = [t for t in range(length) if mask[i][t]]
-        # sequence level: one ratio per response, exp(mean log-ratio); d rho / d logp_u = rho / |o_i| for each of its tokens
+        # sequence level: one ratio per response, exp(mean log-ratio); d rho / d logp_u = rho / |o_i| for each
+        # of its tokens
         seq_rho = math.exp(sum(logps[i][t] - old[i][t] for t in tokens) / max(len(tokens), 1))
         for t in tokens:
             a = adv[i] * (weights[i][t] if weights is not None else 1.0)
@@ -109,7 +110,8 @@ def reference_loss(
 
 
 def reference_entropy_bonus(entropy, mask, coef, threshold=None, num_micro_batches=1):
-    """-coef × the mean entropy of the tokens the policy term reads, / micro-batches; and its gradient w.r.t. each entropy."""
+    """-coef × the mean entropy of the tokens the policy term reads, / micro-batches; and its gradient w.r.t.
+    each entropy."""
     kept = [
         [bool(m) and (threshold is None or h >= threshold) for h, m in zip(hs, ms)]
         for hs, ms in zip(entropy, mask)

@@ -71,7 +71,8 @@ def test_nonfinite_logits_skip_the_step_and_count_it(tiny_policy_dir, tmp_path, 
 
 
 class PoisonAttention(RolloutCallback):
-    """Puts a NaN into the captured attention of the first credited response (nonzero advantage) before FlowCredit sees it (listed first)."""
+    """Puts a NaN into the captured attention of the first credited response (nonzero advantage) before
+    FlowCredit sees it (listed first)."""
 
     row: int | None = None
 

@@ -1,4 +1,5 @@
-"""Step scalars go to the loggers on the steps, and at the step numbers, that Lightning's own self.log uses."""
+"""Step scalars go to the loggers on the steps, and at the step numbers, that Lightning's own self.log
+uses."""
 
 from __future__ import annotations
 

@@ -175,7 +175,8 @@ def test_layout_wraps_breaks_and_cuts_by_rule(stories):
     ]
     tokens = [replace(base, position=j, text=t, role=r, piece="</s>") for j, (t, r) in enumerate(texts)]
     cells = [(c.line, c.column, c.width, c.label) for c in layout(tokens, line_chars=8, max_token_chars=16)]
-    # the response starts a line, a newline ends one, a token that does not fit moves down, an empty one shows its
+    # the response starts a line, a newline ends one, a token that does not fit moves down, an empty one shows
+    # its
     # piece and a wide character takes two cells
     assert cells == [
         (0, 0, 2, "ab"),
@@ -335,7 +336,8 @@ def test_trace_command_generates_and_reads_jsonl(tiny_policy_dir, tmp_path):
 
 
 def test_module_entry_point_dispatches_trace(monkeypatch, capsys):
-    """``python -m lightning_flow trace ...`` reaches the trace parser (run in-process: no second interpreter start)."""
+    """``python -m lightning_flow trace ...`` reaches the trace parser (run in-process: no second interpreter
+    start)."""
     monkeypatch.setattr(
         sys,
         "argv",

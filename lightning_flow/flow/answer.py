@@ -424,7 +424,8 @@ def answer_masks(
     """
     if completion_ids.dim() != 2 or completion_mask.shape != completion_ids.shape:
         raise ValueError(
-            f"expected completion_ids and completion_mask of one shape [N, L], got {tuple(completion_ids.shape)} and {tuple(completion_mask.shape)}"
+            "expected completion_ids and completion_mask of one shape [N, L], got "
+            f"{tuple(completion_ids.shape)} and {tuple(completion_mask.shape)}"
         )
     if eos_token_ids is None:
         eos_token_ids = getattr(tokenizer, "eos_token_id", None)

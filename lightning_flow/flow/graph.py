@@ -26,7 +26,8 @@ ROLE_PROMPT, ROLE_RESPONSE, ROLE_ANSWER = 0, 1, 2
 _BUILD_ELEMENTS = 2**14
 """Candidate edges per pruning step at least (64 KiB in float32); above that, a 512th of the map."""
 _SMALL_MAP = 2**20
-"""Maps of at most this many elements (4 MiB) are pruned in one step: their temporaries cost nothing that matters."""
+"""Maps of at most this many elements (4 MiB) are pruned in one step: their temporaries cost nothing that
+matters."""
 
 
 # Pruning defaults, measured against exact credit (keep_mass 1, no cap) by benchmarks/flow_memory.py:
@@ -39,7 +40,8 @@ class FlowConfig:
     sink_tokens: int = 1
     """Edges out of the first `sink_tokens` valid tokens of each sequence are dropped (attention sinks)."""
     keep_mass: float = 1.0
-    """Per token, keep its strongest incoming edges until this share of its incoming capacity is kept; 1 keeps every edge."""
+    """Per token, keep its strongest incoming edges until this share of its incoming capacity is kept; 1 keeps
+    every edge."""
     max_in_degree: int | None = None
     """At most this many incoming edges per token (ties: earliest source); None: no cap."""
     min_capacity: float = 1e-6
@@ -246,7 +248,8 @@ def build_flow_graphs(
 
 
 def kept_capacity(graphs: Batch) -> Tensor:
-    """[V] share of each node's candidate incoming capacity that its kept edges carry (1 where it had none)."""
+    """[V] share of each node's candidate incoming capacity that its kept edges carry (1 where it had
+    none)."""
     kept = torch.zeros_like(graphs.candidate_capacity).index_add_(0, graphs.edge_index[1], graphs.edge_attr)
     total = graphs.candidate_capacity
     return torch.where(

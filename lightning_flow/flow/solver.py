@@ -206,7 +206,8 @@ def edge_flow(graphs: Batch) -> Tensor:
 
 
 def _first_ranks(group: Tensor, order: Tensor, size: int) -> Tensor:
-    """[E] rank of each edge within its group (``group`` [E] ids < size), in the order ``order`` lists them."""
+    """[E] rank of each edge within its group (``group`` [E] ids < size), in the order ``order`` lists
+    them."""
     grouped = order[torch.argsort(group[order], stable=True)]  # by group, each group in ``order``
     starts = torch.cumsum(torch.bincount(group, minlength=size), 0) - torch.bincount(group, minlength=size)
     rank = torch.empty_like(order)
@@ -240,7 +241,8 @@ class FlowResult:
     """The solved flow of a batch of responses, per position (padding: 0, -inf in log_h)."""
 
     flow: Tensor  # [N, T] throughput f in [0, 1]; all 0 on degenerate rows
-    degenerate: Tensor  # [N] bool: no answer, empty response, < 2 valid tokens, Σ_prompt h = 0 or h beyond float64 in a block
+    # [N] bool: no answer, empty response, < 2 valid tokens, Σ_prompt h = 0 or h beyond float64 in a block
+    degenerate: Tensor
     answer: Tensor  # [N, T] bool: the answer tokens the flow was conditioned on (within the response)
     log_h: Tensor  # [N, T] float64 log of the unscaled h (-inf where h = 0)
     graphs: Batch  # the solved graphs (node attributes f, h, log_h)
