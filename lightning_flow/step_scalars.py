@@ -69,13 +69,10 @@ class StepScalars:
             if not values:
                 continue
             # one tensor: one collective, one copy to the host
-            if trainer.world_size > 1 or device.type != "cpu":
-                reduced = torch.stack(
-                    [torch.as_tensor(v).detach().to(device, torch.float64).reshape(()) for v in values]
-                )
-                reduced = trainer.strategy.reduce(reduced, reduce_op=reduce).tolist()
-            else:  # nothing to gather: reading each value is cheaper than casting each into a stack
-                reduced = [float(v) for v in values]
+            stacked = torch.stack(
+                [torch.as_tensor(v).detach().to(device, torch.float64).reshape(()) for v in values]
+            )
+            reduced = trainer.strategy.reduce(stacked, reduce_op=reduce).tolist()
             logged.update(zip(names, reduced))
             if reduce == "sum":
                 parts = reduced[len(names) :]
