@@ -670,3 +670,19 @@ def test_runs_on_the_input_device() -> None:
     cpu = answer_flow(att, valid, prompt, answer, FlowConfig(block_size=16))
     gpu = answer_flow(att.cuda(), valid.cuda(), prompt.cuda(), answer.cuda(), FlowConfig(block_size=16))
     assert gpu.flow.is_cuda and torch.allclose(gpu.flow.cpu(), cpu.flow, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "option, value, message",
+    [
+        ("keep_mass", 0.0, "keep_mass must be in \\(0, 1\\], got 0.0"),
+        ("keep_mass", 1.5, "keep_mass must be in \\(0, 1\\], got 1.5"),
+        ("max_in_degree", 0, "max_in_degree must be >= 1 or None, got 0"),
+        ("block_size", 0, "block_size must be >= 1, got 0"),
+    ],
+)
+def test_flow_credit_refuses_bad_pruning_options(option, value, message) -> None:
+    from lightning_flow.callbacks import FlowCredit
+
+    with pytest.raises(ValueError, match=message):
+        FlowCredit(**{option: value})
