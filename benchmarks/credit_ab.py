@@ -15,7 +15,7 @@ a run cancels out. The adapter, optimizer and schedule are set back after every 
 (``TrainingState``), so every update starts from the same state and every sampling samples the
 policy that wrote the rollouts. Reported, as medians over the batches and the rounds after the first two:
 sampling, the rest without and with credit, the paired difference, the share, the logged capture
-and credit seconds and credit's parts (answer search, solver, weights). Unlike the logged
+and credit seconds and credit's parts (answer search, pruning, graphs, solver, weights). Unlike the logged
 ``perf/*_share`` scalars, the difference also holds what the stopwatches do not see (switching
 the attention implementation, buffers, calls, logging).
 ``--no-logging`` leaves the logger out (nothing written, in either mode).
@@ -39,7 +39,7 @@ from lightning_flow.callbacks import FlowCredit
 
 from lightning_flow.cli import main as cli_main
 
-PARTS = ("answer_masks", "answer_flow", "credit_weights")
+PARTS = ("answer_masks", "prune_edges", "flow_graphs", "solve_flow", "credit_weights")
 """FlowCredit's parts, timed where it calls them: the answer search, the solver, the weights."""
 
 

@@ -8,9 +8,9 @@ which the loss multiplies into the advantage (both signs, detached).
 With the ``flow`` signal, each chunk of captured maps is pruned into edges right away
 (``prune_edges``: each token's strongest incoming edges, ``keep_mass`` of its attention, at most
 ``max_in_degree``), the maps are dropped, the edges become torch-geometric flow graphs
-(``flow_graphs``), which are solved (``solve_flow``); the step keeps every credited response's graph
-with its exact node values and its ``kept_edges`` strongest edge flows per token in
-``rollouts.flow_graphs``, where ``FlowPictures`` draws exactly what was credited.
+(``flow_graphs``), which are solved (``solve_flow``) and kept in ``rollouts.flow_graphs`` until the
+step ends (at most ``max_in_degree`` edges a token), where ``FlowPictures`` draws exactly what was
+credited.
 """
 
 from __future__ import annotations
@@ -34,7 +34,6 @@ from lightning_flow.flow import (
     prune_edges,
     random_signal,
     solve_flow,
-    strongest_edge_flows,
 )
 from lightning_flow.flow.answer import answer_masks, piece_table
 from lightning_flow.rollouts import MicroBatch, RolloutCallback, Rollouts, StepModule
@@ -69,7 +68,6 @@ class FlowCredit(RolloutCallback):
         seed: int = 0,
         max_attention_mb: float | None = None,
         block_size: int = 512,
-        kept_edges: int = 20,
     ) -> None:
         """
         Args:
@@ -94,9 +92,6 @@ class FlowCredit(RolloutCallback):
             max_attention_mb: largest dense attention held at once, in MiB (None: the credited rows
                 of one micro-batch); fewer rows than a micro-batch's are captured by extra passes.
             block_size: positions per block of the flow solver (its memory: responses × block² × 8 B).
-            kept_edges: after solving, the step keeps per token this many strongest incoming and
-                outgoing edge flows (all node values) for pictures; at least FlowPictures'
-                ``trace.top_edges`` and ``trace.backbone_edges`` so its pictures are exact.
         """
         if not 0.0 <= top_fraction <= 1.0:
             raise ValueError(f"top_fraction={top_fraction}: expected a value in [0, 1]")
@@ -104,14 +99,8 @@ class FlowCredit(RolloutCallback):
             raise ValueError(
                 f"max_attention_mb={max_attention_mb}: expected a positive number of MiB or None"
             )
-        if kept_edges < 1:
-            raise ValueError(f"kept_edges={kept_edges}: keep at least one edge per token")
         self.signal, self.top_fraction, self.boost, self.layers = signal, top_fraction, boost, layers
-        self.answer_fallback, self.max_attention_mb, self.kept_edges = (
-            answer_fallback,
-            max_attention_mb,
-            kept_edges,
-        )
+        self.answer_fallback, self.max_attention_mb = answer_fallback, max_attention_mb
         self.flow_config = FlowConfig(
             sink_tokens=sink_tokens,
             keep_mass=keep_mass,
@@ -297,7 +286,7 @@ class FlowCredit(RolloutCallback):
                 graphs.batch[counted],
                 kept_capacity(graphs)[counted].double(),
             )
-            rollouts.flow_graphs.append((read.rows, strongest_edge_flows(graphs, self.kept_edges)))
+            rollouts.flow_graphs.append((read.rows, graphs))
         weights = credit_weights(signal, response, self.top_fraction, self.boost, fallback)  # [k, T]
         top = (weights != 1) & response  # the boosted tokens (a boost below 1 too)
         share = (signal * top).sum(dim=1) / (signal * response).sum(dim=1).clamp(min=1e-12)  # [k]

@@ -205,37 +205,6 @@ def edge_flow(graphs: Batch) -> Tensor:
     return torch.where(sends, log_edge.exp(), 0.0).to(graphs.edge_attr.dtype)
 
 
-def _first_ranks(group: Tensor, order: Tensor, size: int) -> Tensor:
-    """[E] rank of each edge within its group (``group`` [E] ids < size), in the order ``order`` lists
-    them."""
-    grouped = order[torch.argsort(group[order], stable=True)]  # by group, each group in ``order``
-    starts = torch.cumsum(torch.bincount(group, minlength=size), 0) - torch.bincount(group, minlength=size)
-    rank = torch.empty_like(order)
-    rank[grouped] = torch.arange(len(order), device=order.device) - starts[group[grouped]]
-    return rank
-
-
-@torch.no_grad()
-def strongest_edge_flows(graphs: Batch, k: int) -> Batch:
-    """The solved graphs with only each token's ``k`` strongest incoming and ``k`` strongest
-    outgoing edge flows (ties: the earlier edge): every node and node attribute is kept, so a
-    trace of up to ``k`` edges per token and a backbone of up to ``k`` edges read the same
-    values from it as from the whole graph, at O(nodes × k) memory."""
-    flow = edge_flow(graphs)  # [E]
-    order = torch.argsort(flow, descending=True, stable=True)
-    source, target = graphs.edge_index
-    keep = (flow > 0) & (
-        (_first_ranks(target, order, graphs.num_nodes) < k)
-        | (_first_ranks(source, order, graphs.num_nodes) < k)
-    )
-    data = graphs.to_data_list()
-    for one, kept in zip(
-        data, keep.split(torch.bincount(graphs.batch[source], minlength=graphs.num_graphs).tolist())
-    ):
-        one.edge_index, one.edge_attr = one.edge_index[:, kept], one.edge_attr[kept]
-    return Batch.from_data_list(data)
-
-
 @dataclass
 class FlowResult:
     """The solved flow of a batch of responses, per position (padding: 0, -inf in log_h)."""
