@@ -103,9 +103,9 @@ def check_context(model: GRPOModule, datamodule: PromptDataModule | None, stage:
     longest, new = datamodule.longest_prompt(), model.sampling.max_new_tokens
     if longest + new > context:
         raise ValueError(
-            f"the longest prompt ({longest} tokens) + model.sampling.max_new_tokens={new} = {longest + new} positions "
-            f"exceed the policy's context of {context} (max_position_embeddings); lower max_new_tokens, or "
-            "data.init_args.max_prompt_length to drop the longest prompts"
+            f"the longest prompt ({longest} tokens) + model.sampling.max_new_tokens={new} = {longest + new} "
+            f"positions exceed the policy's context of {context} (max_position_embeddings); "
+            "lower max_new_tokens, or data.init_args.max_prompt_length to drop the longest prompts"
         )
 
 
@@ -117,9 +117,8 @@ def run_summary(trainer) -> str:
     if checkpoint is not None and checkpoint.last_model_path:
         lines.append(f"  last ckpt    {checkpoint.last_model_path}")
     if checkpoint is not None and checkpoint.monitor and checkpoint.best_model_path:
-        lines.append(
-            f"  best ckpt    {checkpoint.best_model_path} ({checkpoint.monitor} {checkpoint.best_model_score:.4g})"
-        )
+        score = f"{checkpoint.monitor} {checkpoint.best_model_score:.4g}"
+        lines.append(f"  best ckpt    {checkpoint.best_model_path} ({score})")
     if (run_dir / "adapter").is_dir():
         lines.append(f"  adapter      {run_dir / 'adapter'}")
     metrics = trainer.callback_metrics

@@ -100,7 +100,8 @@ class SamplingConfig:
     (None: the run's ``seed_everything`` value), so responses do not depend on rank or batch layout."""
     merge_adapter: bool = True
     """Sample with the LoRA adapter merged into a copy of the base weights (one product per projection
-    instead of three; the copy lives while sampling). Bases it cannot merge exactly (4-bit, DoRA) sample unmerged."""
+    instead of three; the copy lives while sampling). Bases it cannot merge exactly (4-bit, DoRA) sample
+    unmerged."""
 
     def __post_init__(self) -> None:
         check_settings(

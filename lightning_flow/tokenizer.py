@@ -61,8 +61,9 @@ def check_model_source(name_or_path: str) -> None:
         constants.HF_HUB_OFFLINE = True  # huggingface_hub and transformers read it at each call
         return
     raise OSError(
-        f"cannot load model {name_or_path!r}: no such folder here, and the Hugging Face hub ({constants.ENDPOINT}) "
-        "cannot be reached; give a local folder, or download it on a connected machine into the hub cache"
+        f"cannot load model {name_or_path!r}: no such folder here, and the Hugging Face hub "
+        f"({constants.ENDPOINT}) cannot be reached; give a local folder, or download it on a connected "
+        "machine into the hub cache"
     )
 
 
@@ -79,8 +80,8 @@ def model_source_errors(name_or_path: str):
             raise
         first_line = str(error).strip().splitlines()[0]
         raise OSError(
-            f"cannot load model {name_or_path!r}: no such folder ({path.resolve()}) "
-            f"and not loadable from the Hugging Face hub ({first_line})"
+            f"cannot load model {name_or_path!r}: no such folder ({path.resolve()}) and not loadable from "
+            f"the Hugging Face hub ({first_line})"
         ) from None
 
 
