@@ -70,8 +70,8 @@ class FlowCLI(LightningCLI):
                 check_model_source(name)
         if config.get("ckpt_path"):  # a resumed run writes into its own checkpoint folder
             warnings.filterwarnings("ignore", message=r"Checkpoint directory .* exists and is not empty")
-        if config.get("ckpt_path") == "last":
-            resume_in_latest_version(config.trainer)
+        if config.get("ckpt_path"):
+            resume_in_latest_version(config.trainer, config.ckpt_path)
 
     def _instantiate_trainer(self, config: dict, callbacks: list) -> object:
         given = [*(config.get("callbacks") or []), *callbacks]
@@ -128,10 +128,11 @@ def run_summary(trainer) -> str:
     return "\n".join(lines)
 
 
-def resume_in_latest_version(trainer_config) -> None:
-    """``--ckpt_path last``: Lightning looks for last.ckpt under the logger's version folder, and a
-    logger without a fixed version would open a new, empty one. Pin the version to the newest
-    existing one, so the run finds its checkpoint and goes on logging in the same folder."""
+def resume_in_latest_version(trainer_config, ckpt_path: str) -> None:
+    """A resumed run logs into the version folder it resumes: Lightning looks for ``last`` under the
+    logger's version folder, and a logger without a fixed version would open a new, empty one. With
+    ``--ckpt_path last`` the version is pinned to the newest existing one; with the path of a
+    checkpoint in ``<save_dir>/<name>/version_<n>/checkpoints/``, to n."""
     logger = trainer_config.get("logger")
     init = logger.get("init_args") if hasattr(logger, "get") else None
     if init is None or init.get("version") is not None or not init.get("save_dir"):
@@ -140,8 +141,12 @@ def resume_in_latest_version(trainer_config) -> None:
     versions = [
         int(d.name.split("_")[1]) for d in run_dir.glob("version_*") if d.name.split("_")[1].isdigit()
     ]
-    if versions:
+    folder = Path(ckpt_path).resolve().parent
+    if ckpt_path == "last" and versions:
         init["version"] = max(versions)
+    elif folder.name == "checkpoints" and folder.parent.parent == run_dir.resolve():
+        version = folder.parent.name.removeprefix("version_")
+        init["version"] = int(version) if version.isdigit() else folder.parent.name
 
 
 def main(args: list[str] | None = None, run: bool = True, prog: str = "lightning-flow") -> FlowCLI:

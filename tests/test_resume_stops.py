@@ -90,7 +90,8 @@ def test_a_fit_stopped_by_max_time_then_resumed(tiny_policy_dir, tmp_path, unint
     )
     stopped_at = cli.trainer.global_step
     assert 1 <= stopped_at < STEPS
-    cli = fit(tiny_policy_dir, tmp_path, STEPS, "--ckpt_path=last")
+    # Given by its path (not "last"), the checkpoint's version folder is still the one logged into.
+    cli = fit(tiny_policy_dir, tmp_path, STEPS, f"--ckpt_path={last_checkpoint(tmp_path)}")
     assert cli.trainer.global_step == STEPS
     assert_resumed_equals(tmp_path, uninterrupted)
 
