@@ -157,8 +157,10 @@ def main(args: list[str] | None = None, run: bool = True, prog: str = "lightning
         PromptDataModule,
         subclass_mode_data=True,
         parser_class=FlowArgumentParser,
-        parser_kwargs={"prog": prog},
-        description="GRPO-family fine-tuning of a LoRA policy on math, with token credit from its attention",
+        parser_kwargs={
+            "prog": prog,
+            "description": "GRPO-family LoRA fine-tuning on math, with token credit from attention",
+        },
         save_config_kwargs={"overwrite": True},
         # Checkpoints are written beside their target, fsynced and renamed into place.
         trainer_defaults={"plugins": [{"class_path": "lightning_flow.checkpoint_io.AtomicCheckpointIO"}]},
