@@ -31,6 +31,14 @@ log = logging.getLogger(__name__)
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
+def check_settings(prefix: str, config: object, rules: dict[str, tuple[bool, str]]) -> None:
+    """Raise for the first setting whose rule fails, naming it as the command line spells it
+    (``{prefix}.{name}=value``): the config dataclasses check themselves before any model loads."""
+    for name, (valid, requirement) in rules.items():
+        if not valid:
+            raise ValueError(f"{prefix}.{name}={getattr(config, name)!r} {requirement}")
+
+
 @dataclass
 class PolicyConfig:
     """How to build the policy."""
@@ -59,8 +67,16 @@ class PolicyConfig:
     """Allow model code from the hub."""
 
     def __post_init__(self) -> None:
-        if self.dtype not in _DTYPES:
-            raise ValueError(f"policy.dtype={self.dtype!r}: expected one of {sorted(_DTYPES)}")
+        check_settings(
+            "model.policy",
+            self,
+            {
+                "dtype": (self.dtype in _DTYPES, f"is not one of {sorted(_DTYPES)}"),
+                "lora_rank": (self.lora_rank >= 1, "must be >= 1"),
+                "lora_alpha": (self.lora_alpha > 0, "must be > 0"),
+                "lora_dropout": (0 <= self.lora_dropout < 1, "must be in [0, 1)"),
+            },
+        )
 
 
 @dataclass
@@ -88,11 +104,20 @@ class SamplingConfig:
     unmerged."""
 
     def __post_init__(self) -> None:
-        if self.num_generations < 2:
-            raise ValueError(
-                f"sampling.num_generations={self.num_generations}: group-normalised advantages need at least "
-                "2"
-            )
+        check_settings(
+            "model.sampling",
+            self,
+            {
+                "num_generations": (
+                    self.num_generations >= 2,
+                    "must be >= 2: advantages are normalised in a group",
+                ),
+                "max_new_tokens": (self.max_new_tokens >= 1, "must be >= 1"),
+                "temperature": (self.temperature > 0, "must be > 0"),
+                "top_p": (0 < self.top_p <= 1, "must be in (0, 1]"),
+                "top_k": (self.top_k >= 0, "must be >= 0 (0 turns it off)"),
+            },
+        )
 
 
 def load_policy(cfg: PolicyConfig) -> PeftModel:
