@@ -10,13 +10,13 @@ from pathlib import Path
 import torch
 from jsonargparse import ArgumentParser
 from lightning.pytorch.callbacks import ProgressBar as LightningProgressBar
-from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.pytorch.cli import LightningArgumentParser
 
 from lightning_flow.checkpoint_io import AtomicCheckpointIO, CheckpointError
 from lightning_flow.console import OneLineErrors
 from lightning_flow.datamodules import PromptDataModule
+from lightning_flow.internals import LightningCLIHooks, ProgressBar
 from lightning_flow.module import GRPOModule
-from lightning_flow.progress import ProgressBar
 from lightning_flow.tokenizer import check_model_source
 
 # A checkpoint taken after the step's optimizer updates is exactly the state to resume from;
@@ -32,29 +32,23 @@ class FlowArgumentParser(OneLineErrors, LightningArgumentParser):
     pass
 
 
-class FlowCLI(LightningCLI):
+class FlowCLI(LightningCLIHooks):
     def add_arguments_to_parser(self, parser) -> None:
         # The prompts must be tokenized by the policy's own tokenizer.
         parser.link_arguments("model.policy.name_or_path", "data.init_args.tokenizer")
 
-    def _add_subcommands(self, parser, **kwargs) -> None:
-        super()._add_subcommands(parser, **kwargs)
+    def add_help_subcommands(self, parser, subcommands) -> None:
         # Only for --help: ``console`` hands ``trace`` to trace_cli before this parser runs.
         trace = ArgumentParser(prog=f"{parser.prog} trace", add_help=False)
-        parser._subcommands_action.add_subcommand(
-            "trace", trace, help="Trace a response's flow (trace --help)"
-        )
+        subcommands.add_subcommand("trace", trace, help="Trace a response's flow (trace --help)")
 
-    def _parse_ckpt_path(self) -> None:
+    def check_checkpoint(self, path: str | None) -> None:
         # LightningCLI reads the checkpoint's hyperparameters with a bare torch.load before
         # anything else; check the file first so a bad one gives an error naming it, not a torch trace.
-        config = self.config.get(self.config.get("subcommand") or "", {}) or {}
-        path = config.get("ckpt_path") if hasattr(config, "get") else None
         if path and path not in ("last", "best", "hpc", "registry") and not Path(path).is_file():
             raise CheckpointError(f"checkpoint {path} does not exist")
         if path and Path(path).is_file():
             AtomicCheckpointIO().load_checkpoint(path, weights_only=True)
-        super()._parse_ckpt_path()
 
     def before_instantiate_classes(self) -> None:
         config = self.config.get(self.subcommand) if self.subcommand else self.config
@@ -73,13 +67,14 @@ class FlowCLI(LightningCLI):
         if config.get("ckpt_path"):
             resume_in_latest_version(config.trainer, config.ckpt_path)
 
-    def _instantiate_trainer(self, config: dict, callbacks: list) -> object:
+    def default_callbacks(self, config: dict, callbacks: list) -> list:
+        # A progress bar whose totals hold on resume, unless the config brings its own or none.
         given = [*(config.get("callbacks") or []), *callbacks]
         if config.get("enable_progress_bar") is not False and not any(
             isinstance(c, LightningProgressBar) for c in given
         ):
             callbacks = [*callbacks, ProgressBar()]
-        return super()._instantiate_trainer(config, callbacks)
+        return callbacks
 
     def before_fit(self) -> None:
         check_context(self.model, self.datamodule, "fit")

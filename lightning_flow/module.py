@@ -27,7 +27,8 @@ import torch
 from torch import Tensor
 
 from lightning_flow.capture import AttentionRecorder, default_capture_layers
-from lightning_flow.checkpoint_io import CheckpointError, reopen_cut_epoch
+from lightning_flow.checkpoint_io import CheckpointError
+from lightning_flow.internals import reopen_cut_epoch
 from lightning_flow.loss import ScaleRewards, completion_mask, group_advantages, token_logprobs_and_entropy
 from lightning_flow.objectives import (
     OBJECTIVES,
@@ -770,7 +771,10 @@ class GRPOModule(L.LightningModule):
         reopen_cut_epoch(checkpoint)  # a resumed run goes on with the rest of the epoch a stop cut short
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
-        source = f"checkpoint {self._trainer.ckpt_path}" if self._trainer is not None else "checkpoint"
+        try:
+            source = f"checkpoint {self.trainer.ckpt_path}"
+        except RuntimeError:  # not attached to a Trainer (load_from_checkpoint)
+            source = "checkpoint"
         saved = checkpoint["state_dict"]
         missing = self.trainable_state_keys() - set(saved)
         if missing:

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import inspect
+
 import lightning as L
 import torch
+from lightning.pytorch.callbacks import RichProgressBar
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from lightning_flow.internals import (
@@ -11,6 +15,7 @@ from lightning_flow.internals import (
     batches_that_stepped,
     in_backward,
     profiler_enabled,
+    reopen_cut_epoch,
 )
 
 
@@ -94,3 +99,44 @@ def test_profiler_enabled_only_while_profiling():
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]):
         assert profiler_enabled()
     assert not profiler_enabled()
+
+
+def test_reopen_cut_epoch_finds_lightnings_loop_counters(tmp_path):
+    """A fit stopped by max_steps after 1 of 3 batches: Lightning's checkpoint says the epoch ended;
+    reopened, it says epoch 0 is still running with its first batch done."""
+    module = TwoUpdatesPerBatch()
+    trainer = L.Trainer(
+        max_steps=2,  # one batch: two optimizer steps
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=tmp_path,
+    )
+    trainer.fit(module)
+    trainer.save_checkpoint(tmp_path / "cut.ckpt")
+    checkpoint = torch.load(tmp_path / "cut.ckpt", weights_only=False)
+    loop = checkpoint["loops"]["fit_loop"]
+    assert loop["epoch_progress"]["current"]["processed"] == 1 and checkpoint["epoch"] == 1
+    assert loop["epoch_loop.batch_progress"]["current"]["processed"] == 1
+    reopen_cut_epoch(checkpoint)
+    assert loop["epoch_progress"]["current"]["processed"] == 0 and checkpoint["epoch"] == 0
+    assert loop["epoch_loop.state_dict"]["_batches_that_stepped"] in (0, 1)
+
+
+def test_the_private_methods_overridden_still_exist_with_their_parameters():
+    assert list(inspect.signature(LightningCLI._parse_ckpt_path).parameters) == ["self"]
+    assert list(inspect.signature(LightningCLI._add_subcommands).parameters)[:2] == ["self", "parser"]
+    assert list(inspect.signature(LightningCLI._instantiate_trainer).parameters) == [
+        "self",
+        "config",
+        "callbacks",
+    ]
+    assert list(inspect.signature(RichProgressBar._get_train_description).parameters) == [
+        "self",
+        "current_epoch",
+    ]
+    parser = LightningArgumentParser()
+    parser.add_subcommands()
+    assert hasattr(parser._subcommands_action, "add_subcommand")

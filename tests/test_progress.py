@@ -6,7 +6,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from lightning_flow.progress import ProgressBar
+from lightning_flow.internals import ProgressBar
 
 
 def bar_for(max_steps, global_step, processed, is_last_batch, num_iterations=1, max_epochs=-1) -> ProgressBar:
