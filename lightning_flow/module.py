@@ -28,7 +28,8 @@ from torch import Tensor
 
 from lightning_flow.capture import AttentionRecorder, default_capture_layers
 from lightning_flow.checkpoint_io import CheckpointError
-from lightning_flow.loss import ScaleRewards, completion_mask, group_advantages, token_logprobs_and_entropy
+from lightning_flow.engines import build_engine, eval_mode
+from lightning_flow.loss import ScaleRewards, group_advantages, token_logprobs_and_entropy
 from lightning_flow.objectives import (
     OBJECTIVES,
     ImportanceSamplingLevel,
@@ -43,7 +44,6 @@ from lightning_flow.policy import (
     SamplingConfig,
     decoder_and_head,
     eos_token_ids,
-    generate,
     load_policy,
     position_ids_from_mask,
 )
@@ -203,6 +203,7 @@ class GRPOModule(L.LightningModule):
         self.decoder_and_head = decoder_and_head(self.policy)  # None: log-probs from the model's own logits
         self.reward_suite = RewardSuite(rewards)
         self.eos_ids = eos_token_ids(self.policy, self.tokenizer, sampling.extra_eos_token_ids)
+        self.engine = build_engine(sampling, self.tokenizer.pad_token_id, self.eos_ids)
         self.attention_layers: list[int] | None = None  # set by request_attention
         self.record_zero_advantage = (
             False  # whether rows with a zero advantage are recorded too (request_attention)
@@ -338,16 +339,8 @@ class GRPOModule(L.LightningModule):
         """Sample a group per prompt, score it, and compute group-normalised advantages."""
         group = self.sampling.num_generations
         seeds = response_seeds(self.sampling_seed, self.global_step, batch["sources"], group)
-        completion_ids = generate(
-            self.policy,
-            batch["prompt_ids"],
-            batch["prompt_mask"],
-            self.sampling,
-            self.tokenizer.pad_token_id,
-            self.eos_ids,
-            row_seeds=seeds,
-        )
-        mask, truncated = completion_mask(completion_ids, self.eos_ids)
+        sampled = self.engine(self.policy, batch["prompt_ids"], batch["prompt_mask"], group, seeds)
+        completion_ids, mask, truncated = sampled.ids, sampled.mask, sampled.is_truncated
         completions = self.decode(completion_ids, mask)
         if self.grpo.mask_truncated_completions:
             mask = mask * (~truncated).unsqueeze(1)
@@ -373,6 +366,7 @@ class GRPOModule(L.LightningModule):
             zero_std_groups=zero_std,
             token_weights=torch.ones_like(mask),
             step=self.global_step,
+            sampler_logps=sampled.logps,
         )
 
     @torch.no_grad()
@@ -648,19 +642,9 @@ class GRPOModule(L.LightningModule):
     # ---- validation -----------------------------------------------------------------------
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         size = len(batch["golds"])
-        greedy = generate(
-            self.policy,
-            batch["prompt_ids"],
-            batch["prompt_mask"],
-            self.sampling,
-            self.tokenizer.pad_token_id,
-            self.eos_ids,
-            greedy=True,
-        )
+        greedy = self.engine(self.policy, batch["prompt_ids"], batch["prompt_mask"], 1, None)
         scores = correctness_reward(
-            prompts=batch["prompts"],
-            completions=self.decode(greedy, completion_mask(greedy, self.eos_ids)[0]),
-            golds=batch["golds"],
+            prompts=batch["prompts"], completions=self.decode(greedy.ids, greedy.mask), golds=batch["golds"]
         )
         self.log("val/accuracy", sum(scores) / size, batch_size=size, prog_bar=True)
         if self.val_num_samples > 0:
@@ -668,19 +652,10 @@ class GRPOModule(L.LightningModule):
             seeds = response_seeds(
                 self.sampling_seed, self.global_step, [f"val:{s}" for s in batch["sources"]], k
             )
-            sampled = generate(
-                self.policy,
-                batch["prompt_ids"],
-                batch["prompt_mask"],
-                self.sampling,
-                self.tokenizer.pad_token_id,
-                self.eos_ids,
-                num_return_sequences=k,
-                row_seeds=seeds,
-            )
+            sampled = self.engine(self.policy, batch["prompt_ids"], batch["prompt_mask"], k, seeds)
             scores = correctness_reward(
                 prompts=[p for p in batch["prompts"] for _ in range(k)],
-                completions=self.decode(sampled, completion_mask(sampled, self.eos_ids)[0]),
+                completions=self.decode(sampled.ids, sampled.mask),
                 golds=[g for g in batch["golds"] for _ in range(k)],
             )
             self.log(f"val/accuracy_mean@{k}", sum(scores) / len(scores), batch_size=size)
@@ -762,18 +737,6 @@ class GRPOModule(L.LightningModule):
         )  # a collective call under DDP: every rank asks
         if self.trainer.is_global_zero:
             self.save_adapter(directory)
-
-
-@contextmanager
-def eval_mode(model: torch.nn.Module) -> Iterator[None]:
-    """Every module of ``model`` in eval mode (dropout off) inside the block; the flags are restored after."""
-    modes = {module: module.training for module in model.modules()}
-    model.eval()
-    try:
-        yield
-    finally:
-        for module, training in modes.items():
-            module.training = training
 
 
 def rollout_metrics(rollouts: Rollouts, reward_names: list[str], group: int) -> dict[str, Tensor]:

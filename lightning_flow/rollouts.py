@@ -33,6 +33,9 @@ class Rollouts:
     step: int = 0  # trainer.global_step when this step began: the step FlowPictures logs at
     old_logps: Tensor | None = None  # [N, L] float, sampling policy's log-probs (num_iterations > 1)
     ref_logps: Tensor | None = None  # [N, L] float, adapter-disabled log-probs (beta > 0)
+    sampler_logps: Tensor | None = (
+        None  # [N, L] float, the rollout engine's log-probs of its draws, if it has them
+    )
     entropy: Tensor | None = (
         None  # [N, L] float, predictive entropy of each completion position (the step's first policy pass)
     )
