@@ -35,6 +35,7 @@ from lightning_flow.objectives import (
     ImportanceSamplingLevel,
     LossStats,
     LossType,
+    SamplerCorrectionMode,
     clipped_term,
     entropy_threshold,
     policy_loss,
@@ -106,6 +107,16 @@ class GRPOConfig:
     """Responses per forward/backward; gradients accumulate over the step's micro-batches."""
     max_grad_norm: float | None = 1.0
     """Clip the global gradient norm to this (None: no clipping, the norm is still logged)."""
+    vllm_importance_sampling_correction: bool = False
+    """Weigh each token's policy term by π_trainer / π_sampler, the rollout engine's log-probs against
+    the trainer's (truncated importance sampling, TRL's option of the same name for any engine here).
+    TRL's default is on, for vLLM; ours is off: the ``hf`` engine samples from the trainer's own
+    weights (float32: a mismatch of ~1e-6). The mismatch is logged either way (docs/engines.md)."""
+    vllm_importance_sampling_mode: SamplerCorrectionMode = "sequence_mask"
+    """``token_*``: one weight per token; ``sequence_*``: one per response (exp of the summed log-ratio);
+    ``*_truncate`` caps a weight at the cap, ``*_mask`` zeroes a weight above it."""
+    vllm_importance_sampling_cap: float = 3.0
+    """The cap C of the correction weights."""
 
     def __post_init__(self) -> None:
         objective = OBJECTIVES.get(self.loss_type)  # an unknown name is the parser's error
@@ -126,6 +137,10 @@ class GRPOConfig:
             raise ValueError(
                 f"model.grpo.epsilon_high={self.epsilon_high}: loss_type=cispo caps the ratio at epsilon_high itself "
                 "(ε_max, e.g. 5.0), which must be set and at least 1"
+            )
+        if self.vllm_importance_sampling_cap <= 0:
+            raise ValueError(
+                f"model.grpo.vllm_importance_sampling_cap={self.vllm_importance_sampling_cap} must be > 0"
             )
         for name in ("sapo_temperature_pos", "sapo_temperature_neg"):
             if getattr(self, name) <= 0:
@@ -557,6 +572,11 @@ class GRPOModule(L.LightningModule):
             max_completion_length=self.sampling.max_new_tokens,
             num_items_in_batch=num_items_in_batch,
             num_micro_batches=num_micro_batches,
+            sampler_logps=rollouts.sampler_logps[rows] if rollouts.sampler_logps is not None else None,
+            sampler_correction_mode=grpo.vllm_importance_sampling_mode
+            if grpo.vllm_importance_sampling_correction
+            else None,
+            sampler_correction_cap=grpo.vllm_importance_sampling_cap,
         )
 
     def high_entropy_threshold(

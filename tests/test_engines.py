@@ -10,6 +10,7 @@ import torch
 
 from lightning_flow.adapter_merge import merged_lora
 from lightning_flow.engines import build_engine
+from lightning_flow.objectives import sampler_correction, sampler_mismatch
 from lightning_flow.policy import PolicyConfig, SamplingConfig, eos_token_ids, load_policy
 from lightning_flow.seeded_sampling import response_seeds
 from lightning_flow.tokenizer import load_tokenizer
@@ -118,3 +119,27 @@ def test_bad_engine_options_are_refused_by_name():
             SamplingConfig(generation_batch_size=size)
     with pytest.raises(ValueError, match="model.sampling.compile=True: only the static engine compiles"):
         SamplingConfig(engine="paged", compile=True)
+
+
+def test_sampler_correction_weights_by_hand():
+    trainer = torch.tensor([[-1.0, -2.0, -0.5], [-1.0, -1.0, -9.0]])
+    sampler = torch.tensor([[-1.5, -1.0, -0.5], [-2.5, -1.0, 0.0]])
+    mask = torch.tensor([[1.0, 1.0, 1.0], [1.0, 1.0, 0.0]])  # row 1's last token is padding
+    e = torch.e
+    cases = {  # w = exp(trainer - sampler): row 0 tokens e^0.5, e^-1, 1; row 1 e^1.5, 1 (padding: 1)
+        "token_truncate": [[e**0.5, e**-1, 1.0], [2.0, 1.0, 1.0]],
+        "token_mask": [[e**0.5, e**-1, 1.0], [0.0, 1.0, 1.0]],
+        "sequence_truncate": [[e**-0.5], [2.0]],  # exp of the sums: -0.5 and 1.5
+        "sequence_mask": [[e**-0.5], [0.0]],
+    }
+    for mode, expected in cases.items():
+        weight, over = sampler_correction(trainer, sampler, mask, mode, cap=2.0)
+        torch.testing.assert_close(weight, torch.tensor(expected), msg=mode)
+        assert over.nonzero().tolist() == [[1, 0]], mode  # only row 1 (its first token, or itself) exceeds 2
+    stats = sampler_mismatch(
+        trainer, sampler, mask, sampler_correction(trainer, sampler, mask, "token_mask", 2.0)[1]
+    )
+    diffs = torch.tensor([0.5, -1.0, 0.0, 1.5, 0.0])  # trainer - sampler over the 5 valid tokens
+    assert stats["sampler_logp_diff"].item() == pytest.approx(diffs.abs().mean().item())
+    assert stats["sampler_kl"].item() == pytest.approx((diffs.exp() - diffs - 1).mean().item())
+    assert stats["sampler_clipped_fraction"].item() == pytest.approx(1 / 5)  # e^1.5 > 2
