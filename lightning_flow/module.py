@@ -109,14 +109,16 @@ class GRPOConfig:
     """Clip the global gradient norm to this (None: no clipping, the norm is still logged)."""
     vllm_importance_sampling_correction: bool = False
     """Weigh each token's policy term by π_trainer / π_sampler, the rollout engine's log-probs against
-    the trainer's (truncated importance sampling, TRL's option of the same name for any engine here).
-    TRL's default is on, for vLLM; ours is off: the ``hf`` engine samples from the trainer's own
-    weights (float32: a mismatch of ~1e-6). The mismatch is logged either way (docs/engines.md)."""
+    the trainer's (truncated importance sampling; TRL's option, for any engine here). TRL's default
+    is on, for vLLM; ours is off: the ``hf`` engine samples with the trainer's own weights (float32:
+    a mismatch of ~1e-6). The mismatch is logged either way (docs/engines.md)."""
     vllm_importance_sampling_mode: SamplerCorrectionMode = "sequence_mask"
     """``token_*``: one weight per token; ``sequence_*``: one per response (exp of the summed log-ratio);
-    ``*_truncate`` caps a weight at the cap, ``*_mask`` zeroes a weight above it."""
-    vllm_importance_sampling_cap: float = 3.0
-    """The cap C of the correction weights."""
+    ``*_truncate`` clamps a weight to [clip_min, clip_max], ``*_mask`` zeroes a weight outside it."""
+    vllm_importance_sampling_clip_max: float | None = 3.0
+    """Upper bound C_max of the correction weights (None: none)."""
+    vllm_importance_sampling_clip_min: float | None = None
+    """Lower bound C_min of the correction weights (None: none)."""
 
     def __post_init__(self) -> None:
         objective = OBJECTIVES.get(self.loss_type)  # an unknown name is the parser's error
@@ -138,9 +140,10 @@ class GRPOConfig:
                 f"model.grpo.epsilon_high={self.epsilon_high}: loss_type=cispo caps the ratio at epsilon_high itself "
                 "(ε_max, e.g. 5.0), which must be set and at least 1"
             )
-        if self.vllm_importance_sampling_cap <= 0:
+        low, high = self.vllm_importance_sampling_clip_min, self.vllm_importance_sampling_clip_max
+        if high is not None and (high <= 0 or (low is not None and low >= high)):
             raise ValueError(
-                f"model.grpo.vllm_importance_sampling_cap={self.vllm_importance_sampling_cap} must be > 0"
+                f"model.grpo.vllm_importance_sampling_clip_max={high} must be > 0 and above clip_min={low}"
             )
         for name in ("sapo_temperature_pos", "sapo_temperature_neg"):
             if getattr(self, name) <= 0:
@@ -576,7 +579,10 @@ class GRPOModule(L.LightningModule):
             sampler_correction_mode=grpo.vllm_importance_sampling_mode
             if grpo.vllm_importance_sampling_correction
             else None,
-            sampler_correction_cap=grpo.vllm_importance_sampling_cap,
+            sampler_correction_clip=(
+                grpo.vllm_importance_sampling_clip_min,
+                grpo.vllm_importance_sampling_clip_max,
+            ),
         )
 
     def high_entropy_threshold(

@@ -13,6 +13,7 @@ trainers, so every function can be checked by hand on small tensors.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal, NamedTuple, get_args
@@ -170,25 +171,35 @@ class LossStats:
         Tensor  # mean |log π_trainer - log π_sampler| over tokens (0 without sampler log-probs)
     )
     sampler_kl: Tensor  # k3 estimate of KL(sampler ‖ trainer) per token (0 without sampler log-probs)
-    sampler_clipped_fraction: Tensor  # share of tokens whose correction weight was capped or masked
+    sampler_clipped_fraction: Tensor  # share of tokens whose correction weight was clipped or masked
 
 
 def sampler_correction(
-    trainer_logps: Tensor, sampler_logps: Tensor, mask: Tensor, mode: SamplerCorrectionMode, cap: float
+    trainer_logps: Tensor,
+    sampler_logps: Tensor,
+    mask: Tensor,
+    mode: SamplerCorrectionMode,
+    clip_max: float | None = 3.0,
+    clip_min: float | None = None,
 ) -> tuple[Tensor, Tensor]:
-    """Truncated importance sampling between the trainer and the rollout engine (TRL's
+    """Truncated importance sampling between the trainer and the rollout engine (TRL 1.16's
     ``vllm_importance_sampling_correction``): w = π_trainer / π_sampler of each token, or one w per
-    response, exp of the sum of its tokens' log-ratios (``sequence_*``); ``*_truncate`` caps w at
-    ``cap``, ``*_mask`` sets a w above ``cap`` to 0. Returns (w [n, L] or [n, 1], detached; whether
-    each w was capped or masked, same shape). Both log-probs are detached: w is a constant weight."""
+    response, exp of the sum of its tokens' log-ratios (``sequence_*``); ``*_truncate`` clamps w to
+    [clip_min, clip_max], ``*_mask`` sets a w outside it to 0 (None: no bound on that side). A NaN
+    log-prob counts as no mismatch (w = 1). Returns (w [n, L] or [n, 1], detached; whether each w
+    was outside the bounds, same shape). Both log-probs are detached: w is a constant weight."""
     check_choice("sampler correction mode", mode, get_args(SamplerCorrectionMode))
-    diff = torch.where(mask > 0, trainer_logps.detach() - sampler_logps.detach(), 0.0)
+    diff = torch.where(mask > 0, trainer_logps.detach() - sampler_logps.detach(), 0.0).nan_to_num(nan=0.0)
     if mode.startswith("sequence"):
         diff = diff.sum(dim=1, keepdim=True)
     weight = torch.exp(diff)
-    over = weight > cap
-    weight = weight.clamp(max=cap) if mode.endswith("truncate") else weight.masked_fill(over, 0.0)
-    return weight, over
+    low = -math.inf if clip_min is None else clip_min
+    high = math.inf if clip_max is None else clip_max
+    outside = (weight < low) | (weight > high)
+    weight = (
+        weight.clamp(min=low, max=high) if mode.endswith("truncate") else weight.masked_fill(outside, 0.0)
+    )
+    return weight, outside
 
 
 def _masked_mean(values: Tensor, mask: Tensor) -> Tensor:  # [n, L], [n, L] -> scalar
@@ -200,7 +211,7 @@ def sampler_mismatch(
 ) -> dict[str, Tensor]:
     """LossStats' sampler fields: mean |Δ log-prob|, the k3 estimate exp(Δ) - Δ - 1 of
     KL(sampler ‖ trainer) (Δ = trainer - sampler, tokens drawn by the sampler), and the share of
-    tokens whose correction weight was capped or masked (a response's tokens share its weight)."""
+    tokens whose correction weight was clipped or masked (a response's tokens share its weight)."""
     zero = mask.new_zeros(())
     if sampler_logps is None:
         return dict(sampler_logp_diff=zero, sampler_kl=zero, sampler_clipped_fraction=zero)
@@ -254,7 +265,7 @@ def policy_loss(
     num_micro_batches: int = 1,  # of the optimizer step; the loss returned is this micro-batch's share
     sampler_logps: Tensor | None = None,  # [n, L] the rollout engine's log-probs of its draws
     sampler_correction_mode: SamplerCorrectionMode | None = None,  # None: no correction, mismatch logged only
-    sampler_correction_cap: float = 3.0,
+    sampler_correction_clip: tuple[float | None, float | None] = (None, 3.0),  # (clip_min, clip_max)
 ) -> tuple[Tensor, LossStats]:
     """This micro-batch's share of the step's loss and its diagnostics.
 
@@ -322,7 +333,7 @@ def policy_loss(
     corrected = None
     if sampler_logps is not None and sampler_correction_mode is not None:
         weight, corrected = sampler_correction(
-            old_logps, sampler_logps, mask, sampler_correction_mode, sampler_correction_cap
+            old_logps, sampler_logps, mask, sampler_correction_mode, *reversed(sampler_correction_clip)
         )
         per_token = per_token * weight
     kl = None

@@ -10,6 +10,7 @@ import torch
 
 from lightning_flow.adapter_merge import merged_lora
 from lightning_flow.engines import build_engine
+from lightning_flow.module import GRPOConfig
 from lightning_flow.objectives import sampler_correction, sampler_mismatch
 from lightning_flow.policy import PolicyConfig, SamplingConfig, eos_token_ids, load_policy
 from lightning_flow.seeded_sampling import response_seeds
@@ -119,6 +120,10 @@ def test_bad_engine_options_are_refused_by_name():
             SamplingConfig(generation_batch_size=size)
     with pytest.raises(ValueError, match="model.sampling.compile=True: only the static engine compiles"):
         SamplingConfig(engine="paged", compile=True)
+    with pytest.raises(
+        ValueError, match="model.grpo.vllm_importance_sampling_clip_max=0.5 must be > 0 and above"
+    ):
+        GRPOConfig(vllm_importance_sampling_clip_max=0.5, vllm_importance_sampling_clip_min=2.0)
 
 
 def test_sampler_correction_weights_by_hand():
@@ -133,11 +138,16 @@ def test_sampler_correction_weights_by_hand():
         "sequence_mask": [[e**-0.5], [0.0]],
     }
     for mode, expected in cases.items():
-        weight, over = sampler_correction(trainer, sampler, mask, mode, cap=2.0)
+        weight, over = sampler_correction(trainer, sampler, mask, mode, clip_max=2.0)
         torch.testing.assert_close(weight, torch.tensor(expected), msg=mode)
         assert over.nonzero().tolist() == [[1, 0]], mode  # only row 1 (its first token, or itself) exceeds 2
+    # TRL 1.16's lower bound: e^-1 clamped up to 0.5 (truncate) or zeroed (mask), e^1.5 unbounded above.
+    weight, _ = sampler_correction(trainer, sampler, mask, "token_truncate", clip_max=None, clip_min=0.5)
+    torch.testing.assert_close(weight[0], torch.tensor([e**0.5, 0.5, 1.0]))
+    weight, _ = sampler_correction(trainer, sampler, mask, "token_mask", clip_max=None, clip_min=0.5)
+    torch.testing.assert_close(weight, torch.tensor([[e**0.5, 0.0, 1.0], [e**1.5, 1.0, 1.0]]))
     stats = sampler_mismatch(
-        trainer, sampler, mask, sampler_correction(trainer, sampler, mask, "token_mask", 2.0)[1]
+        trainer, sampler, mask, sampler_correction(trainer, sampler, mask, "token_mask", clip_max=2.0)[1]
     )
     diffs = torch.tensor([0.5, -1.0, 0.0, 1.5, 0.0])  # trainer - sampler over the 5 valid tokens
     assert stats["sampler_logp_diff"].item() == pytest.approx(diffs.abs().mean().item())

@@ -60,7 +60,7 @@ def test_hf_sampler_log_probs_make_the_correction_a_no_op(tiny_policy_dir, tmp_p
             2,
             f"--model.grpo.vllm_importance_sampling_correction={correction}",
             "--model.grpo.vllm_importance_sampling_mode=token_mask",
-            "--model.grpo.vllm_importance_sampling_cap=1.0001",
+            "--model.grpo.vllm_importance_sampling_clip_max=1.0001",
         )
         logged = scalars(Path(cli.trainer.log_dir))
         assert max(logged["train/sampler_logp_diff"]) < 1e-5  # merged float32 sampling vs the trainer's pass
