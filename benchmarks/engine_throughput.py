@@ -15,7 +15,7 @@ Per round the engines run in a rotated order; a figure is the median over ``--re
 after one warm-up round (``static`` compiles then; its warm-up seconds are reported apart), and
 each ratio pairs the engines' runs of the same round (median of the per-round ratios).
 
-CPU: a 4-layer, 256-wide Llama (vocabulary 2048), float32, N x L in {64 x 128, 16 x 1024};
+CPU: a 2-layer, 128-wide Llama (vocabulary 1024), float32, N x L in {64 x 128, 16 x 1024};
 ``static`` runs without compile (what the engine does on a CPU by default) and again compiled
 (``static+compile``). GPU (``--gpu``): Qwen2.5-1.5B's shape in bfloat16, N x L in {64 x 1024,
 16 x 8192}; static compiles (CUDA graphs).
@@ -46,7 +46,7 @@ from lightning_flow.seeded_sampling import response_seeds  # noqa: E402
 
 PROMPTS, PROMPT_TOKENS = 8, 32
 CPU_SHAPE = dict(
-    hidden_size=256, intermediate_size=512, num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=4
+    hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2
 )
 
 
@@ -56,7 +56,7 @@ def build_policy(gpu: bool, longest: int) -> torch.nn.Module:
         config = Qwen2Config(vocab_size=151_936, max_position_embeddings=longest, **SHAPES["qwen2.5-1.5b"])
         base = Qwen2ForCausalLM(config).to(device="cuda", dtype=torch.bfloat16)
     else:
-        base = LlamaForCausalLM(LlamaConfig(vocab_size=2048, max_position_embeddings=longest, **CPU_SHAPE))
+        base = LlamaForCausalLM(LlamaConfig(vocab_size=1024, max_position_embeddings=longest, **CPU_SHAPE))
     lora = LoraConfig(r=16, lora_alpha=32, target_modules="all-linear", task_type="CAUSAL_LM")
     model = get_peft_model(base, lora)
     for name, parameter in model.named_parameters():
