@@ -153,3 +153,25 @@ def test_sampler_correction_weights_by_hand():
     assert stats["sampler_logp_diff"].item() == pytest.approx(diffs.abs().mean().item())
     assert stats["sampler_kl"].item() == pytest.approx((diffs.exp() - diffs - 1).mean().item())
     assert stats["sampler_clipped_fraction"].item() == pytest.approx(1 / 5)  # e^1.5 > 2
+
+
+def test_static_merge_reuses_its_buffers(tiny_policy_dir):
+    """The static engine's merged weights keep their addresses from step to step (what captured
+    graphs hold), hold W + ΔW of the adapter of the moment, and the base weights come back."""
+    from peft.tuners.lora import LoraLayer
+
+    model = load_policy(PolicyConfig(name_or_path=str(tiny_policy_dir), lora_rank=4))
+    layers = [m for m in model.modules() if isinstance(m, LoraLayer)]
+    originals = [layer.get_base_layer().weight.data_ptr() for layer in layers]
+    base = layers[0].get_base_layer().weight.detach().clone()
+    buffers, seen = {}, []
+    for step in range(2):
+        for layer in layers:
+            layer.lora_B["default"].weight.data.fill_(0.01 * (step + 1))  # the adapter moves between steps
+        with torch.no_grad(), merged_lora(model, buffers):
+            seen.append([layer.get_base_layer().weight.data_ptr() for layer in layers])
+            first = layers[0]
+            delta = first.scaling["default"] * first.lora_B["default"].weight @ first.lora_A["default"].weight
+            torch.testing.assert_close(first.get_base_layer().weight, base + delta)
+    assert seen[0] == seen[1] and len(buffers) == len(layers)
+    assert [layer.get_base_layer().weight.data_ptr() for layer in layers] == originals
