@@ -1,4 +1,5 @@
-"""Summaries shared by the benchmark scripts: medians over repeats, paired ratios, mean and spread over seeds."""
+"""Summaries shared by the benchmark scripts: medians over repeats, paired ratios, mean and spread over
+seeds."""
 
 from __future__ import annotations
 

@@ -43,7 +43,8 @@ scores, and as much again for their probabilities, per chunk."""
 
 
 def record_with(setting: str, parts: StepParts) -> tuple[float, torch.Tensor]:
-    """Capture seconds of one recorded update under ``setting``, and the maps it recorded (all micro-batches')."""
+    """Capture seconds of one recorded update under ``setting``, and the maps it recorded (all
+    micro-batches')."""
     capture._MIN_CHUNK_ELEMENTS, capture._CAUSAL_SPLIT = SETTINGS[setting]
     try:
         seconds = parts.update(record=True)
@@ -63,7 +64,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         module = build_module(args, Path(tmp))
         print(
-            f"device: {device}; model: {args.shape}; capture layers {module.attention_layers}; micro-batches of {args.micro_batch}"
+            f"device: {device}; model: {args.shape}; capture layers {module.attention_layers}; micro-batches "
+            f"of {args.micro_batch}"
         )
         print(
             f"{'L':>5} {'N':>4}  "

@@ -1,6 +1,6 @@
 """What flow credit adds to a step of a config, measured A/B on identical rollouts in one process.
 
-    python benchmarks/credit_ab.py                                  # configs/demo-flow.yaml's model and FlowCredit
+    python benchmarks/credit_ab.py  # configs/demo-flow.yaml's model and FlowCredit
     python benchmarks/credit_ab.py --config configs/demo-flow.yaml --batches 8 --repeats 12 --threads 1
 
 The config's model samples ``--batches`` batches of rollouts once; then, in each round, every
@@ -15,7 +15,7 @@ a run cancels out. The adapter, optimizer and schedule are set back after every 
 (``TrainingState``), so every update starts from the same state and every sampling samples the
 policy that wrote the rollouts. Reported, as medians over the batches and the rounds after the first two:
 sampling, the rest without and with credit, the paired difference, the share, the logged capture
-and credit seconds and credit's parts (answer search, solver, weights). Unlike the logged
+and credit seconds and credit's parts (answer search, pruning, graphs, solver, weights). Unlike the logged
 ``perf/*_share`` scalars, the difference also holds what the stopwatches do not see (switching
 the attention implementation, buffers, calls, logging).
 ``--no-logging`` leaves the logger out (nothing written, in either mode).
@@ -39,7 +39,7 @@ from lightning_flow.callbacks import FlowCredit
 
 from lightning_flow.cli import main as cli_main
 
-PARTS = ("answer_masks", "answer_flow", "credit_weights")
+PARTS = ("answer_masks", "prune_edges", "flow_graphs", "solve_flow", "credit_weights")
 """FlowCredit's parts, timed where it calls them: the answer search, the solver, the weights."""
 
 
@@ -112,9 +112,8 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    workdir = tempfile.mkdtemp(
-        prefix="credit_ab-"
-    )  # the config's checkpoints and logs land here, not in the repo
+    # the config's checkpoints and logs land here, not in the repo
+    workdir = tempfile.mkdtemp(prefix="credit_ab-")
     logger = (yaml.safe_load(Path(args.config).read_text()).get("trainer") or {}).get("logger")
     if args.no_logging or not logger:
         logging = ["--trainer.logger=false"]
@@ -171,9 +170,8 @@ def main() -> None:
                     item.flow_graphs = []
                     part_seconds.update(dict.fromkeys(PARTS, 0.0))
                     start = time.perf_counter()
-                    pl_module.learn(
-                        item, sampling_seconds=sampling
-                    )  # the step after sampling, scalars and logging included
+                    # the step after sampling, scalars and logging included
+                    pl_module.learn(item, sampling_seconds=sampling)
                     elapsed = time.perf_counter() - start
                     state = state or TrainingState(pl_module)
                     state.restore()
@@ -194,9 +192,8 @@ def main() -> None:
                     times["share"].append(times["added"][-1] / (sampling + times["off"][-1]))
         trainer_.should_stop = True
 
-    trainer.callbacks.append(
-        OnFirstBatch(measure)
-    )  # inside fit, where the update's optimizer and strategy exist
+    # inside fit, where the update's optimizer and strategy exist
+    trainer.callbacks.append(OnFirstBatch(measure))
     try:
         trainer.fit(module, cli.datamodule)
     finally:
@@ -207,10 +204,12 @@ def main() -> None:
     step = median["sampling"] + median["off"]
     print(f"threads {torch.get_num_threads()}; {args.batches} batches x {args.repeats - 2} repeats")
     print(
-        f"step without credit {1000 * step:.1f} ms (sampling {1000 * median['sampling']:.1f} + the rest {1000 * median['off']:.1f})"
+        f"step without credit {1000 * step:.1f} ms (sampling {1000 * median['sampling']:.1f} + the rest "
+        f"{1000 * median['off']:.1f})"
     )
     print(
-        f"the rest with credit {1000 * median['on']:.1f} ms: credit adds {1000 * added:.2f} ms = {100 * median['share']:.2f} % of the step "
+        f"the rest with credit {1000 * median['on']:.1f} ms: credit adds {1000 * added:.2f} ms = "
+        f"{100 * median['share']:.2f} % of the step "
         f"(logged: capture {1000 * median['capture']:.2f} ms, credit {1000 * median['credit']:.2f} ms)"
     )
     print("credit by part: " + ", ".join(f"{name} {1000 * median[name]:.2f} ms" for name in PARTS))

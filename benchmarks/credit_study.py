@@ -1,8 +1,9 @@
 """Does flow credit learn faster? Held-out accuracy of GRPO with each credit signal, over seeds.
 
-    python benchmarks/credit_study.py            # full study: 2 tasks x 5 signals x 3 seeds (< 1 h on 2 CPU cores)
+    python benchmarks/credit_study.py  # full study: 2 tasks x 5 signals x 3 seeds (< 1 h on 2 CPU cores)
     python benchmarks/credit_study.py --quick    # 1 seed, 40 steps (a few minutes), written to runs/
-    python benchmarks/credit_study.py --losses grpo cispo gspo --signals uniform flow   # any loss x credit signal
+    python benchmarks/credit_study.py --losses grpo cispo gspo --signals uniform flow
+        # any loss x credit signal
 
 For each task (``configs/demo.yaml``: 1-2 operations; ``configs/demo-long.yaml``: 3-4 operations,
 its own warm-started policy) it builds the warm-start policy if missing (deterministic), measures
@@ -16,8 +17,8 @@ optimizer steps. The seed sets sampling, the LoRA init and the ``random`` signal
 order, held-out problems) is the same for every run.
 
 Each run logs to ``runs/credit-study[-quick]/<task>/[<loss>-]<signal>/seed<n>/metrics.csv``; the study writes
-``<out>/credit-study.json`` (every curve), ``credit-study.md`` (final accuracy, mean and
-sample std over seeds) and ``credit-study.png`` (mean curve with a +-1 std band per signal).
+``<out>/credit-study-cpu.json`` (every curve) and ``credit-study-cpu.png`` (mean curve with a +-1 std
+band per signal), and prints the table of final accuracy (mean and sample std over seeds) for docs/results.md.
 """
 
 from __future__ import annotations
@@ -82,7 +83,8 @@ def read_val_curve(metrics_csv: Path) -> dict[int, float]:
 def cli_command(
     subcommand: str, config: str, run_dir: Path, name: str, version: str, args, extra: list[str]
 ) -> list[str]:
-    """Our CLI on a task config, logging to ``run_dir/name/version/metrics.csv`` with a larger held-out set."""
+    """Our CLI on a task config, logging to ``run_dir/name/version/metrics.csv`` with a larger held-out
+    set."""
     return [
         sys.executable,
         "-m",
@@ -262,7 +264,7 @@ def write_results(
     runs: dict[str, dict[str, list[dict]]],
 ) -> None:
     summaries = {task: summarise(task_runs, starts[task]) for task, task_runs in runs.items()}
-    (out / "credit-study.json").write_text(
+    (out / "credit-study-cpu.json").write_text(
         json.dumps(
             {
                 "settings": settings,
@@ -275,8 +277,7 @@ def write_results(
         )
     )
     table = markdown_table(summaries)
-    (out / "credit-study.md").write_text(table)
-    plot(summaries, starts, out / "credit-study.png")
+    plot(summaries, starts, out / "credit-study-cpu.png")
     print(f"\n{table}\nwarm start: {starts}; {minutes:.1f} min; written to {out}")
 
 
@@ -308,21 +309,20 @@ def main() -> None:
         "--out",
         type=Path,
         default=None,
-        help="results folder (default docs/, or runs/credit-study-quick with --quick)",
+        help="results folder (default docs/results/, or runs/credit-study-quick with --quick)",
     )
     parser.add_argument(
-        "--replot", action="store_true", help="only redo the table and plot from <out>/credit-study.json"
+        "--replot", action="store_true", help="only redo the table and plot from <out>/credit-study-cpu.json"
     )
     args = parser.parse_args()
     if args.quick:
         args.seeds, args.steps, args.val_every = 1, 40, 20
-    runs_root = (
-        REPO / "runs" / ("credit-study-quick" if args.quick else "credit-study")
-    )  # every run's metrics.csv
-    out = args.out or (runs_root if args.quick else REPO / "docs")
+    # every run's metrics.csv
+    runs_root = REPO / "runs" / ("credit-study-quick" if args.quick else "credit-study")
+    out = args.out or (runs_root if args.quick else REPO / "docs" / "results")
     out.mkdir(parents=True, exist_ok=True)
     if args.replot:
-        saved = json.loads((out / "credit-study.json").read_text())
+        saved = json.loads((out / "credit-study-cpu.json").read_text())
         runs = {
             task: {
                 signal: [{**r, "curve": {int(k): v for k, v in r["curve"].items()}} for r in rs]

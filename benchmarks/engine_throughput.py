@@ -1,7 +1,7 @@
 """Tokens per second of each rollout engine (hf, static, paged) on one workload, ratios in one run.
 
     python benchmarks/engine_throughput.py --out docs/results/engines-cpu.json          # this CPU
-    python benchmarks/engine_throughput.py --gpu --out docs/results/engines-gpu.json    # prepared, not run here
+    python benchmarks/engine_throughput.py --gpu --out docs/results/engines-gpu.json   # prepared, not run
 
 Each workload is N responses of at most L new tokens (8 prompts of 32 tokens, N / 8 responses
 each) from a Llama/Qwen2 with random weights and a LoRA adapter (rank 16, B perturbed so the merge
@@ -169,7 +169,8 @@ def main(argv: list[str] | None = None) -> None:
     for r in results:
         ratios = ", ".join(f"{name} {ratio:.2f}x" for name, ratio in r["over_hf"].items())
         print(
-            f"{r['rows']}x{r['max_new_tokens']} {r['profile']}: hf {r['tokens_per_s']['hf']:.0f} tok/s; {ratios}"
+            f"{r['rows']}x{r['max_new_tokens']} {r['profile']}: "
+            f"hf {r['tokens_per_s']['hf']:.0f} tok/s; {ratios}"
         )
 
 

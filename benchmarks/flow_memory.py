@@ -1,6 +1,7 @@
-"""Flow credit at long responses: the credit path's memory, the graphs' size, solver time, and what pruning changes.
+"""Flow credit at long responses: the credit path's memory, the graphs' size, solver time, and what pruning
+changes.
 
-    python benchmarks/flow_memory.py pruning --out docs/results/flow-pruning-cpu.json    # chooses the defaults
+    python benchmarks/flow_memory.py pruning --out docs/results/flow-pruning-cpu.json  # chooses the defaults
     python benchmarks/flow_memory.py memory --lengths 2048 8192 16384 --out docs/results/flow-memory-cpu.json
 
 ``pruning``: how far the boosted top-40 % tokens of pruned graphs are from exact credit (keep_mass 1,
@@ -212,7 +213,8 @@ def stories(count: int, length: int, seed: int):
 
 
 def random_llama_maps(n: int, length: int, seed: int):
-    """(maps, valid, prompt, answer) of a random tiny Llama (flow_overhead's) over random ids with a boxed answer."""
+    """(maps, valid, prompt, answer) of a random tiny Llama (flow_overhead's) over random ids with a boxed
+    answer."""
     module = build_module(
         argparse.Namespace(shape="tiny", qlora=False, micro_batch=n), Path(tempfile.mkdtemp())
     )
@@ -262,10 +264,13 @@ def pruning_rows(name: str, inputs) -> list[dict]:
         )
         rows.append(row)
         print(
-            f"{name:>14} T {maps.shape[1]:>5}  keep_mass {keep_mass:<4} cap {str(max_in_degree):>4}: top-40% agreement mean "
-            f"{row['top40_agreement_mean']:.4f} min {row['top40_agreement_min']:.4f} (flow-weighted {row['top40_flow_weighted_mean']:.4f}); "
+            f"{name:>14} T {maps.shape[1]:>5}  keep_mass {keep_mass:<4} cap {str(max_in_degree):>4}: top-40% "
+            "agreement mean "
+            f"{row['top40_agreement_mean']:.4f} min {row['top40_agreement_min']:.4f} (flow-weighted "
+            f"{row['top40_flow_weighted_mean']:.4f}); "
             f"kept capacity {row['kept_capacity']:.3f}; "
-            f"edges/token {row['edges_per_token']:.1f}; graphs {100 * row['graph_share_of_dense']:.2f} % of the dense maps; "
+            f"edges/token {row['edges_per_token']:.1f}; graphs {100 * row['graph_share_of_dense']:.2f} % of "
+            "the dense maps; "
             f"max |Δf| {row['max_abs_flow_change']:.4f}",
             flush=True,
         )
@@ -425,7 +430,8 @@ def main() -> None:
         "--dense-from",
         type=Path,
         default=None,
-        help="memory: a folder with the dense solver's graph.py and solver.py (default: git show DENSE_COMMIT)",
+        help="memory: a folder with the dense solver's graph.py and solver.py (default: git show "
+        "DENSE_COMMIT)",
     )
     parser.add_argument(
         "--exact-up-to",

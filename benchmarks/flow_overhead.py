@@ -124,9 +124,8 @@ class StepParts:
 
     def __init__(self, module: GRPOModule, rollouts: Rollouts, length: int, credit: FlowCredit) -> None:
         self.module, self.rollouts, self.length, self.credit = module, rollouts, length, credit
-        self.maps: list[
-            tuple[list[int], torch.Tensor]
-        ] = []  # (rollout rows, [k, T, T]) of the last recorded update
+        # (rollout rows, [k, T, T]) of the last recorded update
+        self.maps: list[tuple[list[int], torch.Tensor]] = []
 
     def sample(self) -> None:
         module, rollouts = self.module, self.rollouts
@@ -254,12 +253,14 @@ def main() -> None:
     parser.add_argument(
         "--no-sampling",
         action="store_true",
-        help="leave sampling out: 'step' is the update alone, so shares are of the update (an upper bound of the step's)",
+        help="leave sampling out: 'step' is the update alone, "
+        "so shares are of the update (an upper bound of the step's)",
     )
     parser.add_argument(
         "--profile",
         action="store_true",
-        help="per row, also profile one recorded update: the recording's host and device time, and the top operators",
+        help="per row, also profile one recorded update: the recording's host and device time, and the top "
+        "operators",
     )
     parser.add_argument("--out", type=Path, default=None, help="also write the rows as JSON")
     args = parser.parse_args()
@@ -275,7 +276,8 @@ def main() -> None:
             f"step = {'the update alone' if args.no_sampling else 'sampling + update'}"
         )
         header = (
-            f"{'L':>5} {'N':>4} {'step s':>8} {'capture s':>9} {'solver s':>8} {'capture %':>9} {'solver %':>8} "
+            f"{'L':>5} {'N':>4} {'step s':>8} {'capture s':>9} {'solver s':>8} {'capture %':>9} "
+            f"{'solver %':>8} "
             f"{'update+rec/update':>17} {'capture/map':>11} {'1 seq capture MiB':>17} {'1 seq eager MiB':>15}"
         )
         print(header)
@@ -284,11 +286,12 @@ def main() -> None:
                 rollouts = make_rollouts(module, n, args.prompt_length, length, seed=length + n)
                 parts = StepParts(module, rollouts, length, credit)
                 sample, update, solve = parts.sample, parts.update, parts.solve
+                # warm-up: each path's first call (kernel set-up, allocator) is left out
                 (
                     update(),
                     update(record=True),
                     solve(),
-                )  # warm-up: each path's first call (kernel set-up, allocator) is left out
+                )
                 plain, recorded, captures = [], [], []
                 for _ in range(args.repeats):  # interleaved, so both see the same machine state
                     plain.append(median_time(update, 1))
@@ -336,7 +339,8 @@ def main() -> None:
                     row["profile"] = profile_recording(lambda: update(record=True), cuda)
                 rows.append(row)
                 print(
-                    f"{length:>5} {n:>4} {step:>8.2f} {capture:>9.3f} {solver:>8.3f} {100 * capture / step:>8.1f}% {100 * solver / step:>7.1f}% "
+                    f"{length:>5} {n:>4} {step:>8.2f} {capture:>9.3f} {solver:>8.3f} "
+                    f"{100 * capture / step:>8.1f}% {100 * solver / step:>7.1f}% "
                     f"{update_ratio:>17.3f} {capture_ratio:>11.2f} {capture_one:>17.1f} {eager_one:>15.0f}",
                     flush=True,
                 )

@@ -1,8 +1,7 @@
 #!/usr/bin/env bash
 # The prepared GPU checks, for a lent GPU machine (run tool, carry [".whl"] made by benchmarks/gpu_wheels.sh):
-#   bash benchmarks/gpu_checks.sh merge flow-profile capture-chunks trl-phases   (about 8 min: sampling with the
-#   adapter merged (a324bfa), the capture's host and kernel time and its chunk settings against each other,
-#   and the log-prob changes of a0785d4 and 8fd9ca6, none yet measured on a GPU; then, in a second call: trl)
+#   bash benchmarks/gpu_checks.sh long-step flow-memory   (first, about 6 min: issue 18's 8K step under a 24 GB cap
+#   and the credit path's memory at 8K / 16K, never measured on a GPU; then merge, flow-profile, configs)
 # Parts (each writes $OUT/<part>.json and $OUT/<part>.log; times measured on an H100):
 #   flow     about 6 min: benchmarks/flow_overhead.py at Qwen2.5-1.5B's shape (bf16 + LoRA, random weights),
 #            L = 256 / 1024 (4096 does not fit: sampling 4096 tokens alone takes about 6 min), N = 16 / 64
@@ -21,7 +20,7 @@
 #   trl-phases  about 3 min: benchmarks/trl_phases.py, the same workload with both frameworks in one process,
 #            generation and update timed call by call in alternation (5 measured alternations after 1 warm-up)
 #   trl-profile  more than 5 min: the same with a torch.profiler op table of one step per framework; on an H100 only
-#            ours' run fitted the 300 s limit (its table: docs/trl-profile-h100-ours.txt)
+#            ours' run fitted the 300 s limit (its table: docs/results/trl-profile-h100-ours.txt)
 #   merge    about 1.5 min (estimated from generate's 40-70 ms a token): benchmarks/sampling_merge.py at
 #            Qwen2.5-0.5B's shape, generate with the LoRA adapter merged against unmerged, 4 calls each
 #   configs  about 3 min: benchmarks/gpu_check.py, memory and step time of the real configs (needs bitsandbytes)

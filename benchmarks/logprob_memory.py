@@ -1,7 +1,9 @@
-"""Peak memory (and optionally time) of the LM head plus the loss's log-probs (forward + backward), three ways.
+"""Peak memory (and optionally time) of the LM head plus the loss's log-probs (forward + backward), three
+ways.
 
     python benchmarks/logprob_memory.py [--rows 4 --length 1024 --hidden 1536 --vocab 151936 --chunk-tokens N]
-    python benchmarks/logprob_memory.py --rows 2 --length 129 --hidden 16 --repeats 7   # time of the softmax passes
+    python benchmarks/logprob_memory.py --rows 2 --length 129 --hidden 16 --repeats 7
+        # time of the softmax passes
     python benchmarks/logprob_memory.py --rows 4 --length 256 --hidden 64 --repeats 5 --scored 0.5
 
 From one micro-batch's final hidden states ``[rows, length, hidden]`` (bf16, as a bf16 policy
@@ -55,9 +57,8 @@ def run(
     """Extra peak bytes of one forward+backward beyond the inputs and the hidden states' gradient,
     and the median seconds of ``repeats`` more (NaN for none)."""
     hidden = torch.randn(rows, length, hidden_size, dtype=torch.bfloat16).requires_grad_(True)
-    weight = torch.randn(vocab, hidden_size, dtype=torch.bfloat16).mul_(
-        hidden_size**-0.5
-    )  # no fp32 temporary to raise the baseline
+    # no fp32 temporary to raise the baseline
+    weight = torch.randn(vocab, hidden_size, dtype=torch.bfloat16).mul_(hidden_size**-0.5)
     targets = torch.randint(vocab, (rows, length))
     hidden.grad = torch.zeros_like(hidden)  # the gradient buffer exists in every method
     positions = (torch.arange(length) < round(scored * length)).expand(rows, length) if scored < 1 else None

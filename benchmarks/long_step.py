@@ -1,6 +1,7 @@
 """Training steps with flow credit at paper-scale response lengths, on a GPU capped at 24 GB.
 
-    python benchmarks/long_step.py --out results/long_step.json     # CUDA: Qwen2.5-1.5B's shape, 16 x 8,192 tokens
+    python benchmarks/long_step.py --out results/long_step.json
+        # CUDA: Qwen2.5-1.5B's shape, 16 x 8,192 tokens
     python benchmarks/long_step.py --smoke                          # CPU: tiny shapes, checks the script
 
 Qwen2.5-1.5B's shape with random weights (no hub), bf16 weights + LoRA r 16 under bf16-mixed,

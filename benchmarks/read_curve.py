@@ -1,4 +1,5 @@
-"""Print a run's reward curve, validation accuracy, step time and, with flow credit, what capture and credit cost.
+"""Print a run's reward curve, validation accuracy, step time and, with flow credit, what capture and credit
+cost.
 
 python benchmarks/read_curve.py runs/demo/version_0 [--window 50]
 """
@@ -60,9 +61,12 @@ def main() -> None:
             )
         ]
         print(
-            f"medians after the first {skip} steps: step {median('perf/step_time_s'):.4f} s, capture {1000 * median('perf/capture_time_s'):.2f} ms "
-            f"({100 * median('perf/capture_share'):.2f} %), credit {1000 * median('perf/credit_time_s'):.2f} ms "
-            f"({100 * median('perf/credit_share'):.2f} %), capture + credit {100 * statistics.median(shares):.2f} % of the step"
+            f"medians after the first {skip} steps: step {median('perf/step_time_s'):.4f} s, capture "
+            f"{1000 * median('perf/capture_time_s'):.2f} ms "
+            f"({100 * median('perf/capture_share'):.2f} %), credit {1000 * median('perf/credit_time_s'):.2f} "
+            "ms "
+            f"({100 * median('perf/credit_share'):.2f} %), capture + credit "
+            f"{100 * statistics.median(shares):.2f} % of the step"
         )
 
 

@@ -126,7 +126,8 @@ def main() -> None:
                 f"merged / unmerged {row['merged_over_unmerged']:.3f}; {row['tokens']} tokens; "
                 f"{row['responses_differing']} of {row['responses']} responses differ"
                 + (
-                    f"; sampling's peak above the weights {row['merged_peak_mib']:.0f} vs {row['unmerged_peak_mib']:.0f} MiB"
+                    f"; sampling's peak above the weights {row['merged_peak_mib']:.0f} vs "
+                    f"{row['unmerged_peak_mib']:.0f} MiB"
                     if args.device == "cuda"
                     else ""
                 ),

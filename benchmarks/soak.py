@@ -55,9 +55,12 @@ class SoakMonitor(Callback):
         )
         lines = [
             f"steps done: {len(self.rewards)} in {self.rss[-1][0] / 60:.1f} min",
-            f"RSS: {self.rss[0][1]:.0f} MiB after step 1, {after_warmup:.0f} MiB after warm-up ({self.warmup_s / 60:.1f} min), "
-            f"{end:.0f} MiB at the end (peak after warm-up {peak:.0f} MiB); growth after warm-up {100 * (end / after_warmup - 1):+.1f} %",
-            f"non-finite logged values: {self.nonfinite_values}; steps skipped for a non-finite gradient: {skipped_steps}",
+            f"RSS: {self.rss[0][1]:.0f} MiB after step 1, {after_warmup:.0f} MiB after warm-up "
+            f"({self.warmup_s / 60:.1f} min), "
+            f"{end:.0f} MiB at the end (peak after warm-up {peak:.0f} MiB); growth after warm-up "
+            f"{100 * (end / after_warmup - 1):+.1f} %",
+            f"non-finite logged values: {self.nonfinite_values}; steps skipped for a non-finite gradient: "
+            f"{skipped_steps}",
             f"mean train/reward per {window} steps:",
         ]
         for start in range(0, len(self.rewards), window):

@@ -49,11 +49,12 @@ FOLDERS = {
     "demo": REPO / "artifacts" / "demo-policy",
     "stories260K": REPO.parent / "shared" / "data" / "models" / "stories260K" / "hf",
 }
+# round 1 runs this order: ours vs TRL first, where a time limit may cut a round
 FRAMEWORKS = [
     "ours",
     "trl",
     "ours+flow",
-]  # round 1 runs this order: ours vs TRL first, where a time limit may cut a round
+]
 
 
 class StepRecord:
@@ -157,7 +158,8 @@ def our_cli(args, folder: Path, workdir: str, callbacks: list):
             f"--data.batch_size={args.prompts_per_step}",
             f"--trainer.accelerator={args.device}",
             f"--trainer.max_steps={args.steps}",
-            # bf16 weights: autocast around the step, as TRL's bf16=True (the fp32 LoRA matmuls then run in bf16)
+            # bf16 weights: autocast around the step, as TRL's bf16=True (the fp32 LoRA matmuls then run in
+            # bf16)
             f"--trainer.precision={'bf16-mixed' if args.dtype == 'bfloat16' else '32-true'}",
             "--trainer.limit_val_batches=0",
             "--trainer.enable_checkpointing=false",
@@ -189,7 +191,8 @@ def run_ours(args, record: StepRecord, flow: bool, workdir: str) -> None:
 
 
 def prompts_in_our_order(args, folder: Path) -> tuple[list[str], list[str]]:
-    """The prompts and golds of our first ``steps`` training batches, in the order our DataModule yields them."""
+    """The prompts and golds of our first ``steps`` training batches, in the order our DataModule yields
+    them."""
     from lightning_flow.datamodules import ArithmeticDataModule
 
     from lightning_flow.demo_policy import demo_settings
@@ -223,7 +226,8 @@ def trl_trainer(args, folder: Path, workdir: str, prompts: list[str], golds: lis
         seed=0,
         use_cpu=args.device == "cpu",
         bf16=args.dtype == "bfloat16",
-        # One optimizer step per generated batch of `responses`, in micro-batches of `micro_batch`, as ours does.
+        # One optimizer step per generated batch of `responses`, in micro-batches of `micro_batch`, as ours
+        # does.
         per_device_train_batch_size=args.micro_batch,
         gradient_accumulation_steps=responses // args.micro_batch,
         num_generations=args.group,
@@ -354,7 +358,8 @@ def model_folder(name: str, workdir: Path) -> Path:
     if name in FOLDERS:
         if not (FOLDERS[name] / "config.json").is_file():
             raise SystemExit(
-                f"{FOLDERS[name]} is missing (demo: python -m lightning_flow.demo_policy --config configs/demo.yaml)"
+                f"{FOLDERS[name]} is missing (demo: python -m lightning_flow.demo_policy --config "
+                "configs/demo.yaml)"
             )
         return FOLDERS[name]
     folder = workdir / name
@@ -365,16 +370,19 @@ def model_folder(name: str, workdir: Path) -> Path:
 def print_table(model: str, summary: dict) -> None:
     print(f"\n{model}: medians over repeats")
     print(
-        "| run | step s | generation tok/s | update tok/s | peak memory MiB | generation / update peak MiB | mean response tokens |\n|---|---|---|---|---|---|---|"
+        "| run | step s | generation tok/s | update tok/s | peak memory MiB | generation / update peak MiB "
+        "| mean response tokens |\n|---|---|---|---|---|---|---|"
     )
     for fw, m in summary["medians"].items():
         print(
-            f"| {fw} | {m['step_s']:.3f} | {m['generation_tokens_per_s']:.0f} | {m['update_tokens_per_s']:.0f} | {m['peak_memory_mib']:.0f} "
+            f"| {fw} | {m['step_s']:.3f} | {m['generation_tokens_per_s']:.0f} | "
+            f"{m['update_tokens_per_s']:.0f} | {m['peak_memory_mib']:.0f} "
             f"| {m['generation_peak_mib']:.0f} / {m['update_peak_mib']:.0f} | {m['response_length']:.1f} |"
         )
     for name, r in summary["ratios"].items():
         print(
-            f"| ratio {name} | {r['step_s']:.3f} | {r['generation_tokens_per_s']:.3f} | {r['update_tokens_per_s']:.3f} | {r['peak_memory_mib']:.3f} "
+            f"| ratio {name} | {r['step_s']:.3f} | {r['generation_tokens_per_s']:.3f} | "
+            f"{r['update_tokens_per_s']:.3f} | {r['peak_memory_mib']:.3f} "
             f"| {r['generation_peak_mib']:.3f} / {r['update_peak_mib']:.3f} | {r['response_length']:.3f} |"
         )
 
@@ -400,7 +408,8 @@ def main() -> None:
         "--models",
         nargs="+",
         default=["demo", "stories260K"],
-        help=f"demo, stories260K, smoke (2-layer random Qwen2) or a real shape with random weights: {', '.join(SHAPES)}",
+        help="demo, stories260K, smoke (2-layer random Qwen2) or a real shape with random weights: "
+        + ", ".join(SHAPES),
     )
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument(
@@ -411,7 +420,8 @@ def main() -> None:
         "--first-round",
         type=int,
         default=1,
-        help="number of the first round, whose order rotation it takes (a second call with --first-round 2 continues a first's rotation)",
+        help="number of the first round, whose order rotation it takes "
+        "(a second call with --first-round 2 continues a first's rotation)",
     )
     add_workload_arguments(parser)
     parser.add_argument(
@@ -424,7 +434,8 @@ def main() -> None:
     parser.add_argument(
         "--profile",
         action="store_true",
-        help="also profile each run's first step after warm-up (left out of its medians) and write the op tables next to --out",
+        help="also profile each run's first step after warm-up (left out of its medians) "
+        "and write the op tables next to --out",
     )
     parser.add_argument("--worker", choices=FRAMEWORKS, help=argparse.SUPPRESS)
     parser.add_argument("--model-path", type=Path, help=argparse.SUPPRESS)
@@ -474,9 +485,8 @@ def main() -> None:
                         args.out.with_name(
                             f"{args.out.stem}-{model}-{fw}-round{round_ + 1}.profile.txt"
                         ).write_text(table)
-                    runs[fw].append(
-                        {**summarise_run(run, args.warmup + args.profile), "raw": run}
-                    )  # the profiled step left out
+                    # the profiled step left out
+                    runs[fw].append({**summarise_run(run, args.warmup + args.profile), "raw": run})
                     print(
                         f"{model} round {round_ + 1} {fw}: "
                         + json.dumps({k: round(v, 4) for k, v in runs[fw][-1].items() if k != "raw"}),

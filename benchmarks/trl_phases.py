@@ -57,7 +57,8 @@ def trl_micro_batch(inputs: dict, rows: slice) -> dict:
 
 
 def our_update(module, rollouts) -> None:
-    """The update's forward, loss and backward per micro-batch as ``GRPOModule.update`` runs them, without the optimizer step."""
+    """The update's forward, loss and backward per micro-batch as ``GRPOModule.update`` runs them, without the
+    optimizer step."""
     tokens = rollouts.completion_mask.sum()
     for rows in module.micro_batches(rollouts):
         logps, _ = module.completion_logps(rollouts, rows)
@@ -87,9 +88,8 @@ def measure(args, folder: Path, workdir: str) -> dict:
     # As Trainer's loop does before its first step: onto the device, forward wrapped in bf16 autocast.
     trainer.model = trainer.model_wrapped = trainer.accelerator.prepare_model(trainer.model)
     trainer.model.train()
-    trainer.current_gradient_accumulation_steps = (
-        args.prompts_per_step * args.group // args.micro_batch
-    )  # set by Trainer's loop, read by compute_loss
+    # set by Trainer's loop, read by compute_loss
+    trainer.current_gradient_accumulation_steps = args.prompts_per_step * args.group // args.micro_batch
     # TRL's generation batch: each prompt repeated group times, as its sampler yields them.
     examples = [
         {"prompt": p, "golds": g}
@@ -111,9 +111,8 @@ def measure(args, folder: Path, workdir: str) -> dict:
             our_update(module, last["ours"])
 
     def trl_update_():
-        trl_update(
-            trainer, last["trl"], module.micro_batches(last["ours"])
-        )  # both batches hold prompts x group rows
+        # both batches hold prompts x group rows
+        trl_update(trainer, last["trl"], module.micro_batches(last["ours"]))
 
     times = {phase: {"ours": [], "trl": []} for phase in ("generation", "update")}
     for repeat in range(args.warmup + args.repeats):
@@ -174,12 +173,14 @@ def main() -> None:
             result = measure(args, model_folder(model, Path(tmp)), tmp)
             results["models"][model] = result
             print(
-                f"\n{model}: median seconds per call over {args.repeats} alternations; tokens {json.dumps(result['tokens'])}"
+                f"\n{model}: median seconds per call over {args.repeats} alternations; tokens "
+                f"{json.dumps(result['tokens'])}"
             )
             print("| phase | ours s | TRL s | ours / TRL (paired median) |\n|---|---|---|---|")
             for phase, medians in result["medians_s"].items():
                 print(
-                    f"| {phase} | {medians['ours']:.4f} | {medians['trl']:.4f} | {result['ratio_ours_over_trl'][phase]:.3f} |"
+                    f"| {phase} | {medians['ours']:.4f} | {medians['trl']:.4f} | "
+                    f"{result['ratio_ours_over_trl'][phase]:.3f} |"
                 )
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)

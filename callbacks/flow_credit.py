@@ -8,9 +8,9 @@ which the loss multiplies into the advantage (both signs, detached).
 With the ``flow`` signal, each chunk of captured maps is pruned into edges right away
 (``prune_edges``: each token's strongest incoming edges, ``keep_mass`` of its attention, at most
 ``max_in_degree``), the maps are dropped, the edges become torch-geometric flow graphs
-(``flow_graphs``), which are solved (``solve_flow``); the step keeps every credited response's graph
-with its exact node values and its ``kept_edges`` strongest edge flows per token in
-``rollouts.flow_graphs``, where ``FlowPictures`` draws exactly what was credited.
+(``flow_graphs``), which are solved (``solve_flow``) and kept in ``rollouts.flow_graphs`` until the
+step ends (at most ``max_in_degree`` edges a token), where ``FlowPictures`` draws exactly what was
+credited.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import time
 from typing import Literal, NamedTuple
 
 import torch
-from lightning.pytorch import LightningModule, Trainer
+from lightning.pytorch import Trainer
 from torch import Tensor
 from torch.nn.functional import pad
 
@@ -34,12 +34,9 @@ from lightning_flow.flow import (
     prune_edges,
     random_signal,
     solve_flow,
-    strongest_edge_flows,
 )
 from lightning_flow.flow.answer import answer_masks, piece_table
-from lightning_flow.loggers import write_bucket_histogram
-from lightning_flow.rollouts import MicroBatch, RolloutCallback, Rollouts
-from lightning_flow.step_scalars import batch_index, is_logging_step
+from lightning_flow.rollouts import MicroBatch, RolloutCallback, Rollouts, StepModule
 
 Signal = Literal["flow", "uniform", "random", "entropy", "attention_received"]
 _NEEDS_ATTENTION = {"flow", "attention_received"}
@@ -71,7 +68,6 @@ class FlowCredit(RolloutCallback):
         seed: int = 0,
         max_attention_mb: float | None = None,
         block_size: int = 512,
-        kept_edges: int = 20,
     ) -> None:
         """
         Args:
@@ -96,9 +92,6 @@ class FlowCredit(RolloutCallback):
             max_attention_mb: largest dense attention held at once, in MiB (None: the credited rows
                 of one micro-batch); fewer rows than a micro-batch's are captured by extra passes.
             block_size: positions per block of the flow solver (its memory: responses × block² × 8 B).
-            kept_edges: after solving, the step keeps per token this many strongest incoming and
-                outgoing edge flows (all node values) for pictures; at least FlowPictures'
-                ``trace.top_edges`` and ``trace.backbone_edges`` so its pictures are exact.
         """
         if not 0.0 <= top_fraction <= 1.0:
             raise ValueError(f"top_fraction={top_fraction}: expected a value in [0, 1]")
@@ -106,14 +99,8 @@ class FlowCredit(RolloutCallback):
             raise ValueError(
                 f"max_attention_mb={max_attention_mb}: expected a positive number of MiB or None"
             )
-        if kept_edges < 1:
-            raise ValueError(f"kept_edges={kept_edges}: keep at least one edge per token")
         self.signal, self.top_fraction, self.boost, self.layers = signal, top_fraction, boost, layers
-        self.answer_fallback, self.max_attention_mb, self.kept_edges = (
-            answer_fallback,
-            max_attention_mb,
-            kept_edges,
-        )
+        self.answer_fallback, self.max_attention_mb = answer_fallback, max_attention_mb
         self.flow_config = FlowConfig(
             sink_tokens=sink_tokens,
             keep_mass=keep_mass,
@@ -126,9 +113,8 @@ class FlowCredit(RolloutCallback):
         self.generator = torch.Generator().manual_seed(seed)
         self._row_stats: list[dict[str, Tensor]] = []  # per chunk of credited rows of the current step
         self._seconds = 0.0  # this step's time in on_credit
-        self._pieces: tuple[object, list[str] | None] | None = (
-            None  # (tokenizer, its piece_table), made on first use
-        )
+        # (tokenizer, its piece_table), made on first use
+        self._pieces: tuple[object, list[str] | None] | None = None
 
     def state_dict(self) -> dict:
         # The random signal's generator, so a resumed run draws what the uninterrupted one would.
@@ -137,13 +123,13 @@ class FlowCredit(RolloutCallback):
     def load_state_dict(self, state_dict: dict) -> None:
         self.generator.set_state(state_dict["generator"])
 
-    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+    def setup(self, trainer: Trainer, pl_module: StepModule, stage: str) -> None:
         if self.signal in _NEEDS_ATTENTION:
             budget = None if self.max_attention_mb is None else int(self.max_attention_mb * 2**20)
             pl_module.request_attention(self.layers, max_bytes=budget)
 
     def on_credit(
-        self, trainer: Trainer, pl_module: LightningModule, rollouts: Rollouts, micro_batch: MicroBatch
+        self, trainer: Trainer, pl_module: StepModule, rollouts: Rollouts, micro_batch: MicroBatch
     ) -> None:
         start = time.perf_counter()
         first, _, _ = micro_batch.rows.indices(len(rollouts))
@@ -153,16 +139,14 @@ class FlowCredit(RolloutCallback):
         else:
             chunks = [([first + j for j, yes in enumerate(is_credited) if yes], None)]
         for rows, maps in chunks:
-            keep = [
-                j for j, row in enumerate(rows) if is_credited[row - first]
-            ]  # another callback may record every row
+            # another callback may record every row
+            keep = [j for j, row in enumerate(rows) if is_credited[row - first]]
             if len(keep) < len(rows):
                 rows, maps = [rows[j] for j in keep], (maps[keep] if maps is not None else None)
             if not rows:
                 continue
-            with (
-                torch.inference_mode()
-            ):  # cheaper dispatch than no_grad for these many small ops; outputs are only read
+            # cheaper dispatch than no_grad for these many small ops; outputs are only read
+            with torch.inference_mode():
                 read = self.read(rollouts, rows, maps, pl_module.tokenizer)
             del maps  # the chunk's dense map is freed here: the solve sees only its graphs
             with torch.inference_mode():
@@ -173,19 +157,20 @@ class FlowCredit(RolloutCallback):
             self._row_stats.append(stats)
         self._seconds += time.perf_counter() - start
 
-    def on_rollouts_end(self, trainer: Trainer, pl_module: LightningModule, rollouts: Rollouts) -> None:
+    def on_rollouts_end(self, trainer: Trainer, pl_module: StepModule, rollouts: Rollouts) -> None:
         parts, seconds, self._row_stats, self._seconds = self._row_stats, self._seconds, [], 0.0
         # Every count in one reduction and one read: a sum of a few rows costs as much as a large one.
         sums = dict.fromkeys(_STATS, 0.0)
         if parts:
-            stacked = torch.stack(
-                [torch.cat([part[key] for part in parts]).double() for key in _STATS]
-            )  # [stats, credited rows]
+            # [stats, credited rows]
+            stacked = torch.stack([torch.cat([part[key] for part in parts]).double() for key in _STATS])
             sums = dict(zip(_STATS, stacked.sum(dim=1).tolist()))
         credited, fallback = sum(len(part["fallback"]) for part in parts), sums["fallback"]
         pl_module.step_scalars.add({"credit/time_s": seconds})
         # Fractions of the credited responses, summed over ranks before dividing (every rank adds the
         # same names, whatever it credited: they travel in one collective).
+        # flow signal only (no nodes otherwise)
+        # pruning: share of the incoming attention kept
         pl_module.step_scalars.add_ratios(
             {
                 "credit/credited_fraction": (credited, len(rollouts)),
@@ -196,24 +181,15 @@ class FlowCredit(RolloutCallback):
                 "credit/kept_capacity": (
                     sums["kept_capacity"],
                     sums["nodes"],
-                ),  # pruning: share of the incoming attention kept
+                ),
                 "credit/edges_per_token": (
                     sums["edges"],
                     sums["nodes"],
-                ),  # flow signal only (no nodes otherwise)
+                ),
+                # share of the credited responses' tokens that got the boost (the others weigh 1)
+                "credit/boosted_fraction": (sums["boosted"], sums["tokens"]),
             }
         )
-        if credited and is_logging_step(trainer) and trainer.is_global_zero:
-            # The weights this callback gave the credited responses' tokens, {weight: tokens}, from
-            # the counts compute keeps: no pass over the weights.
-            boosted, tokens = int(sums["boosted"]), int(sums["tokens"])
-            experiment = getattr(trainer.logger, "experiment", None)
-            write_bucket_histogram(
-                experiment,
-                "credit/weights",
-                {1.0: tokens - boosted, self.boost: boosted},
-                batch_index(trainer),
-            )
 
     def piece_table(self, tokenizer) -> list[str] | None:
         """Each id's text decoded alone, made once per tokenizer (one batch decode of the vocabulary)."""
@@ -234,7 +210,8 @@ class FlowCredit(RolloutCallback):
         return self.weigh(rollouts, self.read(rollouts, rows, maps, tokenizer))
 
     def read(self, rollouts: Rollouts, rows: list[int], maps: Tensor | None, tokenizer) -> _Read:
-        """Everything credit takes from the maps (the graphs, unsolved, or the signal) and the rows' masks and answers."""
+        """Everything credit takes from the maps (the graphs, unsolved, or the signal) and the rows' masks and
+        answers."""
         prompt_length = rollouts.prompt_ids.shape[1]
         device = rollouts.completion_ids.device
         kept = rollouts.completion_mask[rows]  # [k, L]
@@ -295,9 +272,10 @@ class FlowCredit(RolloutCallback):
             graphs = solve_flow(
                 flow_graphs(read.edges, read.prompt, read.answer), self.flow_config.block_size
             )
+            # [k, T]
             signal = torch.zeros(response.shape, dtype=graphs.f.dtype, device=response.device).index_put_(
                 (graphs.batch, graphs.position), graphs.f
-            )  # [k, T]
+            )
             fallback = fallback | graphs.degenerate  # degenerate: also no answer found
             counted = graphs.role != ROLE_PROMPT  # the response's tokens: what the credit ranks
             into = graphs.edge_index[1]
@@ -308,13 +286,12 @@ class FlowCredit(RolloutCallback):
                 graphs.batch[counted],
                 kept_capacity(graphs)[counted].double(),
             )
-            rollouts.flow_graphs.append((read.rows, strongest_edge_flows(graphs, self.kept_edges)))
+            rollouts.flow_graphs.append((read.rows, graphs))
         weights = credit_weights(signal, response, self.top_fraction, self.boost, fallback)  # [k, T]
         top = (weights != 1) & response  # the boosted tokens (a boost below 1 too)
         share = (signal * top).sum(dim=1) / (signal * response).sum(dim=1).clamp(min=1e-12)  # [k]
-        share = torch.where(
-            fallback, 0.0, share
-        )  # nothing boosted there (and a non-finite signal stays out of the sum)
+        # nothing boosted there (and a non-finite signal stays out of the sum)
+        share = torch.where(fallback, 0.0, share)
         stats = {
             "answer_found": read.source < 2,
             "fallback": fallback,

@@ -1,8 +1,8 @@
 """See the reasoning flow in TensorBoard: a completions table, flow pictures and flow histograms.
 
 Listed under ``trainer.callbacks``; it runs after the step's update, so the weights it draws are
-the ones the loss used. On logging steps only (``rollouts.step % every_n_steps == 0``) and only with a TensorBoard
-logger, it writes
+the ones the loss used. On logging steps only (``step_scalars.is_logging_step``, the rule of every
+scalar) and only with a TensorBoard logger, it writes
 
 * ``flow/completions`` (text): the best and the worst response of a few groups, with prompt,
   extracted and gold answer, each reward function, total reward and advantage;
@@ -25,7 +25,7 @@ import time
 from typing import Any
 
 import torch
-from lightning.pytorch import LightningModule, Trainer
+from lightning.pytorch import Trainer
 from torch import Tensor
 from torch_geometric.utils import to_dense_batch
 
@@ -35,7 +35,8 @@ from lightning_flow.flow.answer import answer_masks
 from lightning_flow.policy import position_ids_from_mask
 from lightning_flow.render import RenderConfig, png_array
 from lightning_flow.rewards import extract_answer_text
-from lightning_flow.rollouts import RolloutCallback, Rollouts
+from lightning_flow.rollouts import RolloutCallback, Rollouts, StepModule
+from lightning_flow.step_scalars import batch_index, is_logging_step
 from lightning_flow.trace import Trace, TraceConfig, flow_concentration, trace_from_graph
 
 
@@ -117,8 +118,8 @@ class FlowPictures(RolloutCallback):
     ) -> None:
         """
         Args:
-            every_n_steps: log on steps where ``rollouts.step % every_n_steps == 0`` (default:
-                the trainer's ``log_every_n_steps``); nothing runs on other steps.
+            every_n_steps: log every this many training batches, counted as Lightning counts for
+                ``self.log`` (default: the trainer's ``log_every_n_steps``); nothing runs on other steps.
             groups: groups shown in the table (best and worst response of each).
             pictures: flow pictures per logging step (the first rows of the table).
             trace: flow graph and answer options for responses FlowCredit did not credit (the
@@ -133,24 +134,21 @@ class FlowPictures(RolloutCallback):
         self.max_response_chars = max_response_chars
         self.last_cost_s: float | None = None  # cost of the latest logging step, for benchmarks
 
-    def is_logging_step(self, trainer: Trainer, step: int) -> bool:
-        return step % (self.every_n_steps or trainer.log_every_n_steps) == 0
-
-    def on_rollouts_end(self, trainer: Trainer, pl_module: LightningModule, rollouts: Rollouts) -> None:
+    def on_rollouts_end(self, trainer: Trainer, pl_module: StepModule, rollouts: Rollouts) -> None:
         writer = getattr(trainer.logger, "experiment", None) if trainer.logger is not None else None
-        if not self.is_logging_step(trainer, rollouts.step) or not all(
+        if not is_logging_step(trainer, self.every_n_steps) or not all(
             hasattr(writer, f) for f in ("add_text", "add_image", "add_histogram")
         ):
             return
         if not trainer.is_global_zero:
             return
-        start, step = time.perf_counter(), rollouts.step
-        group = pl_module.sampling.num_generations
+        start, step = time.perf_counter(), batch_index(trainer)  # the axis of every logged scalar
+        group = pl_module.group_size
         nonempty = rollouts.completion_mask.sum(1) > 0  # [N]
         rows = pick_rows(rollouts.total_rewards.cpu(), group, self.groups, nonempty.cpu())
         writer.add_text(
             "flow/completions",
-            completions_table(rollouts, rows, pl_module.reward_suite.names, group, self.max_response_chars),
+            completions_table(rollouts, rows, pl_module.reward_names, group, self.max_response_chars),
             step,
         )
 
@@ -191,7 +189,7 @@ class FlowPictures(RolloutCallback):
         self.last_cost_s = time.perf_counter() - start
         writer.add_scalar("perf/flow_pictures_time_s", self.last_cost_s, step)
 
-    def trace_layers(self, pl_module: LightningModule) -> list[int]:
+    def trace_layers(self, pl_module: StepModule) -> list[int]:
         """Layers captured for rows that credit did not record."""
         return (
             self.trace_config.layers
@@ -204,11 +202,12 @@ class FlowPictures(RolloutCallback):
         rollouts: Rollouts,
         row: int,
         graph,
-        pl_module: LightningModule,
+        pl_module: StepModule,
         layers: list[int] | None,
         meta: dict[str, Any],
     ) -> Trace:
-        """The trace of one rollout row's solved graph, padding removed, with the weights that reach the loss."""
+        """The trace of one rollout row's solved graph, padding removed, with the weights that reach the
+        loss."""
         keep = rollouts.attention_mask[row].bool()  # [T]
         response = rollouts.completion_mask[row] > 0  # [L]
         weights = rollouts.token_weights[row][response]  # [L']
@@ -223,7 +222,7 @@ class FlowPictures(RolloutCallback):
             meta=meta,
         )
 
-    def solve_rows(self, rollouts: Rollouts, rows: list[int], pl_module: LightningModule):
+    def solve_rows(self, rollouts: Rollouts, rows: list[int], pl_module: StepModule):
         """Solved flow graphs (a Batch) of ``rows``, from one capture pass with this callback's options."""
         mask = rollouts.attention_mask[rows]  # [n, T]
         maps = capture_attention(

@@ -41,7 +41,8 @@ def _arithmetic_stream(seed: int, min_ops: int, max_ops: int, max_operand: int) 
 def generate_arithmetic(
     num_examples: int, seed: int, min_ops: int = 1, max_ops: int = 2, max_operand: int = 9
 ) -> list[MathExample]:
-    """``num_examples`` left-to-right + / - expressions over integers 0..max_operand, deterministic for a seed.
+    """``num_examples`` left-to-right + / - expressions over integers 0..max_operand, deterministic for a
+    seed.
 
     Example: question "3+4-2", solution "3+4=7. 7-2=5. \\boxed{5}", gold "5".
     """

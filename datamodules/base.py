@@ -95,11 +95,13 @@ class PromptDataModule(L.LightningDataModule):
     ) -> None:
         """
         Args:
-            tokenizer: hub id or folder of the policy's tokenizer (the CLI links it from the policy's model path).
+            tokenizer: hub id or folder of the policy's tokenizer (the CLI links it from the policy's model
+            path).
             batch_size: prompts per training step.
             val_batch_size: prompts per validation batch.
             instruction: appended to every question, telling the policy how to state its answer.
-            plain_template: prompt layout for tokenizers without a chat template; fields {question} and {instruction}.
+            plain_template: prompt layout for tokenizers without a chat template; fields {question} and
+            {instruction}.
             max_prompt_length: prompts longer than this many tokens are dropped and counted.
             skip_invalid: count and skip malformed rows and unparseable golds instead of raising.
             seed: seed of the training shuffle (and of any random split or generation).
@@ -116,7 +118,8 @@ class PromptDataModule(L.LightningDataModule):
             plain_template.format(question="", instruction="")
         except (KeyError, IndexError, ValueError) as error:
             raise ValueError(
-                f"plain_template {plain_template!r} may only use the fields {{question}} and {{instruction}} ({error!r})"
+                f"plain_template {plain_template!r} may only use the fields {{question}} and {{instruction}} "
+                f"({error!r})"
             ) from None
         self.tokenizer = tokenizer
         self.batch_size, self.val_batch_size = batch_size, val_batch_size
@@ -153,7 +156,8 @@ class PromptDataModule(L.LightningDataModule):
         if self._tokenizer is None:
             if not self.tokenizer:
                 raise ValueError(
-                    f"{type(self).__name__} has no tokenizer: set data.init_args.tokenizer (a hub id or folder) "
+                    f"{type(self).__name__} has no tokenizer: set data.init_args.tokenizer (a hub id or "
+                    "folder) "
                     "or call set_tokenizer() before setup()"
                 )
             self._tokenizer = load_tokenizer(self.tokenizer)
@@ -182,7 +186,8 @@ class PromptDataModule(L.LightningDataModule):
         return dict.fromkeys(keys, 0)
 
     def skip_or_raise(self, error: DataError) -> None:
-        """Count and log a bad row when ``skip_invalid`` is set, else raise ``error``; for subclasses' loaders."""
+        """Count and log a bad row when ``skip_invalid`` is set, else raise ``error``; for subclasses'
+        loaders."""
         if not self.skip_invalid:
             raise error
         self.stats["skipped_invalid"] += 1
@@ -199,7 +204,8 @@ class PromptDataModule(L.LightningDataModule):
         items = {split: self._prepare(split, tokenizer) for split in ("train", "val")}
         self._items = items
         log.info(
-            "%s: %d train / %d val prompts (skipped %d invalid rows, %d unparseable golds; dropped %d prompts over %d tokens)",
+            "%s: %d train / %d val prompts (skipped %d invalid rows, %d unparseable golds; dropped %d "
+            "prompts over %d tokens)",
             type(self).__name__,
             self.stats["train_examples"],
             self.stats["val_examples"],
@@ -259,7 +265,8 @@ class PromptDataModule(L.LightningDataModule):
         world, rank = (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
         if len(items) < self.batch_size * world:
             raise DataError(
-                f"only {len(items)} train prompts for batch_size {self.batch_size} on {world} ranks: every batch would be dropped"
+                f"only {len(items)} train prompts for batch_size {self.batch_size} on {world} ranks: every "
+                "batch would be dropped"
             )
         sampler = GlobalBatchSampler(
             items, self.batch_size, world, rank, self.seed, skip=self.trained_batches

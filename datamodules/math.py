@@ -19,7 +19,8 @@ _CALC_ANNOTATION = re.compile(r"<<[^<>]*>>")  # GSM8K calculator notes such as <
 
 
 def example_from_row(row: Any, source: str) -> MathExample:
-    """A MathExample from a GSM8K row (question, answer with '#### N') or a MATH row (problem, solution/answer).
+    """A MathExample from a GSM8K row (question, answer with '#### N') or a MATH row (problem,
+    solution/answer).
 
     GSM8K: gold is the text after the last '####' with commas stripped; the solution drops the
     calculator annotations and ends in ``\\boxed{gold}`` like the prompts ask. MATH: ``answer``
@@ -52,7 +53,8 @@ def example_from_row(row: Any, source: str) -> MathExample:
             gold = gold.strip()
         return MathExample(question=question, gold=gold, solution=solution, source=source)
     raise DataError(
-        f"{source}: expected fields 'question' and 'answer' (GSM8K) or 'problem' and 'solution'/'answer' (MATH); "
+        f"{source}: expected fields 'question' and 'answer' (GSM8K) or 'problem' and 'solution'/'answer' "
+        "(MATH); "
         f"the row has fields {sorted(row)}"
     )
 

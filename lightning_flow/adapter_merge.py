@@ -27,9 +27,8 @@ def _plain_adapters(layer: LoraLayer) -> list[str] | None:
     another variant, LoRA bias, adapters switched off or already merged)."""
     base = layer.get_base_layer()
     weight = getattr(base, "weight", None)
-    if (
-        layer.disable_adapters or layer.merged or type(base) is not nn.Linear
-    ):  # bitsandbytes layers subclass nn.Linear
+    # bitsandbytes layers subclass nn.Linear
+    if layer.disable_adapters or layer.merged or type(base) is not nn.Linear:
         return None
     if type(weight) is not nn.Parameter or not weight.dtype.is_floating_point:
         return None
@@ -59,9 +58,8 @@ def merged_lora(model: nn.Module, buffers: dict[int, torch.Tensor] | None = None
     plans = [(layer, _plain_adapters(layer)) for layer in layers]
     holders = Counter(id(parameter) for _, parameter in model.named_parameters(remove_duplicate=False))
     tied = any(holders[id(layer.get_base_layer().weight)] > 1 for layer, names in plans if names)
-    if (
-        not layers or tied or any(names is None for _, names in plans)
-    ):  # tied: W + ΔW would reach the other holder too
+    # tied: W + ΔW would reach the other holder too
+    if not layers or tied or any(names is None for _, names in plans):
         yield False
         return
     kept: list[tuple[LoraLayer, nn.Parameter, torch.Tensor, list[str]]] = []

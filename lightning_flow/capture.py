@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import sys
 import time
-import weakref
 from collections.abc import Callable, Sequence
 from contextlib import nullcontext
 from typing import Any
@@ -38,9 +37,12 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 from torch.profiler import record_function
-from transformers import AttentionInterface, PreTrainedModel
+from transformers import AttentionInterface, PretrainedConfig, PreTrainedModel
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, eager_mask, sdpa_mask
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+from lightning_flow.internals import attention_implementation, in_backward, profiler_enabled
 
 __all__ = ["PROFILER_RANGE", "AttentionRecorder", "Stopwatch", "capture_attention", "default_capture_layers"]
 
@@ -55,16 +57,10 @@ _EAGER_NAME = "lightning_flow_capture_eager"
 _ACTIVE: dict[int, AttentionRecorder] = {}
 """Recorders in use, keyed by ``id(config)`` of every config of the recorded model."""
 
-_SWITCHES: weakref.WeakKeyDictionary[PreTrainedModel, dict[str, list[tuple[Any, Any]]]] = (
-    weakref.WeakKeyDictionary()
-)
-"""Per model and recording implementation: every config and the value ``set_attn_implementation``
-gave it at the model's first recording; later recordings set those values directly instead of
-walking every module of the model again."""
-
 
 _MIN_CHUNK_ELEMENTS = 2**18
-"""Score elements a recorded chunk may always use (1 MiB in float32), however small the map: short sequences take all heads in one product."""
+"""Score elements a recorded chunk may always use (1 MiB in float32), however small the map: short sequences
+take all heads in one product."""
 _CAUSAL_SPLIT = 256
 """Causal layers with this many query rows or more are recorded in at least 4 row chunks (see ``_record``)."""
 
@@ -74,7 +70,8 @@ class _StopForward(Exception):
 
 
 def default_capture_layers(num_layers: int, count: int = 5) -> list[int]:
-    """`count` layer indices evenly spaced over [floor(L/3), floor(2L/3)] (deduplicated, sorted; fewer when the range is smaller).
+    """`count` layer indices evenly spaced over [floor(L/3), floor(2L/3)] (deduplicated, sorted; fewer when
+    the range is smaller).
 
     Positions ``lo + i·(hi − lo)/(count − 1)`` are rounded half up, in integer arithmetic. Examples:
     L=5 -> [1, 2, 3]; L=28 -> [9, 11, 14, 16, 18]; L=36 -> [12, 15, 18, 21, 24]; L=1 -> [0].
@@ -91,7 +88,8 @@ def default_capture_layers(num_layers: int, count: int = 5) -> list[int]:
 
 
 def _outermost_pretrained(model: nn.Module) -> PreTrainedModel:
-    """The first ``PreTrainedModel`` in ``model.modules()``: the model itself, or the one a PeftModel wraps."""
+    """The first ``PreTrainedModel`` in ``model.modules()``: the model itself, or the one a PeftModel
+    wraps."""
     for module in model.modules():
         if isinstance(module, PreTrainedModel):
             return module
@@ -111,7 +109,7 @@ def _all_configs(top: PreTrainedModel) -> list[Any]:
         found[id(config)] = config
         for key in getattr(config, "sub_configs", {}) or {}:
             sub = getattr(config, key, None)
-            if sub is not None and hasattr(sub, "_attn_implementation_internal"):
+            if isinstance(sub, PretrainedConfig):
                 pending.append(sub)
     return list(found.values())
 
@@ -142,7 +140,8 @@ def _recording_attention(
     *args,
     **kwargs,
 ):
-    """The registered attention function: record the selected layers, delegate every layer to the real kernel."""
+    """The registered attention function: record the selected layers, delegate every layer to the real
+    kernel."""
     recorder = _ACTIVE.get(id(getattr(module, "config", None)))
     eager = recorder._eager if recorder is not None else False
     if recorder is not None and recorder._wants(getattr(module, "layer_idx", None)):
@@ -150,7 +149,7 @@ def _recording_attention(
         # range lets a profiler tell the recording's host time from its kernels' time (each context
         # entered only where it acts: entering it costs time on every recorded layer of every step)
         autocast = torch.is_autocast_enabled(query.device.type)
-        profiling = torch.autograd._profiler_enabled()  # any profiler: torch.profiler, NVTX or ITT ranges
+        profiling = profiler_enabled()
         with (
             recorder.stopwatch(query.device),
             torch.autocast(query.device.type, enabled=False) if autocast else nullcontext(),
@@ -164,20 +163,13 @@ def _recording_attention(
 
 
 def _register() -> None:
-    if _SDPA_NAME not in AttentionInterface._global_mapping:
+    if _SDPA_NAME not in ALL_ATTENTION_FUNCTIONS:
         AttentionInterface.register(_SDPA_NAME, _recording_attention)
-        AttentionMaskInterface.register(
-            _SDPA_NAME, sdpa_mask
-        )  # the boolean masks sdpa gets (None when plainly causal)
-    if _EAGER_NAME not in AttentionInterface._global_mapping:
+        # the boolean masks sdpa gets (None when plainly causal)
+        AttentionMaskInterface.register(_SDPA_NAME, sdpa_mask)
+    if _EAGER_NAME not in ALL_ATTENTION_FUNCTIONS:
         AttentionInterface.register(_EAGER_NAME, _recording_attention)
         AttentionMaskInterface.register(_EAGER_NAME, eager_mask)  # the additive float masks eager gets
-
-
-def _in_backward() -> bool:
-    """True while autograd runs a backward (e.g. a checkpointed layer re-running its forward)."""
-    task_id = getattr(torch._C, "_current_graph_task_id", None)
-    return task_id is not None and task_id() != -1
 
 
 class Stopwatch:
@@ -266,7 +258,8 @@ class AttentionRecorder:
                 f"layers={list(self.layers)}: the model has layers 0..{num_layers - 1 if num_layers else '?'}"
             )
         self._eager = False
-        self._saved: list[tuple[Any, Any]] = []
+        self._original: str | None = None  # the model's attention implementation, put back on exit
+        self._configs: list[Any] = []  # every config of the model, keys of _ACTIVE while recording
         self._entered = False
         self._done: list[Tensor] = []
         self._next_out: Tensor | None = None
@@ -283,35 +276,22 @@ class AttentionRecorder:
         self._done, self.stopwatch = [], Stopwatch()  # a recorder entered again starts afresh
         self._reset_pass()
         _register()
-        known = _SWITCHES.setdefault(self._top, {})
-        if not getattr(
-            self._top, "_can_set_attn_implementation", lambda: True
-        )():  # transformers' own (cached) check
-            known.clear()  # take the full switch, which refuses such a model
-        original = self._top.config._attn_implementation
-        self._eager = original in ("eager", "paged|eager")
+        self._original = attention_implementation(self._top.config)
+        self._eager = self._original in ("eager", "paged|eager")
         name = _EAGER_NAME if self._eager else _SDPA_NAME
-        configs = [config for config, _ in known[name]] if name in known else _all_configs(self._top)
+        configs = _all_configs(self._top)
         if any(id(c) in _ACTIVE for c in configs):
             raise RuntimeError("another AttentionRecorder is already recording this model")
-        self._saved = [(c, c._attn_implementation_internal) for c in configs]
         for config in configs:
             _ACTIVE[id(config)] = self
-        self._entered = True
+        self._configs, self._entered = configs, True
         try:
-            if (
-                name in known
-            ):  # what set_attn_implementation(name) set the first time, without walking the model again
-                for config, implementation in known[name]:
-                    config._attn_implementation_internal = implementation
-            else:
-                self._top.set_attn_implementation(name)
-                if self._top.config._attn_implementation != name:
-                    raise RuntimeError(
-                        f"{type(self._top).__name__} does not dispatch its attention through transformers' "
-                        "AttentionInterface, so its attention cannot be captured without eager attention"
-                    )
-                known[name] = [(c, c._attn_implementation_internal) for c in configs]
+            self._top.set_attn_implementation(name)
+            if attention_implementation(self._top.config) != name:
+                raise RuntimeError(
+                    f"{type(self._top).__name__} does not dispatch its attention through transformers' "
+                    "AttentionInterface, so its attention cannot be captured without eager attention"
+                )
         except BaseException:
             self._restore()
             raise
@@ -322,11 +302,13 @@ class AttentionRecorder:
         return exc_type is not None and issubclass(exc_type, _StopForward)
 
     def _restore(self) -> None:
-        for config, implementation in self._saved:
-            config._attn_implementation_internal = implementation
-            _ACTIVE.pop(id(config), None)
-        self._saved = []
-        self._entered = False
+        try:
+            if attention_implementation(self._top.config) != self._original:
+                self._top.set_attn_implementation(self._original)
+        finally:
+            for config in self._configs:
+                _ACTIVE.pop(id(config), None)
+            self._configs, self._entered = [], False
 
     # -- passes ---------------------------------------------------------------------------------
     def run(
@@ -344,8 +326,10 @@ class AttentionRecorder:
         ``rows``: optional ``[k]`` indices of the batch rows to record (the others cost nothing);
         the pass's map then holds those k rows, in that order.
         ``out``: an optional ``[k, T, T]`` float32 buffer on the model's device (k: the recorded
-        rows) that this pass's map is accumulated into (it is zeroed first and later returned by :meth:`take`).
-        ``stop``: end this pass right after the last recorded layer (as ``stop_after_last`` does for every pass).
+        rows) that this pass's map is accumulated into (it is zeroed first and later returned by
+        :meth:`take`).
+        ``stop``: end this pass right after the last recorded layer (as ``stop_after_last`` does for every
+        pass).
         """
         if not self._entered:
             raise RuntimeError("AttentionRecorder.run must be called inside its `with` block")
@@ -379,7 +363,8 @@ class AttentionRecorder:
                 )
             raise RuntimeError(
                 "no attention was captured: run the model inside the recorder's `with` block "
-                "(its attention modules must dispatch through transformers' AttentionInterface and have layer_idx)"
+                "(its attention modules must dispatch through transformers' AttentionInterface and have "
+                "layer_idx)"
             )
         return self._done[0] if len(self._done) == 1 else torch.cat(self._done)
 
@@ -391,7 +376,7 @@ class AttentionRecorder:
         self._rows: Tensor | None = None  # the batch rows this forward records (None: all)
 
     def _wants(self, layer: int | None) -> bool:
-        if layer is None or layer not in self.layers or _in_backward():
+        if layer is None or layer not in self.layers or in_backward():
             return False
         if self._seen and layer <= self._seen[-1]:
             self._reset_pass()  # layers only increase within a forward: this is a new forward
@@ -405,7 +390,8 @@ class AttentionRecorder:
         t_k = key.shape[2]
         if t_q != t_k:
             raise RuntimeError(
-                f"attention capture needs a full pass without a filled KV cache (got {t_q} queries and {t_k} keys); "
+                f"attention capture needs a full pass without a filled KV cache (got {t_q} queries and {t_k} "
+                "keys); "
                 "pass use_cache=False"
             )
         if self._sum is None:  # first recorded layer of this forward
@@ -475,18 +461,16 @@ class AttentionRecorder:
                 if position_bias is not None:
                     scores.add_(_chunk(position_bias, rows, h0, h1, r0, r1, c1))
                 if additive is not None:
-                    scores.add_(_chunk(additive, rows, h0, h1, r0, r1, c1)).clamp_min_(
-                        lowest
-                    )  # -inf in a mask stays finite
+                    # -inf in a mask stays finite
+                    scores.add_(_chunk(additive, rows, h0, h1, r0, r1, c1)).clamp_min_(lowest)
                 if allowed is not None:
                     scores.masked_fill_(~_chunk(allowed, rows, h0, h1, r0, r1, c1), lowest)
                 elif plain_causal:  # query r0 + j sees keys up to r0 + j
                     scores.masked_fill_(
                         torch.ones(r1 - r0, c1, dtype=torch.bool, device=scores.device).triu_(r0 + 1), lowest
                     )
-                probs = torch.softmax(
-                    scores, dim=-1
-                )  # fused: fewer passes over the chunk than an in-place softmax
+                # fused: fewer passes over the chunk than an in-place softmax
+                probs = torch.softmax(scores, dim=-1)
                 del scores
                 head_sum = probs[:, 0] if h1 - h0 == 1 else probs.sum(1)  # [n or k, r, c1]
                 del probs
@@ -494,7 +478,8 @@ class AttentionRecorder:
         self._seen.append(module.layer_idx)
         if tuple(self._seen) == self.layers:
             # Padded keys got probability exactly 0 from the mask in every row; a padded query's row
-            # (all its keys masked: uniform) is zeroed here, by a multiply (cheaper than masked_fill on a CPU).
+            # (all its keys masked: uniform) is zeroed here, by a multiply (cheaper than masked_fill on a
+            # CPU).
             self._sum.mul_(self._valid.to(self._sum.dtype)[:, :, None])
             self._done.append(self._sum)
             self._reset_pass()
@@ -547,7 +532,8 @@ def capture_attention(
     micro_batch_size: int = 8,
     position_ids: Tensor | None = None,
 ) -> Tensor:
-    """[N, T] ids/mask (prompt left-padded + response right-padded; padding anywhere) -> [N, T, T] float32 head- and layer-mean attention maps Ā[n, query, key], zeros at padded rows and columns.
+    """[N, T] ids/mask (prompt left-padded + response right-padded; padding anywhere) -> [N, T, T] float32
+    head- and layer-mean attention maps Ā[n, query, key], zeros at padded rows and columns.
 
     One forward pass per micro-batch, in eval mode (dropout off; the modules' train/eval flags
     are restored after), with ``use_cache=False``. Attention probabilities are computed only for
@@ -572,7 +558,8 @@ def capture_attention(
         raise ValueError(f"micro_batch_size={micro_batch_size}: must be at least 1")
     if input_ids.shape != attention_mask.shape or input_ids.dim() != 2:
         raise ValueError(
-            f"input_ids {tuple(input_ids.shape)} and attention_mask {tuple(attention_mask.shape)} must both be [N, T]"
+            f"input_ids {tuple(input_ids.shape)} and attention_mask {tuple(attention_mask.shape)} must both "
+            "be [N, T]"
         )
     top = _outermost_pretrained(model)
     device = top.get_input_embeddings().weight.device

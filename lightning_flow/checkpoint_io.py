@@ -54,7 +54,8 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             checkpoint = torch.load(path, map_location=map_location or "cpu", weights_only=weights_only)
         except Exception as error:  # torch raises zip, pickle and unicode errors alike
             raise CheckpointError(
-                f"cannot read checkpoint {path}: it is truncated, corrupt or not a PyTorch file ({type(error).__name__}: {error})"
+                f"cannot read checkpoint {path}: it is truncated, corrupt or not a PyTorch file "
+                f"({type(error).__name__}: {error})"
             ) from None
         if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
             found = sorted(checkpoint)[:8] if isinstance(checkpoint, dict) else type(checkpoint).__name__

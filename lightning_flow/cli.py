@@ -42,7 +42,8 @@ class FlowCLI(LightningCLI):
         if config.trainer.get("accelerator") in ("gpu", "cuda") and not torch.cuda.is_available():
             # Lightning would only say "No supported gpu backend found!"
             raise ValueError(
-                f"trainer.accelerator={config.trainer.accelerator} but this machine has no CUDA GPU; use --trainer.accelerator=cpu"
+                f"trainer.accelerator={config.trainer.accelerator} but this machine has no CUDA GPU; use "
+                "--trainer.accelerator=cpu"
             )
         if config.get("ckpt_path") == "last":
             resume_in_latest_version(config.trainer)

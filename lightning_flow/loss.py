@@ -134,9 +134,8 @@ class _ChunkedTokenLogprobs(torch.autograd.Function):
     """
 
     @staticmethod
-    def _block_logits(
-        inputs: Tensor, weight: Tensor | None, bias: Tensor | None
-    ) -> Tensor:  # [r, c, D] -> [r, c, V]
+    # [r, c, D] -> [r, c, V]
+    def _block_logits(inputs: Tensor, weight: Tensor | None, bias: Tensor | None) -> Tensor:
         if weight is None:
             return inputs
         with torch.autocast(inputs.device.type, enabled=False):
@@ -195,15 +194,15 @@ class _ChunkedTokenLogprobs(torch.autograd.Function):
                     _ChunkedTokenLogprobs._block_logits(block, weight, bias), ctx.temperature
                 ).mul_(-g)
             else:
-                # d H / d z_v = -p_v (log p_v + H) / T; with the log-prob's: (g 1[v == y] - p_v (g + g_H (log p_v + H))) / T
+                # d H / d z_v = -p_v (log p_v + H) / T; with the log-prob's: (g 1[v == y] - p_v (g + g_H (log
+                # p_v + H))) / T
                 log_p = _log_normalised(
                     _ChunkedTokenLogprobs._block_logits(block, weight, bias), ctx.temperature
                 )
                 grad = log_p.exp()
                 log_p.add_(entropy[rows, cols, None]).mul_(grad_entropy[rows, cols, None].float()).add_(g)
-                grad.mul_(log_p).neg_().nan_to_num_(
-                    nan=0.0
-                )  # a -inf logit: p = 0 times -inf, whose limit is 0
+                # a -inf logit: p = 0 times -inf, whose limit is 0
+                grad.mul_(log_p).neg_().nan_to_num_(nan=0.0)
                 del log_p
             grad.scatter_add_(-1, targets[rows, cols, None], g)  # [r, c, V] fp32
             if ctx.temperature != 1.0:
@@ -248,7 +247,8 @@ def token_logprobs_and_entropy(
     at once (default: as many as make 2^25 vocabulary entries, 220 with a 152K vocabulary, all of
     a small model's micro-batch), so each fp32 temporary is chunk_tokens × V × 4 bytes (128 MiB
     at the default) whatever N and L are; a block holds at most two of them; with a head no
-    [N, L, V] tensor is made at all. With ``positions`` ([N, L] bool) only those positions are scored (the loss's
+    [N, L, V] tensor is made at all. With ``positions`` ([N, L] bool) only those positions are scored (the
+    loss's
     completion tokens, not the padding after EOS); the others get 0 and no gradient. Selecting
     them copies their inputs, so pass it with hidden states, not with full logits.
     """

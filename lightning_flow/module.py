@@ -125,19 +125,23 @@ class GRPOConfig:
         high = self.epsilon if self.epsilon_high is None else self.epsilon_high
         if not 0 < self.top_entropy_quantile <= 1:
             raise ValueError(
-                f"model.grpo.top_entropy_quantile={self.top_entropy_quantile}: the share of tokens kept must be in (0, 1] (1 keeps all)"
+                f"model.grpo.top_entropy_quantile={self.top_entropy_quantile}: the share of tokens kept must "
+                "be in (0, 1] (1 keeps all)"
             )
         if self.delta is not None and objective is not None and objective.term is not clipped_term:
             raise ValueError(
-                f"model.grpo.delta={self.delta}: two-sided clipping applies to the clipped objectives, not loss_type={self.loss_type}"
+                f"model.grpo.delta={self.delta}: two-sided clipping applies to the clipped objectives, not "
+                f"loss_type={self.loss_type}"
             )
         if self.delta is not None and self.delta <= 1 + high:
             raise ValueError(
-                f"model.grpo.delta={self.delta} must exceed 1 + epsilon_high = {1 + high:g}, or the upper clip never acts"
+                f"model.grpo.delta={self.delta} must exceed 1 + epsilon_high = {1 + high:g}, or the upper "
+                "clip never acts"
             )
         if self.loss_type == "cispo" and (self.epsilon_high is None or self.epsilon_high < 1):
             raise ValueError(
-                f"model.grpo.epsilon_high={self.epsilon_high}: loss_type=cispo caps the ratio at epsilon_high itself "
+                f"model.grpo.epsilon_high={self.epsilon_high}: loss_type=cispo caps the ratio at "
+                "epsilon_high itself "
                 "(ε_max, e.g. 5.0), which must be set and at least 1"
             )
         low, high = self.vllm_importance_sampling_clip_min, self.vllm_importance_sampling_clip_max
@@ -154,13 +158,16 @@ class GRPOConfig:
             and objective.weighs_responses_by_length
         ):
             warnings.warn(
-                f"model.grpo.importance_sampling_level=sequence with loss_type={self.loss_type}: this loss sums token terms, "
-                "so each response's sequence-level term counts once per token (a length weighting); GSPO uses loss_type=grpo",
+                f"model.grpo.importance_sampling_level=sequence with loss_type={self.loss_type}: this loss "
+                "sums token terms, "
+                "so each response's sequence-level term counts once per token (a length weighting); GSPO "
+                "uses loss_type=grpo",
                 stacklevel=2,
             )
         if self.loss_type == "luspo" and self.importance_sampling_level == "token":
             warnings.warn(
-                "model.grpo.loss_type=luspo is defined with importance_sampling_level=sequence; token-level ratios are used",
+                "model.grpo.loss_type=luspo is defined with importance_sampling_level=sequence; token-level "
+                "ratios are used",
                 stacklevel=2,
             )
 
@@ -223,16 +230,13 @@ class GRPOModule(L.LightningModule):
         self.eos_ids = eos_token_ids(self.policy, self.tokenizer, sampling.extra_eos_token_ids)
         self.engine = build_engine(sampling, self.tokenizer.pad_token_id, self.eos_ids)
         self.attention_layers: list[int] | None = None  # set by request_attention
-        self.record_zero_advantage = (
-            False  # whether rows with a zero advantage are recorded too (request_attention)
-        )
-        self.attention_budget: int | None = (
-            None  # bytes of dense maps held at once (request_attention); None: a micro-batch's
-        )
+        # whether rows with a zero advantage are recorded too (request_attention)
+        self.record_zero_advantage = False
+        # bytes of dense maps held at once (request_attention); None: a micro-batch's
+        self.attention_budget: int | None = None
         self.capture_seconds = self.credit_seconds = 0.0  # this step's, see first_pass
-        self.attention_recorder: AttentionRecorder | None = (
-            None  # of attention_layers, made by request_attention, entered each step
-        )
+        # of attention_layers, made by request_attention, entered each step
+        self.attention_recorder: AttentionRecorder | None = None
         # Sampling noise comes from (seed, step, prompt source); see seeded_sampling.
         self.sampling_seed = (
             sampling.seed if sampling.seed is not None else int(os.environ.get("PL_GLOBAL_SEED", 0))
@@ -240,9 +244,18 @@ class GRPOModule(L.LightningModule):
         self.skipped_nonfinite_steps = 0  # optimizer steps whose gradient had a NaN or inf (no update made)
         self.step_verifier_timeouts = 0  # completions of this step whose verification timed out (scored 0)
         self._rng_states_to_restore: dict | None = None  # from a checkpoint, applied when training starts
-        self.step_scalars = (
-            StepScalars()
-        )  # this step's scalars; rollout callbacks add theirs in on_rollouts_end
+        # this step's scalars; rollout callbacks add theirs in on_rollouts_end
+        self.step_scalars = StepScalars()
+
+    @property
+    def group_size(self) -> int:
+        """Responses per prompt (``sampling.num_generations``)."""
+        return self.sampling.num_generations
+
+    @property
+    def reward_names(self) -> list[str]:
+        """The reward functions' names, in the order of ``Rollouts.rewards``' columns."""
+        return self.reward_suite.names
 
     def request_attention(
         self, layers: list[int] | None = None, zero_advantage_rows: bool = False, max_bytes: int | None = None
@@ -287,15 +300,18 @@ class GRPOModule(L.LightningModule):
             self.logger.log_metrics({f"data/{key}": float(value) for key, value in stats.items()}, step=0)
 
     def check_attention_budget(self) -> None:
-        """Before the first step: one response's map, at the longest prompt + response, must fit the budget."""
+        """Before the first step: one response's map, at the longest prompt + response, must fit the
+        budget."""
         longest = getattr(self.trainer.datamodule, "max_prompt_length", None)
         if self.attention_budget is None or not self.attention_layers or longest is None:
             return
         positions = longest + self.sampling.max_new_tokens
         if 4 * positions**2 > self.attention_budget:
             raise ValueError(
-                f"the attention budget ({self.attention_budget / 2**20:.1f} MiB, FlowCredit's max_attention_mb) holds no "
-                f"response's map: {positions} positions (data.max_prompt_length {longest} + model.sampling.max_new_tokens "
+                f"the attention budget ({self.attention_budget / 2**20:.1f} MiB, FlowCredit's "
+                "max_attention_mb) holds no "
+                f"response's map: {positions} positions (data.max_prompt_length {longest} + "
+                "model.sampling.max_new_tokens "
                 f"{self.sampling.max_new_tokens}) need {4 * positions**2 / 2**20:.1f} MiB"
             )
 
@@ -389,7 +405,8 @@ class GRPOModule(L.LightningModule):
 
     @torch.no_grad()
     def add_old_and_reference_logps(self, rollouts: Rollouts) -> None:
-        """Log-probs of the sampling policy (μ > 1, the step's first pass) and of the adapter-disabled reference (β > 0)."""
+        """Log-probs of the sampling policy (μ > 1, the step's first pass) and of the adapter-disabled
+        reference (β > 0)."""
         if self.grpo.num_iterations > 1:
             with self.first_pass_recording(rollouts) as recorder:
                 rollouts.old_logps = torch.cat(
@@ -404,7 +421,8 @@ class GRPOModule(L.LightningModule):
     @contextmanager
     def first_pass_recording(self, rollouts: Rollouts) -> Iterator[AttentionRecorder | None]:
         """Opens the step's first pass over the rollouts: allocates ``rollouts.entropy`` and, when a
-        callback asked for attention, enters the recorder (None otherwise); once per pass, not per micro-batch."""
+        callback asked for attention, enters the recorder (None otherwise); once per pass, not per
+        micro-batch."""
         rollouts.entropy = torch.zeros_like(rollouts.completion_mask)
         if not self.attention_layers:
             yield None
@@ -433,9 +451,8 @@ class GRPOModule(L.LightningModule):
             micro_batch.capture = partial(self.capture_rows, rollouts, recorder)
         first = micro_batch.attention_rows[: micro_batch.chunk_rows]
         local = torch.tensor([row - rows.start for row in first], dtype=torch.long, device=self.device)
-        logps, entropy = self.completion_logps(
-            rollouts, rows, recorder, local
-        )  # no rows to record: the recorder only passes through
+        # no rows to record: the recorder only passes through
+        logps, entropy = self.completion_logps(rollouts, rows, recorder, local)
         if recorder is not None:
             maps = recorder.take()
             micro_batch.recorded = (first, maps) if first else None
@@ -508,12 +525,10 @@ class GRPOModule(L.LightningModule):
                     if iteration == 0:  # where the policy still is the sampler
                         entropy_mean = (entropy.detach() * mask).sum() / mask.sum().clamp(min=1)
                         step_loss = step_loss + loss.detach()
-                        first_pass.append(
-                            (mask.sum(), {"entropy": entropy_mean, **vars(stats)})
-                        )  # vars: asdict deep-copies tensors
-            trainable = [
-                p for group in optimizer.param_groups for p in group["params"]
-            ]  # configure_optimizers' (no module walk)
+                        # vars: asdict deep-copies tensors
+                        first_pass.append((mask.sum(), {"entropy": entropy_mean, **vars(stats)}))
+            # configure_optimizers' (no module walk)
+            trainable = [p for group in optimizer.param_groups for p in group["params"]]
             grad_norm = torch.nn.utils.clip_grad_norm_(trainable, self.grpo.max_grad_norm or float("inf"))
             if not torch.isfinite(grad_norm):  # a NaN/inf anywhere in the loss or logits ends up here
                 # AdamW skips parameters without a gradient: the step counts, weights and moments stay.
@@ -633,10 +648,11 @@ class GRPOModule(L.LightningModule):
         forward = self.policy if self.decoder_and_head is None else self.decoder_and_head[0]
         if recorder is not None:
             forward = partial(recorder.run, forward=forward, rows=record)
+        # the bonus differentiates the entropy
         temperature, entropy_grad = (
             self.sampling.temperature,
             self.grpo.entropy_coef != 0,
-        )  # the bonus differentiates the entropy
+        )
         if self.decoder_and_head is None:
             logits = forward(**inputs, logits_to_keep=targets.shape[1] + 1).logits[:, :-1]
             return token_logprobs_and_entropy(logits, targets, temperature, entropy_grad=entropy_grad)
@@ -700,7 +716,8 @@ class GRPOModule(L.LightningModule):
         if not math.isfinite(total):  # e.g. a run bounded by trainer.max_time only
             if self.optim.schedule != "constant":
                 raise ValueError(
-                    f"optim.schedule={self.optim.schedule!r} decays to 0 at the last step: set trainer.max_steps"
+                    f"optim.schedule={self.optim.schedule!r} decays to 0 at the last step: set "
+                    "trainer.max_steps"
                 )
             total = 0  # unused by the constant schedule
         scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -737,7 +754,8 @@ class GRPOModule(L.LightningModule):
         for key in sorted(self.trainable_state_keys()):
             if saved[key].shape != own[key].shape:
                 raise CheckpointError(
-                    f"{source}: {key} has shape {tuple(saved[key].shape)}, this policy's has {tuple(own[key].shape)} "
+                    f"{source}: {key} has shape {tuple(saved[key].shape)}, this policy's has "
+                    f"{tuple(own[key].shape)} "
                     "(another lora_rank or model?)"
                 )
         self._rng_states_to_restore = checkpoint.get("rng_states")
@@ -758,9 +776,8 @@ class GRPOModule(L.LightningModule):
         self.tokenizer.save_pretrained(directory)
 
     def on_train_end(self) -> None:
-        directory = (
-            Path(self.trainer.log_dir or self.trainer.default_root_dir) / "adapter"
-        )  # a collective call under DDP: every rank asks
+        # a collective call under DDP: every rank asks
+        directory = Path(self.trainer.log_dir or self.trainer.default_root_dir) / "adapter"
         if self.trainer.is_global_zero:
             self.save_adapter(directory)
 

@@ -42,9 +42,8 @@ class TermOptions:
 
 class Term(NamedTuple):
     per_token: Tensor  # [n, L] the objective's loss of each token, before masking
-    clipped_low: (
-        Tensor | None
-    )  # bool, broadcastable to [n, L]: tokens the clip stops pushing down (None: the term has no such clip)
+    # bool, broadcastable to [n, L]: tokens the clip stops pushing down (None: the term has no such clip)
+    clipped_low: Tensor | None
     clipped_high: Tensor | None  # bool: tokens the clip stops pushing up
 
 
@@ -80,9 +79,8 @@ def sapo_term(ratio: Tensor, logps: Tensor, adv: Tensor, options: TermOptions) -
 # ---- aggregations: token losses -> one micro-batch loss -------------------------------------
 class Normalisers(NamedTuple):
     max_completion_length: int | None  # dr_grpo
-    num_items_in_batch: (
-        int | float | Tensor | None
-    )  # dapo, cispo: completion tokens of the whole generation batch
+    # dapo, cispo: completion tokens of the whole generation batch
+    num_items_in_batch: int | float | Tensor | None
 
 
 def response_mean(per_token: Tensor, mask: Tensor, norms: Normalisers) -> Tensor:
@@ -103,7 +101,8 @@ def max_length_mean(per_token: Tensor, mask: Tensor, norms: Normalisers) -> Tens
 
 
 def batch_token_mean(per_token: Tensor, mask: Tensor, norms: Normalisers) -> Tensor:
-    """Token sum / the completion tokens of the whole generation batch (dapo, cispo); an all-empty batch gives 0."""
+    """Token sum / the completion tokens of the whole generation batch (dapo, cispo); an all-empty batch gives
+    0."""
     if norms.num_items_in_batch is None:
         raise ValueError("this loss_type needs num_items_in_batch (completion tokens of the whole batch)")
     return (per_token * mask).sum() / torch.as_tensor(
@@ -164,9 +163,8 @@ class LossStats:
     clip_ratio_low: Tensor
     clip_ratio_high: Tensor
     clip_ratio: Tensor
-    policy_token_fraction: (
-        Tensor  # share of the tokens the policy term reads (below 1 with top_entropy_quantile)
-    )
+    # share of the tokens the policy term reads (below 1 with top_entropy_quantile)
+    policy_token_fraction: Tensor
     sampler_logp_diff: (
         Tensor  # mean |log π_trainer - log π_sampler| over tokens (0 without sampler log-probs)
     )
@@ -320,9 +318,8 @@ def policy_loss(
     # into inf * 0 = NaN (where() also sends them zero gradient).
     log_ratio = torch.where(present, logps - old_logps.detach(), 0.0)  # [n, L]
     if importance_sampling_level == "sequence":
-        log_ratio = (log_ratio * mask).sum(dim=1, keepdim=True) / mask.sum(dim=1, keepdim=True).clamp(
-            min=1
-        )  # [n, 1]
+        # [n, 1]
+        log_ratio = (log_ratio * mask).sum(dim=1, keepdim=True) / mask.sum(dim=1, keepdim=True).clamp(min=1)
     ratio = torch.exp(log_ratio)
     term = objective.term(ratio, torch.where(present, logps, 0.0), adv, options)
     per_token = term.per_token

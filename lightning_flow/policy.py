@@ -80,10 +80,11 @@ class SamplingConfig:
     (None: the run's ``seed_everything`` value), so responses do not depend on rank or batch layout."""
     merge_adapter: bool = True
     """Sample with the LoRA adapter merged into a copy of the base weights (one product per projection
-    instead of three; the copy lives while sampling). Bases it cannot merge exactly (4-bit, DoRA) sample unmerged."""
+    instead of three; the copy lives while sampling). Bases it cannot merge exactly (4-bit, DoRA) sample
+    unmerged."""
     engine: str = "hf"
     """The rollout engine (docs/engines.md): ``hf`` (transformers ``generate``, per-response seeds),
-    ``static`` (the same loop on a static KV cache, compiled), ``paged`` (transformers' continuous batching)."""
+    ``static`` (the same loop on a static KV cache, compiled), ``paged`` (continuous batching)."""
     generation_batch_size: int | None = None
     """Responses sampled at once (None: all of the step's); only one chunk's KV cache is alive. It
     need not divide anything: the last chunk is smaller. With ``hf``/``static`` the tokens are the
@@ -94,7 +95,8 @@ class SamplingConfig:
     def __post_init__(self) -> None:
         if self.num_generations < 2:
             raise ValueError(
-                f"sampling.num_generations={self.num_generations}: group-normalised advantages need at least 2"
+                f"sampling.num_generations={self.num_generations}: group-normalised advantages need at least "
+                "2"
             )
         if self.engine not in ENGINE_NAMES:
             raise ValueError(
@@ -103,11 +105,13 @@ class SamplingConfig:
         size = self.generation_batch_size
         if size is not None and (isinstance(size, bool) or not isinstance(size, int) or size < 1):
             raise ValueError(
-                f"model.sampling.generation_batch_size={size!r}: a positive number of responses (or null: all at once)"
+                f"model.sampling.generation_batch_size={size!r}: "
+                "a positive number of responses (or null: all at once)"
             )
         if self.compile is not None and self.engine != "static":
             raise ValueError(
-                f"model.sampling.compile={self.compile}: only the static engine compiles, not engine={self.engine!r}"
+                f"model.sampling.compile={self.compile}: "
+                f"only the static engine compiles, not engine={self.engine!r}"
             )
 
 

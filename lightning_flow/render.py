@@ -124,14 +124,16 @@ def summary(trace: Trace) -> str:
     parts = [answer, "degenerate: uniform weights" if trace.degenerate else f"absorbed {trace.absorbed:.4f}"]
     if trace.concentration is not None:
         parts.append(
-            f"top {trace.config['concentration_fraction']:.0%} of response tokens carry {trace.concentration:.0%} of its flow"
+            f"top {trace.config['concentration_fraction']:.0%} of response tokens carry "
+            f"{trace.concentration:.0%} of its flow"
         )
     parts.append(f"layers {trace.layers}")
     return " · ".join(parts)
 
 
 def _arc(x0: float, y0: float, x1: float, y1: float, rise: float) -> CurvePath:
-    """A cubic curve leaving the top of one cell upwards and entering the top of another from above (y grows downwards)."""
+    """A cubic curve leaving the top of one cell upwards and entering the top of another from above (y grows
+    downwards)."""
     if y0 == y1:
         rise = min(rise, 0.35 * rise + 0.25 * abs(x1 - x0))
     return CurvePath(
@@ -209,6 +211,7 @@ def _draw_strip(ax, trace: Trace, cells: list[Cell], g: _Grid, arcs: int) -> Non
     strongest = max((e["flow"] for e in edges), default=1.0)
     shares = [e["flow"] / strongest for e in edges]
     curves = [PathPatch(_arc(*centre[e["source"]], *centre[e["target"]], 0.95 * g.gap)) for e in edges]
+    # under the labels
     ax.add_collection(
         PatchCollection(
             curves,
@@ -218,7 +221,7 @@ def _draw_strip(ax, trace: Trace, cells: list[Cell], g: _Grid, arcs: int) -> Non
             zorder=1.5,
             gid="arcs",
         )
-    )  # under the labels
+    )
 
 
 def _key_handles(trace: Trace, arcs: int) -> list:
@@ -245,14 +248,12 @@ def figure(trace: Trace, cfg: RenderConfig = RenderConfig(), title: str | None =
     g, fs = _Grid(cfg.font_size), cfg.font_size
     cells = layout(trace.tokens, cfg.line_chars, cfg.max_token_chars)
     lines = cells[-1].line + 1 if cells else 1
-    columns = max(
-        max((c.column + c.width for c in cells), default=0), min(cfg.line_chars, 72)
-    )  # short traces get a narrower picture
+    # short traces get a narrower picture
+    columns = max(max((c.column + c.width for c in cells), default=0), min(cfg.line_chars, 72))
     strip_w, strip_h = g.margin + (columns + 1) * g.cell, lines * g.pitch + 0.5 * fs
     info = summary(trace) + "".join(f" · {k} {v}" for k, v in trace.meta.items() if k != "title")
-    info_lines = textwrap.wrap(
-        info, width=max(40, int(strip_w / (_ADVANCE * 0.9 * fs)))
-    )  # sans text is narrower than mono
+    # sans text is narrower than mono
+    info_lines = textwrap.wrap(info, width=max(40, int(strip_w / (_ADVANCE * 0.9 * fs))))
     wide = strip_w >= 60 * fs  # room for the key in one row
     pad, head, foot, prof = (
         0.8 * fs,

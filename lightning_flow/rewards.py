@@ -167,7 +167,8 @@ def verifier_timeouts() -> int:
 def _check_lengths(prompts: list[str], completions: list[str], golds: list[str]) -> None:
     if not len(prompts) == len(completions) == len(golds):
         raise ValueError(
-            f"reward inputs differ in length: {len(prompts)} prompts, {len(completions)} completions, {len(golds)} golds"
+            f"reward inputs differ in length: {len(prompts)} prompts, {len(completions)} completions, "
+            f"{len(golds)} golds"
         )
 
 
@@ -225,7 +226,8 @@ def load_reward_function(import_path: str) -> RewardFunction:
         module_name, _, attribute = import_path.rpartition(".")
     if not module_name or not attribute or not all(part.isidentifier() for part in attribute.split(".")):
         raise ValueError(
-            f"reward function path {import_path!r} must look like 'package.module:function' or 'package.module.function'"
+            f"reward function path {import_path!r} must look like 'package.module:function' or "
+            "'package.module.function'"
         )
     try:
         target: Any = importlib.import_module(module_name)
@@ -288,7 +290,8 @@ class RewardSuite:
             values = list(fn(prompts=prompts, completions=completions, golds=golds))
             if len(values) != len(completions):
                 raise ValueError(
-                    f"reward function {name!r} returned {len(values)} values for {len(completions)} completions"
+                    f"reward function {name!r} returned {len(values)} values for {len(completions)} "
+                    "completions"
                 )
             try:
                 column = torch.tensor([float(v) for v in values], dtype=torch.float32)

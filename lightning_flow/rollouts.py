@@ -8,11 +8,15 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import torch
-from lightning.pytorch import Callback, LightningModule, Trainer
-from torch import Tensor
+from lightning.pytorch import Callback, Trainer
+from torch import Tensor, nn
 from torch_geometric.data import Batch, Data
+from transformers import PreTrainedTokenizerBase
+
+from lightning_flow.step_scalars import StepScalars
 
 
 @dataclass
@@ -30,18 +34,15 @@ class Rollouts:
     advantages: Tensor  # [N] float, group-normalised
     zero_std_groups: Tensor  # [N / G] bool, groups whose rewards were all equal
     token_weights: Tensor  # [N, L] float, per-token credit multiplying the advantage (default ones)
-    step: int = 0  # trainer.global_step when this step began: the step FlowPictures logs at
+    step: int = 0  # trainer.global_step (optimizer steps done) when this step began
     old_logps: Tensor | None = None  # [N, L] float, sampling policy's log-probs (num_iterations > 1)
     ref_logps: Tensor | None = None  # [N, L] float, adapter-disabled log-probs (beta > 0)
-    sampler_logps: Tensor | None = (
-        None  # [N, L] float, the rollout engine's log-probs of its draws, if it has them
-    )
-    entropy: Tensor | None = (
-        None  # [N, L] float, predictive entropy of each completion position (the step's first policy pass)
-    )
-    flow_graphs: list[tuple[list[int], Batch]] = field(
-        default_factory=list
-    )  # solved flow graphs (FlowCredit): (rollout rows, one graph per row)
+    # [N, L] float, the rollout engine's log-probs of its draws, if it has them
+    sampler_logps: Tensor | None = None
+    # [N, L] float, predictive entropy of each completion position (the step's first policy pass)
+    entropy: Tensor | None = None
+    # solved flow graphs (FlowCredit): (rollout rows, one graph per row)
+    flow_graphs: list[tuple[list[int], Batch]] = field(default_factory=list)
 
     @property
     def input_ids(self) -> Tensor:  # [N, P + L]
@@ -61,7 +62,8 @@ class Rollouts:
         return self.completion_ids.shape[0]
 
     def flow_graph(self, row: int) -> Data | None:
-        """The solved flow graph of ``row`` (node attributes f, h, log_h, role, position), if credit made one."""
+        """The solved flow graph of ``row`` (node attributes f, h, log_h, role, position), if credit made
+        one."""
         for rows, graphs in self.flow_graphs:
             if row in rows:
                 return graphs.get_example(rows.index(row))
@@ -79,12 +81,10 @@ class MicroBatch:
     """
 
     rows: slice  # the micro-batch's rollout rows: on_credit sets rollouts.token_weights[rows]
-    attention_rows: list[
-        int
-    ]  # rollout rows whose maps attention_maps() yields (credited rows, or all when asked)
-    recorded: tuple[list[int], Tensor] | None = (
-        None  # rows and [k, T, T] maps recorded by the forward, handed over once
-    )
+    # rollout rows whose maps attention_maps() yields (credited rows, or all when asked)
+    attention_rows: list[int]
+    # rows and [k, T, T] maps recorded by the forward, handed over once
+    recorded: tuple[list[int], Tensor] | None = None
     capture: Callable[[list[int]], Tensor] | None = None  # [k, T, T] maps of more rows, one extra pass
     chunk_rows: int = 1  # rows per chunk (the attention budget)
 
@@ -106,6 +106,29 @@ class MicroBatch:
         return recorded
 
 
+class StepModule(Protocol):
+    """What a ``RolloutCallback`` may use of the module running the step (``GRPOModule``)."""
+
+    policy: nn.Module  # the adapted causal LM (eval passes, capture)
+    tokenizer: PreTrainedTokenizerBase
+    eos_ids: list[int]  # token ids that end a response
+    attention_layers: list[int] | None  # layers recorded in the step's first pass; None: none asked
+    step_scalars: StepScalars  # add this step's scalars here: reduced over ranks, logged on logging steps
+
+    @property
+    def group_size(self) -> int:
+        """Responses per prompt: rows ``[g·G, (g+1)·G)`` of the rollouts are group g."""
+
+    @property
+    def reward_names(self) -> list[str]:
+        """Names of the reward functions, in the order of ``Rollouts.rewards``' columns."""
+
+    def request_attention(
+        self, layers: list[int] | None = None, zero_advantage_rows: bool = False, max_bytes: int | None = None
+    ) -> None:
+        """Ask for attention maps in ``on_credit`` (call it in ``setup``)."""
+
+
 class RolloutCallback(Callback):
     """A callback that sets per-token credit and sees each step's rollouts.
 
@@ -122,9 +145,9 @@ class RolloutCallback(Callback):
     """
 
     def on_credit(
-        self, trainer: Trainer, pl_module: LightningModule, rollouts: Rollouts, micro_batch: MicroBatch
+        self, trainer: Trainer, pl_module: StepModule, rollouts: Rollouts, micro_batch: MicroBatch
     ) -> None:
         """Set ``rollouts.token_weights[micro_batch.rows]`` (in place); other rows are not ready yet."""
 
-    def on_rollouts_end(self, trainer: Trainer, pl_module: LightningModule, rollouts: Rollouts) -> None:
+    def on_rollouts_end(self, trainer: Trainer, pl_module: StepModule, rollouts: Rollouts) -> None:
         """Inspect the step's rollouts after the update (log, draw)."""

@@ -73,14 +73,12 @@ class SeededSampler(LogitsProcessor):
 
     def __call__(self, input_ids: Tensor, scores: Tensor) -> Tensor:  # [N, T], [N, V] -> [N, V]
         scores = scores.float()
-        scores = torch.where(
-            scores.isnan(), float("-inf"), scores
-        )  # a NaN never wins; the update skips such steps
+        # a NaN never wins; the update skips such steps
+        scores = torch.where(scores.isnan(), float("-inf"), scores)
         for warper in self.warpers:
             scores = warper(input_ids, scores)
-        self.row_seeds = self.row_seeds.to(
-            scores.device
-        )  # on the scores' device: no host round trip per token
+        # on the scores' device: no host round trip per token
+        self.row_seeds = self.row_seeds.to(scores.device)
         cdf = torch.softmax(scores, dim=-1).double().cumsum(dim=-1)  # [N, V]
         target = counter_uniform(self.row_seeds, input_ids.shape[1] - self.prompt_length) * cdf[:, -1]  # [N]
         # The first token whose CDF exceeds the target: a token of probability 0 never is.

@@ -2,7 +2,7 @@
 
 Lightning's ``self.log`` has a fixed cost per key (each call moves the metric's whole state to
 the value's device), which the ~35 scalars of a GRPO step turn into a visible share of a small
-model's step (see the README). The module and the rollout callbacks ``add`` their scalars here during the step; the module
+model's step. The module and the rollout callbacks ``add`` their scalars here during the step; the module
 ``write``s them once at its end: on logging steps only (Lightning's rule), after one all-reduce
 per kind of reduction, straight to every logger at Lightning's step (the batch index), so they
 sit on the same axis as anything logged with ``self.log``.
@@ -17,17 +17,20 @@ import torch
 from lightning.pytorch import Trainer
 from torch import Tensor
 
+from lightning_flow.internals import batches_that_stepped
+
 Reduce = Literal["mean", "max", "sum"]
 
 
 def batch_index(trainer: Trainer) -> int:
     """Training batches finished before this one: the step Lightning logs this batch's scalars at."""
-    return trainer.fit_loop.epoch_loop._batches_that_stepped
+    return batches_that_stepped(trainer)
 
 
-def is_logging_step(trainer: Trainer) -> bool:
-    """Whether this batch's scalars reach the loggers: every ``log_every_n_steps``-th batch, as Lightning does."""
-    every = trainer.log_every_n_steps
+def is_logging_step(trainer: Trainer, every: int | None = None) -> bool:
+    """Whether this batch logs: every ``every``-th batch (default the trainer's ``log_every_n_steps``),
+    counted as Lightning counts for ``self.log``. The one rule for scalars, pictures and anything else."""
+    every = every or trainer.log_every_n_steps
     return bool(trainer.loggers) and every > 0 and (batch_index(trainer) + 1) % every == 0
 
 
@@ -65,15 +68,11 @@ class StepScalars:
                 values += [part for pair in ratios.values() for part in pair]
             if not values:
                 continue
-            if (
-                trainer.world_size > 1 or device.type != "cpu"
-            ):  # one tensor: one collective, one copy to the host
-                reduced = torch.stack(
-                    [torch.as_tensor(v).detach().to(device, torch.float64).reshape(()) for v in values]
-                )
-                reduced = trainer.strategy.reduce(reduced, reduce_op=reduce).tolist()
-            else:  # nothing to gather: reading each value is cheaper than casting each into a stack
-                reduced = [float(v) for v in values]
+            # one tensor: one collective, one copy to the host
+            stacked = torch.stack(
+                [torch.as_tensor(v).detach().to(device, torch.float64).reshape(()) for v in values]
+            )
+            reduced = trainer.strategy.reduce(stacked, reduce_op=reduce).tolist()
             logged.update(zip(names, reduced))
             if reduce == "sum":
                 parts = reduced[len(names) :]

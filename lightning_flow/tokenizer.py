@@ -26,7 +26,8 @@ def model_source_errors(name_or_path: str):
             raise
         first_line = str(error).strip().splitlines()[0]
         raise OSError(
-            f"cannot load model {name_or_path!r}: no such folder ({path.resolve()}) and not loadable from the Hugging Face hub ({first_line})"
+            f"cannot load model {name_or_path!r}: no such folder ({path.resolve()}) and not loadable from "
+            f"the Hugging Face hub ({first_line})"
         ) from None
 
 

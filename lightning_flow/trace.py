@@ -68,7 +68,8 @@ class TraceConfig:
     backbone_edges: int = 20
     """Strongest edge flows of the response kept as its backbone."""
     concentration_fraction: float = 0.1
-    """The concentration figure is the share of the response's flow carried by this top fraction of its tokens."""
+    """The concentration figure is the share of the response's flow carried by this top fraction of its
+    tokens."""
 
     def flow_config(self) -> FlowConfig:
         return FlowConfig(
@@ -109,9 +110,8 @@ class Trace:
     answer_source: str  # "boxed", "hash", "fallback" (last token) or "none"
     degenerate: bool  # no answer / no path from prompt to answer: uniform weights, f = 0
     absorbed: float  # flow absorbed by the answer tokens (1 unless degenerate)
-    concentration: (
-        float | None
-    )  # share of the response's flow on its top concentration_fraction tokens (None: no flow)
+    # share of the response's flow on its top concentration_fraction tokens (None: no flow)
+    concentration: float | None
     layers: list[int]
     config: dict[str, Any]
     meta: dict[str, Any] = field(default_factory=dict)  # free labels: model, gold, reward, step...
@@ -195,7 +195,8 @@ def trace_from_attention(
     t = token_ids.shape[0]
     if attention.shape != (t, t) or not 0 < prompt_length < t:
         raise ValueError(
-            f"need attention [T, T] for T={t} tokens and 0 < prompt_length < T, got {tuple(attention.shape)} and {prompt_length}"
+            f"need attention [T, T] for T={t} tokens and 0 < prompt_length < T, got {tuple(attention.shape)} "
+            f"and {prompt_length}"
         )
     answer, _ = answer_masks(
         tokenizer,
@@ -207,9 +208,8 @@ def trace_from_attention(
     device = attention.device
     valid = torch.ones(1, t, dtype=torch.bool, device=device)  # [1, T]
     prompt = torch.arange(t, device=device)[None] < prompt_length  # [1, T]
-    answer_full = torch.cat([torch.zeros(1, prompt_length, dtype=torch.bool), answer], dim=1).to(
-        device
-    )  # [1, T]
+    # [1, T]
+    answer_full = torch.cat([torch.zeros(1, prompt_length, dtype=torch.bool), answer], dim=1).to(device)
     graph = answer_flow(
         attention[None].float(), valid, prompt, answer_full, cfg.flow_config()
     ).graphs.get_example(0)
@@ -227,7 +227,8 @@ def trace_from_graph(
     layers: list[int] | None = None,
     meta: dict[str, Any] | None = None,
 ) -> Trace:
-    """The trace of one solved flow graph (``build_flow_graphs`` + ``solve_flow``), whose nodes are these tokens.
+    """The trace of one solved flow graph (``build_flow_graphs`` + ``solve_flow``), whose nodes are these
+    tokens.
 
     token_ids      # [T] the graph's tokens: prompt ids then response ids (node j is token j)
     weights        # [L] final credit weights of the response tokens (what reached the loss);
@@ -239,7 +240,8 @@ def trace_from_graph(
     prompt_length = int((role == ROLE_PROMPT).sum())
     if graph.num_nodes != t or not 0 < prompt_length < t:
         raise ValueError(
-            f"the graph has {graph.num_nodes} nodes ({prompt_length} in the prompt) for {t} tokens; need a prompt and a response"
+            f"the graph has {graph.num_nodes} nodes ({prompt_length} in the prompt) for {t} tokens; need a "
+            "prompt and a response"
         )
     if weights is not None and weights.shape != (t - prompt_length,):
         raise ValueError(f"weights must be [L] = [{t - prompt_length}], got {tuple(weights.shape)}")
@@ -256,9 +258,10 @@ def trace_from_graph(
     flow = graph.f.float().cpu()  # [T]
     degenerate = bool(graph.degenerate) or not bool(answer.any())
     if weights is None:
+        # [L]
         weights = credit_weights(
             flow[None], response[None], cfg.top_fraction, cfg.boost, torch.tensor([degenerate])
-        )[0, prompt_length:]  # [L]
+        )[0, prompt_length:]
     all_weights = torch.cat([torch.ones(prompt_length), weights.float().cpu()]).tolist()  # [T]
 
     prompt_text, prompt_pieces = _token_texts(tokenizer, ids[:prompt_length])
@@ -328,9 +331,8 @@ def trace_ids(
     layers = sorted(set(cfg.layers)) if cfg.layers else default_capture_layers(num_layers)
     ids = torch.tensor([prompt_ids + response_ids])  # [1, T]
     mask = torch.ones_like(ids)  # [1, T]
-    attention = capture_attention(model, ids, mask, layers, position_ids=position_ids_from_mask(mask))[
-        0
-    ]  # [T, T]
+    # [T, T]
+    attention = capture_attention(model, ids, mask, layers, position_ids=position_ids_from_mask(mask))[0]
     return trace_from_attention(
         attention,
         ids[0],

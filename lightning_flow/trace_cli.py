@@ -73,9 +73,8 @@ class TraceCommand:
 
 
 def parser() -> ArgumentParser:
-    set_parsing_settings(
-        docstring_parse_attribute_docstrings=True
-    )  # the option help comes from the docstrings above
+    # the option help comes from the docstrings above
+    set_parsing_settings(docstring_parse_attribute_docstrings=True)
     p = ArgumentParser(prog="python -m lightning_flow trace", description=__doc__.split("\n")[0])
     p.add_argument("--config", action=ActionConfigFile, help="YAML with any of the options below")
     p.add_class_arguments(TraceCommand, as_group=False)

@@ -1,4 +1,5 @@
-"""Sampling with the adapter merged: the same function as the adapter, and the base weights back bit for bit."""
+"""Sampling with the adapter merged: the same function as the adapter, and the base weights back bit for
+bit."""
 
 from __future__ import annotations
 
@@ -47,9 +48,8 @@ def test_merged_layers_hold_w_plus_scaled_ba_and_compute_the_adapters_function(t
 
     for layer, (original, copy) in zip(layers, before):
         assert not layer.merged
-        assert (
-            layer.get_base_layer().weight.data_ptr() == original.data_ptr()
-        )  # the same memory, not a recomputed tensor
+        # the same memory, not a recomputed tensor
+        assert layer.get_base_layer().weight.data_ptr() == original.data_ptr()
         assert torch.equal(original, copy)
     assert torch.equal(model(input_ids=IDS).logits, with_adapter)
 

@@ -255,9 +255,8 @@ def test_pieces_that_disagree_with_the_text_are_rejected():
 def test_spans_from_the_piece_table_only_where_the_pieces_spell_the_text():
     table = ["a", "", "bc", "d"]  # id 1 decodes to nothing alone (a special token)
     assert answer_module._spans_from_table(table, [0, 1, 2], "abc") == [(0, 1), (1, 1), (1, 3)]
-    assert (
-        answer_module._spans_from_table(table, [0, 2], "a bc") is None
-    )  # a space the decoder put between them
+    # a space the decoder put between them
+    assert answer_module._spans_from_table(table, [0, 2], "a bc") is None
     assert answer_module._spans_from_table(table, [0, 4], "a?") is None  # an id past the table
 
 
@@ -284,9 +283,8 @@ def test_piece_table_gives_the_masks_of_the_incremental_decode(tokenizer, monkey
     assert torch.equal(got[0], expected[0]) and torch.equal(got[1], expected[1])
     ascii_rows = [row for row, (text, _, _) in zip(rows, CASES) if text.isascii()]
     if request.node.callspec.params["tokenizer"] == "stories260k":
-        assert any(
-            row in decoded for row in ascii_rows
-        )  # a "▁" inside the text decodes alone without its space
+        # a "▁" inside the text decodes alone without its space
+        assert any(row in decoded for row in ascii_rows)
     else:  # byte-level BPE and one-character vocabularies: ASCII rows come from the table
         assert not any(row in decoded for row in ascii_rows)
 
@@ -367,6 +365,7 @@ def test_answer_mask_rules():
     assert answer_token_mask(offsets, (6, 8)) == [False, False, True, False, True, False]
     excluded = [False, False, False, False, True, False]
     assert answer_token_mask(offsets, (0, 9), exclude=excluded) == [True, True, True, False, False, False]
+    # fallback
     assert answer_token_mask(offsets, (8, 9), exclude=excluded) == [
         False,
         False,
@@ -374,7 +373,7 @@ def test_answer_mask_rules():
         False,
         False,
         False,
-    ]  # fallback
+    ]
     assert answer_token_mask([(0, 2), (2, 2), (2, 2), (2, 4)], (1, 3)) == [True, False, False, True]
     # A special token between two tokens holding bytes of the answer's first character; tokens
     # without characters are passed over on either side of the answer's start.

@@ -1,4 +1,5 @@
-"""Attention capture: maps equal eager's head/layer means, the model is untouched, the pass stops early, memory stays small."""
+"""Attention capture: maps equal eager's head/layer means, the model is untouched, the pass stops early,
+memory stays small."""
 
 from __future__ import annotations
 
@@ -255,7 +256,8 @@ def test_chunked_recording_matches_eager(build, padded, min_elements, chunks, mo
 def test_causal_chunks_compute_only_the_keys_their_queries_see(monkeypatch, t, min_elements, rows_per_chunk):
     """A causal layer's chunk of query rows ending at row r1 scores keys :r1 only: with chunks of
     2 rows (T = 14, a small memory floor) 2 × (2 + 4 + ... + 14) = 112 of each head's 196 scores;
-    a layer of 256 rows or more is split in 4 chunks, 64 × (64 + 128 + 192 + 256) of 256². The maps stay exact."""
+    a layer of 256 rows or more is split in 4 chunks, 64 × (64 + 128 + 192 + 256) of 256². The maps stay
+    exact."""
     import lightning_flow.capture as capture
 
     monkeypatch.setattr(capture, "_MIN_CHUNK_ELEMENTS", min_elements)
@@ -470,16 +472,16 @@ def test_pass_stops_after_the_last_captured_layer(stories_peft):
     mlp_calls = [count_calls(layer.mlp) for layer in decoder_layers]
     norm_calls, head_calls = count_calls(base.model.norm), count_calls(base.lm_head)
     ids, mask, positions = make_batch(512, n=5)
-    capture_attention(
-        stories_peft, ids, mask, [1, 2], micro_batch_size=2, position_ids=positions
-    )  # 3 micro-batches
+    # 3 micro-batches
+    capture_attention(stories_peft, ids, mask, [1, 2], micro_batch_size=2, position_ids=positions)
+    # layer 2 never finishes (stopped inside its attention)
     assert [c[0] for c in layer_calls] == [
         3,
         3,
         0,
         0,
         0,
-    ]  # layer 2 never finishes (stopped inside its attention)
+    ]
     assert [c[0] for c in mlp_calls] == [3, 3, 0, 0, 0]
     assert norm_calls[0] == 0 and head_calls[0] == 0
     with torch.no_grad(), AttentionRecorder(stories_peft, [1, 2], stop_after_last=False) as rec:
@@ -495,7 +497,8 @@ RECORD_LABEL = "lightning_flow.capture.record"
 
 
 def memory_profile(fn):
-    """Profile fn with CPU memory events; returns (memory events, windows of the recorder's work), time-sorted."""
+    """Profile fn with CPU memory events; returns (memory events, windows of the recorder's work),
+    time-sorted."""
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         fn()
     events = prof.profiler.kineto_results.events()
@@ -520,7 +523,8 @@ class _Stop(Exception):
 
 
 def test_extra_memory_is_about_one_map(tiny_plain, monkeypatch):
-    """n=2, T=1024 (one map = 8 MiB, past the 1 MiB chunk floor, so the scores are chunked). Two measures from torch.profiler's CPU memory events:
+    """n=2, T=1024 (one map = 8 MiB, past the 1 MiB chunk floor, so the scores are chunked). Two measures from
+    torch.profiler's CPU memory events:
     - what the recording code itself allocates and keeps, at most 1.5 maps: the accumulator (1), one chunk of
       scores and one of probabilities at the 1 MiB floor (an eighth of a map each at this T), the chunk of the
       mask it reads and the float32 query and key of a head (at long T the chunks are a 64th of the map);
@@ -561,8 +565,10 @@ def test_extra_memory_is_about_one_map(tiny_plain, monkeypatch):
     base_peak = peak_live(memory_profile(baseline)[0])
     eager_peak = peak_live(memory_profile(lambda: eager_reference(model, ids, mask, positions, layers))[0])
     print(
-        f"\none map {one_map} B; recording {recording_peak} B ({recording_peak / one_map:.2f} maps); whole peaks: "
-        f"capture {capture_peak}, sdpa cut at the same layer {base_peak}, eager+output_attentions {eager_peak}"
+        f"\none map {one_map} B; recording {recording_peak} B ({recording_peak / one_map:.2f} maps); whole "
+        "peaks: "
+        f"capture {capture_peak}, sdpa cut at the same layer {base_peak}, eager+output_attentions "
+        f"{eager_peak}"
     )
     assert one_map <= recording_peak <= 1.5 * one_map  # at least the accumulator is seen
     assert capture_peak - base_peak < 1.5 * one_map

@@ -46,7 +46,8 @@ def start_fit(policy: Path, root: Path, devices: int, prompts_per_rank: int) -> 
         f"--data.init_args.batch_size={prompts_per_rank}",
         "--model.grpo.loss_type=dapo",
         "--model.grpo.micro_batch_size=4",
-        # The high-entropy threshold is taken over every rank's tokens: a per-rank one would change the gradient.
+        # The high-entropy threshold is taken over every rank's tokens: a per-rank one would change the
+        # gradient.
         "--model.grpo.top_entropy_quantile=0.5",
         "--model.grpo.entropy_coef=0.01",
         "--model.optim.lr=0.02",
@@ -67,10 +68,11 @@ def finished(run: subprocess.Popen, root: Path) -> Path:
 
 
 def test_two_processes_match_one_with_the_same_global_batch(tiny_policy_dir, tmp_path):
+    # side by side
     runs = [
         start_fit(tiny_policy_dir, tmp_path / "one", devices=1, prompts_per_rank=4),
         start_fit(tiny_policy_dir, tmp_path / "two", devices=2, prompts_per_rank=2),
-    ]  # side by side
+    ]
     single, double = finished(runs[0], tmp_path / "one"), finished(runs[1], tmp_path / "two")
 
     # Each rank generated the groups of its own prompts, and together they are the single run's.
@@ -91,7 +93,8 @@ def test_two_processes_match_one_with_the_same_global_batch(tiny_policy_dir, tmp
     # Metrics are means over ranks; the gradient norm is of the all-reduced gradient, so it checks
     # the averaging, dapo's all-rank token count (a per-rank count would double it) and the
     # all-rank entropy threshold.
-    # The credit fractions are summed over ranks before dividing, so they match however the credited rows split.
+    # The credit fractions are summed over ranks before dividing, so they match however the credited rows
+    # split.
     tags = [
         "train/reward",
         "train/grad_norm",

@@ -1,4 +1,4 @@
-"""Flow core: token graphs, answer-conditioned flow and credit weights (flow-credit.md).
+"""Flow core: token graphs, answer-conditioned flow and credit weights (docs/method.md).
 
 The vectorised code is checked against hand-built graphs, against the method's invariants, and
 against an independent float64 reference written with plain Python loops below.
@@ -199,9 +199,8 @@ def test_vector_matrix_is_the_sum_over_the_shared_index_in_any_layout() -> None:
     )
     expected = [[sum(x[n, a] * m[n, a, b] for a in range(5)) for b in range(4)] for n in range(3)]
     assert torch.allclose(vector_matrix(x, m), torch.tensor(expected, dtype=torch.float64))
-    square = torch.rand(
-        3, 5, 5, generator=g, dtype=torch.float64
-    )  # a transposed view: the sum over the last index
+    # a transposed view: the sum over the last index
+    square = torch.rand(3, 5, 5, generator=g, dtype=torch.float64)
     assert torch.allclose(
         vector_matrix(x, square.mT),
         torch.tensor(
@@ -209,9 +208,8 @@ def test_vector_matrix_is_the_sum_over_the_shared_index_in_any_layout() -> None:
             dtype=torch.float64,
         ),
     )
-    blocks = torch.rand(
-        2, 3, 5, 4, generator=g, dtype=torch.float64
-    )  # two batch dims, as the blocked sweep uses it
+    # two batch dims, as the blocked sweep uses it
+    blocks = torch.rand(2, 3, 5, 4, generator=g, dtype=torch.float64)
     y = torch.rand(2, 3, 5, generator=g, dtype=torch.float64)
     assert torch.allclose(vector_matrix(y, blocks), (y[..., None] * blocks).sum(-2))
 
@@ -479,10 +477,11 @@ def test_prune_incoming_keeps_the_shortest_strongest_run_reaching_keep_mass() ->
     assert kept(0.81) == [1, 4, 0, 2, 2, 0]  # then the earlier 1
     assert kept(1.0, 2) == [0, 4, 0, 2, 0, 0]  # the cap cuts first
     assert kept(0.3, 2) == [0, 4, 0, 0, 0, 0]
+    # no edges stay no edges
     assert prune_incoming(torch.zeros(2, 3), 0.5, 1).tolist() == [
         [0, 0, 0],
         [0, 0, 0],
-    ]  # no edges stay no edges
+    ]
 
 
 def float64_dense_flow(att, valid, prompt, answer, sink_tokens: int = 1, min_capacity: float = 1e-6):
@@ -671,3 +670,19 @@ def test_runs_on_the_input_device() -> None:
     cpu = answer_flow(att, valid, prompt, answer, FlowConfig(block_size=16))
     gpu = answer_flow(att.cuda(), valid.cuda(), prompt.cuda(), answer.cuda(), FlowConfig(block_size=16))
     assert gpu.flow.is_cuda and torch.allclose(gpu.flow.cpu(), cpu.flow, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "option, value, message",
+    [
+        ("keep_mass", 0.0, "keep_mass must be in \\(0, 1\\], got 0.0"),
+        ("keep_mass", 1.5, "keep_mass must be in \\(0, 1\\], got 1.5"),
+        ("max_in_degree", 0, "max_in_degree must be >= 1 or None, got 0"),
+        ("block_size", 0, "block_size must be >= 1, got 0"),
+    ],
+)
+def test_flow_credit_refuses_bad_pruning_options(option, value, message) -> None:
+    from lightning_flow.callbacks import FlowCredit
+
+    with pytest.raises(ValueError, match=message):
+        FlowCredit(**{option: value})

@@ -1,4 +1,5 @@
-"""FlowPictures in real fits: what reaches TensorBoard, on which steps, and that it shows the loss's weights."""
+"""FlowPictures in real fits: what reaches TensorBoard, on which steps, and that it shows the loss's
+weights."""
 
 from __future__ import annotations
 
@@ -93,19 +94,21 @@ def test_pictures_table_and_histograms_only_on_logging_steps(tiny_policy_dir, tm
     assert {"flow/picture_0", "flow/picture_1"} <= set(tags["images"])
     for tag in ["flow/picture_0", "flow/picture_1"]:
         images = logged.Images(tag)
-        assert [i.step for i in images] == [0, 2] and all(i.width > 100 and i.height > 100 for i in images)
+        # Lightning's cadence, as every scalar: batches 2 and 4 of 4, numbered from 0
+        assert [i.step for i in images] == [1, 3] and all(i.width > 100 and i.height > 100 for i in images)
     for tag in ["flow/values", "flow/token_weights"]:
-        assert [h.step for h in logged.Histograms(tag)] == [0, 2]
-    assert [s.step for s in logged.Scalars("perf/flow_pictures_time_s")] == [0, 2]
+        assert [h.step for h in logged.Histograms(tag)] == [1, 3]
+    assert [s.step for s in logged.Scalars("perf/flow_pictures_time_s")] == [1, 3]
     assert all(s.value > 0 for s in logged.Scalars("perf/flow_pictures_time_s"))
-    assert [s.step for s in logged.Scalars("flow/top_share")] == [0, 2]
+    assert [s.step for s in logged.Scalars("flow/top_share")] == [1, 3]
     assert all(0 < s.value <= 1 for s in logged.Scalars("flow/top_share"))
     [text_tag] = [t for t in tags["tensors"] if t.startswith("flow/completions")]
     texts = logged.Tensors(text_tag)
-    assert [t.step for t in texts] == [0, 2]
+    assert [t.step for t in texts] == [1, 3]
     table = texts[0].tensor_proto.string_val[0].decode()
     assert table.startswith(
-        "| row | group | pick | prompt | response | extracted | gold | correctness | tests.test\\_fit.length\\_reward | total | advantage |"
+        "| row | group | pick | prompt | response | extracted | gold | correctness | "
+        "tests.test\\_fit.length\\_reward | total | advantage |"
     )
     assert len(table.splitlines()) == 2 + 4  # header, rule, best and worst of two groups
 
@@ -169,9 +172,8 @@ def test_completions_table_escapes_markdown_and_shortens():
     )
     table = completions_table(rollouts, [(0, "best")], ["correctness", "format"], group=8, limit=30)
     row = table.splitlines()[2]
-    assert (
-        row.startswith("| 0 | 0 | best | ") and row.count(" | ") == 10
-    )  # eleven cells, no stray separators from the text
+    # eleven cells, no stray separators from the text
+    assert row.startswith("| 0 | 0 | best | ") and row.count(" | ") == 10
     assert "2\\|3?↵" in row and "a\\*b\\_c" in row and " … " in row and "\\\\boxed\\{7\\}" in row
     assert row.endswith("| 7 | 7 | 1 | 0 | 1 | +0.500 |")
 

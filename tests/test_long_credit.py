@@ -1,4 +1,5 @@
-"""Flow credit at long positions: through a real fit, the credit path holds one micro-batch's map at a time."""
+"""Flow credit at long positions: through a real fit, the credit path holds one micro-batch's map at a
+time."""
 
 from __future__ import annotations
 
@@ -18,7 +19,8 @@ VARYING_REWARD = '--model.rewards.custom={"tests.test_fit.length_reward": 1.0}'
 
 
 def peak_bytes(fn) -> int:
-    """Peak of the running sum of torch.profiler's CPU allocation (+) and free (-) events while ``fn`` runs."""
+    """Peak of the running sum of torch.profiler's CPU allocation (+) and free (-) events while ``fn``
+    runs."""
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         fn()
     live = peak = 0
@@ -58,9 +60,8 @@ def test_a_16_step_fit_at_2k_positions_holds_one_micro_batch_map_at_a_time(
     same forward without recording: it stays within 1.1 maps of the micro-batch's recorded rows plus
     the graphs it kept,
     where the whole-step [N, T, T] float32 buffer of the old path alone would exceed it."""
-    measured: list[
-        tuple[int, int, int, int]
-    ] = []  # (extra peak, one micro-batch's map, graphs kept by it, T)
+    # (extra peak, one micro-batch's map, graphs kept by it, T)
+    measured: list[tuple[int, int, int, int]] = []
     first_pass = GRPOModule.first_pass
 
     def measured_first_pass(self, rollouts, rows, recorder):

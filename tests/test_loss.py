@@ -50,7 +50,8 @@ def reference_loss(
     loss, grad = 0.0, [[0.0] * length for _ in range(n)]
     for i in range(n):
         tokens = [t for t in range(length) if mask[i][t]]
-        # sequence level: one ratio per response, exp(mean log-ratio); d rho / d logp_u = rho / |o_i| for each of its tokens
+        # sequence level: one ratio per response, exp(mean log-ratio); d rho / d logp_u = rho / |o_i| for each
+        # of its tokens
         seq_rho = math.exp(sum(logps[i][t] - old[i][t] for t in tokens) / max(len(tokens), 1))
         for t in tokens:
             a = adv[i] * (weights[i][t] if weights is not None else 1.0)
@@ -109,7 +110,8 @@ def reference_loss(
 
 
 def reference_entropy_bonus(entropy, mask, coef, threshold=None, num_micro_batches=1):
-    """-coef × the mean entropy of the tokens the policy term reads, / micro-batches; and its gradient w.r.t. each entropy."""
+    """-coef × the mean entropy of the tokens the policy term reads, / micro-batches; and its gradient w.r.t.
+    each entropy."""
     kept = [
         [bool(m) and (threshold is None or h >= threshold) for h, m in zip(hs, ms)]
         for hs, ms in zip(entropy, mask)
@@ -174,10 +176,11 @@ def case():
 
 
 def normaliser_kwargs(loss_type, mask):
+    # dapo: the batch is bigger
     return {
         "max_completion_length": 6,
         "num_items_in_batch": int(mask.sum()) + 5,
-    }  # dapo: the batch is bigger
+    }
 
 
 def reference_for(case, loss_type, **kwargs):
@@ -582,9 +585,8 @@ def test_head_never_saves_logits_and_ignores_autocast():
     targets = torch.randint(0, 50, (4, 5), generator=gen)
     saved = []
     with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.shape[-1]) or t, lambda t: t):
-        with torch.autocast(
-            "cpu", dtype=torch.bfloat16
-        ):  # the head runs in its weight's dtype, as in backward
+        # the head runs in its weight's dtype, as in backward
+        with torch.autocast("cpu", dtype=torch.bfloat16):
             logps, _ = token_logprobs_and_entropy(hidden, targets, chunk_tokens=3, head_weight=weight)
     assert saved and 50 not in saved  # hidden states, targets and the [V, D] weight; no [..., V] logits
     ref_logps, _ = reference_logps_entropy(hidden.detach() @ weight.T, targets, 1.0)

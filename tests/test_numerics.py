@@ -64,22 +64,21 @@ def test_nonfinite_logits_skip_the_step_and_count_it(tiny_policy_dir, tmp_path, 
         assert torch.equal(poison.after_step0[name], before), name  # not updated, not NaN
     assert poison.optimizer_state_after == {}  # AdamW kept no moments from the bad step
     moved = max((p - poison.before[n]).abs().max().item() for n, p in lora(cli.model).items())
-    assert moved > 0 and all(
-        torch.isfinite(p).all() for p in lora(cli.model).values()
-    )  # step 1 trains normally
+    # step 1 trains normally
+    assert moved > 0 and all(torch.isfinite(p).all() for p in lora(cli.model).values())
     logged = scalars(Path(cli.trainer.log_dir))
     assert logged["train/skipped_nonfinite_steps"] == [1.0, 1.0]
 
 
 class PoisonAttention(RolloutCallback):
-    """Puts a NaN into the captured attention of the first credited response (nonzero advantage) before FlowCredit sees it (listed first)."""
+    """Puts a NaN into the captured attention of the first credited response (nonzero advantage) before
+    FlowCredit sees it (listed first)."""
 
     row: int | None = None
 
     def on_credit(self, trainer, pl_module, rollouts, micro_batch):
-        if (
-            PoisonAttention.row is None and micro_batch.recorded is not None
-        ):  # this micro-batch's maps were just recorded
+        # this micro-batch's maps were just recorded
+        if PoisonAttention.row is None and micro_batch.recorded is not None:
             rows, maps = micro_batch.recorded  # the credited rows, in place (nothing is handed over)
             PoisonAttention.row = rows[0]
             maps[0, -1, 0] = float("nan")
@@ -108,15 +107,13 @@ def test_nonfinite_attention_falls_back_to_uniform_weights(tiny_policy_dir, tmp_
     cli = main([*tiny_args(tiny_policy_dir, tmp_path, steps=1), *NO_VAL, VARYING_REWARD], run=False)
     credit = FlowCredit(layers=[0, 1])
     cli.trainer.callbacks.extend([PoisonAttention(), credit, check])
-    credit.setup(
-        cli.trainer, cli.model, "fit"
-    )  # callbacks added after construction: ask for attention as the CLI would
+    # callbacks added after construction: ask for attention as the CLI would
+    credit.setup(cli.trainer, cli.model, "fit")
     cli.trainer.fit(cli.model, cli.datamodule)
     assert check.checked == 1
     logged = scalars(Path(cli.trainer.log_dir))
-    assert logged["credit/nonfinite_attention_fraction"] == [
-        pytest.approx(1 / check.credited)
-    ]  # of the credited responses
+    # of the credited responses
+    assert logged["credit/nonfinite_attention_fraction"] == [pytest.approx(1 / check.credited)]
     assert logged["train/skipped_nonfinite_steps"] == [0.0]
 
 

@@ -114,7 +114,8 @@ MODIFIERS = {
 
 
 def options(batch, loss_type, level, modifier, rows=slice(None)):
-    """(keyword arguments of policy_loss, of reference_loss, entropy bonus coefficient, threshold) for one setting."""
+    """(keyword arguments of policy_loss, of reference_loss, entropy bonus coefficient, threshold) for one
+    setting."""
     spec = dict(MODIFIERS[modifier])
     delta = spec.get("delta") if loss_type in CLIPPED else None
     threshold = reference_quantile(valid_entropies(batch), 1 - KEEP) if spec.get("mask_entropy") else None
@@ -311,7 +312,8 @@ def test_under_sequence_ratios_a_token_weight_only_scales_its_response(batch, lo
 
 @pytest.mark.parametrize("level", LEVELS)
 def test_cispo_keeps_a_per_token_weight_at_both_levels(batch, level):
-    """CISPO's ratio is a detached coefficient, so a token's gradient is -c · w_t · A_i / N: its own weight."""
+    """CISPO's ratio is a detached coefficient, so a token's gradient is -c · w_t · A_i / N: its own
+    weight."""
     ours, *_ = options(batch, "cispo", level, "weights")
     _, grad, _, _ = run(batch, **ours)
     _, grad_uniform, _, _ = run(batch, **{**ours, "token_weights": None})

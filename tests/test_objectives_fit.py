@@ -77,9 +77,8 @@ def test_objective_trains_and_keeps_the_batch_top_entropy_share(tiny_policy_dir,
     assert all(torch.isfinite(torch.tensor(values)).all() for values in logged.values()), (
         "a NaN or inf was logged"
     )
-    assert (
-        max(p.abs().max().item() for n, p in cli.model.policy.named_parameters() if "lora_B" in n) > 0
-    )  # it trained
+    # it trained
+    assert max(p.abs().max().item() for n, p in cli.model.policy.named_parameters() if "lora_B" in n) > 0
     kept_entropies = next(c for c in cli.trainer.callbacks if isinstance(c, KeepEntropies))
     fractions = []
     for entropy, mask in kept_entropies.steps:

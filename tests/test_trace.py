@@ -1,7 +1,7 @@
 """Flow traces of a real model's attention, their pictures and pages, and the trace command.
 
 The numbers of a trace are checked against a plain float64 re-derivation of the method
-(flow-credit.md) from the same captured attention map, not against the solver that made them.
+(docs/method.md) from the same captured attention map, not against the solver that made them.
 """
 
 from __future__ import annotations
@@ -175,7 +175,8 @@ def test_layout_wraps_breaks_and_cuts_by_rule(stories):
     ]
     tokens = [replace(base, position=j, text=t, role=r, piece="</s>") for j, (t, r) in enumerate(texts)]
     cells = [(c.line, c.column, c.width, c.label) for c in layout(tokens, line_chars=8, max_token_chars=16)]
-    # the response starts a line, a newline ends one, a token that does not fit moves down, an empty one shows its
+    # the response starts a line, a newline ends one, a token that does not fit moves down, an empty one shows
+    # its
     # piece and a wide character takes two cells
     assert cells == [
         (0, 0, 2, "ab"),
@@ -187,9 +188,8 @@ def test_layout_wraps_breaks_and_cuts_by_rule(stories):
     ]
     long = replace(base, text="abcdefghijklmnopqrstuvwxyz")
     assert layout([long], line_chars=40, max_token_chars=16)[0].label == "abcdefghijklmno…"
-    assert (
-        layout([long], line_chars=10, max_token_chars=16)[0].label == "abcd…"
-    )  # never wider than half a line
+    # never wider than half a line
+    assert layout([long], line_chars=10, max_token_chars=16)[0].label == "abcd…"
 
 
 def test_a_1000_token_response_wraps_without_overlapping_labels(stories):
@@ -203,9 +203,8 @@ def test_a_1000_token_response_wraps_without_overlapping_labels(stories):
         )
         for j in range(1000)
     ]
-    edges = [
-        {"source": int(i), "target": 999, "flow": 1.0 / (i + 1)} for i in range(0, 990, 9)
-    ]  # 110 edges, 20 drawn
+    # 110 edges, 20 drawn
+    edges = [{"source": int(i), "target": 999, "flow": 1.0 / (i + 1)} for i in range(0, 990, 9)]
     long = replace(trace, tokens=tokens, backbone=edges)
     cfg = RenderConfig(line_chars=100, dpi=40)
     fig = figure(long, cfg)
@@ -272,9 +271,8 @@ def test_chromium_draws_the_backbone_and_the_hover(stories, tmp_path):
         text=True,
         timeout=120,
     ).stdout
-    assert len(re.findall(r'<path class="bb"', dom)) == min(
-        20, len(trace.backbone)
-    )  # the script drew the backbone
+    # the script drew the backbone
+    assert len(re.findall(r'<path class="bb"', dom)) == min(20, len(trace.backbone))
     assert len(re.findall(r'<path class="in"', dom)) == len(trace.tokens[answer].top_in)
     tip = re.search(r'<div id="tip"[^>]*>(.*?)</div>', dom, re.S).group(1)
     assert f"#{answer}  answer" in tip and f"f {trace.tokens[answer].f:.4g}"[:6] in tip
@@ -338,7 +336,8 @@ def test_trace_command_generates_and_reads_jsonl(tiny_policy_dir, tmp_path):
 
 
 def test_module_entry_point_dispatches_trace(monkeypatch, capsys):
-    """``python -m lightning_flow trace ...`` reaches the trace parser (run in-process: no second interpreter start)."""
+    """``python -m lightning_flow trace ...`` reaches the trace parser (run in-process: no second interpreter
+    start)."""
     monkeypatch.setattr(
         sys,
         "argv",

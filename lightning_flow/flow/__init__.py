@@ -18,7 +18,7 @@ from .graph import (
     sink_mask,
 )
 from .signals import attention_received, boosted_count, credit_weights, random_signal
-from .solver import FlowResult, answer_flow, edge_flow, solve_flow, strongest_edge_flows
+from .solver import FlowResult, answer_flow, edge_flow, solve_flow
 
 __all__ = [
     "ROLE_ANSWER",
@@ -41,5 +41,4 @@ __all__ = [
     "random_signal",
     "sink_mask",
     "solve_flow",
-    "strongest_edge_flows",
 ]

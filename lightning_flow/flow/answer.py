@@ -1,6 +1,6 @@
 """Answer-token masks: which response tokens spell the final answer.
 
-The answer region S of a response (docs/flow-credit.md, "Inputs") is the set of tokens that
+The answer region S of a response (docs/method.md, "Inputs") is the set of tokens that
 produce the characters of the final answer: the content of the last balanced ``\\boxed{...}``,
 else the number after the last ``####`` (both as ``rewards.extract_answer`` finds them), else,
 optionally, the last response token that produces characters. The tokens are found from
@@ -424,7 +424,8 @@ def answer_masks(
     """
     if completion_ids.dim() != 2 or completion_mask.shape != completion_ids.shape:
         raise ValueError(
-            f"expected completion_ids and completion_mask of one shape [N, L], got {tuple(completion_ids.shape)} and {tuple(completion_mask.shape)}"
+            "expected completion_ids and completion_mask of one shape [N, L], got "
+            f"{tuple(completion_ids.shape)} and {tuple(completion_mask.shape)}"
         )
     if eos_token_ids is None:
         eos_token_ids = getattr(tokenizer, "eos_token_id", None)

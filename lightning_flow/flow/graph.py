@@ -26,7 +26,8 @@ ROLE_PROMPT, ROLE_RESPONSE, ROLE_ANSWER = 0, 1, 2
 _BUILD_ELEMENTS = 2**14
 """Candidate edges per pruning step at least (64 KiB in float32); above that, a 512th of the map."""
 _SMALL_MAP = 2**20
-"""Maps of at most this many elements (4 MiB) are pruned in one step: their temporaries cost nothing that matters."""
+"""Maps of at most this many elements (4 MiB) are pruned in one step: their temporaries cost nothing that
+matters."""
 
 
 # Pruning defaults, measured against exact credit (keep_mass 1, no cap) by benchmarks/flow_memory.py:
@@ -39,7 +40,8 @@ class FlowConfig:
     sink_tokens: int = 1
     """Edges out of the first `sink_tokens` valid tokens of each sequence are dropped (attention sinks)."""
     keep_mass: float = 1.0
-    """Per token, keep its strongest incoming edges until this share of its incoming capacity is kept; 1 keeps every edge."""
+    """Per token, keep its strongest incoming edges until this share of its incoming capacity is kept; 1 keeps
+    every edge."""
     max_in_degree: int | None = None
     """At most this many incoming edges per token (ties: earliest source); None: no cap."""
     min_capacity: float = 1e-6
@@ -151,9 +153,8 @@ def capacities(
     check_inputs(attention, valid)
     n, t, _ = attention.shape
     cfg = cfg or FlowConfig()
-    p = torch.zeros(
-        n, t, t, dtype=cfg.dtype, device=attention.device
-    )  # [N, T, T] attention layout p[n, k, i] = c(i, k)
+    # [N, T, T] attention layout p[n, k, i] = c(i, k)
+    p = torch.zeros(n, t, t, dtype=cfg.dtype, device=attention.device)
     for r0, block, _ in pruned_rows(attention, valid, cfg, whole=answer):
         p[:, r0 : r0 + block.shape[1], : block.shape[2]] = block
     return p.transpose(1, 2)
@@ -166,9 +167,8 @@ class KeptEdges:
 
     valid: Tensor  # [N, T] bool
     incoming: Tensor  # [N, T] each target's capacity before pruning (after sinks and min_capacity)
-    steps: list[
-        tuple[int, Tensor, Tensor, Tensor]
-    ]  # per block of target rows: (r0, edges per row [N, r] int32, source positions [e] int32, capacities [e])
+    # per block of target rows: (r0, edges per row [N, r] int32, source positions [e] int32, capacities [e])
+    steps: list[tuple[int, Tensor, Tensor, Tensor]]
 
 
 @torch.no_grad()
@@ -181,9 +181,8 @@ def prune_edges(attention: Tensor, valid: Tensor, answer: Tensor, cfg: FlowConfi
     steps = []
     for r0, kept, before in pruned_rows(attention, valid, cfg, whole=answer):
         edges = kept != 0  # [N, r, c]
-        steps.append(
-            (r0, edges.sum(-1, dtype=torch.int32), edges.nonzero()[:, 2].int(), kept[edges])
-        )  # (graph, target, source) order
+        # (graph, target, source) order
+        steps.append((r0, edges.sum(-1, dtype=torch.int32), edges.nonzero()[:, 2].int(), kept[edges]))
         incoming[:, r0 : r0 + before.shape[1]] = before
         del kept, edges
     return KeptEdges(valid, incoming, steps)
@@ -206,12 +205,10 @@ def flow_graphs(kept: KeptEdges, prompt: Tensor, answer: Tensor) -> Batch:
         targets.append(torch.arange(r0, r0 + r, device=valid.device).repeat(n).repeat_interleave(flat))
         sources.append(source)
         capacities_.append(capacity)
-    graph, target, source, capacity = (
-        torch.cat(x) for x in (graph_ids, targets, sources, capacities_)
-    )  # [E] each
-    if (
-        len(kept.steps) > 1
-    ):  # steps are target-major over the whole batch: regroup by graph, keeping the order
+    # [E] each
+    graph, target, source, capacity = (torch.cat(x) for x in (graph_ids, targets, sources, capacities_))
+    # steps are target-major over the whole batch: regroup by graph, keeping the order
+    if len(kept.steps) > 1:
         order = torch.argsort(graph, stable=True)
         graph, target, source, capacity = graph[order], target[order], source[order], capacity[order]
     local = valid.long().cumsum(-1) - 1  # [N, T] node id of each valid position
@@ -251,7 +248,8 @@ def build_flow_graphs(
 
 
 def kept_capacity(graphs: Batch) -> Tensor:
-    """[V] share of each node's candidate incoming capacity that its kept edges carry (1 where it had none)."""
+    """[V] share of each node's candidate incoming capacity that its kept edges carry (1 where it had
+    none)."""
     kept = torch.zeros_like(graphs.candidate_capacity).index_add_(0, graphs.edge_index[1], graphs.edge_attr)
     total = graphs.candidate_capacity
     return torch.where(

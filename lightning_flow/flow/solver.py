@@ -95,9 +95,8 @@ def _solve_h(layout: _Layout, capacity: Tensor, answer: Tensor) -> tuple[Tensor,
     capacity  # [E] float64, 0 on edges out of answer tokens (they feed the super-sink only)"""
     g, bs = layout.graphs, layout.size
     log_h = torch.full(answer.shape, _NEG_INF, dtype=torch.float64, device=answer.device)  # [G, S]
-    log_later = torch.full_like(
-        log_h, _NEG_INF
-    )  # [G, S] log Σ c(i, k) h(k) over k in the blocks solved so far
+    # [G, S] log Σ c(i, k) h(k) over k in the blocks solved so far
+    log_later = torch.full_like(log_h, _NEG_INF)
     overflowed = torch.zeros(g, dtype=torch.bool, device=answer.device)
     for b in reversed(range(layout.blocks)):
         s, e = b * bs, (b + 1) * bs
@@ -112,13 +111,11 @@ def _solve_h(layout: _Layout, capacity: Tensor, answer: Tensor) -> tuple[Tensor,
         log_rhs = torch.where(answer[:, s:e], 0.0, log_later[:, s:e])  # [G, bs]; h(a) = 1
         scale = _finite_max(log_rhs)  # [G, 1]
         rhs = (log_rhs - scale).exp()  # [G, bs] max 1 (or all 0)
-        minus_m = torch.zeros(
-            g, bs, bs, dtype=torch.float64, device=c.device
-        )  # [G, i, k] -c(i, k) inside the block
+        # [G, i, k] -c(i, k) inside the block
+        minus_m = torch.zeros(g, bs, bs, dtype=torch.float64, device=c.device)
         minus_m[graph[inner], source[inner] - s, target[inner]] = -c[inner]
-        x = torch.linalg.solve_triangular(minus_m, rhs[..., None], upper=True, unitriangular=True).squeeze(
-            -1
-        )  # [G, bs] h / e^scale
+        # [G, bs] h / e^scale
+        x = torch.linalg.solve_triangular(minus_m, rhs[..., None], upper=True, unitriangular=True).squeeze(-1)
         finite = torch.isfinite(x).all(-1)  # [G]
         overflowed |= ~finite
         x = torch.where(finite[:, None], x.clamp_min(0), 0.0)
@@ -127,11 +124,12 @@ def _solve_h(layout: _Layout, capacity: Tensor, answer: Tensor) -> tuple[Tensor,
             answer[:, s:e], 0.0, torch.logaddexp(log_later[:, s:e], within.log() + scale)
         )
         # What the block's tokens pass back to earlier sources, in the log domain (blocks differ in scale).
+        # [G, S]
         later = torch.zeros_like(log_h).index_put_(
             (graph[~inner], source[~inner]),
             c[~inner] * x[graph[~inner], target[~inner]],
             accumulate=True,
-        )  # [G, S]
+        )
         log_later[:, :s] = torch.logaddexp(log_later[:, :s], later[:, :s].log() + scale)
     return log_h, overflowed
 
@@ -151,9 +149,8 @@ def _solve_f(layout: _Layout, capacity: Tensor, log_h: Tensor, mu: Tensor, sends
         rhs = mu[:, s:e].index_put(
             (graph[~inner], target[~inner] - s), f[graph[~inner], source[~inner]] * w[~inner], accumulate=True
         )
-        minus_wt = torch.zeros(
-            g, bs, bs, dtype=torch.float64, device=mu.device
-        )  # [G, k, i] -w(i, k) inside the block
+        # [G, k, i] -w(i, k) inside the block
+        minus_wt = torch.zeros(g, bs, bs, dtype=torch.float64, device=mu.device)
         minus_wt[graph[inner], target[inner] - s, source[inner] - s] = -w[inner]
         f[:, s:e] = torch.linalg.solve_triangular(
             minus_wt, rhs[..., None], upper=False, unitriangular=True
@@ -208,42 +205,13 @@ def edge_flow(graphs: Batch) -> Tensor:
     return torch.where(sends, log_edge.exp(), 0.0).to(graphs.edge_attr.dtype)
 
 
-def _first_ranks(group: Tensor, order: Tensor, size: int) -> Tensor:
-    """[E] rank of each edge within its group (``group`` [E] ids < size), in the order ``order`` lists them."""
-    grouped = order[torch.argsort(group[order], stable=True)]  # by group, each group in ``order``
-    starts = torch.cumsum(torch.bincount(group, minlength=size), 0) - torch.bincount(group, minlength=size)
-    rank = torch.empty_like(order)
-    rank[grouped] = torch.arange(len(order), device=order.device) - starts[group[grouped]]
-    return rank
-
-
-@torch.no_grad()
-def strongest_edge_flows(graphs: Batch, k: int) -> Batch:
-    """The solved graphs with only each token's ``k`` strongest incoming and ``k`` strongest
-    outgoing edge flows (ties: the earlier edge): every node and node attribute is kept, so a
-    trace of up to ``k`` edges per token and a backbone of up to ``k`` edges read the same
-    values from it as from the whole graph, at O(nodes × k) memory."""
-    flow = edge_flow(graphs)  # [E]
-    order = torch.argsort(flow, descending=True, stable=True)
-    source, target = graphs.edge_index
-    keep = (flow > 0) & (
-        (_first_ranks(target, order, graphs.num_nodes) < k)
-        | (_first_ranks(source, order, graphs.num_nodes) < k)
-    )
-    data = graphs.to_data_list()
-    for one, kept in zip(
-        data, keep.split(torch.bincount(graphs.batch[source], minlength=graphs.num_graphs).tolist())
-    ):
-        one.edge_index, one.edge_attr = one.edge_index[:, kept], one.edge_attr[kept]
-    return Batch.from_data_list(data)
-
-
 @dataclass
 class FlowResult:
     """The solved flow of a batch of responses, per position (padding: 0, -inf in log_h)."""
 
     flow: Tensor  # [N, T] throughput f in [0, 1]; all 0 on degenerate rows
-    degenerate: Tensor  # [N] bool: no answer, empty response, < 2 valid tokens, Σ_prompt h = 0 or h beyond float64 in a block
+    # [N] bool: no answer, empty response, < 2 valid tokens, Σ_prompt h = 0 or h beyond float64 in a block
+    degenerate: Tensor
     answer: Tensor  # [N, T] bool: the answer tokens the flow was conditioned on (within the response)
     log_h: Tensor  # [N, T] float64 log of the unscaled h (-inf where h = 0)
     graphs: Batch  # the solved graphs (node attributes f, h, log_h)

@@ -1,0 +1,96 @@
+"""Each private API of lightning_flow/internals.py still behaves as the project relies on it."""
+
+from __future__ import annotations
+
+import lightning as L
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from lightning_flow.internals import (
+    attention_implementation,
+    batches_that_stepped,
+    in_backward,
+    profiler_enabled,
+)
+
+
+class TwoUpdatesPerBatch(L.LightningModule):
+    """Manual optimisation with two optimizer steps a batch, as num_iterations = 2 does."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.automatic_optimization = False
+        self.weight = torch.nn.Parameter(torch.zeros(1))
+        self.seen: list[tuple[int, int, int]] = []
+
+    def training_step(self, batch, batch_idx):
+        self.seen.append((batch_idx, batches_that_stepped(self.trainer), self.trainer.global_step))
+        optimizer = self.optimizers()
+        for _ in range(2):
+            optimizer.zero_grad()
+            self.manual_backward((self.weight - batch.sum()).pow(2).sum())
+            optimizer.step()
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    def train_dataloader(self):
+        return torch.utils.data.DataLoader(torch.ones(3, 1), batch_size=1)
+
+
+def test_batches_that_stepped_counts_batches_not_optimizer_steps(tmp_path):
+    module = TwoUpdatesPerBatch()
+    trainer = L.Trainer(
+        max_epochs=1,
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=tmp_path,
+    )
+    trainer.fit(module)
+    assert module.seen == [(0, 0, 0), (1, 1, 2), (2, 2, 4)]
+
+
+def test_attention_implementation_reads_what_the_public_setter_set():
+    config = LlamaConfig(
+        vocab_size=16,
+        hidden_size=8,
+        intermediate_size=16,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+    )
+    model = LlamaForCausalLM(config)
+    model.set_attn_implementation("eager")
+    assert attention_implementation(model.config) == "eager"
+    model.set_attn_implementation("sdpa")
+    assert attention_implementation(model.config) == "sdpa"
+
+
+def test_in_backward_is_true_only_inside_a_backward():
+    seen = []
+
+    class Probe(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x):
+            seen.append(("forward", in_backward()))
+            return x * 2
+
+        @staticmethod
+        def backward(ctx, grad):
+            seen.append(("backward", in_backward()))
+            return grad * 2
+
+    x = torch.ones(2, requires_grad=True)
+    Probe.apply(x).sum().backward()
+    assert seen == [("forward", False), ("backward", True)]
+    assert not in_backward()
+
+
+def test_profiler_enabled_only_while_profiling():
+    assert not profiler_enabled()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]):
+        assert profiler_enabled()
+    assert not profiler_enabled()
