@@ -38,10 +38,9 @@ class RolloutEngine(Protocol):
         group: int,
         seeds: Tensor | None,
     ) -> Completions:
-        """``group`` responses per prompt (prompt_ids, prompt_mask: [B, P] left-padded); ``seeds``
-        [B * group] holds each response's seed, None for greedy decoding (then ``group`` copies of
-        the greedy response are not made: pass group=1). The model's training flags and the global
-        RNG states are as they were on return."""
+        """``group`` responses per prompt (prompt_ids, prompt_mask: [B, P] left-padded), ``seeds``
+        [B * group] one per response; ``seeds=None`` decodes greedily, one response per prompt
+        (group=1). On return the model's training flags and the global RNG states are as before."""
 
 
 def finish(ids: Tensor, logps: Tensor | None, eos_ids: list[int], pad_token_id: int) -> Completions:

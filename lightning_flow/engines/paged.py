@@ -44,6 +44,8 @@ class PagedEngine:
         cfg = self.cfg
         if seeds is not None and len(seeds) != len(prompt_ids) * group:
             raise ValueError(f"{len(seeds)} seeds for {len(prompt_ids)} prompts x {group} responses")
+        if seeds is None and group != 1:
+            raise ValueError(f"greedy decoding (no seeds) gives one response per prompt, not {group}")
         sample = seeds is not None
         generation_config = GenerationConfig(
             do_sample=sample,
