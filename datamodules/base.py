@@ -108,12 +108,13 @@ class PromptDataModule(L.LightningDataModule):
             num_workers: DataLoader worker processes.
         """
         super().__init__()
-        if batch_size < 1 or val_batch_size < 1:
-            raise ValueError(
-                f"batch_size and val_batch_size must be >= 1, got {batch_size} and {val_batch_size}"
-            )
-        if max_prompt_length < 1:
-            raise ValueError(f"max_prompt_length must be >= 1, got {max_prompt_length}")
+        for name, value in (
+            ("batch_size", batch_size),
+            ("val_batch_size", val_batch_size),
+            ("max_prompt_length", max_prompt_length),
+        ):
+            if value < 1:
+                raise ValueError(f"data.init_args.{name}={value} must be >= 1")
         try:
             plain_template.format(question="", instruction="")
         except (KeyError, IndexError, ValueError) as error:
@@ -248,6 +249,10 @@ class PromptDataModule(L.LightningDataModule):
             )
         self.stats[f"{split}_examples"] = len(items)
         return items
+
+    def longest_prompt(self) -> int:
+        """Tokens of the longest prompt kept by ``setup``, over both splits."""
+        return max((len(item.input_ids) for items in self._items.values() for item in items), default=0)
 
     # ---- loaders --------------------------------------------------------------------------
     def _split_items(self, split: Split) -> list[PromptItem]:

@@ -103,6 +103,9 @@ class MathDataModule(PromptDataModule):
             raise ValueError(f"limit must be >= 1 or None, got {limit}")
         if val is None and val_size < 1:
             raise ValueError(f"val_size must be >= 1 when val is None, got {val_size}")
+        for name, value in (("train", train), ("val", val)):
+            if value and looks_like_local_path(value) and not Path(value).expanduser().exists():
+                raise FileNotFoundError(f"data.init_args.{name}: data file not found: {value}")
         self.train, self.val, self.val_size = train, val, val_size
         self.hub_config, self.train_split, self.val_split, self.limit = (
             hub_config,

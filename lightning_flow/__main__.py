@@ -1,12 +1,5 @@
-"""``python -m lightning_flow fit|validate|test|predict ...`` (LightningCLI) or ``... trace ...``."""
+"""``python -m lightning_flow fit|validate|test|predict|trace ...``: see lightning_flow.console."""
 
-import sys
+from lightning_flow.console import console
 
-if len(sys.argv) > 1 and sys.argv[1] == "trace":
-    from lightning_flow.trace_cli import main as trace_main
-
-    trace_main(sys.argv[2:])
-else:
-    from lightning_flow.cli import main
-
-    main()
+console(prog="python -m lightning_flow")

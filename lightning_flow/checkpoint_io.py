@@ -61,3 +61,30 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             found = sorted(checkpoint)[:8] if isinstance(checkpoint, dict) else type(checkpoint).__name__
             raise CheckpointError(f"{path} is not a Lightning checkpoint (no 'state_dict'; found {found})")
         return checkpoint
+
+
+def reopen_cut_epoch(checkpoint: dict[str, Any]) -> None:
+    """Record an epoch that a stop cut short (``max_steps``, ``max_time``, ``should_stop``) as unfinished.
+
+    Lightning runs its epoch-end bookkeeping whenever the epoch loop exits, so a checkpoint written
+    after a stop before the epoch's last batch (``ModelCheckpoint``'s at train end, or a user's
+    ``trainer.save_checkpoint`` after ``fit``) says the epoch is complete: a run resumed from it
+    starts the next epoch, a new shuffle from its first prompt, instead of the rest of this one.
+    Here the loop counters go back to what they were after the last training batch, the state a
+    checkpoint written in ``on_train_batch_end`` holds (the one resumed after a SIGKILL).
+    """
+    loop = checkpoint.get("loops", {}).get("fit_loop")
+    if not loop:
+        return
+    epochs, batches = loop["epoch_progress"], loop["epoch_loop.batch_progress"]
+    epoch_loop_exited = epochs["total"]["started"] == epochs["total"]["processed"] > 0
+    if not epoch_loop_exited or batches["is_last_batch"] or batches["current"]["processed"] == 0:
+        return
+    for scope in ("total", "current"):
+        epochs[scope]["processed"] -= 1
+        epochs[scope]["completed"] = epochs[scope]["processed"]
+    checkpoint["epoch"] = epochs["current"]["processed"]
+    if batches["total"]["completed"] == batches["total"]["processed"]:  # the last batch's end was counted
+        for scope in ("total", "current"):
+            batches[scope]["completed"] -= 1
+        loop["epoch_loop.state_dict"]["_batches_that_stepped"] -= 1

@@ -27,7 +27,7 @@ import torch
 from torch import Tensor
 
 from lightning_flow.capture import AttentionRecorder, default_capture_layers
-from lightning_flow.checkpoint_io import CheckpointError
+from lightning_flow.checkpoint_io import CheckpointError, reopen_cut_epoch
 from lightning_flow.engines import build_engine, eval_mode
 from lightning_flow.loss import ScaleRewards, group_advantages, token_logprobs_and_entropy
 from lightning_flow.objectives import (
@@ -43,6 +43,7 @@ from lightning_flow.objectives import (
 from lightning_flow.policy import (
     PolicyConfig,
     SamplingConfig,
+    check_settings,
     decoder_and_head,
     eos_token_ids,
     load_policy,
@@ -121,6 +122,21 @@ class GRPOConfig:
     """Lower bound C_min of the correction weights (None: none)."""
 
     def __post_init__(self) -> None:
+        check_settings(
+            "model.grpo",
+            self,
+            {
+                "epsilon": (0 < self.epsilon < 1, "must be in (0, 1): the ratio is clipped at 1 - epsilon"),
+                "epsilon_high": (self.epsilon_high is None or self.epsilon_high > 0, "must be > 0"),
+                "beta": (self.beta >= 0, "must be >= 0 (0 turns the KL term off)"),
+                "num_iterations": (self.num_iterations >= 1, "must be >= 1"),
+                "micro_batch_size": (self.micro_batch_size >= 1, "must be >= 1"),
+                "max_grad_norm": (
+                    self.max_grad_norm is None or self.max_grad_norm > 0,
+                    "must be > 0 or null",
+                ),
+            },
+        )
         objective = OBJECTIVES.get(self.loss_type)  # an unknown name is the parser's error
         high = self.epsilon if self.epsilon_high is None else self.epsilon_high
         if not 0 < self.top_entropy_quantile <= 1:
@@ -144,10 +160,11 @@ class GRPOConfig:
                 "epsilon_high itself "
                 "(ε_max, e.g. 5.0), which must be set and at least 1"
             )
-        low, high = self.vllm_importance_sampling_clip_min, self.vllm_importance_sampling_clip_max
-        if high is not None and (high <= 0 or (low is not None and low >= high)):
+        clip_min, clip_max = self.vllm_importance_sampling_clip_min, self.vllm_importance_sampling_clip_max
+        if clip_max is not None and (clip_max <= 0 or (clip_min is not None and clip_min >= clip_max)):
             raise ValueError(
-                f"model.grpo.vllm_importance_sampling_clip_max={high} must be > 0 and above clip_min={low}"
+                f"model.grpo.vllm_importance_sampling_clip_max={clip_max} must be > 0 and above "
+                f"clip_min={clip_min}"
             )
         for name in ("sapo_temperature_pos", "sapo_temperature_neg"):
             if getattr(self, name) <= 0:
@@ -186,6 +203,18 @@ class OptimConfig:
     """Linear warm-up from 0 over this many optimizer steps."""
     schedule: Literal["constant", "linear", "cosine"] = "constant"
     """Decay after warm-up, to 0 at trainer.max_steps."""
+
+    def __post_init__(self) -> None:
+        check_settings(
+            "model.optim",
+            self,
+            {
+                "lr": (0 < self.lr < math.inf, "must be > 0"),
+                "weight_decay": (self.weight_decay >= 0, "must be >= 0"),
+                "betas": (all(0 <= b < 1 for b in self.betas), "must both be in [0, 1)"),
+                "warmup_steps": (self.warmup_steps >= 0, "must be >= 0"),
+            },
+        )
 
 
 def lr_factor(step: int, warmup_steps: int, total_steps: int, schedule: str) -> float:
@@ -740,6 +769,7 @@ class GRPOModule(L.LightningModule):
             "python": random.getstate(),
         }
         checkpoint["skipped_nonfinite_steps"] = self.skipped_nonfinite_steps
+        reopen_cut_epoch(checkpoint)  # a resumed run goes on with the rest of the epoch a stop cut short
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         source = f"checkpoint {self._trainer.ckpt_path}" if self._trainer is not None else "checkpoint"

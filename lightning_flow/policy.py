@@ -27,6 +27,14 @@ ENGINE_NAMES = ("hf", "static", "paged")
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
+def check_settings(prefix: str, config: object, rules: dict[str, tuple[bool, str]]) -> None:
+    """Raise for the first setting whose rule fails, naming it as the command line spells it
+    (``{prefix}.{name}=value``): the config dataclasses check themselves before any model loads."""
+    for name, (valid, requirement) in rules.items():
+        if not valid:
+            raise ValueError(f"{prefix}.{name}={getattr(config, name)!r} {requirement}")
+
+
 @dataclass
 class PolicyConfig:
     """How to build the policy."""
@@ -55,8 +63,16 @@ class PolicyConfig:
     """Allow model code from the hub."""
 
     def __post_init__(self) -> None:
-        if self.dtype not in _DTYPES:
-            raise ValueError(f"policy.dtype={self.dtype!r}: expected one of {sorted(_DTYPES)}")
+        check_settings(
+            "model.policy",
+            self,
+            {
+                "dtype": (self.dtype in _DTYPES, f"is not one of {sorted(_DTYPES)}"),
+                "lora_rank": (self.lora_rank >= 1, "must be >= 1"),
+                "lora_alpha": (self.lora_alpha > 0, "must be > 0"),
+                "lora_dropout": (0 <= self.lora_dropout < 1, "must be in [0, 1)"),
+            },
+        )
 
 
 @dataclass
@@ -93,26 +109,30 @@ class SamplingConfig:
     """``static`` only: compile the decoding step with torch.compile (None: on, except on a CPU)."""
 
     def __post_init__(self) -> None:
-        if self.num_generations < 2:
-            raise ValueError(
-                f"sampling.num_generations={self.num_generations}: group-normalised advantages need at least "
-                "2"
-            )
-        if self.engine not in ENGINE_NAMES:
-            raise ValueError(
-                f"model.sampling.engine={self.engine!r}: expected one of {', '.join(ENGINE_NAMES)}"
-            )
         size = self.generation_batch_size
-        if size is not None and (isinstance(size, bool) or not isinstance(size, int) or size < 1):
-            raise ValueError(
-                f"model.sampling.generation_batch_size={size!r}: "
-                "a positive number of responses (or null: all at once)"
-            )
-        if self.compile is not None and self.engine != "static":
-            raise ValueError(
-                f"model.sampling.compile={self.compile}: "
-                f"only the static engine compiles, not engine={self.engine!r}"
-            )
+        check_settings(
+            "model.sampling",
+            self,
+            {
+                "num_generations": (
+                    self.num_generations >= 2,
+                    "must be >= 2: advantages are normalised in a group",
+                ),
+                "max_new_tokens": (self.max_new_tokens >= 1, "must be >= 1"),
+                "temperature": (self.temperature > 0, "must be > 0"),
+                "top_p": (0 < self.top_p <= 1, "must be in (0, 1]"),
+                "top_k": (self.top_k >= 0, "must be >= 0 (0 turns it off)"),
+                "engine": (self.engine in ENGINE_NAMES, f"must be one of {', '.join(ENGINE_NAMES)}"),
+                "generation_batch_size": (
+                    size is None or (type(size) is int and size >= 1),
+                    "must be a positive number of responses (or null: all at once)",
+                ),
+                "compile": (
+                    self.compile is None or self.engine == "static",
+                    f"is for the static engine only, not engine={self.engine!r}",
+                ),
+            },
+        )
 
 
 def load_policy(cfg: PolicyConfig) -> PeftModel:

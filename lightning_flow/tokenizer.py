@@ -3,22 +3,76 @@
 from __future__ import annotations
 
 import json
+import logging
 from contextlib import contextmanager
+from functools import cache
 from pathlib import Path
 
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
+log = logging.getLogger(__name__)
+
 _GENERIC_CLASSES = {"PreTrainedTokenizerFast", "TokenizersBackend"}
+
+
+_LOCAL_PREFIXES = (".", "/", "~", "artifacts/")
+
+
+def looks_local(name_or_path: str) -> bool:
+    """A name that can only mean a folder here: it starts with ``.``, ``/``, ``~`` or ``artifacts/``,
+    or its parent folder exists (``runs/demo/version_0/adapter``); a hub id is ``owner/name``."""
+    parent = Path(name_or_path).expanduser().parent
+    return name_or_path.startswith(_LOCAL_PREFIXES) or (parent != Path(".") and parent.is_dir())
+
+
+@cache
+def hub_reachable(timeout_s: float = 2.0) -> bool:
+    """Whether the Hugging Face hub (``HF_ENDPOINT``, through any proxy the environment sets) answers
+    within ``timeout_s``; asked once a process."""
+    from huggingface_hub import constants, get_session
+
+    try:
+        get_session().head(constants.ENDPOINT, timeout=timeout_s)
+    except Exception:  # httpx's connect, timeout and proxy errors alike
+        return False
+    return True
+
+
+def check_model_source(name_or_path: str) -> None:
+    """Fail at once, naming ``name_or_path``, where loading it could only fail: a missing folder,
+    or a hub id while the hub cannot be reached and its hub cache has no copy. Offline mode
+    (``HF_HUB_OFFLINE=1``) is left to transformers, which then reads the cache only."""
+    from huggingface_hub import constants, try_to_load_from_cache
+
+    path = Path(name_or_path).expanduser()
+    if path.exists():
+        return
+    if looks_local(name_or_path):
+        hint = (
+            "; build it with: python -m lightning_flow.demo_policy --config configs/demo.yaml"
+            if "demo-policy" in name_or_path
+            else ""
+        )
+        raise FileNotFoundError(f"model folder {name_or_path} does not exist ({path.resolve()}){hint}")
+    if constants.HF_HUB_OFFLINE or hub_reachable():
+        return
+    if isinstance(try_to_load_from_cache(name_or_path, "config.json"), str):
+        log.warning("the Hugging Face hub cannot be reached: %s is read from the hub cache", name_or_path)
+        constants.HF_HUB_OFFLINE = True  # huggingface_hub and transformers read it at each call
+        return
+    raise OSError(
+        f"cannot load model {name_or_path!r}: no such folder here, and the Hugging Face hub "
+        f"({constants.ENDPOINT}) cannot be reached; give a local folder, or download it on a connected "
+        "machine into the hub cache"
+    )
 
 
 @contextmanager
 def model_source_errors(name_or_path: str):
-    """Loading from ``name_or_path``: a folder that does not exist gives one clear line naming it,
-    not a hub trace. Absolute, ``./``, ``../`` and ``~`` paths are never hub ids, so they fail
-    before any hub lookup; other missing names are tried on the hub first."""
+    """Loading from ``name_or_path``: ``check_model_source`` first, then a hub error (no such
+    repository, no cached copy offline) as one line naming it, not a hub trace."""
+    check_model_source(name_or_path)
     path = Path(name_or_path).expanduser()
-    if name_or_path.startswith(("/", "./", "../", "~")) and not path.exists():
-        raise FileNotFoundError(f"model folder {name_or_path} does not exist")
     try:
         yield
     except OSError as error:

@@ -23,6 +23,7 @@ from typing import Any
 import torch
 from jsonargparse import ActionConfigFile, ArgumentParser, set_parsing_settings
 
+from lightning_flow.console import OneLineErrors
 from lightning_flow.engines.hf import HFEngine
 from lightning_flow.policy import PolicyConfig, SamplingConfig, eos_token_ids, load_policy
 from lightning_flow.render import RenderConfig, save_png
@@ -66,16 +67,22 @@ class TraceCommand:
     """Folder the files are written to."""
     name: str = "trace"
     """File stem of the outputs."""
+    overwrite: bool = False
+    """Replace outputs that already exist (otherwise the command stops before loading the model)."""
     flow: TraceConfig = field(default_factory=TraceConfig)
     """Flow graph and credit options (as FlowCredit takes them)."""
     render: RenderConfig = field(default_factory=RenderConfig)
     """Picture options."""
 
 
-def parser() -> ArgumentParser:
+class TraceParser(OneLineErrors, ArgumentParser):
+    pass
+
+
+def parser(prog: str = "python -m lightning_flow trace") -> ArgumentParser:
     # the option help comes from the docstrings above
     set_parsing_settings(docstring_parse_attribute_docstrings=True)
-    p = ArgumentParser(prog="python -m lightning_flow trace", description=__doc__.split("\n")[0])
+    p = TraceParser(prog=prog, description=__doc__.split("\n")[0])
     p.add_argument("--config", action=ActionConfigFile, help="YAML with any of the options below")
     p.add_class_arguments(TraceCommand, as_group=False)
     return p
@@ -134,9 +141,29 @@ def respond(
     return out.ids[0, : int(out.mask.sum())].tolist()
 
 
+def output_stems(cmd: TraceCommand, rows: int) -> list[str]:
+    return [cmd.name] if cmd.jsonl is None else [f"{cmd.name}-{index:03d}" for index in range(rows)]
+
+
+def refuse_overwriting(cmd: TraceCommand, rows: int) -> None:
+    """Stop before any work when an output exists and ``--overwrite`` was not given."""
+    existing = [
+        Path(cmd.out_dir) / f"{stem}.{kind}"
+        for stem in output_stems(cmd, rows)
+        for kind in ("html", "png", "json")
+        if (Path(cmd.out_dir) / f"{stem}.{kind}").exists()
+    ]
+    if existing and not cmd.overwrite:
+        raise FileExistsError(
+            f"{existing[0]} exists ({len(existing)} output files in all); pass --overwrite, "
+            "or another --name or --out_dir"
+        )
+
+
 def run(cmd: TraceCommand) -> list[dict[str, Path]]:
     """Load the model once, trace every row, write its files; returns their paths per row."""
     rows = load_rows(cmd)
+    refuse_overwriting(cmd, len(rows))
     tokenizer = load_tokenizer(cmd.model)
     model = (
         load_policy(PolicyConfig(cmd.model, dtype=cmd.dtype, adapter_path=cmd.adapter))
@@ -153,7 +180,7 @@ def run(cmd: TraceCommand) -> list[dict[str, Path]]:
             response_ids = respond(model, tokenizer, ids, cmd, eos, cmd.seed + index)
         else:
             response_ids = tokenizer(row["response"], add_special_tokens=False).input_ids
-        stem = cmd.name if cmd.jsonl is None else f"{cmd.name}-{index:03d}"
+        stem = output_stems(cmd, len(rows))[index]
         meta: dict[str, Any] = {
             "title": f"{stem}: {title}",
             "response": "generated" if generated else "given",
@@ -170,8 +197,10 @@ def run(cmd: TraceCommand) -> list[dict[str, Path]]:
     return written
 
 
-def main(argv: list[str] | None = None) -> list[dict[str, Path]]:
-    p = parser()
+def main(
+    argv: list[str] | None = None, prog: str = "python -m lightning_flow trace"
+) -> list[dict[str, Path]]:
+    p = parser(prog)
     config = p.parse_args(argv)
     init = p.instantiate(config)
     cmd = TraceCommand(**{f.name: init[f.name] for f in fields(TraceCommand)})

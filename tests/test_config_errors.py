@@ -11,6 +11,7 @@ import pytest
 
 from lightning_flow.cli import main
 from lightning_flow.tiny import build_char_tokenizer, build_tiny_llama
+from lightning_flow.tokenizer import load_tokenizer
 from tests.test_fit import DEMO, tiny_args
 
 
@@ -52,19 +53,43 @@ def test_micro_batch_that_does_not_divide_the_step(tiny_policy_dir, tmp_path):
 def test_missing_model_folder_is_named(tmp_path):
     with pytest.raises(FileNotFoundError, match="model folder /nonexistent/policy does not exist"):
         main([*tiny_args(Path("/nonexistent/policy"), tmp_path)], run=False)
-    # A relative name could be a hub id: it is tried there (offline here, so at once) and both are named.
-    code = "from lightning_flow.tokenizer import load_tokenizer; load_tokenizer('artifacts/no-such-policy')"
-    done = subprocess.run(
-        [sys.executable, "-c", code],
-        cwd=tmp_path,
-        env={**os.environ, "HF_HUB_OFFLINE": "1"},
-        capture_output=True,
-        text=True,
+    # artifacts/... could be an owner/name hub id, but it names a local folder: no hub lookup.
+    with pytest.raises(FileNotFoundError, match="model folder artifacts/no-such-policy does not exist"):
+        load_tokenizer("artifacts/no-such-policy")
+    (tmp_path / "runs").mkdir()  # a name whose parent folder exists is local too
+    with pytest.raises(FileNotFoundError, match="model folder runs/policy does not exist"):
+        load_tokenizer_in(tmp_path, "runs/policy")
+
+
+def load_tokenizer_in(folder: Path, name: str) -> None:
+    cwd = Path.cwd()
+    os.chdir(folder)
+    try:
+        load_tokenizer(name)
+    finally:
+        os.chdir(cwd)
+
+
+def hub_lookup(name: str, **env: str) -> subprocess.CompletedProcess:
+    code = f"from lightning_flow.tokenizer import load_tokenizer; load_tokenizer({name!r})"
+    environment = {k: v for k, v in os.environ.items() if k not in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")}
+    return subprocess.run(
+        [sys.executable, "-c", code], env={**environment, **env}, capture_output=True, text=True, timeout=120
     )
+
+
+def test_hub_id_fails_at_once_when_the_hub_cannot_be_reached(tmp_path):
+    # Port 9 (discard) refuses at once: the hub is unreachable, and nothing is cached under HF_HOME.
+    done = hub_lookup("someone/no-such-model", HF_ENDPOINT="http://127.0.0.1:9", HF_HOME=str(tmp_path))
     last_line = done.stderr.strip().splitlines()[-1]
-    assert last_line.startswith("OSError: cannot load model 'artifacts/no-such-policy': no such folder"), (
+    assert last_line.startswith("OSError: cannot load model 'someone/no-such-model': no such folder here"), (
         done.stderr[-2000:]
     )
+    assert "Hugging Face hub (http://127.0.0.1:9) cannot be reached" in last_line
+    # Offline mode: transformers looks in the cache only, and the error names the model.
+    done = hub_lookup("someone/no-such-model", HF_HUB_OFFLINE="1", HF_HOME=str(tmp_path))
+    last_line = done.stderr.strip().splitlines()[-1]
+    assert "cannot load model 'someone/no-such-model'" in last_line
     assert "not loadable from the Hugging Face hub" in last_line
 
 

@@ -113,12 +113,12 @@ def test_engine_greedy_equals_generate_and_keeps_rng_and_training_flags(setup, e
 
 
 def test_bad_engine_options_are_refused_by_name():
-    with pytest.raises(ValueError, match="model.sampling.engine='vllm': expected one of hf, static, paged"):
+    with pytest.raises(ValueError, match="model.sampling.engine='vllm' must be one of hf, static, paged"):
         SamplingConfig(engine="vllm")
     for size in (0, -2, 1.5):
         with pytest.raises(ValueError, match="model.sampling.generation_batch_size"):
             SamplingConfig(generation_batch_size=size)
-    with pytest.raises(ValueError, match="model.sampling.compile=True: only the static engine compiles"):
+    with pytest.raises(ValueError, match="model.sampling.compile=True is for the static engine only"):
         SamplingConfig(engine="paged", compile=True)
     with pytest.raises(
         ValueError, match="model.grpo.vllm_importance_sampling_clip_max=0.5 must be > 0 and above"

@@ -333,6 +333,13 @@ def test_trace_command_generates_and_reads_jsonl(tiny_policy_dir, tmp_path):
         and second.answer_text == "2"
         and abs(second.absorbed - 1) < 1e-5
     )
+    # Run again: the outputs exist, so it stops before loading the model and names the first one.
+    before = written[0]["json"].read_bytes()
+    with pytest.raises(
+        FileExistsError, match=r"trace-000.html exists \(6 output files in all\); pass --overwrite"
+    ):
+        trace_main(["--model", str(tiny_policy_dir), "--jsonl", str(rows), "--out_dir", str(tmp_path)])
+    assert written[0]["json"].read_bytes() == before
 
 
 def test_module_entry_point_dispatches_trace(monkeypatch, capsys):
