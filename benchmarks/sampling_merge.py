@@ -5,7 +5,7 @@
 
 The same policy (LoRA on all linear layers, its B drawn at random so the adapter changes the
 output) samples the same prompts with the same per-response seeds through
-``lightning_flow.policy.generate``, with ``sampling.merge_adapter`` on and off in alternating
+``lightning_flow.engines.hf.HFEngine``, with ``sampling.merge_adapter`` on and off in alternating
 order, ``--repeats`` calls each after one warm-up call of each. Responses run to
 ``--max-new-tokens`` only where the model never samples EOS (random real-shape weights); the
 token count is reported. Printed: each side's median time and tokens/s, the median over the
@@ -31,7 +31,8 @@ from bench_stats import paired_ratio  # noqa: E402
 from gpu_check import SHAPES, synchronize  # noqa: E402
 from trl_compare import FOLDERS, model_folder  # noqa: E402
 
-from lightning_flow.policy import PolicyConfig, SamplingConfig, eos_token_ids, generate, load_policy  # noqa: E402
+from lightning_flow.engines.hf import HFEngine  # noqa: E402
+from lightning_flow.policy import PolicyConfig, SamplingConfig, eos_token_ids, load_policy  # noqa: E402
 from lightning_flow.tokenizer import load_tokenizer  # noqa: E402
 
 
@@ -67,9 +68,8 @@ def compare(folder: Path, args: argparse.Namespace) -> dict:
                 torch.cuda.reset_peak_memory_stats()
                 before = torch.cuda.memory_allocated()
             start = time.perf_counter()
-            outputs[merge] = generate(
-                policy, prompts, mask, sampling, tokenizer.pad_token_id, eos, row_seeds=seeds
-            )
+            engine = HFEngine(sampling, tokenizer.pad_token_id, eos)
+            outputs[merge] = engine(policy, prompts, mask, args.group, seeds).ids
             synchronize()
             if call > 0:  # the first call of each is warm-up
                 times[merge].append(time.perf_counter() - start)

@@ -40,10 +40,14 @@ def _plain_adapters(layer: LoraLayer) -> list[str] | None:
 
 
 @contextmanager
-def merged_lora(model: nn.Module) -> Iterator[bool]:
+def merged_lora(model: nn.Module, buffers: dict[int, torch.Tensor] | None = None) -> Iterator[bool]:
     """Inside the block every LoRA layer of ``model`` runs as merged (one product with ``W + ΔW``);
     yields True. On exit, normal or by an exception, each base weight is the very tensor it was
     before and the layers run unmerged again.
+
+    With ``buffers`` (a dict the caller keeps between calls) ``W + ΔW`` is copied into the same
+    tensor every time, one per layer, so the merged weights keep their addresses from call to call
+    (what captured CUDA graphs and compiled code hold on to).
 
     All or nothing: when any LoRA layer cannot be merged exactly (see ``_plain_adapters``: a 4-bit
     base, DoRA, adapters disabled) or its base weight is tied to another module (an adapted LM head
@@ -67,8 +71,10 @@ def merged_lora(model: nn.Module) -> Iterator[bool]:
                 weight = layer.get_base_layer().weight
                 delta = sum(layer.get_delta_weight(name).float() for name in names)
                 kept.append((layer, weight, weight.data, names))
-                # a new tensor: summed in float32, rounded once
-                weight.data = (weight.float() + delta).to(weight.dtype)
+                merged = (weight.float() + delta).to(weight.dtype)  # summed in float32, rounded once
+                if buffers is not None:
+                    merged = buffers.setdefault(id(layer), torch.empty_like(merged)).copy_(merged)
+                weight.data = merged
                 layer.merged_adapters.extend(names)
         yield True
     finally:

@@ -28,13 +28,15 @@ from torch import Tensor
 
 from lightning_flow.capture import AttentionRecorder, default_capture_layers
 from lightning_flow.checkpoint_io import CheckpointError
+from lightning_flow.engines import build_engine, eval_mode
 from lightning_flow.internals import reopen_cut_epoch
-from lightning_flow.loss import ScaleRewards, completion_mask, group_advantages, token_logprobs_and_entropy
+from lightning_flow.loss import ScaleRewards, group_advantages, token_logprobs_and_entropy
 from lightning_flow.objectives import (
     OBJECTIVES,
     ImportanceSamplingLevel,
     LossStats,
     LossType,
+    SamplerCorrectionMode,
     clipped_term,
     entropy_threshold,
     policy_loss,
@@ -45,7 +47,6 @@ from lightning_flow.policy import (
     check_settings,
     decoder_and_head,
     eos_token_ids,
-    generate,
     load_policy,
     position_ids_from_mask,
 )
@@ -108,6 +109,18 @@ class GRPOConfig:
     """Responses per forward/backward; gradients accumulate over the step's micro-batches."""
     max_grad_norm: float | None = 1.0
     """Clip the global gradient norm to this (None: no clipping, the norm is still logged)."""
+    vllm_importance_sampling_correction: bool = False
+    """Weigh each token's policy term by π_trainer / π_sampler, the rollout engine's log-probs against
+    the trainer's (truncated importance sampling; TRL's option, for any engine here). TRL's default
+    is on, for vLLM; ours is off: the ``hf`` engine samples with the trainer's own weights (float32:
+    a mismatch of ~1e-6). The mismatch is logged either way (docs/engines.md)."""
+    vllm_importance_sampling_mode: SamplerCorrectionMode = "sequence_mask"
+    """``token_*``: one weight per token; ``sequence_*``: one per response (exp of the summed log-ratio);
+    ``*_truncate`` clamps a weight to [clip_min, clip_max], ``*_mask`` zeroes a weight outside it."""
+    vllm_importance_sampling_clip_max: float | None = 3.0
+    """Upper bound C_max of the correction weights (None: none)."""
+    vllm_importance_sampling_clip_min: float | None = None
+    """Lower bound C_min of the correction weights (None: none)."""
 
     def __post_init__(self) -> None:
         check_settings(
@@ -147,6 +160,12 @@ class GRPOConfig:
                 f"model.grpo.epsilon_high={self.epsilon_high}: loss_type=cispo caps the ratio at "
                 "epsilon_high itself "
                 "(ε_max, e.g. 5.0), which must be set and at least 1"
+            )
+        clip_min, clip_max = self.vllm_importance_sampling_clip_min, self.vllm_importance_sampling_clip_max
+        if clip_max is not None and (clip_max <= 0 or (clip_min is not None and clip_min >= clip_max)):
+            raise ValueError(
+                f"model.grpo.vllm_importance_sampling_clip_max={clip_max} must be > 0 and above "
+                f"clip_min={clip_min}"
             )
         for name in ("sapo_temperature_pos", "sapo_temperature_neg"):
             if getattr(self, name) <= 0:
@@ -239,6 +258,7 @@ class GRPOModule(L.LightningModule):
         self.decoder_and_head = decoder_and_head(self.policy)  # None: log-probs from the model's own logits
         self.reward_suite = RewardSuite(rewards)
         self.eos_ids = eos_token_ids(self.policy, self.tokenizer, sampling.extra_eos_token_ids)
+        self.engine = build_engine(sampling, self.tokenizer.pad_token_id, self.eos_ids)
         self.attention_layers: list[int] | None = None  # set by request_attention
         # whether rows with a zero advantage are recorded too (request_attention)
         self.record_zero_advantage = False
@@ -383,16 +403,8 @@ class GRPOModule(L.LightningModule):
         """Sample a group per prompt, score it, and compute group-normalised advantages."""
         group = self.sampling.num_generations
         seeds = response_seeds(self.sampling_seed, self.global_step, batch["sources"], group)
-        completion_ids = generate(
-            self.policy,
-            batch["prompt_ids"],
-            batch["prompt_mask"],
-            self.sampling,
-            self.tokenizer.pad_token_id,
-            self.eos_ids,
-            row_seeds=seeds,
-        )
-        mask, truncated = completion_mask(completion_ids, self.eos_ids)
+        sampled = self.engine(self.policy, batch["prompt_ids"], batch["prompt_mask"], group, seeds)
+        completion_ids, mask, truncated = sampled.ids, sampled.mask, sampled.is_truncated
         completions = self.decode(completion_ids, mask)
         if self.grpo.mask_truncated_completions:
             mask = mask * (~truncated).unsqueeze(1)
@@ -418,6 +430,7 @@ class GRPOModule(L.LightningModule):
             zero_std_groups=zero_std,
             token_weights=torch.ones_like(mask),
             step=self.global_step,
+            sampler_logps=sampled.logps,
         )
 
     @torch.no_grad()
@@ -607,6 +620,14 @@ class GRPOModule(L.LightningModule):
             max_completion_length=self.sampling.max_new_tokens,
             num_items_in_batch=num_items_in_batch,
             num_micro_batches=num_micro_batches,
+            sampler_logps=rollouts.sampler_logps[rows] if rollouts.sampler_logps is not None else None,
+            sampler_correction_mode=grpo.vllm_importance_sampling_mode
+            if grpo.vllm_importance_sampling_correction
+            else None,
+            sampler_correction_clip=(
+                grpo.vllm_importance_sampling_clip_min,
+                grpo.vllm_importance_sampling_clip_max,
+            ),
         )
 
     def high_entropy_threshold(
@@ -693,19 +714,9 @@ class GRPOModule(L.LightningModule):
     # ---- validation -----------------------------------------------------------------------
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         size = len(batch["golds"])
-        greedy = generate(
-            self.policy,
-            batch["prompt_ids"],
-            batch["prompt_mask"],
-            self.sampling,
-            self.tokenizer.pad_token_id,
-            self.eos_ids,
-            greedy=True,
-        )
+        greedy = self.engine(self.policy, batch["prompt_ids"], batch["prompt_mask"], 1, None)
         scores = correctness_reward(
-            prompts=batch["prompts"],
-            completions=self.decode(greedy, completion_mask(greedy, self.eos_ids)[0]),
-            golds=batch["golds"],
+            prompts=batch["prompts"], completions=self.decode(greedy.ids, greedy.mask), golds=batch["golds"]
         )
         self.log("val/accuracy", sum(scores) / size, batch_size=size, prog_bar=True)
         if self.val_num_samples > 0:
@@ -713,19 +724,10 @@ class GRPOModule(L.LightningModule):
             seeds = response_seeds(
                 self.sampling_seed, self.global_step, [f"val:{s}" for s in batch["sources"]], k
             )
-            sampled = generate(
-                self.policy,
-                batch["prompt_ids"],
-                batch["prompt_mask"],
-                self.sampling,
-                self.tokenizer.pad_token_id,
-                self.eos_ids,
-                num_return_sequences=k,
-                row_seeds=seeds,
-            )
+            sampled = self.engine(self.policy, batch["prompt_ids"], batch["prompt_mask"], k, seeds)
             scores = correctness_reward(
                 prompts=[p for p in batch["prompts"] for _ in range(k)],
-                completions=self.decode(sampled, completion_mask(sampled, self.eos_ids)[0]),
+                completions=self.decode(sampled.ids, sampled.mask),
                 golds=[g for g in batch["golds"] for _ in range(k)],
             )
             self.log(f"val/accuracy_mean@{k}", sum(scores) / len(scores), batch_size=size)
@@ -812,18 +814,6 @@ class GRPOModule(L.LightningModule):
         directory = Path(self.trainer.log_dir or self.trainer.default_root_dir) / "adapter"
         if self.trainer.is_global_zero:
             self.save_adapter(directory)
-
-
-@contextmanager
-def eval_mode(model: torch.nn.Module) -> Iterator[None]:
-    """Every module of ``model`` in eval mode (dropout off) inside the block; the flags are restored after."""
-    modes = {module: module.training for module in model.modules()}
-    model.eval()
-    try:
-        yield
-    finally:
-        for module, training in modes.items():
-            module.training = training
 
 
 def rollout_metrics(rollouts: Rollouts, reward_names: list[str], group: int) -> dict[str, Tensor]:

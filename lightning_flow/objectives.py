@@ -13,6 +13,7 @@ trainers, so every function can be checked by hand on small tensors.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal, NamedTuple, get_args
@@ -24,6 +25,7 @@ from lightning_flow.loss import check_choice, check_shape
 
 LossType = Literal["grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo", "luspo"]
 ImportanceSamplingLevel = Literal["token", "sequence"]
+SamplerCorrectionMode = Literal["token_truncate", "token_mask", "sequence_truncate", "sequence_mask"]
 
 
 # ---- per-token terms ------------------------------------------------------------------------
@@ -163,10 +165,61 @@ class LossStats:
     clip_ratio: Tensor
     # share of the tokens the policy term reads (below 1 with top_entropy_quantile)
     policy_token_fraction: Tensor
+    sampler_logp_diff: (
+        Tensor  # mean |log π_trainer - log π_sampler| over tokens (0 without sampler log-probs)
+    )
+    sampler_kl: Tensor  # k3 estimate of KL(sampler ‖ trainer) per token (0 without sampler log-probs)
+    sampler_clipped_fraction: Tensor  # share of tokens whose correction weight was clipped or masked
+
+
+def sampler_correction(
+    trainer_logps: Tensor,
+    sampler_logps: Tensor,
+    mask: Tensor,
+    mode: SamplerCorrectionMode,
+    clip_max: float | None = 3.0,
+    clip_min: float | None = None,
+) -> tuple[Tensor, Tensor]:
+    """Truncated importance sampling between the trainer and the rollout engine (TRL 1.16's
+    ``vllm_importance_sampling_correction``): w = π_trainer / π_sampler of each token, or one w per
+    response, exp of the sum of its tokens' log-ratios (``sequence_*``); ``*_truncate`` clamps w to
+    [clip_min, clip_max], ``*_mask`` sets a w outside it to 0 (None: no bound on that side). A NaN
+    log-prob counts as no mismatch (w = 1). Returns (w [n, L] or [n, 1], detached; whether each w
+    was outside the bounds, same shape). Both log-probs are detached: w is a constant weight."""
+    check_choice("sampler correction mode", mode, get_args(SamplerCorrectionMode))
+    diff = torch.where(mask > 0, trainer_logps.detach() - sampler_logps.detach(), 0.0).nan_to_num(nan=0.0)
+    if mode.startswith("sequence"):
+        diff = diff.sum(dim=1, keepdim=True)
+    weight = torch.exp(diff)
+    low = -math.inf if clip_min is None else clip_min
+    high = math.inf if clip_max is None else clip_max
+    outside = (weight < low) | (weight > high)
+    weight = (
+        weight.clamp(min=low, max=high) if mode.endswith("truncate") else weight.masked_fill(outside, 0.0)
+    )
+    return weight, outside
 
 
 def _masked_mean(values: Tensor, mask: Tensor) -> Tensor:  # [n, L], [n, L] -> scalar
     return (values * mask).sum() / mask.sum().clamp(min=1)
+
+
+def sampler_mismatch(
+    trainer_logps: Tensor, sampler_logps: Tensor | None, mask: Tensor, corrected: Tensor | None
+) -> dict[str, Tensor]:
+    """LossStats' sampler fields: mean |Δ log-prob|, the k3 estimate exp(Δ) - Δ - 1 of
+    KL(sampler ‖ trainer) (Δ = trainer - sampler, tokens drawn by the sampler), and the share of
+    tokens whose correction weight was clipped or masked (a response's tokens share its weight)."""
+    zero = mask.new_zeros(())
+    if sampler_logps is None:
+        return dict(sampler_logp_diff=zero, sampler_kl=zero, sampler_clipped_fraction=zero)
+    diff = torch.where(mask > 0, trainer_logps.detach() - sampler_logps, 0.0)
+    clipped = zero if corrected is None else _masked_mean(corrected.expand_as(mask).to(mask.dtype), mask)
+    return dict(
+        sampler_logp_diff=_masked_mean(diff.abs(), mask),
+        sampler_kl=_masked_mean(torch.exp(diff) - diff - 1, mask),
+        sampler_clipped_fraction=clipped,
+    )
 
 
 def entropy_threshold(entropy: Tensor, mask: Tensor, top_entropy_quantile: float) -> Tensor:
@@ -208,6 +261,9 @@ def policy_loss(
     | Tensor
     | None = None,  # required for dapo and cispo: tokens of the whole generation batch
     num_micro_batches: int = 1,  # of the optimizer step; the loss returned is this micro-batch's share
+    sampler_logps: Tensor | None = None,  # [n, L] the rollout engine's log-probs of its draws
+    sampler_correction_mode: SamplerCorrectionMode | None = None,  # None: no correction, mismatch logged only
+    sampler_correction_clip: tuple[float | None, float | None] = (None, 3.0),  # (clip_min, clip_max)
 ) -> tuple[Tensor, LossStats]:
     """This micro-batch's share of the step's loss and its diagnostics.
 
@@ -216,7 +272,10 @@ def policy_loss(
     (× ρ with kl_bias_correction), k3 = exp(ref - logps) - (ref - logps) - 1; aggregated as
     ``loss_type`` says, divided by ``gradient_accumulation_divisor``; minus
     entropy_coef × (mean entropy of the kept tokens) / num_micro_batches. Under DDP gradient
-    averaging, pass num_items_in_batch / world_size (as TRL does).
+    averaging, pass num_items_in_batch / world_size (as TRL does). With ``sampler_logps`` and a
+    ``sampler_correction_mode`` the policy term (after the entropy mask, before the KL term, as
+    TRL) is multiplied by ``sampler_correction(old_logps, sampler_logps, ...)``: old_logps are the
+    trainer's log-probs of the policy that sampled.
     """
     check_choice("loss_type", loss_type, get_args(LossType))
     check_choice("importance_sampling_level", importance_sampling_level, get_args(ImportanceSamplingLevel))
@@ -228,6 +287,7 @@ def policy_loss(
         ("ref_logps", ref_logps),
         ("token_weights", token_weights),
         ("entropy", entropy),
+        ("sampler_logps", sampler_logps),
     ):
         if other is not None:
             check_shape(name, other, logps.shape, "logps")
@@ -267,6 +327,12 @@ def policy_loss(
     if entropy_threshold is not None:
         kept = present & (entropy.detach() >= entropy_threshold)
         per_token = per_token * kept
+    corrected = None
+    if sampler_logps is not None and sampler_correction_mode is not None:
+        weight, corrected = sampler_correction(
+            old_logps, sampler_logps, mask, sampler_correction_mode, *reversed(sampler_correction_clip)
+        )
+        per_token = per_token * weight
     kl = None
     if ref_logps is not None:
         log_ref_ratio = torch.where(present, ref_logps.detach() - logps, 0.0)
@@ -295,5 +361,6 @@ def policy_loss(
             clip_ratio_high=_masked_mean(high, mask),
             clip_ratio=_masked_mean(torch.maximum(low, high), mask),
             policy_token_fraction=_masked_mean(kept, mask),
+            **sampler_mismatch(old_logps, sampler_logps, mask, corrected),
         )
     return loss, stats

@@ -1,4 +1,4 @@
-"""The policy: a causal LM with a LoRA adapter (optionally over 4-bit NF4 weights), and generation.
+"""The policy: a causal LM with a LoRA adapter (optionally over 4-bit NF4 weights), and how it samples.
 
 The reference policy for the KL term is the same model with its adapter disabled
 (``model.disable_adapter()``), so the base weights exist once.
@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import logging
 import os
-from contextlib import nullcontext
 from dataclasses import dataclass, field
 
 import torch
@@ -17,17 +16,14 @@ from torch import Tensor
 from transformers import (
     AutoModelForCausalLM,
     BitsAndBytesConfig,
-    GenerationConfig,
-    LogitsProcessorList,
     PreTrainedModel,
 )
 
-from lightning_flow.adapter_merge import merged_lora
-from lightning_flow.seeded_sampling import SeededSampler
 from lightning_flow.tokenizer import model_source_errors
 
 log = logging.getLogger(__name__)
 
+ENGINE_NAMES = ("hf", "static", "paged")
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -102,8 +98,18 @@ class SamplingConfig:
     """Sample with the LoRA adapter merged into a copy of the base weights (one product per projection
     instead of three; the copy lives while sampling). Bases it cannot merge exactly (4-bit, DoRA) sample
     unmerged."""
+    engine: str = "hf"
+    """The rollout engine (docs/engines.md): ``hf`` (transformers ``generate``, per-response seeds),
+    ``static`` (the same loop on a static KV cache, compiled), ``paged`` (continuous batching)."""
+    generation_batch_size: int | None = None
+    """Responses sampled at once (None: all of the step's); only one chunk's KV cache is alive. It
+    need not divide anything: the last chunk is smaller. With ``hf``/``static`` the tokens are the
+    same whatever the chunk size; with ``paged`` it caps the requests decoded together."""
+    compile: bool | None = None
+    """``static`` only: compile the decoding step with torch.compile (None: on, except on a CPU)."""
 
     def __post_init__(self) -> None:
+        size = self.generation_batch_size
         check_settings(
             "model.sampling",
             self,
@@ -116,6 +122,15 @@ class SamplingConfig:
                 "temperature": (self.temperature > 0, "must be > 0"),
                 "top_p": (0 < self.top_p <= 1, "must be in (0, 1]"),
                 "top_k": (self.top_k >= 0, "must be >= 0 (0 turns it off)"),
+                "engine": (self.engine in ENGINE_NAMES, f"must be one of {', '.join(ENGINE_NAMES)}"),
+                "generation_batch_size": (
+                    size is None or (type(size) is int and size >= 1),
+                    "must be a positive number of responses (or null: all at once)",
+                ),
+                "compile": (
+                    self.compile is None or self.engine == "static",
+                    f"is for the static engine only, not engine={self.engine!r}",
+                ),
             },
         )
 
@@ -200,63 +215,3 @@ def eos_token_ids(model: PreTrainedModel, tokenizer, extra: list[int] = ()) -> l
 def position_ids_from_mask(attention_mask: Tensor) -> Tensor:
     """Positions that skip left padding, as generation uses them.  # [N, T] -> [N, T]"""
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
-
-
-@torch.no_grad()
-def generate(
-    model: PeftModel,
-    prompt_ids: Tensor,
-    prompt_mask: Tensor,
-    cfg: SamplingConfig,
-    pad_token_id: int,
-    eos_ids: list[int],
-    greedy: bool = False,
-    num_return_sequences: int | None = None,
-    row_seeds: Tensor | None = None,
-) -> Tensor:
-    """Sample responses; returns completion ids [B * n, L<=max_new_tokens], groups contiguous.
-
-    prompt_ids, prompt_mask: [B, P], left-padded. A fresh GenerationConfig is used so that a
-    model's own defaults (top_k, repetition penalty) never change the sampling distribution
-    that the loss's log-probs assume. With ``row_seeds`` ([B * n] int) each response draws its
-    randomness from its own seed (``SeededSampler``) instead of the process's RNG. With
-    ``cfg.merge_adapter`` the LoRA adapter is merged for the call (``adapter_merge.merged_lora``).
-    """
-    n = num_return_sequences or (1 if greedy else cfg.num_generations)
-    processors = LogitsProcessorList()
-    if row_seeds is not None and not greedy:
-        if len(row_seeds) != len(prompt_ids) * n:
-            raise ValueError(
-                f"row_seeds has {len(row_seeds)} seeds for {len(prompt_ids)} prompts x {n} responses"
-            )
-        # Greedy decoding of the seeded draw (its only finite score) is sampling; rows are expanded here
-        # because transformers only repeats prompts itself when it samples or beam-searches.
-        prompt_ids, prompt_mask = prompt_ids.repeat_interleave(n, 0), prompt_mask.repeat_interleave(n, 0)
-        processors.append(
-            SeededSampler(row_seeds, prompt_ids.shape[1], cfg.temperature, cfg.top_k, cfg.top_p)
-        )
-        greedy, n = True, 1
-    generation_config = GenerationConfig(
-        do_sample=not greedy,
-        temperature=cfg.temperature if not greedy else None,
-        top_p=cfg.top_p if not greedy else None,
-        top_k=cfg.top_k if not greedy else None,
-        max_new_tokens=cfg.max_new_tokens,
-        num_return_sequences=n,
-        pad_token_id=pad_token_id,
-        eos_token_id=eos_ids,
-        use_cache=True,
-    )
-    was_training = model.training
-    model.eval()  # no dropout while sampling; also lets generate use the KV cache with checkpointing
-    try:
-        with merged_lora(model) if cfg.merge_adapter else nullcontext():
-            out = model.generate(
-                input_ids=prompt_ids,
-                attention_mask=prompt_mask,
-                generation_config=generation_config,
-                logits_processor=processors,
-            )
-    finally:
-        model.train(was_training)
-    return out[:, prompt_ids.shape[1] :]

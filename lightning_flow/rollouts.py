@@ -37,6 +37,8 @@ class Rollouts:
     step: int = 0  # trainer.global_step (optimizer steps done) when this step began
     old_logps: Tensor | None = None  # [N, L] float, sampling policy's log-probs (num_iterations > 1)
     ref_logps: Tensor | None = None  # [N, L] float, adapter-disabled log-probs (beta > 0)
+    # [N, L] float, the rollout engine's log-probs of its draws, if it has them
+    sampler_logps: Tensor | None = None
     # [N, L] float, predictive entropy of each completion position (the step's first policy pass)
     entropy: Tensor | None = None
     # solved flow graphs (FlowCredit): (rollout rows, one graph per row)

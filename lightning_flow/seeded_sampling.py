@@ -55,12 +55,14 @@ def response_seeds(seed: int, step: int, sources: list[str], group: int) -> Tens
 class SeededSampler(LogitsProcessor):
     """Turns greedy decoding into per-row seeded sampling: temperature, top-k and top-p as
     ``transformers`` applies them when sampling, then each row's draw (see the module docstring)
-    becomes its only finite score, so that greedy's argmax picks it."""
+    becomes its only finite score, so that greedy's argmax picks it. ``logps`` collects, per call,
+    each row's log-probability of its draw under the distribution drawn from (tempered, truncated)."""
 
     def __init__(
         self, row_seeds: Tensor, prompt_length: int, temperature: float, top_k: int, top_p: float
     ) -> None:
         self.row_seeds, self.prompt_length = row_seeds, prompt_length
+        self.logps: list[Tensor] = []  # [N] per generated position
         self.warpers: list[LogitsProcessor] = (
             [TemperatureLogitsWarper(temperature)] if temperature != 1.0 else []
         )
@@ -81,4 +83,5 @@ class SeededSampler(LogitsProcessor):
         target = counter_uniform(self.row_seeds, input_ids.shape[1] - self.prompt_length) * cdf[:, -1]  # [N]
         # The first token whose CDF exceeds the target: a token of probability 0 never is.
         token = torch.searchsorted(cdf, target[:, None], right=True).clamp_(max=scores.shape[1] - 1)  # [N, 1]
+        self.logps.append(torch.log_softmax(scores, dim=-1).gather(1, token).squeeze(1))
         return torch.full_like(scores, float("-inf")).scatter_(1, token, 0.0)

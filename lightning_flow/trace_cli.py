@@ -24,8 +24,8 @@ import torch
 from jsonargparse import ActionConfigFile, ArgumentParser, set_parsing_settings
 
 from lightning_flow.console import OneLineErrors
-from lightning_flow.loss import completion_mask
-from lightning_flow.policy import PolicyConfig, SamplingConfig, eos_token_ids, generate, load_policy
+from lightning_flow.engines.hf import HFEngine
+from lightning_flow.policy import PolicyConfig, SamplingConfig, eos_token_ids, load_policy
 from lightning_flow.render import RenderConfig, save_png
 from lightning_flow.render_html import html_page
 from lightning_flow.rewards import correctness_reward
@@ -134,21 +134,11 @@ def respond(
 ) -> list[int]:
     """One response of the model to the prompt ids, up to and including its first EOS."""
     device = next(model.parameters()).device
-    torch.manual_seed(seed)
     sampling = SamplingConfig(max_new_tokens=cmd.max_new_tokens, temperature=cmd.temperature or 1.0)
     prompt = torch.tensor([ids], device=device)  # [1, P]
-    out = generate(
-        model,
-        prompt,
-        torch.ones_like(prompt),
-        sampling,
-        tokenizer.pad_token_id,
-        eos,
-        greedy=cmd.temperature == 0,
-        num_return_sequences=1,
-    )
-    mask, _ = completion_mask(out, eos)  # [1, L]
-    return out[0, : int(mask.sum())].tolist()
+    seeds = None if cmd.temperature == 0 else torch.tensor([seed])  # the response's own sampling seed
+    out = HFEngine(sampling, tokenizer.pad_token_id, eos)(model, prompt, torch.ones_like(prompt), 1, seeds)
+    return out.ids[0, : int(out.mask.sum())].tolist()
 
 
 def output_stems(cmd: TraceCommand, rows: int) -> list[str]:

@@ -10,7 +10,8 @@ from peft.tuners.lora import LoraLayer
 from transformers import AutoModelForCausalLM
 
 from lightning_flow.adapter_merge import merged_lora
-from lightning_flow.policy import PolicyConfig, SamplingConfig, generate, load_policy
+from lightning_flow.engines.hf import HFEngine
+from lightning_flow.policy import PolicyConfig, SamplingConfig, load_policy
 
 from .lora import perturb_lora
 
@@ -114,15 +115,9 @@ def test_generate_samples_the_same_tokens_merged_and_unmerged(tiny_policy_dir):
     seen_merged = []
     lora_layers(model)[0].register_forward_pre_hook(lambda layer, args: seen_merged.append(layer.merged))
     outs = [
-        generate(
-            model,
-            prompt,
-            mask,
-            SamplingConfig(num_generations=2, max_new_tokens=12, merge_adapter=merge),
-            0,
-            [],
-            row_seeds=seeds,
-        )
+        HFEngine(SamplingConfig(num_generations=2, max_new_tokens=12, merge_adapter=merge), 0, [2])(
+            model, prompt, mask, 2, seeds
+        ).ids
         for merge in (False, True)
     ]
     assert outs[0].shape == (6, 12)

@@ -8,13 +8,13 @@ from bitsandbytes.functional import has_avx512bf16
 from peft import PeftModel
 from transformers import AutoModelForCausalLM
 
+from lightning_flow.engines.hf import HFEngine
 from lightning_flow.loss import token_logprobs_and_entropy
 from lightning_flow.policy import (
     PolicyConfig,
     SamplingConfig,
     decoder_and_head,
     disable_cpu_4bit_repacking,
-    generate,
     load_policy,
     position_ids_from_mask,
 )
@@ -43,14 +43,8 @@ def test_4bit_gradients_after_generate_equal_gradients_before(tiny_policy_dir):
     perturb_lora(model)
     ids = torch.randint(4, 90, (2, 12), generator=torch.Generator().manual_seed(0))
     before = lora_gradients(model, ids)
-    generate(
-        model,
-        ids[:, :4],
-        torch.ones(2, 4, dtype=torch.long),
-        SamplingConfig(max_new_tokens=4),
-        0,
-        [2],
-        greedy=True,
+    HFEngine(SamplingConfig(max_new_tokens=4), 0, [2])(
+        model, ids[:, :4], torch.ones(2, 4, dtype=torch.long), 1, None
     )
     after = lora_gradients(model, ids)
     torch.testing.assert_close(after, before, rtol=0, atol=0)
@@ -65,14 +59,8 @@ def test_4bit_trap_exists_without_the_guard(tiny_policy_dir, monkeypatch):
     perturb_lora(model)
     ids = torch.randint(4, 90, (2, 12), generator=torch.Generator().manual_seed(0))
     before = lora_gradients(model, ids)
-    generate(
-        model,
-        ids[:, :4],
-        torch.ones(2, 4, dtype=torch.long),
-        SamplingConfig(max_new_tokens=4),
-        0,
-        [2],
-        greedy=True,
+    HFEngine(SamplingConfig(max_new_tokens=4), 0, [2])(
+        model, ids[:, :4], torch.ones(2, 4, dtype=torch.long), 1, None
     )
     assert not torch.allclose(lora_gradients(model, ids), before)
     assert disable_cpu_4bit_repacking(model) > 0

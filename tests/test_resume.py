@@ -68,12 +68,13 @@ def adapter_tensors(checkpoint: Path) -> dict[str, torch.Tensor]:
     return torch.load(checkpoint, map_location="cpu", weights_only=False)["state_dict"]
 
 
-def test_sigkill_and_resume_equals_an_uninterrupted_run(tiny_policy_dir, tmp_path):
+@pytest.mark.parametrize("engine", ["hf", "paged"])  # paged: one seed per step's batch, docs/engines.md
+def test_sigkill_and_resume_equals_an_uninterrupted_run(tiny_policy_dir, tmp_path, engine):
     straight, killed = tmp_path / "straight", tmp_path / "killed"
     straight.mkdir(), killed.mkdir()
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     uninterrupted = subprocess.Popen(
-        fit_command(tiny_policy_dir, straight),
+        fit_command(tiny_policy_dir, straight, f"--model.sampling.engine={engine}"),
         cwd=REPO,
         env=env,
         stdout=subprocess.DEVNULL,
@@ -84,7 +85,7 @@ def test_sigkill_and_resume_equals_an_uninterrupted_run(tiny_policy_dir, tmp_pat
     # (one batch into the second epoch) is on disk.
     checkpoints = killed / "runs" / "demo" / "version_0" / "checkpoints"
     process = subprocess.Popen(
-        fit_command(tiny_policy_dir, killed),
+        fit_command(tiny_policy_dir, killed, f"--model.sampling.engine={engine}"),
         cwd=REPO,
         env=env,
         stdout=subprocess.DEVNULL,
@@ -104,7 +105,7 @@ def test_sigkill_and_resume_equals_an_uninterrupted_run(tiny_policy_dir, tmp_pat
     assert 3 <= resumed_from < STEPS  # the step-4 file is written before last.ckpt: the kill may fall between
 
     subprocess.run(
-        [*fit_command(tiny_policy_dir, killed), "--ckpt_path=last"],
+        [*fit_command(tiny_policy_dir, killed, f"--model.sampling.engine={engine}"), "--ckpt_path=last"],
         cwd=REPO,
         env=env,
         check=True,

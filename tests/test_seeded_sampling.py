@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lightning_flow.policy import PolicyConfig, SamplingConfig, eos_token_ids, generate, load_policy
+from lightning_flow.engines.hf import HFEngine
+from lightning_flow.policy import PolicyConfig, SamplingConfig, eos_token_ids, load_policy
 from lightning_flow.seeded_sampling import SeededSampler, counter_uniform, response_seeds
 from lightning_flow.tokenizer import load_tokenizer
 
@@ -92,14 +93,11 @@ def test_generated_responses_do_not_depend_on_batch_layout_or_global_rng(tiny_po
     seeds = response_seeds(0, 0, ["p0", "p1"], group=3)
 
     torch.manual_seed(1)
-    together = generate(
-        model, batch.input_ids, batch.attention_mask, cfg, tokenizer.pad_token_id, eos, row_seeds=seeds
-    )
+    engine = HFEngine(cfg, tokenizer.pad_token_id, eos)
+    together = engine(model, batch.input_ids, batch.attention_mask, 3, seeds).ids
     torch.manual_seed(2)
     alone = tokenizer(["7-3+1\n"], return_tensors="pt")
-    second = generate(
-        model, alone.input_ids, alone.attention_mask, cfg, tokenizer.pad_token_id, eos, row_seeds=seeds[3:]
-    )
+    second = engine(model, alone.input_ids, alone.attention_mask, 3, seeds[3:]).ids
     width = second.shape[1]
     assert torch.equal(together[3:, :width], second)
     assert (together[3:, width:] == tokenizer.pad_token_id).all()
