@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The prepared GPU checks, for a lent GPU machine (run tool, carry [".whl"] made by benchmarks/gpu_wheels.sh):
 #   bash benchmarks/gpu_checks.sh long-step flow-memory   (first, about 6 min: issue 18's 8K step under a 24 GB cap
-#   and the credit path's memory at 8K / 16K, never measured on a GPU; then merge, flow-profile, configs)
+#   and the credit path's memory at 8K / 16K, never measured on a GPU; then engines (issue 21), configs, merge)
 # Parts (each writes $OUT/<part>.json and $OUT/<part>.log; times measured on an H100):
 #   flow     about 6 min: benchmarks/flow_overhead.py at Qwen2.5-1.5B's shape (bf16 + LoRA, random weights),
 #            L = 256 / 1024 (4096 does not fit: sampling 4096 tokens alone takes about 6 min), N = 16 / 64
@@ -27,6 +27,9 @@
 #   long-step  about 3 min (estimated): benchmarks/long_step.py, Qwen2.5-1.5B's shape (bf16 + LoRA, checkpointing),
 #            16 responses of 8,192 tokens under a 24 GiB cap: two update steps with flow credit on fixed rollouts
 #            (peak memory, time, credit share) and 256 sampled tokens (tokens/s; the 8K sampling extrapolated)
+#   engines  about 5 min (estimated from generate's 40 ms a token at this shape): benchmarks/engine_throughput.py --gpu,
+#            64 x 1024, fixed and varied lengths, one round: hf, static + compile (CUDA graphs), paged tokens/s
+#   engines-8k  about 8 min (estimated): the same at 16 x 8192, fixed lengths
 #   flow-memory  about 3 min (estimated): benchmarks/flow_memory.py memory, the tiny random Llama at T = 8K / 16K
 #            on the GPU (credit-path peak against one micro-batch's map, kept graphs, graph solver against the dense one)
 set -uo pipefail
@@ -65,7 +68,11 @@ torch.cuda.synchronize()"
             --max-new-tokens 128 --lora-rank 16 --repeats 4 --out "$out/merge.json" 2>&1 | grep -vi warn | tee "$out/merge.log" ;;
     configs) timeout 200 python3 benchmarks/gpu_check.py --steps 2 --out "$out/configs.json" 2>&1 | grep -vi warn | tee "$out/configs.log" ;;
     long-step) timeout 420 python3 benchmarks/long_step.py --out "$out/long-step.json" 2>&1 | grep -vi warn | tee "$out/long-step.log" ;;
+    engines) timeout 480 python3 benchmarks/engine_throughput.py --gpu --workloads 64x1024 --repeats 1 \
+            --out "$out/engines.json" 2>&1 | grep -vi warn | tee "$out/engines.log" ;;
+    engines-8k) timeout 580 python3 benchmarks/engine_throughput.py --gpu --workloads 16x8192 --profiles fixed --repeats 1 \
+            --out "$out/engines-8k.json" 2>&1 | grep -vi warn | tee "$out/engines-8k.log" ;;
     flow-memory) timeout 300 python3 benchmarks/flow_memory.py memory --lengths 8192 16384 --repeats 2 --dense-from .dense --out "$out/flow-memory.json" 2>&1 | grep -vi warn | tee "$out/flow-memory.log" ;;
-    *) echo "unknown part $part (flow, flow-update, flow-profile, capture-chunks, flow-update-4096, trl, trl-round3, trl-phases, trl-profile, merge, configs, long-step, flow-memory)"; exit 2 ;;
+    *) echo "unknown part $part (flow, flow-update, flow-profile, capture-chunks, flow-update-4096, trl, trl-round3, trl-phases, trl-profile, merge, configs, long-step, engines, engines-8k, flow-memory)"; exit 2 ;;
   esac
 done
