@@ -43,18 +43,21 @@ class TwoUpdatesPerBatch(L.LightningModule):
         return torch.utils.data.DataLoader(torch.ones(3, 1), batch_size=1)
 
 
-def test_batches_that_stepped_counts_batches_not_optimizer_steps(tmp_path):
-    module = TwoUpdatesPerBatch()
-    trainer = L.Trainer(
-        max_epochs=1,
+def quiet_trainer(folder, **limits) -> L.Trainer:
+    return L.Trainer(
         accelerator="cpu",
         logger=False,
         enable_checkpointing=False,
         enable_progress_bar=False,
         enable_model_summary=False,
-        default_root_dir=tmp_path,
+        default_root_dir=folder,
+        **limits,
     )
-    trainer.fit(module)
+
+
+def test_batches_that_stepped_counts_batches_not_optimizer_steps(tmp_path):
+    module = TwoUpdatesPerBatch()
+    quiet_trainer(tmp_path, max_epochs=1).fit(module)
     assert module.seen == [(0, 0, 0), (1, 1, 2), (2, 2, 4)]
 
 
@@ -105,15 +108,7 @@ def test_reopen_cut_epoch_finds_lightnings_loop_counters(tmp_path):
     """A fit stopped by max_steps after 1 of 3 batches: Lightning's checkpoint says the epoch ended;
     reopened, it says epoch 0 is still running with its first batch done."""
     module = TwoUpdatesPerBatch()
-    trainer = L.Trainer(
-        max_steps=2,  # one batch: two optimizer steps
-        accelerator="cpu",
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        default_root_dir=tmp_path,
-    )
+    trainer = quiet_trainer(tmp_path, max_steps=2)  # one batch: two optimizer steps
     trainer.fit(module)
     trainer.save_checkpoint(tmp_path / "cut.ckpt")
     checkpoint = torch.load(tmp_path / "cut.ckpt", weights_only=False)
