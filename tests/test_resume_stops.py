@@ -31,19 +31,7 @@ def flaky_length_reward(prompts: list[str], completions: list[str], golds: list[
 
 def fit(policy: Path, root: Path, steps: int, *extra: str):
     _reward_calls.update(count=0, fail_at=None, sleep=0.0)
-    return main(
-        [
-            "fit",
-            *tiny_args(policy, root, steps=steps),
-            "--trainer.limit_val_batches=0",
-            "--trainer.val_check_interval=null",
-            "--data.init_args.num_train=12",
-            "--model.policy.lora_dropout=0.1",
-            "--model.optim.lr=0.02",
-            '--model.rewards.custom={"tests.test_resume_stops.flaky_length_reward": 1.0}',
-            *extra,
-        ]
-    )
+    return main(["fit", *fit_args_with(policy, root, steps), *extra])
 
 
 def run_dir(root: Path) -> Path:
@@ -96,10 +84,10 @@ def test_a_fit_stopped_by_max_time_then_resumed(tiny_policy_dir, tmp_path, unint
     assert_resumed_equals(tmp_path, uninterrupted)
 
 
-def fit_args_with(policy: Path, root: Path) -> list[str]:
+def fit_args_with(policy: Path, root: Path, steps: int = STEPS) -> list[str]:
     """``fit``'s arguments without resetting the reward's counters (a test sets them first)."""
     return [
-        *tiny_args(policy, root, steps=STEPS),
+        *tiny_args(policy, root, steps=steps),
         "--trainer.limit_val_batches=0",
         "--trainer.val_check_interval=null",
         "--data.init_args.num_train=12",
