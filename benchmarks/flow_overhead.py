@@ -130,7 +130,7 @@ class StepParts:
     def sample(self) -> None:
         module, rollouts = self.module, self.rollouts
         with torch.no_grad(), merged_lora(module.policy) if module.sampling.merge_adapter else nullcontext():
-            module.policy.eval()  # as lightning_flow.policy.generate samples: eval mode, adapter merged
+            module.policy.eval()  # as the hf engine samples: eval mode, adapter merged
             module.policy.generate(
                 input_ids=rollouts.prompt_ids,
                 attention_mask=rollouts.prompt_mask,
