@@ -104,20 +104,40 @@ def test_profiler_enabled_only_while_profiling():
     assert not profiler_enabled()
 
 
-def test_reopen_cut_epoch_finds_lightnings_loop_counters(tmp_path):
-    """A fit stopped by max_steps after 1 of 3 batches: Lightning's checkpoint says the epoch ended;
-    reopened, it says epoch 0 is still running with its first batch done."""
+def test_reopen_cut_epoch_gives_the_loop_state_of_a_checkpoint_taken_at_the_batch_end(tmp_path):
+    """A fit stopped by max_steps after 1 of 3 batches: Lightning's checkpoint after fit says the epoch
+    ended; reopened, its loop counters equal those of the checkpoint Lightning's own ModelCheckpoint
+    wrote at that batch's end (the state a run killed there resumes from)."""
     module = TwoUpdatesPerBatch()
-    trainer = quiet_trainer(tmp_path, max_steps=2)  # one batch: two optimizer steps
+    at_batch_end = L.pytorch.callbacks.ModelCheckpoint(
+        dirpath=tmp_path, every_n_train_steps=2, save_last=False
+    )
+    trainer = L.Trainer(
+        max_steps=2,  # one batch: two optimizer steps
+        accelerator="cpu",
+        logger=False,
+        callbacks=[at_batch_end],
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=tmp_path,
+    )
     trainer.fit(module)
     trainer.save_checkpoint(tmp_path / "cut.ckpt")
-    checkpoint = torch.load(tmp_path / "cut.ckpt", weights_only=False)
-    loop = checkpoint["loops"]["fit_loop"]
-    assert loop["epoch_progress"]["current"]["processed"] == 1 and checkpoint["epoch"] == 1
-    assert loop["epoch_loop.batch_progress"]["current"]["processed"] == 1
-    reopen_cut_epoch(checkpoint)
-    assert loop["epoch_progress"]["current"]["processed"] == 0 and checkpoint["epoch"] == 0
-    assert loop["epoch_loop.state_dict"]["_batches_that_stepped"] in (0, 1)
+    cut = torch.load(tmp_path / "cut.ckpt", weights_only=False)
+    reference = torch.load(at_batch_end.best_model_path, weights_only=False)
+    assert cut["epoch"] == 1 and reference["epoch"] == 0  # the cut checkpoint says the epoch ended
+
+    def counters(checkpoint):
+        loop = checkpoint["loops"]["fit_loop"]
+        return (
+            checkpoint["epoch"],
+            loop["epoch_progress"],
+            loop["epoch_loop.batch_progress"],
+            loop["epoch_loop.state_dict"]["_batches_that_stepped"],
+        )
+
+    reopen_cut_epoch(cut)
+    assert counters(cut) == counters(reference)
 
 
 def test_the_private_methods_overridden_still_exist_with_their_parameters():
