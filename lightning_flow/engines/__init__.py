@@ -43,6 +43,14 @@ class RolloutEngine(Protocol):
         (group=1). On return the model's training flags and the global RNG states are as before."""
 
 
+def check_request(prompt_ids: Tensor, group: int, seeds: Tensor | None) -> None:
+    """One seed per response, or greedy decoding (no seeds) of one response per prompt."""
+    if seeds is not None and len(seeds) != len(prompt_ids) * group:
+        raise ValueError(f"{len(seeds)} seeds for {len(prompt_ids)} prompts x {group} responses")
+    if seeds is None and group != 1:
+        raise ValueError(f"greedy decoding (no seeds) gives one response per prompt, not {group}")
+
+
 def finish(ids: Tensor, logps: Tensor | None, eos_ids: list[int], pad_token_id: int) -> Completions:
     """Completions from raw engine rows: padding and log-probs cleared past each row's first EOS."""
     mask, truncated = completion_mask(ids, eos_ids)

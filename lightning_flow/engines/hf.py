@@ -16,7 +16,7 @@ from torch import Tensor
 from transformers import CompileConfig, GenerationConfig, LogitsProcessorList
 
 from lightning_flow.adapter_merge import merged_lora
-from lightning_flow.engines import Completions, eval_mode, finish
+from lightning_flow.engines import Completions, check_request, eval_mode, finish
 from lightning_flow.policy import SamplingConfig
 from lightning_flow.seeded_sampling import SeededSampler
 
@@ -36,15 +36,11 @@ class HFEngine:
         group: int,
         seeds: Tensor | None,
     ) -> Completions:
-        if seeds is not None:
-            if len(seeds) != len(prompt_ids) * group:
-                raise ValueError(f"{len(seeds)} seeds for {len(prompt_ids)} prompts x {group} responses")
-            prompt_ids, prompt_mask = (
-                prompt_ids.repeat_interleave(group, 0),
-                prompt_mask.repeat_interleave(group, 0),
-            )
-        elif group != 1:
-            raise ValueError(f"greedy decoding (no seeds) gives one response per prompt, not {group}")
+        check_request(prompt_ids, group, seeds)
+        prompt_ids, prompt_mask = (
+            prompt_ids.repeat_interleave(group, 0),
+            prompt_mask.repeat_interleave(group, 0),
+        )
         size = self.cfg.generation_batch_size or len(prompt_ids)
         merge = merged_lora(model, self.merge_buffers) if self.cfg.merge_adapter else nullcontext()
         with (

@@ -23,7 +23,7 @@ from torch import Tensor
 from transformers import ContinuousBatchingConfig, GenerationConfig
 
 from lightning_flow.adapter_merge import merged_lora
-from lightning_flow.engines import Completions, eval_mode, finish
+from lightning_flow.engines import Completions, check_request, eval_mode, finish
 from lightning_flow.engines.hf import pad_right
 from lightning_flow.policy import SamplingConfig
 
@@ -42,10 +42,7 @@ class PagedEngine:
         seeds: Tensor | None,
     ) -> Completions:
         cfg = self.cfg
-        if seeds is not None and len(seeds) != len(prompt_ids) * group:
-            raise ValueError(f"{len(seeds)} seeds for {len(prompt_ids)} prompts x {group} responses")
-        if seeds is None and group != 1:
-            raise ValueError(f"greedy decoding (no seeds) gives one response per prompt, not {group}")
+        check_request(prompt_ids, group, seeds)
         sample = seeds is not None
         generation_config = GenerationConfig(
             do_sample=sample,
