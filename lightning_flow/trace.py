@@ -227,7 +227,7 @@ def trace_from_graph(
     layers: list[int] | None = None,
     meta: dict[str, Any] | None = None,
 ) -> Trace:
-    """The trace of one solved flow graph (``build_flow_graphs`` + ``solve_flow``), whose nodes are these
+    """The trace of one solved flow graph (``answer_flow(...).graphs``), whose nodes are these
     tokens.
 
     token_ids      # [T] the graph's tokens: prompt ids then response ids (node j is token j)
