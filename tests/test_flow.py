@@ -458,6 +458,23 @@ def test_degenerate_cases_fall_back_without_nan() -> None:
     assert one.degenerate.tolist() == [True, True] and not one.flow.isnan().any()
 
 
+def test_a_map_with_nan_or_inf_is_a_degenerate_row_and_leaves_the_others_alone() -> None:
+    gen = torch.Generator().manual_seed(4)
+    t = 24
+    valid, prompt, answer = layout([(0, 6, 18, 10, 2)] * 3, t)
+    att = random_attention(valid, gen)
+    clean = answer_flow(att[2:], valid[2:], prompt[2:], answer[2:], FlowConfig(block_size=8))
+    att[0, 12, 3], att[1, 20, 7] = float("nan"), float("inf")  # an overflowing forward
+    r = answer_flow(att, valid, prompt, answer, FlowConfig(block_size=8))
+    assert r.degenerate.tolist() == [True, True, False]
+    assert not r.flow[:2].any() and torch.isneginf(r.log_h[:2]).all()
+    assert torch.equal(r.flow[2], clean.flow[0]) and torch.equal(r.log_h[2], clean.log_h[0])
+    g = r.graphs
+    for x in (g.f, g.h, g.incoming_flow, g.edge_attr, edge_flow(g)):
+        assert torch.isfinite(x).all()
+    assert not (g.batch[g.edge_index[0]] < 2).any()  # no flow, no edges
+
+
 # ---- long responses: no overflow, no underflow --------------------------------------------------
 @pytest.mark.parametrize("row_sum", [1.1, 0.97])
 def test_8k_tokens_stay_finite_and_conserve_flow(row_sum: float) -> None:

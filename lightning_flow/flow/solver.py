@@ -60,22 +60,25 @@ def solver_block(n: int, t: int, block_size: int) -> int:
 
 
 class _Tiles:
-    """Capacity tiles of a chunk of maps: ``tile(r0, r1, c0, c1)`` is the [N, r, c] float64 block
-    p[n, k, i] = c(i, k) for targets k in [r0, r1) and sources i in [c0, c1), zero where i cannot send
-    (sinks, answer tokens, padding), k is padding, i >= k, or Ā[k, i] is below ``min_capacity`` or not
-    finite."""
+    """Capacity tiles of a chunk of maps, [N, r, c] float64 blocks p[n, k, i] = c(i, k) for targets k in
+    [r0, r1) and sources i in [c0, c1). ``diagonal`` is zero where i cannot send (``sends``: sinks,
+    answer tokens and padding send nothing), k is padding, i >= k, or Ā[k, i] is below ``min_capacity``;
+    ``between`` (sources before r0) applies ``min_capacity`` only: the sweeps mask the vectors they
+    multiply it with, which costs a vector instead of a pass over the tile."""
 
     def __init__(self, attention: Tensor, valid: Tensor, answer: Tensor, cfg: FlowConfig) -> None:
         self.attention, self.min_capacity = attention, cfg.min_capacity
         self.sends = valid & ~sink_mask(valid, cfg.sink_tokens) & ~answer  # [N, T]
         self.valid = valid
 
-    def tile(self, r0: int, r1: int, c0: int, c1: int) -> Tensor:
+    def between(self, r0: int, r1: int, c0: int, c1: int) -> Tensor:
         a = self.attention[:, r0:r1, c0:c1]
-        ok = (a >= self.min_capacity) & torch.isfinite(a)  # also drops NaN
-        ok &= self.valid[:, r0:r1, None] & self.sends[:, None, c0:c1]
-        if c1 > r0:  # the diagonal tile: sources before targets only
-            ok &= torch.ones(r1 - r0, c1 - c0, dtype=torch.bool, device=a.device).tril(r0 - c0 - 1)
+        return torch.where(a >= self.min_capacity, a, 0.0).double()  # NaN is no edge too
+
+    def diagonal(self, s: int, e: int) -> Tensor:
+        a = self.attention[:, s:e, s:e]
+        ok = (a >= self.min_capacity) & self.valid[:, s:e, None] & self.sends[:, None, s:e]
+        ok &= torch.ones(e - s, e - s, dtype=torch.bool, device=a.device).tril(-1)  # sources before targets
         return torch.where(ok, a, 0.0).double()
 
 
@@ -91,7 +94,7 @@ def _solve_h(tiles: _Tiles, answer: Tensor, blocks: list[tuple[int, int]]) -> tu
     overflowed = torch.zeros(answer.shape[0], dtype=torch.bool, device=answer.device)
     for b in reversed(range(len(blocks))):
         s, e = blocks[b]
-        p = tiles.tile(s, e, s, e)  # [N, k, i]
+        p = tiles.diagonal(s, e)  # [N, k, i]
         log_rhs = torch.where(answer[:, s:e], 0.0, log_later[:, s:e])  # [N, b]; h(a) = 1
         scale = _finite_max(log_rhs)  # [N, 1]
         rhs = (log_rhs - scale).exp()  # [N, b] max 1 (or all 0)
@@ -105,7 +108,7 @@ def _solve_h(tiles: _Tiles, answer: Tensor, blocks: list[tuple[int, int]]) -> tu
             answer[:, s:e], 0.0, torch.logaddexp(log_later[:, s:e], within.log() + scale)
         )
         for c0, c1 in blocks[:b]:  # what the block's tokens pass back to earlier sources
-            later = vector_matrix(x, tiles.tile(s, e, c0, c1))  # [N, c]
+            later = vector_matrix(x, tiles.between(s, e, c0, c1)) * tiles.sends[:, c0:c1]  # [N, c]
             log_later[:, c0:c1] = torch.logaddexp(log_later[:, c0:c1], later.log() + scale)
     return log_h, overflowed
 
@@ -120,11 +123,13 @@ def _solve_f(
     log_g = torch.full_like(mu, _NEG_INF)  # [N, T]
     for b, (s, e) in enumerate(blocks):
         rhs = mu[:, s:e].clone()  # [N, b]
-        for c0, c1 in blocks[:b]:  # f(k) += h(k) Σ_i c(i, k) g(i) over the earlier block
+        # f(k) += h(k) Σ_i c(i, k) g(i) over each earlier block (g is 0 where i does not send, and h(k)
+        # where k is padding)
+        for c0, c1 in blocks[:b]:
             sigma = _finite_max(log_g[:, c0:c1])  # [N, 1]
-            into = vector_matrix((log_g[:, c0:c1] - sigma).exp(), tiles.tile(s, e, c0, c1).mT)  # [N, b]
+            into = vector_matrix((log_g[:, c0:c1] - sigma).exp(), tiles.between(s, e, c0, c1).mT)  # [N, b]
             rhs += (into.log() + sigma + log_h[:, s:e]).exp()
-        p = tiles.tile(s, e, s, e)  # [N, k, i]
+        p = tiles.diagonal(s, e)  # [N, k, i]
         log_w = p.log() + log_h[:, s:e, None] - log_h[:, None, s:e]  # [N, k, i] log w(i, k)
         # [N, k, i] -w(i, k), senders only (no -inf - -inf)
         minus_wt = torch.where(sends[:, None, s:e] & (p > 0), -log_w.exp(), 0.0)
@@ -150,7 +155,8 @@ class MapSolution:
 def solve_maps(
     attention: Tensor, valid: Tensor, prompt: Tensor, answer: Tensor, cfg: FlowConfig | None = None
 ) -> MapSolution:
-    """The exact answer-conditioned flow of dense maps  # [N, T, T] (query, key), masks [N, T] bool."""
+    """The exact answer-conditioned flow of dense maps  # [N, T, T] (query, key), masks [N, T] bool.
+    A map with a NaN or inf (an overflowing forward) is a degenerate row."""
     check_inputs(attention, valid, prompt, answer)
     cfg = cfg or FlowConfig()
     n, t = valid.shape
@@ -166,9 +172,11 @@ def solve_maps(
     sends = valid & ~answer & torch.isfinite(log_h)  # [N, T]
     f, log_g = _solve_f(tiles, log_h, mu, sends, blocks)
     # No answer, an empty response or fewer than two valid tokens all leave Σ_prompt h = 0.
-    degenerate = ~has_source.squeeze(-1)  # [N]
+    finite_map = torch.isfinite(attention.sum(dim=(1, 2)))  # [N] a sum is non-finite iff an entry is
+    degenerate = ~has_source.squeeze(-1) | ~finite_map  # [N]
     f = torch.where(degenerate[:, None], 0.0, f.clamp_(0.0, 1.0))
     log_g = torch.where(degenerate[:, None], _NEG_INF, log_g)
+    log_h = torch.where(finite_map[:, None], log_h, _NEG_INF)
     return MapSolution(f=f, log_h=log_h, log_g=log_g, degenerate=degenerate)
 
 
