@@ -546,6 +546,22 @@ def test_prune_incoming_keeps_the_shortest_strongest_run_reaching_keep_mass() ->
     ]
 
 
+def test_the_degree_cap_keeps_what_a_stable_sort_cut_at_the_cap_keeps() -> None:
+    """prune_incoming finds the capped edges without sorting whole rows; against a stable descending sort
+    cut at the cap, on rows full of ties and zeros."""
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(100):
+        columns = int(torch.randint(2, 40, (1,), generator=gen))
+        a = torch.randint(0, 5, (3, 4, columns), generator=gen).float() / 4
+        cap = int(torch.randint(1, columns, (1,), generator=gen))
+        for keep_mass in (1.0, 0.7, 0.3):
+            value, index = a.sort(dim=-1, descending=True, stable=True)
+            value, index = value[..., :cap], index[..., :cap]
+            keep = (value > 0) & (value.cumsum(-1) - value < keep_mass * a.sum(-1, keepdim=True))
+            expected = torch.zeros_like(a).scatter_(-1, index, a.gather(-1, index) * keep)
+            assert torch.equal(prune_incoming(a, keep_mass, cap), expected)
+
+
 def float64_dense_flow(att, valid, prompt, answer, sink_tokens: int = 1, min_capacity: float = 1e-6):
     """Unpruned flow, written out as two dense float64 solves per response: (I - C') h = 1_S with
     the answer's out-edges removed, then (I - Wᵀ) f = μ. Returns (f [N, T], log h [N, T], degenerate [N])."""

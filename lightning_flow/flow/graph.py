@@ -109,14 +109,29 @@ def prune_incoming(
     score = a if score is None else score
     if keep_mass >= 1.0 and max_in_degree is None:
         return torch.where(score > 0, a, 0.0)
-    value, index = score.sort(dim=-1, descending=True, stable=True)  # [..., C]
     if max_in_degree is not None and max_in_degree < a.shape[-1]:
-        value, index = value[..., :max_in_degree], index[..., :max_in_degree]
+        value, index = _top_columns(score, max_in_degree)  # [..., max_in_degree]
+    else:
+        value, index = score.sort(dim=-1, descending=True, stable=True)  # [..., C]
     keep = value > 0
     if keep_mass < 1.0:
         before = value.cumsum(-1) - value  # score of the higher-ranked edges of the row
         keep &= before < keep_mass * score.sum(-1, keepdim=True)
     return torch.zeros_like(a).scatter_(-1, index, a.gather(-1, index) * keep)
+
+
+def _top_columns(score: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """The k largest entries of each row of ``score``  # [..., C] and their columns, largest first, ties to
+    the earlier column: the order of a stable descending sort cut at k, without sorting whole rows
+    (``topk`` finds the k-th value; which of the entries equal to it are kept is decided by column)."""
+    kth = score.topk(k, dim=-1, sorted=False).values.amin(-1, keepdim=True)  # [..., 1]
+    above = score > kth
+    tied = score == kth
+    room = k - above.sum(-1, keepdim=True, dtype=torch.int32)  # [..., 1] tied entries that fit
+    chosen = above | (tied & (tied.cumsum(-1, dtype=torch.int32) <= room))  # exactly k per row
+    index = chosen.nonzero()[:, -1].view(*score.shape[:-1], k)  # columns in increasing order
+    value, order = score.gather(-1, index).sort(dim=-1, descending=True, stable=True)
+    return value, index.gather(-1, order)
 
 
 def _rows_per_step(n: int, t: int) -> int:
