@@ -26,8 +26,8 @@ if TYPE_CHECKING:
 
 ROLE_PROMPT, ROLE_RESPONSE, ROLE_ANSWER = 0, 1, 2
 
-_BUILD_ELEMENTS = 2**14
-"""Candidate edges per pruning step at least (64 KiB in float32); above that, a 512th of the map."""
+_BUILD_ELEMENTS = 2**16
+"""Candidate edges per pruning step at least (256 KiB in float32); above that, a 512th of the map."""
 _SMALL_MAP = 2**20
 """Maps of at most this many elements (4 MiB) are pruned in one step: their temporaries cost nothing that
 matters."""
@@ -135,8 +135,9 @@ def _top_columns(score: Tensor, k: int) -> tuple[Tensor, Tensor]:
 
 
 def _rows_per_step(n: int, t: int) -> int:
-    """Query rows pruned at once: a step's temporaries (a sort's values, indices and workspace,
-    about 10x the block in bytes) stay near 2 % of the map; small maps go in one step."""
+    """Query rows pruned at once: a step's temporaries (the edge flows, masks, a sort's or topk's
+    values and indices: about 5x the block in bytes) stay near 1 % of the map (4 % at 2K positions,
+    where the floor binds); small maps go in one step."""
     if n * t * t <= _SMALL_MAP:
         return max(1, t)
     return max(1, min(t, max(_BUILD_ELEMENTS, n * t * t // 512) // max(1, n * t)))
