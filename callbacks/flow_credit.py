@@ -274,7 +274,10 @@ class FlowCredit(RolloutCallback):
         kept, incoming = zeros.double(), zeros.double()
         if read.edges is not None:
             graphs = flow_graphs(read.edges, read.prompt, read.answer, read.solution)
-            signal = read.solution.f  # [k, T]
+            # [k, T] the credit ranks the graphs' f: what pictures and traces of these graphs show
+            signal = torch.zeros(response.shape, dtype=graphs.f.dtype, device=response.device).index_put_(
+                (graphs.batch, graphs.position), graphs.f
+            )
             fallback = fallback | read.solution.degenerate  # degenerate: also no answer found
             counted = graphs.role != ROLE_PROMPT  # the response's tokens: what the credit ranks
             into = graphs.edge_index[1]
