@@ -25,9 +25,10 @@ Qwen2.5-1.5B's shape in bfloat16, N x L in {64 x 1024, 16 x 8192}; static compil
 (stories260K in docs/results.md) with a perturbed LoRA adapter, one sequence of seeded calls
 (``RECOMPILE_CALLS``: repeated shapes, a new prompt width, a smaller last chunk, then new widths
 past torch._dynamo's recompile limit), each call's seconds and the frames and graphs it compiled
-(torch._dynamo's counters), and how many of its responses differ from ``hf``'s. Each of
-``--repeats`` runs is a fresh process whose inductor cache starts empty (a temporary folder), so
-its first call pays a cold compile; a call's figure is the median over runs.
+(torch._dynamo's counters), how many of its responses differ from ``hf``'s and how far the
+others' sampler log-probs are from ``hf``'s. Each of ``--repeats`` runs is a fresh process whose
+inductor cache starts empty (a temporary folder), so its first call pays a cold compile; a call's
+figure is the median over runs.
 """
 
 from __future__ import annotations
@@ -47,6 +48,7 @@ from pathlib import Path
 
 import torch
 from peft import LoraConfig, get_peft_model
+from torch import Tensor
 from torch.nn.functional import pad
 from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
@@ -159,8 +161,8 @@ def run_workload(model, engines: list[str], rows: int, length: int, profile: str
 
 def static_recompiles(path: str) -> list[dict]:
     """Each call of ``RECOMPILE_CALLS`` through the compiled static engine: its seconds (and hf's on
-    the same call), prompt width, rows, the frames and graphs compiled during it, and how many of
-    its responses differ from hf's."""
+    the same call), prompt width, rows, the frames and graphs compiled during it, how many of its
+    responses differ from hf's and the largest sampler log-prob gap over the others."""
     from torch._dynamo.utils import counters
 
     model = load_policy(PolicyConfig(name_or_path=path, lora_rank=4))
@@ -204,21 +206,27 @@ def static_recompiles(path: str) -> list[dict]:
                 hf_seconds=time.perf_counter() - start,
                 frames_compiled=counters["frames"]["ok"] - frames,
                 graphs_compiled=counters["stats"]["unique_graphs"] - graphs,
-                responses_unlike_hf=responses_unlike(out, expected),
+                **dict(zip(("responses_unlike_hf", "max_logp_gap_to_hf"), compared_with(out, expected))),
             )
         )
         print(calls[-1], flush=True)
     return calls
 
 
-def responses_unlike(out: Completions, expected: Completions) -> int:
-    """Responses of ``out`` whose tokens (up to their EOS) differ from ``expected``'s."""
+def compared_with(out: Completions, expected: Completions) -> tuple[int, float]:
+    """How many responses of ``out`` differ from ``expected``'s (tokens up to their EOS), and the
+    largest difference of sampler log-prob over the responses that do not."""
     width = max(out.ids.shape[1], expected.ids.shape[1])
-    valid = [
-        pad(torch.where(c.mask > 0, c.ids, -1), (0, width - c.ids.shape[1]), value=-1)
-        for c in (out, expected)
-    ]
-    return int((valid[0] != valid[1]).any(1).sum())
+
+    def widened(rows: Tensor, fill: float) -> Tensor:
+        return pad(rows, (0, width - rows.shape[1]), value=fill)
+
+    same = (
+        widened(torch.where(out.mask > 0, out.ids, -1), -1)
+        == widened(torch.where(expected.mask > 0, expected.ids, -1), -1)
+    ).all(1)
+    gap = (widened(out.logps, 0.0) - widened(expected.logps, 0.0))[same].abs()
+    return int((~same).sum()), gap.max().item() if gap.numel() else 0.0
 
 
 def cold_process_calls(path: str, threads: int | None) -> list[dict]:
@@ -231,8 +239,8 @@ def cold_process_calls(path: str, threads: int | None) -> list[dict]:
 
 
 def recompile_summary(runs: list[list[dict]]) -> list[dict]:
-    """Per call: its description, median seconds (static, hf) over runs, and every run's compiled
-    frames and responses unlike hf's."""
+    """Per call: its description, median seconds (static, hf) over runs, every run's compiled
+    frames and responses unlike hf's, and the largest log-prob gap to hf over runs."""
     return [
         dict(
             change=calls[0]["change"],
@@ -242,6 +250,7 @@ def recompile_summary(runs: list[list[dict]]) -> list[dict]:
             hf_median_s=statistics.median(call["hf_seconds"] for call in calls),
             frames_compiled=[call["frames_compiled"] for call in calls],
             responses_unlike_hf=[call["responses_unlike_hf"] for call in calls],
+            max_logp_gap_to_hf=max(call["max_logp_gap_to_hf"] for call in calls),
         )
         for calls in zip(*runs)
     ]
