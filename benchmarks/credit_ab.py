@@ -8,14 +8,14 @@ batch is sampled again (timed) and, right after, the rest of the training step
 (``GRPOModule.learn``: no-grad passes, update, the step's scalars written to the config's logger)
 runs over its rollouts twice back to back, in alternating order: without credit (no attention
 recorded, uniform weights) and with the config's ``FlowCredit`` (recording in the update's
-forward, credit per micro-batch, its ``on_rollouts_end`` with its scalars and weight histogram).
+forward, credit per micro-batch, its ``on_rollouts_end`` with its scalars).
 Each such pair gives what credit adds (the paired difference) and its share of a step timed at
 the same moment (sampling + the rest without credit), so that the machine's drift in speed over
 a run cancels out. The adapter, optimizer and schedule are set back after every update
 (``TrainingState``), so every update starts from the same state and every sampling samples the
 policy that wrote the rollouts. Reported, as medians over the batches and the rounds after the first two:
 sampling, the rest without and with credit, the paired difference, the share, the logged capture
-and credit seconds and credit's parts (answer search, pruning, graphs, solver, weights). Unlike the logged
+and credit seconds and credit's parts (answer search, solver, pruning, graphs, weights). Unlike the logged
 ``perf/*_share`` scalars, the difference also holds what the stopwatches do not see (switching
 the attention implementation, buffers, calls, logging).
 ``--no-logging`` leaves the logger out (nothing written, in either mode).
@@ -39,8 +39,8 @@ from lightning_flow.callbacks import FlowCredit
 
 from lightning_flow.cli import main as cli_main
 
-PARTS = ("answer_masks", "prune_edges", "flow_graphs", "solve_flow", "credit_weights")
-"""FlowCredit's parts, timed where it calls them: the answer search, the solver, the weights."""
+PARTS = ("answer_masks", "solve_maps", "prune_edges", "flow_graphs", "credit_weights")
+"""FlowCredit's parts, timed where it calls them: the answer search, the solver, the graphs, the weights."""
 
 
 def time_parts(seconds: dict[str, float]) -> None:
@@ -106,7 +106,7 @@ def main() -> None:
     parser.add_argument(
         "--no-logging",
         action="store_true",
-        help="leave out the credit's per-step scalars and weight histogram",
+        help="leave out the credit's per-step scalars",
     )
     args = parser.parse_args()
     if args.threads:

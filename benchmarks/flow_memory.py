@@ -4,21 +4,23 @@ changes.
     python benchmarks/flow_memory.py pruning --out docs/results/flow-pruning-cpu.json  # chooses the defaults
     python benchmarks/flow_memory.py memory --lengths 2048 8192 16384 --out docs/results/flow-memory-cpu.json
 
-``pruning``: how far the boosted top-40 % tokens of pruned graphs are from exact credit (keep_mass 1,
-no cap), for a grid of (keep_mass, max_in_degree): on real attention of stories260K (512-token
-stories it samples itself, answer = the last token as FlowCredit's fallback) and of a random tiny
-Llama at 2K and 8K positions; with each setting's kept share of the incoming attention, edges
-per token and graph bytes as a share of the dense maps (N × T² × 4 B).
+``pruning``: what the graphs keep for a grid of (keep_mass, max_in_degree): the share of the flow their
+edges carry (per token with incoming flow, and in all), edges per token and graph bytes as a share of
+the dense maps (N × T² × 4 B); and that the credit does not move: the boosted top-40 % tokens under
+each setting against keep_mass 1 with no cap. On real attention of stories260K (512-token stories
+it samples itself, answer = the last token as FlowCredit's fallback) and of a random tiny Llama at
+2K and 8K positions.
 
 ``memory``: one step's credit path as the training step runs it (``GRPOModule.first_pass`` per
-micro-batch: the forward records the credited rows' maps, FlowCredit builds the graphs, frees the
-map and solves) on a random tiny Llama, N responses in micro-batches of 2, T positions. Per
+micro-batch: the forward records the credited rows' maps, FlowCredit solves the flow on them, keeps
+the edges carrying it, frees the map and assembles the graphs) on a random tiny Llama, N responses
+in micro-batches of 2, T positions. Per
 micro-batch, the peak of allocations during that pass minus the same forward's peak without
 recording (torch.profiler's CPU memory events, or the CUDA allocator's peak), against one
 micro-batch's map and the graphs kept so far; the kept graphs against N × T² × 4 B; the solve on
-the graphs (build + solve) against the dense solver this project used before the graphs
-(``lightning_flow/flow`` at commit DENSE_COMMIT, read from git), and how many boosted tokens the
-default pruning shares with that exact dense credit.
+the maps (``solve_maps``) and the graphs' assembly (prune + assemble) against the dense solver this
+project used before the graphs (``lightning_flow/flow`` at commit DENSE_COMMIT, read from git), and
+how many boosted tokens the default credit shares with that dense solver's.
 """
 
 from __future__ import annotations
@@ -42,7 +44,16 @@ from flow_overhead import build_module, make_rollouts  # noqa: E402
 from lightning_flow.callbacks.flow_credit import FlowCredit  # noqa: E402
 
 from lightning_flow.capture import capture_attention, default_capture_layers  # noqa: E402
-from lightning_flow.flow import FlowConfig, build_flow_graphs, credit_weights, kept_capacity, solve_flow  # noqa: E402
+from lightning_flow.flow import (  # noqa: E402
+    FlowConfig,
+    answer_flow,
+    credit_weights,
+    edge_flow,
+    flow_graphs,
+    kept_flow,
+    prune_edges,
+    solve_maps,
+)
 from lightning_flow.policy import PolicyConfig, load_policy, position_ids_from_mask  # noqa: E402
 from lightning_flow.tokenizer import load_tokenizer  # noqa: E402
 
@@ -157,10 +168,18 @@ def flow_weighted_agreement(
 
 
 def graph_flow(maps, valid, prompt, answer, cfg: FlowConfig):
-    """(flow [N, T], degenerate [N], graphs) of the graphs of ``maps`` under ``cfg``."""
-    graphs = solve_flow(build_flow_graphs(maps, valid, prompt, answer, cfg), cfg.block_size)
-    flow = torch.zeros(valid.shape, device=valid.device).index_put_((graphs.batch, graphs.position), graphs.f)
-    return flow, graphs.degenerate, graphs
+    """(flow [N, T], degenerate [N], graphs) of ``maps`` under ``cfg``."""
+    result = answer_flow(maps, valid, prompt, answer, cfg)
+    return result.flow, result.degenerate, result.graphs
+
+
+def kept_flow_shares(graphs) -> tuple[float, float]:
+    """(mean over tokens with incoming flow of the share their kept edges carry, the kept edges' flow over
+    all incoming flow)."""
+    flows = edge_flow(graphs)
+    share = kept_flow(graphs, flows)
+    entered = graphs.incoming_flow > 0
+    return float(share[entered].mean()), float(flows.double().sum() / graphs.incoming_flow.sum())
 
 
 # ---- pruning ------------------------------------------------------------------------------------
@@ -257,7 +276,8 @@ def pruning_rows(name: str, inputs) -> list[dict]:
             top40_agreement_min=min(shares),
             top40_flow_weighted_mean=statistics.mean(weighted),
             top40_flow_weighted_min=min(weighted),
-            kept_capacity=float(kept_capacity(graphs).mean()),
+            kept_flow_token_mean=kept_flow_shares(graphs)[0],
+            kept_flow_total=kept_flow_shares(graphs)[1],
             edges_per_token=graphs.num_edges / graphs.num_nodes,
             graph_share_of_dense=graph_bytes(graphs) / dense,
             max_abs_flow_change=float((flow - exact_flow).abs().max()),
@@ -268,7 +288,7 @@ def pruning_rows(name: str, inputs) -> list[dict]:
             "agreement mean "
             f"{row['top40_agreement_mean']:.4f} min {row['top40_agreement_min']:.4f} (flow-weighted "
             f"{row['top40_flow_weighted_mean']:.4f}); "
-            f"kept capacity {row['kept_capacity']:.3f}; "
+            f"kept flow per token {row['kept_flow_token_mean']:.3f}, in all {row['kept_flow_total']:.3f}; "
             f"edges/token {row['edges_per_token']:.1f}; graphs {100 * row['graph_share_of_dense']:.2f} % of "
             "the dense maps; "
             f"max |Δf| {row['max_abs_flow_change']:.4f}",
@@ -317,7 +337,8 @@ def memory_row(args, length: int, dense_answer_flow, DenseConfig, cuda: bool) ->
             kept_before.append(kept)
     kept_total = sum(graph_bytes(graphs) for _, graphs in rollouts.flow_graphs)
     responses_done = sum(len(chunk) for chunk, _ in rollouts.flow_graphs)
-    # Solver time, on the first micro-batch's maps: the graphs (build, then solve) against the dense solver.
+    # Solver time, on the first micro-batch's maps: the solve on the maps and the graphs' assembly against the
+    # dense solver.
     first = micro_batches[0]
     mask = rollouts.attention_mask[first]
     maps = capture_attention(
@@ -333,23 +354,20 @@ def memory_row(args, length: int, dense_answer_flow, DenseConfig, cuda: bool) ->
     answer = torch.zeros_like(valid)
     answer[:, -4:-2] = True
     cfg = credit.flow_config
-    build_s, graphs = timed(lambda: build_flow_graphs(maps, valid, prompt, answer, cfg), args.repeats)
-    solve_s, _ = timed(lambda: solve_flow(graphs, cfg.block_size), args.repeats)
+    solve_s, solution = timed(lambda: solve_maps(maps, valid, prompt, answer, cfg), args.repeats)
+    build_s, graphs = timed(
+        lambda: flow_graphs(prune_edges(maps, valid, answer, cfg, solution), prompt, answer, solution),
+        args.repeats,
+    )
     dense_s, dense = timed(
         lambda: dense_answer_flow(maps, valid, prompt, answer, DenseConfig()), args.repeats
     )
-    flow = torch.zeros(valid.shape, device=valid.device).index_put_((graphs.batch, graphs.position), graphs.f)
     response = valid & ~prompt
     exact_boosted = boosted(dense.flow, dense.degenerate, response)
-    ours = boosted(flow, graphs.degenerate, response)
+    ours = boosted(solution.f.float(), solution.degenerate, response)
     shares, weighted = (
         agreement(ours, exact_boosted),
         flow_weighted_agreement(ours, exact_boosted, dense.flow),
-    )
-    exact_flow, _, _ = (
-        graph_flow(maps, valid, prompt, answer, FlowConfig())
-        if length <= args.exact_up_to
-        else (None, None, None)
     )
     row = dict(
         positions=t,
@@ -376,9 +394,7 @@ def memory_row(args, length: int, dense_answer_flow, DenseConfig, cuda: bool) ->
         top40_agreement_with_dense_mean=statistics.mean(shares),
         top40_agreement_with_dense_min=min(shares),
         top40_flow_weighted_with_dense_mean=statistics.mean(weighted),
-        exact_graph_vs_dense_max_abs_flow=float((exact_flow - dense.flow).abs().max())
-        if exact_flow is not None
-        else None,
+        credit_vs_dense_max_abs_flow=float((solution.f - dense.flow.double()).abs().max()),
     )
     return row
 
@@ -432,12 +448,6 @@ def main() -> None:
         default=None,
         help="memory: a folder with the dense solver's graph.py and solver.py (default: git show "
         "DENSE_COMMIT)",
-    )
-    parser.add_argument(
-        "--exact-up-to",
-        type=int,
-        default=2048,
-        help="memory: also check exact graphs equal the dense solver up to this T",
     )
     args = parser.parse_args()
     result = run_pruning(args) if args.part == "pruning" else run_memory(args)

@@ -39,10 +39,10 @@ def main() -> None:
         )
     step_times = [e.value for e in events.Scalars("perf/step_time_s")]
     print(f"median step time {statistics.median(step_times):.3f} s")
-    if "credit/kept_capacity" in tags:  # pruning of the flow graphs: share of the incoming attention kept
-        kept = [e.value for e in events.Scalars("credit/kept_capacity")]
+    if "credit/kept_flow" in tags:  # pruning of the flow graphs: share of the incoming flow their edges carry
+        kept = [e.value for e in events.Scalars("credit/kept_flow")]
         print(
-            "mean credit/kept_capacity per window: "
+            "mean credit/kept_flow per window: "
             + ", ".join(
                 f"{statistics.mean(kept[start : start + args.window]):.3f}"
                 for start in range(0, len(kept), args.window)

@@ -5,12 +5,12 @@ answer tokens of every credited response, turns a signal into weights ("top ``to
 the response tokens by signal get ``boost``, the rest 1") and sets ``rollouts.token_weights``,
 which the loss multiplies into the advantage (both signs, detached).
 
-With the ``flow`` signal, each chunk of captured maps is pruned into edges right away
-(``prune_edges``: each token's strongest incoming edges, ``keep_mass`` of its attention, at most
-``max_in_degree``), the maps are dropped, the edges become torch-geometric flow graphs
-(``flow_graphs``), which are solved (``solve_flow``) and kept in ``rollouts.flow_graphs`` until the
-step ends (at most ``max_in_degree`` edges a token), where ``FlowPictures`` draws exactly what was
-credited.
+With the ``flow`` signal, the flow of each chunk of captured maps is solved exactly on the maps right
+away (``solve_maps``), each token's incoming edges carrying the most of that flow are kept
+(``prune_edges``: ``keep_mass`` of its incoming flow, at most ``max_in_degree`` edges), the maps are
+dropped, and the kept edges with the solved nodes become torch-geometric flow graphs (``flow_graphs``),
+kept in ``rollouts.flow_graphs`` until the step ends, where ``FlowPictures`` draws them. Pruning shapes
+what the graphs hold, never the credit.
 """
 
 from __future__ import annotations
@@ -27,13 +27,14 @@ from lightning_flow.flow import (
     ROLE_PROMPT,
     FlowConfig,
     KeptEdges,
+    MapSolution,
     attention_received,
     credit_weights,
+    edge_flow,
     flow_graphs,
-    kept_capacity,
     prune_edges,
     random_signal,
-    solve_flow,
+    solve_maps,
 )
 from lightning_flow.flow.answer import answer_masks, piece_table
 from lightning_flow.rollouts import MicroBatch, RolloutCallback, Rollouts, StepModule
@@ -49,7 +50,8 @@ _STATS = (
     "tokens",
     "nodes",
     "edges",
-    "kept_capacity",
+    "kept_flow",
+    "incoming_flow",
 )
 
 
@@ -80,18 +82,19 @@ class FlowCredit(RolloutCallback):
             layers: decoder layers whose attention is captured (default: 5 evenly spaced over
                 the middle third).
             sink_tokens: edges out of this many leading tokens are dropped (attention sinks).
-            keep_mass: per token, keep its strongest incoming edges until this share of its
-                incoming attention is kept (1 with no cap: every edge, exact credit). The defaults
-                were chosen by ``benchmarks/flow_memory.py pruning`` (docs/results.md).
-            max_in_degree: at most this many incoming edges per token (None: no cap); bounds the
-                graphs' memory on long responses (about 20 B an edge).
+            keep_mass: per token, the graphs keep the incoming edges carrying the most flow until
+                this share of its incoming flow is kept (1 with no cap: every edge with flow). The
+                credit is exact whatever the pruning: it is solved on the maps before.
+            max_in_degree: at most this many incoming edges per token in the graphs (None: no cap);
+                bounds their memory on long responses (about 20 B an edge).
             min_capacity: drop edges whose attention is below this.
             answer_fallback: where no ``\\boxed{}`` or ``####`` answer is found, use the last
                 response token as the answer (``last_token``) or fall back to uniform (``none``).
             seed: seed of the ``random`` signal.
             max_attention_mb: largest dense attention held at once, in MiB (None: the credited rows
                 of one micro-batch); fewer rows than a micro-batch's are captured by extra passes.
-            block_size: positions per block of the flow solver (its memory: responses × block² × 8 B).
+            block_size: positions per block of the flow solver at most (its tiles: responses × block²
+                × 8 B; large maps use blocks of at most T / 20).
         """
         if not 0.0 <= top_fraction <= 1.0:
             raise ValueError(f"top_fraction={top_fraction}: expected a value in [0, 1]")
@@ -148,7 +151,7 @@ class FlowCredit(RolloutCallback):
             # cheaper dispatch than no_grad for these many small ops; outputs are only read
             with torch.inference_mode():
                 read = self.read(rollouts, rows, maps, pl_module.tokenizer)
-            del maps  # the chunk's dense map is freed here: the solve sees only its graphs
+            del maps  # the chunk's dense map is freed here: the flow is solved, the graphs hold its edges
             with torch.inference_mode():
                 weights, stats = self.weigh(rollouts, read)
             rollouts.token_weights[rows] = weights[:, rollouts.prompt_ids.shape[1] :].to(
@@ -170,7 +173,7 @@ class FlowCredit(RolloutCallback):
         # Fractions of the credited responses, summed over ranks before dividing (every rank adds the
         # same names, whatever it credited: they travel in one collective).
         # flow signal only (no nodes otherwise)
-        # pruning: share of the incoming attention kept
+        # pruning: share of the response tokens' incoming flow the graphs' edges carry
         pl_module.step_scalars.add_ratios(
             {
                 "credit/credited_fraction": (credited, len(rollouts)),
@@ -178,10 +181,7 @@ class FlowCredit(RolloutCallback):
                 "credit/fallback_fraction": (fallback, credited),
                 "credit/nonfinite_attention_fraction": (sums["nonfinite"], credited),
                 "credit/top_signal_share": (sums["top_share"], credited - fallback),  # 0 on fallback rows
-                "credit/kept_capacity": (
-                    sums["kept_capacity"],
-                    sums["nodes"],
-                ),
+                "credit/kept_flow": (sums["kept_flow"], sums["incoming_flow"]),
                 "credit/edges_per_token": (
                     sums["edges"],
                     sums["nodes"],
@@ -203,15 +203,16 @@ class FlowCredit(RolloutCallback):
         """Weights over all positions [k, T] of the credited ``rows`` and their stats ([k] each:
         ``answer_found``, ``fallback``, ``nonfinite`` attention, ``top_share`` of the signal carried
         by the boosted tokens, counts of ``boosted`` and all response ``tokens``, and for the flow
-        graphs their response ``nodes``, ``edges`` into them and summed ``kept_capacity``).
+        graphs their response ``nodes``, ``edges`` into them, the flow into them before pruning
+        (``incoming_flow``) and what the kept edges carry of it (``kept_flow``)).
 
         ``maps``  # [k, T, T] the rows' attention (flow, attention_received), else None. With the
         flow signal the rows' solved graphs are added to ``rollouts.flow_graphs``."""
         return self.weigh(rollouts, self.read(rollouts, rows, maps, tokenizer))
 
     def read(self, rollouts: Rollouts, rows: list[int], maps: Tensor | None, tokenizer) -> _Read:
-        """Everything credit takes from the maps (the graphs, unsolved, or the signal) and the rows' masks and
-        answers."""
+        """Everything credit takes from the maps (the solved flow and the edges kept, or the signal) and the
+        rows' masks and answers."""
         prompt_length = rollouts.prompt_ids.shape[1]
         device = rollouts.completion_ids.device
         kept = rollouts.completion_mask[rows]  # [k, L]
@@ -231,9 +232,11 @@ class FlowCredit(RolloutCallback):
         prompt = pad(rollouts.prompt_mask[rows] != 0, (0, in_response.shape[1]))
         response = pad(in_response, (prompt_length, 0))
         valid = prompt | response
-        edges = signal = None
+        edges = signal = solution = None
+        answer_full = pad(answer, (prompt_length, 0))
         if self.signal == "flow":
-            edges = prune_edges(maps, valid, pad(answer, (prompt_length, 0)), self.flow_config)
+            solution = solve_maps(maps, valid, prompt, answer_full, self.flow_config)
+            edges = prune_edges(maps, valid, answer_full, self.flow_config, solution)
         elif self.signal == "attention_received":
             signal = attention_received(maps, valid)
         elif self.signal == "entropy":
@@ -252,40 +255,38 @@ class FlowCredit(RolloutCallback):
         return _Read(
             list(rows),
             prompt,
-            pad(answer, (prompt_length, 0)),
+            answer_full,
             response,
             fallback | nonfinite,
             nonfinite,
             source,
             signal,
             edges,
+            solution,
         )
 
     def weigh(self, rollouts: Rollouts, read: _Read) -> tuple[Tensor, dict[str, Tensor]]:
-        """Solve the graphs (flow), rank the signal, and the stats of ``compute``."""
+        """Assemble the graphs (flow), rank the signal, and the stats of ``compute``."""
         response, fallback, signal = read.response, read.fallback, read.signal
         k = len(read.rows)
         zeros = torch.zeros(k, dtype=torch.long, device=response.device)
         nodes = edges = zeros
-        kept_mass = zeros.double()
+        kept, incoming = zeros.double(), zeros.double()
         if read.edges is not None:
-            graphs = solve_flow(
-                flow_graphs(read.edges, read.prompt, read.answer), self.flow_config.block_size
-            )
-            # [k, T]
+            graphs = flow_graphs(read.edges, read.prompt, read.answer, read.solution)
+            # [k, T] the credit ranks the graphs' f: what pictures and traces of these graphs show
             signal = torch.zeros(response.shape, dtype=graphs.f.dtype, device=response.device).index_put_(
                 (graphs.batch, graphs.position), graphs.f
             )
-            fallback = fallback | graphs.degenerate  # degenerate: also no answer found
+            fallback = fallback | read.solution.degenerate  # degenerate: also no answer found
             counted = graphs.role != ROLE_PROMPT  # the response's tokens: what the credit ranks
             into = graphs.edge_index[1]
             nodes = torch.bincount(graphs.batch[counted], minlength=k)
-            edges = torch.bincount(graphs.batch[into][counted[into]], minlength=k)
-            kept_mass = torch.zeros(k, dtype=torch.float64, device=response.device).index_add_(
-                0,
-                graphs.batch[counted],
-                kept_capacity(graphs)[counted].double(),
-            )
+            into_response = counted[into]
+            edges = torch.bincount(graphs.batch[into][into_response], minlength=k)
+            flows = edge_flow(graphs)[into_response].double()
+            kept = kept.index_add(0, graphs.batch[into][into_response], flows)
+            incoming = incoming.index_add(0, graphs.batch[counted], graphs.incoming_flow[counted])
             rollouts.flow_graphs.append((read.rows, graphs))
         weights = credit_weights(signal, response, self.top_fraction, self.boost, fallback)  # [k, T]
         top = (weights != 1) & response  # the boosted tokens (a boost below 1 too)
@@ -301,7 +302,8 @@ class FlowCredit(RolloutCallback):
             "tokens": response.sum(dim=1),  # for the weight histogram
             "nodes": nodes,
             "edges": edges,
-            "kept_capacity": kept_mass,
+            "kept_flow": kept,
+            "incoming_flow": incoming,
         }
         return weights, stats
 
@@ -317,4 +319,5 @@ class _Read(NamedTuple):
     nonfinite: Tensor  # [k] bool, the map had a NaN or inf
     source: Tensor  # [k] long, where the answer was found (answer.SOURCE_*)
     signal: Tensor | None  # [k, T] the signal, for signals read directly
-    edges: KeptEdges | None  # the pruned edges of the maps (flow signal)
+    edges: KeptEdges | None  # the kept edges of the maps (flow signal)
+    solution: MapSolution | None  # the flow solved on the maps (flow signal)

@@ -30,7 +30,7 @@ from torch import Tensor
 from torch_geometric.utils import to_dense_batch
 
 from lightning_flow.capture import capture_attention, default_capture_layers
-from lightning_flow.flow import ROLE_PROMPT, build_flow_graphs, solve_flow
+from lightning_flow.flow import ROLE_PROMPT, answer_flow
 from lightning_flow.flow.answer import answer_masks
 from lightning_flow.policy import position_ids_from_mask
 from lightning_flow.render import RenderConfig, png_array
@@ -246,4 +246,4 @@ class FlowPictures(RolloutCallback):
         answer_full = torch.zeros_like(valid)
         answer_full[:, p:] = answer.to(valid.device)
         cfg = self.trace_config.flow_config()
-        return solve_flow(build_flow_graphs(maps, valid, prompt, answer_full, cfg), cfg.block_size)
+        return answer_flow(maps, valid, prompt, answer_full, cfg).graphs

@@ -52,9 +52,10 @@ class TraceConfig:
     sink_tokens: int = 1
     """Edges out of this many leading tokens are dropped (attention sinks)."""
     keep_mass: float = 1.0
-    """Per token, keep its strongest incoming edges until this share of its incoming attention is kept."""
+    """Per token, the graph keeps the incoming edges carrying the most flow until this share of its incoming
+    flow is kept (the flow itself is exact whatever the pruning)."""
     max_in_degree: int | None = None
-    """Keep only this many strongest incoming edges per token (None: all)."""
+    """Keep at most this many incoming edges per token in the graph (None: all)."""
     min_capacity: float = 1e-6
     """Drop edges whose attention is below this."""
     top_fraction: float = 0.4
@@ -227,7 +228,7 @@ def trace_from_graph(
     layers: list[int] | None = None,
     meta: dict[str, Any] | None = None,
 ) -> Trace:
-    """The trace of one solved flow graph (``build_flow_graphs`` + ``solve_flow``), whose nodes are these
+    """The trace of one solved flow graph (``answer_flow(...).graphs``), whose nodes are these
     tokens.
 
     token_ids      # [T] the graph's tokens: prompt ids then response ids (node j is token j)

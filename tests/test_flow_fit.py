@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from lightning_flow.callbacks import FlowCredit
 
 from lightning_flow.capture import capture_attention, default_capture_layers
 from lightning_flow.cli import main
@@ -17,6 +18,7 @@ from lightning_flow.rollouts import RolloutCallback, Rollouts
 from lightning_flow.tokenizer import load_tokenizer
 
 from .test_fit import scalars, tiny_args
+from .test_flow import float64_dense_flow
 
 # nonzero advantages, so rows get credit
 VARYING_REWARD = '--model.rewards.custom={"tests.test_fit.length_reward": 1.0}'
@@ -60,7 +62,7 @@ def test_flow_credit_fit_logs_and_boosts_the_top_tokens(tiny_policy_dir, tmp_pat
         "credit/fallback_fraction",
         "credit/top_signal_share",
         "credit/time_s",
-        "credit/kept_capacity",
+        "credit/kept_flow",
         "credit/edges_per_token",
         "perf/capture_time_s",
         "perf/capture_share",
@@ -69,7 +71,7 @@ def test_flow_credit_fit_logs_and_boosts_the_top_tokens(tiny_policy_dir, tmp_pat
     ]:
         assert tag in logged and all(v == v for v in logged[tag]), tag
     # keep_mass 0.999; the cap of 64 does not bind at T < 64
-    assert all(0.999 <= v <= 1 for v in logged["credit/kept_capacity"])
+    assert all(0.999 <= v <= 1 for v in logged["credit/kept_flow"])
     assert logged["perf/capture_time_s"][0] > 0  # recorded in the update's forward (mu = 1, beta = 0)
     weights = RecordWeights.seen[0]
     used = weights[weights > 0]
@@ -315,8 +317,12 @@ def test_flow_invariants_on_real_stories260k_attention(stories260k):
     answer = torch.zeros_like(valid)
     answer[0, -8:-5] = True  # three tokens before the end; tokens after them must get nothing
     answer[1, -10:-7] = True
-    result = answer_flow(attention, valid, prompt, answer, FlowConfig())
+    result = answer_flow(attention, valid, prompt, answer, FlowCredit().flow_config)  # the default pruning
     assert not result.degenerate.any()
+    # The credit is exact: two dense float64 solves per response, written out in the tests.
+    flow, log_h, degenerate = float64_dense_flow(attention, valid, prompt, answer)
+    assert not degenerate.any()
+    torch.testing.assert_close(result.flow.double(), flow, atol=1e-5, rtol=0)
     torch.testing.assert_close(result.absorbed, torch.ones(2), atol=1e-5, rtol=0)
     torch.testing.assert_close((result.flow * answer).sum(1), torch.ones(2), atol=1e-5, rtol=0)
     after = torch.zeros_like(valid)
@@ -324,6 +330,7 @@ def test_flow_invariants_on_real_stories260k_attention(stories260k):
     after[1, -7:-5] = True
     assert (result.h[after] == 0).all() and (result.flow[after] == 0).all()
     # Conservation: each intermediate token with h > 0 passes on exactly what it receives.
+    result = answer_flow(attention, valid, prompt, answer, FlowConfig())  # every edge with flow in the graphs
     edge = dense_graph(result.graphs, edge_flow(result.graphs), valid.shape[1])  # [N, T, T] f(i) w(i, k)
     out_flow = edge.sum(dim=2)
     middle = valid & ~answer & (result.h > 0)

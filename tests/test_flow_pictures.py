@@ -13,6 +13,7 @@ from lightning_flow.callbacks.flow_pictures import completions_table, pick_rows
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from lightning_flow.cli import main
+from lightning_flow.flow import ROLE_ANSWER
 from lightning_flow.rollouts import RolloutCallback
 
 from .test_fit import tiny_args
@@ -36,7 +37,9 @@ class RecordingPictures(FlowPictures):
             and torch.equal(credited.f, graph.f)
             and torch.equal(credited.edge_attr, graph.edge_attr)
         )
-        RecordingPictures.traces.append((trace, used.clone(), same, float(graph.candidate_capacity.sum())))
+        # what the edges bring the answer
+        answer_inflow = float(graph.incoming_flow[graph.role == ROLE_ANSWER].sum())
+        RecordingPictures.traces.append((trace, used.clone(), same, answer_inflow))
         return trace
 
 
@@ -118,13 +121,13 @@ def test_pictures_table_and_histograms_only_on_logging_steps(tiny_policy_dir, tm
     # drawn rows it skipped (groups with equal rewards) are captured for the pictures.
     assert sum(captured) == sum(not credited for _, _, credited, _ in RecordingPictures.traces)
     assert any(credited for _, _, credited, _ in RecordingPictures.traces)
-    for trace, used, _credited, incoming in RecordingPictures.traces:
-        # a real map (each valid row sums to 1, less the sinks), recorded by the step or captured
-        assert incoming > 1
+    for trace, used, _credited, answer_inflow in RecordingPictures.traces:
         response = [t for t in trace.tokens if t.role != "prompt"]
         assert torch.equal(torch.tensor([t.weight for t in response]), used.float())
         if not trace.degenerate:
             assert abs(sum(t.f for t in trace.tokens if t.role == "answer") - 1) < 1e-5
+            # the unit of flow reaches the answer over the map's edges (the source feeds the prompt only)
+            assert abs(answer_inflow - 1) < 1e-5
 
 
 def test_pictures_without_flow_credit_capture_only_the_drawn_rows(tiny_policy_dir, tmp_path, monkeypatch):

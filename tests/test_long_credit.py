@@ -105,5 +105,6 @@ def test_a_16_step_fit_at_2k_positions_holds_one_micro_batch_map_at_a_time(
         assert extra <= 1.1 * one_map + kept, (extra / one_map, kept / one_map)
         assert 4 * t * t * 4 > 1.1 * one_map + kept  # what the old path allocated for the step
     logged = scalars(Path(cli.trainer.log_dir))
-    # The default cap (64 incoming edges a token) binds on this model's near-uniform attention.
-    assert all(0 < v < 0.5 for v in logged["credit/kept_capacity"])
+    # The default cap (64 incoming edges a token) binds on this model's near-uniform attention: below
+    # keep_mass (0.999), which every uncapped token keeps; most of the flow runs on the kept edges anyway.
+    assert all(0.9 < v < 0.999 for v in logged["credit/kept_flow"])  # 0.993 when measured

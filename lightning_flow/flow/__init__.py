@@ -1,4 +1,5 @@
-"""Flow core: token graphs from attention, answer-conditioned flow on them, and credit weights.
+"""Flow core: answer-conditioned flow solved on attention maps, the token graphs that carry it, and
+credit weights.
 
 Imports only torch and torch_geometric, so it can be tested and reused without a model.
 """
@@ -9,16 +10,15 @@ from .graph import (
     ROLE_RESPONSE,
     FlowConfig,
     KeptEdges,
-    build_flow_graphs,
     capacities,
     dense_graph,
     flow_graphs,
-    kept_capacity,
+    kept_flow,
     prune_edges,
     sink_mask,
 )
 from .signals import attention_received, boosted_count, credit_weights, random_signal
-from .solver import FlowResult, answer_flow, edge_flow, solve_flow
+from .solver import FlowResult, MapSolution, answer_flow, edge_flow, solve_maps
 
 __all__ = [
     "ROLE_ANSWER",
@@ -26,19 +26,19 @@ __all__ = [
     "ROLE_RESPONSE",
     "FlowConfig",
     "FlowResult",
+    "MapSolution",
     "KeptEdges",
     "answer_flow",
     "attention_received",
     "boosted_count",
-    "build_flow_graphs",
     "capacities",
     "credit_weights",
     "dense_graph",
     "edge_flow",
     "flow_graphs",
-    "kept_capacity",
+    "kept_flow",
     "prune_edges",
     "random_signal",
     "sink_mask",
-    "solve_flow",
+    "solve_maps",
 ]

@@ -1,38 +1,38 @@
-"""The flow graph of a response: which attention edges carry capacity, and the torch-geometric
-graphs that hold them.
+"""The flow graph of a response: which attention edges are candidates, and the torch-geometric
+graphs that keep the ones carrying the flow.
 
 N = responses, T = positions (padding included). A position is a node when it is a valid token;
 an edge i -> k (i < k) carries capacity c(i, k) = Ā[k, i], the head- and layer-mean attention of
-query k to key i. Edges are chosen per target token (each query row of the map): the sinks send
-nothing, capacities below ``min_capacity`` are no edges, and pruning keeps the strongest incoming
-edges that make up ``keep_mass`` of the token's incoming capacity (at most ``max_in_degree``).
-
-Two outputs of the same pruning: the graphs the credit is computed on (``build_flow_graphs``: a
-``Batch`` with one ``Data`` per response, O(edges) memory) and dense capacities for the dense
-reference solver and for tests (``incoming_capacities``, ``capacities``).
+query k to key i. The sinks send nothing and capacities below ``min_capacity`` are no edges: the rest
+are the candidates the credit is solved on, exactly (``solver.solve_maps``). Then, per target token,
+pruning keeps the incoming edges that carry the most of the solved flow, ``keep_mass`` of it (at most
+``max_in_degree``), and those become the graphs (``prune_edges`` then ``flow_graphs``: a ``Batch`` with
+one ``Data`` per response, O(edges) memory) that credit, pictures and traces read. Pruning changes what
+the graphs show, never the credit.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
 from torch_geometric.data import Batch, Data
 
+if TYPE_CHECKING:
+    from .solver import MapSolution
+
 ROLE_PROMPT, ROLE_RESPONSE, ROLE_ANSWER = 0, 1, 2
 
-_BUILD_ELEMENTS = 2**14
-"""Candidate edges per pruning step at least (64 KiB in float32); above that, a 512th of the map."""
+_BUILD_ELEMENTS = 2**16
+"""Candidate edges per pruning step at least (256 KiB in float32); above that, a 512th of the map."""
 _SMALL_MAP = 2**20
 """Maps of at most this many elements (4 MiB) are pruned in one step: their temporaries cost nothing that
 matters."""
 
 
-# Pruning defaults, measured against exact credit (keep_mass 1, no cap) by benchmarks/flow_memory.py:
-# see docs/results.md ("Flow graphs"). keep_mass bounds the error per token: every token keeps at
-# least that share of its incoming capacity (unless max_in_degree cuts first).
 @dataclass
 class FlowConfig:
     """Choices of the flow graph and the credit (docs/method.md marks them "choice")."""
@@ -40,10 +40,10 @@ class FlowConfig:
     sink_tokens: int = 1
     """Edges out of the first `sink_tokens` valid tokens of each sequence are dropped (attention sinks)."""
     keep_mass: float = 1.0
-    """Per token, keep its strongest incoming edges until this share of its incoming capacity is kept; 1 keeps
-    every edge."""
+    """Per token, the graph keeps the incoming edges carrying the most flow until this share of its incoming
+    flow is kept; 1 keeps every edge that carries flow."""
     max_in_degree: int | None = None
-    """At most this many incoming edges per token (ties: earliest source); None: no cap."""
+    """At most this many incoming edges per token in the graph (ties: earliest source); None: no cap."""
     min_capacity: float = 1e-6
     """Drop edges whose capacity is below this; zero-capacity edges are never edges."""
     top_fraction: float = 0.4
@@ -51,9 +51,11 @@ class FlowConfig:
     boost: float = 1.5
     """Weight of the boosted tokens; the other response tokens get 1.0."""
     block_size: int = 512
-    """Positions per block of the solver: dense triangular solves inside a block, edges between blocks."""
+    """Positions per block of the solver at most (dense triangular solves inside a block, tile products
+    between blocks); large maps use smaller blocks (``solver.solver_block``)."""
     dtype: torch.dtype = torch.float32
-    """Precision of the capacities (the solver works in float64 inside blocks, log scales between them)."""
+    """Precision of the graphs' capacities and of the returned flow (the solver works in float64 inside
+    blocks, log scales between them)."""
 
     def __post_init__(self) -> None:
         if self.sink_tokens < 0:
@@ -97,37 +99,55 @@ def node_roles(valid: Tensor, prompt: Tensor, answer: Tensor) -> Tensor:
     return role
 
 
-def prune_incoming(a: Tensor, keep_mass: float, max_in_degree: int | None) -> Tensor:
+def prune_incoming(
+    a: Tensor, keep_mass: float, max_in_degree: int | None, score: Tensor | None = None
+) -> Tensor:
     """a  # [..., C] candidate capacities of each row's incoming edges (0: no edge) -> the same with
-    the pruned edges zeroed: per row, strongest first (ties: the earlier column), the shortest run
-    whose sum reaches ``keep_mass`` of the row's sum, cut at ``max_in_degree`` edges."""
+    the pruned edges zeroed: per row, ranked by ``score`` (default: the capacities; ties: the earlier
+    column), the shortest run whose score sums to ``keep_mass`` of the row's, cut at ``max_in_degree``
+    edges; edges of score 0 are never kept."""
+    score = a if score is None else score
     if keep_mass >= 1.0 and max_in_degree is None:
-        return a
-    value, index = a.sort(dim=-1, descending=True, stable=True)  # [..., C]
+        return torch.where(score > 0, a, 0.0)
     if max_in_degree is not None and max_in_degree < a.shape[-1]:
-        value, index = value[..., :max_in_degree], index[..., :max_in_degree]
+        value, index = _top_columns(score, max_in_degree)  # [..., max_in_degree]
+    else:
+        value, index = score.sort(dim=-1, descending=True, stable=True)  # [..., C]
     keep = value > 0
     if keep_mass < 1.0:
-        before = value.cumsum(-1) - value  # capacity of the stronger edges of the row
-        keep &= before < keep_mass * a.sum(-1, keepdim=True)
-    return torch.zeros_like(a).scatter_(-1, index, value * keep)
+        before = value.cumsum(-1) - value  # score of the higher-ranked edges of the row
+        keep &= before < keep_mass * score.sum(-1, keepdim=True)
+    return torch.zeros_like(a).scatter_(-1, index, a.gather(-1, index) * keep)
+
+
+def _top_columns(score: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """The k largest entries of each row of ``score``  # [..., C] and their columns, largest first, ties to
+    the earlier column: the order of a stable descending sort cut at k, without sorting whole rows
+    (``topk`` finds the k-th value; which of the entries equal to it are kept is decided by column)."""
+    kth = score.topk(k, dim=-1, sorted=False).values.amin(-1, keepdim=True)  # [..., 1]
+    above = score > kth
+    tied = score == kth
+    room = k - above.sum(-1, keepdim=True, dtype=torch.int32)  # [..., 1] tied entries that fit
+    chosen = above | (tied & (tied.cumsum(-1, dtype=torch.int32) <= room))  # exactly k per row
+    index = chosen.nonzero()[:, -1].view(*score.shape[:-1], k)  # columns in increasing order
+    value, order = score.gather(-1, index).sort(dim=-1, descending=True, stable=True)
+    return value, index.gather(-1, order)
 
 
 def _rows_per_step(n: int, t: int) -> int:
-    """Query rows pruned at once: a step's temporaries (a sort's values, indices and workspace,
-    about 10x the block in bytes) stay near 2 % of the map; small maps go in one step."""
+    """Query rows pruned at once: a step's temporaries (the edge flows, masks, a sort's or topk's
+    values and indices: about 5x the block in bytes) stay near 1 % of the map (4 % at 2K positions,
+    where the floor binds); small maps go in one step."""
     if n * t * t <= _SMALL_MAP:
         return max(1, t)
     return max(1, min(t, max(_BUILD_ELEMENTS, n * t * t // 512) // max(1, n * t)))
 
 
-def pruned_rows(
-    attention: Tensor, valid: Tensor, cfg: FlowConfig, whole: Tensor | None = None
-) -> Iterator[tuple[int, Tensor, Tensor]]:
-    """(r0, p, incoming) for consecutive blocks of query rows: p  # [N, r, r0 + r] the kept incoming
-    capacities of rows r0 : r0 + r in attention layout, p[n, k - r0, i] = c(i, k) (keys i < k
-    only), and incoming  # [N, r] each row's capacity before pruning (after sinks and min_capacity).
-    Rows marked in ``whole``  # [N, T] bool keep every edge."""
+def candidate_rows(attention: Tensor, valid: Tensor, cfg: FlowConfig) -> Iterator[tuple[int, Tensor]]:
+    """(r0, a) for consecutive blocks of query rows: a  # [N, r, r0 + r] the candidate capacities of
+    rows r0 : r0 + r in attention layout, a[n, k - r0, i] = c(i, k) (keys i < k only; sinks, padding,
+    entries below ``min_capacity`` and NaN are no edges). The answer tokens' out-edges are candidates
+    here; they carry no flow."""
     n, t, _ = attention.shape
     keep_src = (valid & ~sink_mask(valid, cfg.sink_tokens)).to(cfg.dtype)  # [N, T] may send edges
     keep_dst = valid.to(cfg.dtype)  # [N, T]
@@ -136,26 +156,18 @@ def pruned_rows(
         r1 = min(t, r0 + rows)
         a = attention[:, r0:r1, :r1].to(cfg.dtype).tril(r0 - 1)  # a fresh tensor, so the masks apply in place
         a.mul_(keep_dst[:, r0:r1, None]).mul_(keep_src[:, None, :r1])
-        a = torch.where(a >= cfg.min_capacity, a, 0.0)  # also turns NaN into "no edge"
-        kept = prune_incoming(a, cfg.keep_mass, cfg.max_in_degree)
-        if whole is not None and cfg.prunes:
-            kept = torch.where(whole[:, r0:r1, None], a, kept)
-        yield r0, kept, a.sum(-1)
+        yield r0, torch.where((a >= cfg.min_capacity) & torch.isfinite(a), a, 0.0)
 
 
 @torch.no_grad()
-def capacities(
-    attention: Tensor, valid: Tensor, cfg: FlowConfig | None = None, answer: Tensor | None = None
-) -> Tensor:
-    """[N, T, T] capacities c[n, i, k] = Ā[n, k, i] on the graph's edges (after sink dropping
-    and pruning; edges into ``answer`` tokens unpruned), zero elsewhere: exactly the edges of
-    ``build_flow_graphs``, densely, for tests and pictures of short responses."""
+def capacities(attention: Tensor, valid: Tensor, cfg: FlowConfig | None = None) -> Tensor:
+    """[N, T, T] c[n, i, k] = Ā[n, k, i] on every candidate edge (sinks, padding and ``min_capacity``
+    applied, nothing pruned): the capacities the credit is solved on, densely, for tests and references."""
     check_inputs(attention, valid)
     n, t, _ = attention.shape
     cfg = cfg or FlowConfig()
-    # [N, T, T] attention layout p[n, k, i] = c(i, k)
-    p = torch.zeros(n, t, t, dtype=cfg.dtype, device=attention.device)
-    for r0, block, _ in pruned_rows(attention, valid, cfg, whole=answer):
+    p = torch.zeros(n, t, t, dtype=cfg.dtype, device=attention.device)  # [N, T, T] p[n, k, i] = c(i, k)
+    for r0, block in candidate_rows(attention, valid, cfg):
         p[:, r0 : r0 + block.shape[1], : block.shape[2]] = block
     return p.transpose(1, 2)
 
@@ -166,35 +178,45 @@ class KeptEdges:
     freed before the graphs are assembled (``flow_graphs``)."""
 
     valid: Tensor  # [N, T] bool
-    incoming: Tensor  # [N, T] each target's capacity before pruning (after sinks and min_capacity)
+    incoming: Tensor  # [N, T] each target's incoming flow before pruning (float64)
     # per block of target rows: (r0, edges per row [N, r] int32, source positions [e] int32, capacities [e])
     steps: list[tuple[int, Tensor, Tensor, Tensor]]
 
 
 @torch.no_grad()
-def prune_edges(attention: Tensor, valid: Tensor, answer: Tensor, cfg: FlowConfig) -> KeptEdges:
-    """Read the maps  # [N, T, T] a block of query rows at a time and keep the pruned edges: besides
-    the maps only one block's pruning temporaries (about 2 % of the maps) and the kept edges exist.
-    Edges into answer tokens are never pruned: they set h directly, and they are a few rows."""
+def prune_edges(
+    attention: Tensor, valid: Tensor, answer: Tensor, cfg: FlowConfig, solution: MapSolution
+) -> KeptEdges:
+    """Read the maps  # [N, T, T] a block of query rows at a time and keep, per target token, the
+    incoming edges that carry the most of the solved flow (``solution``: f(i) w(i, k) =
+    c(i, k) e^(log g(i) + log h(k))): ``keep_mass`` of its incoming flow, at most ``max_in_degree``
+    edges; edges into answer tokens are all kept (a few rows), edges without flow never. Besides the maps
+    only one block's temporaries (a few % of the maps) and the kept edges exist."""
     check_inputs(attention, valid, answer)
-    incoming = torch.zeros(valid.shape, dtype=cfg.dtype, device=attention.device)  # [N, T]
+    incoming = torch.zeros(valid.shape, dtype=torch.float64, device=attention.device)  # [N, T]
+    log_g, log_h = solution.log_g.to(cfg.dtype), solution.log_h.to(cfg.dtype)  # [N, T] each
     steps = []
-    for r0, kept, before in pruned_rows(attention, valid, cfg, whole=answer):
+    for r0, a in candidate_rows(attention, valid, cfg):
+        r1 = r0 + a.shape[1]
+        flow = a.log().add_(log_g[:, None, :r1]).add_(log_h[:, r0:r1, None]).exp_()  # [N, r, c] edge flows
+        kept = prune_incoming(a, cfg.keep_mass, cfg.max_in_degree, flow)
+        if cfg.prunes:  # edges into answer tokens are never pruned
+            kept = torch.where(answer[:, r0:r1, None] & (flow > 0), a, kept)
         edges = kept != 0  # [N, r, c]
         # (graph, target, source) order
         steps.append((r0, edges.sum(-1, dtype=torch.int32), edges.nonzero()[:, 2].int(), kept[edges]))
-        incoming[:, r0 : r0 + before.shape[1]] = before
-        del kept, edges
+        incoming[:, r0:r1] = flow.sum(-1, dtype=torch.float64)
+        del a, flow, kept, edges
     return KeptEdges(valid, incoming, steps)
 
 
 @torch.no_grad()
-def flow_graphs(kept: KeptEdges, prompt: Tensor, answer: Tensor) -> Batch:
+def flow_graphs(kept: KeptEdges, prompt: Tensor, answer: Tensor, solution: MapSolution) -> Batch:
     """One graph per response from the kept edges: its valid tokens in order are the nodes
-    (``role``, ``position``), ``edge_index`` [2, E] holds (source, target) in local node ids sorted
-    by (target, source), ``edge_attr`` [E] the capacities. Also per node: ``candidate_capacity``
-    (incoming capacity before pruning) and placeholders ``f``, ``h``, ``log_h`` that ``solve_flow``
-    fills; per graph ``degenerate``. Memory: about 2.5 times the Batch's edges while it is assembled."""
+    (``role``, ``position``, the solved ``f``, ``h`` scaled to max 1, ``log_h``, and ``incoming_flow``
+    before pruning), ``edge_index`` [2, E] holds (source, target) in local node ids sorted by
+    (target, source), ``edge_attr`` [E] the capacities; per graph ``degenerate``. Memory: about 2.5
+    times the Batch's edges while it is assembled."""
     valid = kept.valid
     n, t = valid.shape
     graph_ids, targets, sources, capacities_ = [], [], [], []
@@ -217,44 +239,33 @@ def flow_graphs(kept: KeptEdges, prompt: Tensor, answer: Tensor) -> Batch:
     del graph, target, source
     roles = node_roles(valid, prompt, answer)
     position = torch.arange(t, device=valid.device).expand_as(valid)
+    h = (solution.log_h - solution.log_h.amax(-1, keepdim=True).nan_to_num(0.0, 0.0, 0.0)).exp()  # [N, T]
     data = []
     for g, (edges, caps) in enumerate(zip(edge_index.split(edge_counts, dim=1), capacity.split(edge_counts))):
         nodes = valid[g]
-        v = int(nodes.sum())
         data.append(
             Data(
                 edge_index=edges,
                 edge_attr=caps,
                 role=roles[g][nodes],
                 position=position[g][nodes],
-                candidate_capacity=kept.incoming[g][nodes],
-                f=caps.new_zeros(v),
-                h=caps.new_zeros(v),
-                log_h=torch.zeros(v, dtype=torch.float64, device=valid.device),
-                degenerate=torch.zeros(1, dtype=torch.bool, device=valid.device),
-                num_nodes=v,
+                incoming_flow=kept.incoming[g][nodes],
+                f=solution.f[g][nodes].to(caps.dtype),
+                h=h[g][nodes].to(caps.dtype),
+                log_h=solution.log_h[g][nodes],
+                degenerate=solution.degenerate[g : g + 1],
+                num_nodes=int(nodes.sum()),
             )
         )
     return Batch.from_data_list(data)
 
 
-@torch.no_grad()
-def build_flow_graphs(
-    attention: Tensor, valid: Tensor, prompt: Tensor, answer: Tensor, cfg: FlowConfig | None = None
-) -> Batch:
-    """``flow_graphs(prune_edges(...))``: the flow graphs of dense maps  # [N, T, T] (masks [N, T] bool)."""
-    check_inputs(attention, valid, prompt, answer)
-    return flow_graphs(prune_edges(attention, valid, answer, cfg or FlowConfig()), prompt, answer)
-
-
-def kept_capacity(graphs: Batch) -> Tensor:
-    """[V] share of each node's candidate incoming capacity that its kept edges carry (1 where it had
-    none)."""
-    kept = torch.zeros_like(graphs.candidate_capacity).index_add_(0, graphs.edge_index[1], graphs.edge_attr)
-    total = graphs.candidate_capacity
-    return torch.where(
-        total > 0, kept / total.clamp_min(torch.finfo(total.dtype).tiny), torch.ones_like(kept)
-    )
+def kept_flow(graphs: Batch, edge_flows: Tensor) -> Tensor:
+    """[V] share of each node's incoming flow (before pruning) that its kept edges carry, from the solved
+    graphs' ``edge_flows`` [E] (``edge_flow``); 1 where no flow enters."""
+    kept = torch.zeros_like(graphs.incoming_flow).index_add_(0, graphs.edge_index[1], edge_flows.double())
+    total = graphs.incoming_flow
+    return torch.where(total > 0, (kept / total.clamp_min(torch.finfo(total.dtype).tiny)).clamp(max=1.0), 1.0)
 
 
 def dense_graph(graphs: Batch, values: Tensor, t: int) -> Tensor:

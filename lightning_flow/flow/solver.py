@@ -1,19 +1,21 @@
-"""Answer-conditioned flow on the flow graphs: the Doob h-transform and the prompt-to-answer throughput.
+"""Answer-conditioned flow, solved exactly on the attention maps: the Doob h-transform and the
+prompt-to-answer throughput.
 
-Both sweeps go over blocks of ``block_size`` consecutive nodes, batched over the graphs:
+Both sweeps go over blocks of consecutive positions, batched over the responses of a chunk of maps:
   h:  h(a) = 1 on the answer, h(i) = Σ_k c(i, k) h(k) elsewhere; last block first;
   f:  f(k) = μ(k) + Σ_i f(i) w(i, k), w(i, k) = c(i, k) h(k) / h(i) for senders i ∉ S; first block first.
-Inside a block the edges are scattered into a dense [G, b, b] float64 matrix and the block is one
-triangular solve; between blocks the contributions go over the edges by scatter, so memory is
-O(edges + graphs × block²). h can span far more than any float range on long responses (it decays
-backwards when attention rows sum below 1 and grows when they sum above 1), so every block is
-solved in its own scale and h is kept as float64 logs: a block's right-hand side is normalised to
-max 1, and float64 inside the block leaves a span of about 1e300 between a block's largest and
-smallest h. A block that still overflows marks its graph degenerate (counted, weights uniform),
-never NaN.
+The capacities c(i, k) = Ā[k, i] are read from the map one [N, b, b] tile at a time (sinks, answer
+sources, padding and edges below ``min_capacity`` masked out there): a block is one dense float64
+triangular solve, and what it passes to earlier (h) or receives from earlier (f) blocks is a product
+with the tiles between them. So the solve is exact, it costs O(T²) per response, and besides the
+maps it holds a few tiles and [N, T] vectors: nothing is pruned before the credit is known.
 
-h(i) is stored as the sum Σ_k c(i, k) h(k) computed from the solved h of its targets, so the
-conditioned weights out of every sender sum to 1 to float64 rounding and no flow leaks.
+h can span far more than any float range on long responses (it decays backwards when attention rows
+sum below 1 and grows when they sum above 1), so every block is solved in its own scale and h is kept
+as float64 logs; float64 inside a block leaves a span of about 1e300 between a block's largest and
+smallest h. A block that still overflows marks its response degenerate (counted, weights uniform),
+never NaN. h(i) is stored as the sum Σ_k c(i, k) h(k) from the solved h of its targets, so the
+conditioned weights out of every sender sum to 1 to float64 rounding.
 """
 
 from __future__ import annotations
@@ -25,9 +27,12 @@ import torch
 from torch import Tensor
 from torch_geometric.data import Batch
 
-from .graph import ROLE_ANSWER, ROLE_PROMPT, FlowConfig, build_flow_graphs
+from .graph import FlowConfig, check_inputs, flow_graphs, prune_edges, sink_mask
 
 _NEG_INF = float("-inf")
+_SMALL_MAP = 2**20
+"""Maps of at most this many elements (4 MiB) are solved in blocks of ``block_size``: their tiles cost
+nothing that matters."""
 
 
 def vector_matrix(x: Tensor, m: Tensor) -> Tensor:
@@ -45,157 +50,141 @@ def _finite_max(x: Tensor) -> Tensor:
     return torch.where(torch.isfinite(top), top, torch.zeros_like(top))
 
 
-@dataclass
-class _Layout:
-    """Where each node and edge of a batch of graphs sits in a [G, S] grid of blocks of ``size`` nodes."""
-
-    graphs: int
-    size: int  # block size
-    blocks: int
-    node_graph: Tensor  # [V] graph of each node
-    node_local: Tensor  # [V] index of each node in its graph
-    source: Tensor  # [E] local index of each edge's source
-    target: Tensor  # [E] local index of each edge's target
-    edge_graph: Tensor  # [E]
-    by_block: list[Tensor]  # per target block, the edges into it (indices into E)
-
-    @classmethod
-    def of(cls, graphs: Batch, block_size: int) -> _Layout:
-        counts = graphs.ptr.diff()  # [G] nodes per graph
-        longest = int(counts.max()) if len(counts) else 0
-        size = max(1, min(block_size, longest))
-        blocks = max(1, -(-longest // size))
-        node_graph = graphs.batch
-        node_local = torch.arange(graphs.num_nodes, device=node_graph.device) - graphs.ptr[node_graph]
-        source, target = node_local[graphs.edge_index]
-        target_block = target // size
-        order = torch.argsort(target_block, stable=True)
-        by_block = list(order.split(torch.bincount(target_block, minlength=blocks).tolist()))
-        return cls(
-            len(counts),
-            size,
-            blocks,
-            node_graph,
-            node_local,
-            source,
-            target,
-            node_graph[graphs.edge_index[0]],
-            by_block,
-        )
-
-    def grid(self, values: Tensor, fill: float | bool = 0) -> Tensor:
-        """[G, S] from per-node [V] values (``fill`` where a graph has no node)."""
-        out = values.new_full((self.graphs, self.blocks * self.size), fill)
-        out[self.node_graph, self.node_local] = values
-        return out
+def solver_block(n: int, t: int, block_size: int) -> int:
+    """Positions per block: ``block_size`` at most, and on large maps at most T / 20, so that a
+    tile's temporaries (about 32 B an entry) stay within 2 % of the [N, T, T] float32 maps they are
+    read from (the maps are alive while the credit is solved)."""
+    if n * t * t <= _SMALL_MAP:
+        return max(1, min(block_size, t))
+    return max(16, min(block_size, t // 20 // 16 * 16))
 
 
-def _solve_h(layout: _Layout, capacity: Tensor, answer: Tensor) -> tuple[Tensor, Tensor]:
-    """(log h [G, S] float64, overflowed [G] bool) by back-substitution, last block first.
-    capacity  # [E] float64, 0 on edges out of answer tokens (they feed the super-sink only)"""
-    g, bs = layout.graphs, layout.size
-    log_h = torch.full(answer.shape, _NEG_INF, dtype=torch.float64, device=answer.device)  # [G, S]
-    # [G, S] log Σ c(i, k) h(k) over k in the blocks solved so far
+class _Tiles:
+    """Capacity tiles of a chunk of maps, [N, r, c] float64 blocks p[n, k, i] = c(i, k) for targets k in
+    [r0, r1) and sources i in [c0, c1). ``diagonal`` is zero where i cannot send (``sends``: sinks,
+    answer tokens and padding send nothing), k is padding, i >= k, or Ā[k, i] is below ``min_capacity``;
+    ``between`` (sources before r0) applies ``min_capacity`` only: the sweeps mask the vectors they
+    multiply it with, which costs a vector instead of a pass over the tile."""
+
+    def __init__(self, attention: Tensor, valid: Tensor, answer: Tensor, cfg: FlowConfig) -> None:
+        self.attention, self.min_capacity = attention, cfg.min_capacity
+        self.sends = valid & ~sink_mask(valid, cfg.sink_tokens) & ~answer  # [N, T]
+        self.valid = valid
+
+    def between(self, r0: int, r1: int, c0: int, c1: int) -> Tensor:
+        a = self.attention[:, r0:r1, c0:c1]
+        return torch.where(a >= self.min_capacity, a, 0.0).double()  # NaN is no edge too
+
+    def diagonal(self, s: int, e: int) -> Tensor:
+        a = self.attention[:, s:e, s:e]
+        ok = (a >= self.min_capacity) & self.valid[:, s:e, None] & self.sends[:, None, s:e]
+        ok &= torch.ones(e - s, e - s, dtype=torch.bool, device=a.device).tril(-1)  # sources before targets
+        return torch.where(ok, a, 0.0).double()
+
+
+def _blocks(t: int, size: int) -> list[tuple[int, int]]:
+    return [(s, min(t, s + size)) for s in range(0, t, size)]
+
+
+def _solve_h(tiles: _Tiles, answer: Tensor, blocks: list[tuple[int, int]]) -> tuple[Tensor, Tensor]:
+    """(log h [N, T] float64, overflowed [N] bool) by back-substitution, last block first."""
+    log_h = torch.full(answer.shape, _NEG_INF, dtype=torch.float64, device=answer.device)  # [N, T]
+    # [N, T] log Σ c(i, k) h(k) over k in the blocks solved so far
     log_later = torch.full_like(log_h, _NEG_INF)
-    overflowed = torch.zeros(g, dtype=torch.bool, device=answer.device)
-    for b in reversed(range(layout.blocks)):
-        s, e = b * bs, (b + 1) * bs
-        edges = layout.by_block[b]
-        graph, source, target, c = (
-            layout.edge_graph[edges],
-            layout.source[edges],
-            layout.target[edges] - s,
-            capacity[edges],
-        )
-        inner = source >= s
-        log_rhs = torch.where(answer[:, s:e], 0.0, log_later[:, s:e])  # [G, bs]; h(a) = 1
-        scale = _finite_max(log_rhs)  # [G, 1]
-        rhs = (log_rhs - scale).exp()  # [G, bs] max 1 (or all 0)
-        # [G, i, k] -c(i, k) inside the block
-        minus_m = torch.zeros(g, bs, bs, dtype=torch.float64, device=c.device)
-        minus_m[graph[inner], source[inner] - s, target[inner]] = -c[inner]
-        # [G, bs] h / e^scale
-        x = torch.linalg.solve_triangular(minus_m, rhs[..., None], upper=True, unitriangular=True).squeeze(-1)
-        finite = torch.isfinite(x).all(-1)  # [G]
+    overflowed = torch.zeros(answer.shape[0], dtype=torch.bool, device=answer.device)
+    for b in reversed(range(len(blocks))):
+        s, e = blocks[b]
+        p = tiles.diagonal(s, e)  # [N, k, i]
+        log_rhs = torch.where(answer[:, s:e], 0.0, log_later[:, s:e])  # [N, b]; h(a) = 1
+        scale = _finite_max(log_rhs)  # [N, 1]
+        rhs = (log_rhs - scale).exp()  # [N, b] max 1 (or all 0)
+        # (I - C) x = rhs with C[i, k] = p[k, i] strictly upper: x = h / e^scale
+        x = torch.linalg.solve_triangular(-p.mT, rhs[..., None], upper=True, unitriangular=True).squeeze(-1)
+        finite = torch.isfinite(x).all(-1)  # [N]
         overflowed |= ~finite
         x = torch.where(finite[:, None], x.clamp_min(0), 0.0)
-        within = -vector_matrix(x, minus_m.mT)  # [G, bs] Σ_k c(i, k) h(k) / e^scale over k in the block
+        within = vector_matrix(x, p)  # [N, b] Σ_k c(i, k) h(k) / e^scale over k in the block
         log_h[:, s:e] = torch.where(
             answer[:, s:e], 0.0, torch.logaddexp(log_later[:, s:e], within.log() + scale)
         )
-        # What the block's tokens pass back to earlier sources, in the log domain (blocks differ in scale).
-        # [G, S]
-        later = torch.zeros_like(log_h).index_put_(
-            (graph[~inner], source[~inner]),
-            c[~inner] * x[graph[~inner], target[~inner]],
-            accumulate=True,
-        )
-        log_later[:, :s] = torch.logaddexp(log_later[:, :s], later[:, :s].log() + scale)
+        for c0, c1 in blocks[:b]:  # what the block's tokens pass back to earlier sources
+            later = vector_matrix(x, tiles.between(s, e, c0, c1)) * tiles.sends[:, c0:c1]  # [N, c]
+            log_later[:, c0:c1] = torch.logaddexp(log_later[:, c0:c1], later.log() + scale)
     return log_h, overflowed
 
 
-def _solve_f(layout: _Layout, capacity: Tensor, log_h: Tensor, mu: Tensor, sends: Tensor) -> Tensor:
-    """f [G, S] float64 by forward substitution, first block first; w is formed per edge in log space
-    (each w <= 1, so nothing overflows)."""
-    g, bs = layout.graphs, layout.size
-    f = torch.zeros_like(mu)  # [G, S]
-    for b in range(layout.blocks):
-        s, e = b * bs, (b + 1) * bs
-        edges = layout.by_block[b]
-        graph, source, target = layout.edge_graph[edges], layout.source[edges], layout.target[edges]
-        log_w = capacity[edges].log() + log_h[graph, target] - log_h[graph, source]
-        w = torch.where(sends[graph, source], log_w.exp(), 0.0)  # [e] w(i, k); senders only (no -inf - -inf)
-        inner = source >= s
-        rhs = mu[:, s:e].index_put(
-            (graph[~inner], target[~inner] - s), f[graph[~inner], source[~inner]] * w[~inner], accumulate=True
-        )
-        # [G, k, i] -w(i, k) inside the block
-        minus_wt = torch.zeros(g, bs, bs, dtype=torch.float64, device=mu.device)
-        minus_wt[graph[inner], target[inner] - s, source[inner] - s] = -w[inner]
+def _solve_f(
+    tiles: _Tiles, log_h: Tensor, mu: Tensor, sends: Tensor, blocks: list[tuple[int, int]]
+) -> tuple[Tensor, Tensor]:
+    """(f, log g) [N, T] float64 by forward substitution, first block first; g = f / h on senders
+    (-inf elsewhere) carries the flow between blocks, each source block in its own scale, and w is
+    formed in log space inside a block (each w <= 1, so nothing overflows)."""
+    f = torch.zeros_like(mu)  # [N, T]
+    log_g = torch.full_like(mu, _NEG_INF)  # [N, T]
+    for b, (s, e) in enumerate(blocks):
+        rhs = mu[:, s:e].clone()  # [N, b]
+        # f(k) += h(k) Σ_i c(i, k) g(i) over each earlier block (g is 0 where i does not send, and h(k)
+        # where k is padding)
+        for c0, c1 in blocks[:b]:
+            sigma = _finite_max(log_g[:, c0:c1])  # [N, 1]
+            into = vector_matrix((log_g[:, c0:c1] - sigma).exp(), tiles.between(s, e, c0, c1).mT)  # [N, b]
+            rhs += (into.log() + sigma + log_h[:, s:e]).exp()
+        p = tiles.diagonal(s, e)  # [N, k, i]
+        log_w = p.log() + log_h[:, s:e, None] - log_h[:, None, s:e]  # [N, k, i] log w(i, k)
+        # [N, k, i] -w(i, k), senders only (no -inf - -inf)
+        minus_wt = torch.where(sends[:, None, s:e] & (p > 0), -log_w.exp(), 0.0)
         f[:, s:e] = torch.linalg.solve_triangular(
             minus_wt, rhs[..., None], upper=False, unitriangular=True
         ).squeeze(-1)
-    return f
+        log_g[:, s:e] = torch.where(sends[:, s:e], f[:, s:e].log() - log_h[:, s:e], _NEG_INF)
+    return f, log_g
+
+
+@dataclass
+class MapSolution:
+    """The exact flow of a chunk of maps, per position (padding: 0, -inf in the logs)."""
+
+    f: Tensor  # [N, T] float64 throughput in [0, 1]; all 0 on degenerate rows
+    log_h: Tensor  # [N, T] float64 log of the unscaled h (-inf where no path reaches the answer)
+    # [N, T] float64 log f / h on senders (-inf elsewhere): f(i) w(i, k) = c(i, k) e^(log_g(i) + log_h(k))
+    log_g: Tensor
+    degenerate: Tensor  # [N] bool: no answer, no response, Σ_prompt h = 0, or h beyond float64 in a block
 
 
 @torch.no_grad()
-def solve_flow(graphs: Batch, block_size: int = 512) -> Batch:
-    """Fill the node attributes ``log_h`` (float64, -inf where no path reaches the answer), ``h``
-    (scaled to max 1 per graph), ``f`` (throughput in [0, 1]) and the graph attribute
-    ``degenerate`` (no answer, no response, Σ_prompt h = 0, or a block's h beyond float64:
-    f = 0 there) of graphs made by ``build_flow_graphs``, in place; returns them."""
-    if graphs.num_graphs == 0:
-        return graphs
-    layout = _Layout.of(graphs, block_size)
-    answer = layout.grid(graphs.role == ROLE_ANSWER, False)  # [G, S]
-    prompt = layout.grid(graphs.role == ROLE_PROMPT, False)  # [G, S]
-    passes = graphs.role[graphs.edge_index[0]] != ROLE_ANSWER  # [E] answer tokens absorb
-    capacity = torch.where(passes, graphs.edge_attr.double(), 0.0)  # [E]
-    log_h, overflowed = _solve_h(layout, capacity, answer)
+def solve_maps(
+    attention: Tensor, valid: Tensor, prompt: Tensor, answer: Tensor, cfg: FlowConfig | None = None
+) -> MapSolution:
+    """The exact answer-conditioned flow of dense maps  # [N, T, T] (query, key), masks [N, T] bool.
+    A map with a NaN or inf (an overflowing forward) is a degenerate row."""
+    check_inputs(attention, valid, prompt, answer)
+    cfg = cfg or FlowConfig()
+    n, t = valid.shape
+    answer = answer & valid & ~prompt
+    blocks = _blocks(t, solver_block(n, t, cfg.block_size))
+    tiles = _Tiles(attention, valid, answer, cfg)
+    log_h, overflowed = _solve_h(tiles, answer, blocks)
     # Super-source over the prompt, conditioned like every other edge: μ(i) ∝ h(i).
-    log_source = torch.where(prompt, log_h, _NEG_INF)  # [G, S]
-    log_z = torch.logsumexp(log_source, dim=-1, keepdim=True)  # [G, 1] log Σ_P h
-    has_source = torch.isfinite(log_z) & ~overflowed[:, None]  # [G, 1]
-    mu = torch.where(has_source, (log_source - torch.where(has_source, log_z, 0.0)).exp(), 0.0)  # [G, S]
-    sends = ~answer & torch.isfinite(log_h)  # [G, S]
-    f = _solve_f(layout, capacity, log_h, mu, sends).clamp_(0.0, 1.0)  # [G, S]
+    log_source = torch.where(prompt & valid, log_h, _NEG_INF)  # [N, T]
+    log_z = torch.logsumexp(log_source, dim=-1, keepdim=True)  # [N, 1] log Σ_P h
+    has_source = torch.isfinite(log_z) & ~overflowed[:, None]  # [N, 1]
+    mu = torch.where(has_source, (log_source - torch.where(has_source, log_z, 0.0)).exp(), 0.0)  # [N, T]
+    sends = valid & ~answer & torch.isfinite(log_h)  # [N, T]
+    f, log_g = _solve_f(tiles, log_h, mu, sends, blocks)
     # No answer, an empty response or fewer than two valid tokens all leave Σ_prompt h = 0.
-    degenerate = ~has_source.squeeze(-1)  # [G]
-    at = (layout.node_graph, layout.node_local)
-    graphs.log_h = log_h[at]
-    graphs.h = (log_h - _finite_max(log_h)).exp()[at].to(graphs.h.dtype)
-    graphs.f = torch.where(degenerate[:, None], 0.0, f)[at].to(graphs.f.dtype)
-    graphs.degenerate = degenerate
-    return graphs
+    finite_map = torch.isfinite(attention.sum(dim=(1, 2)))  # [N] a sum is non-finite iff an entry is
+    degenerate = ~has_source.squeeze(-1) | ~finite_map  # [N]
+    f = torch.where(degenerate[:, None], 0.0, f.clamp_(0.0, 1.0))
+    log_g = torch.where(degenerate[:, None], _NEG_INF, log_g)
+    log_h = torch.where(finite_map[:, None], log_h, _NEG_INF)
+    return MapSolution(f=f, log_h=log_h, log_g=log_g, degenerate=degenerate)
 
 
 def edge_flow(graphs: Batch) -> Tensor:
     """[E] edge flow f(i) · w(i, k) of solved graphs, w(i, k) = c(i, k) h(k) / h(i); 0 out of
-    answer tokens and tokens with h = 0 or f = 0."""
+    tokens with h = 0 or f = 0 (the graphs hold no edges out of answer tokens)."""
     source, target = graphs.edge_index
-    sends = (
-        (graphs.role[source] != ROLE_ANSWER) & torch.isfinite(graphs.log_h[source]) & (graphs.f[source] > 0)
-    )
+    sends = torch.isfinite(graphs.log_h[source]) & (graphs.f[source] > 0)
     log_edge = (
         graphs.edge_attr.double().log()
         + graphs.log_h[target]
@@ -214,7 +203,7 @@ class FlowResult:
     degenerate: Tensor
     answer: Tensor  # [N, T] bool: the answer tokens the flow was conditioned on (within the response)
     log_h: Tensor  # [N, T] float64 log of the unscaled h (-inf where h = 0)
-    graphs: Batch  # the solved graphs (node attributes f, h, log_h)
+    graphs: Batch  # the flow graphs: the edges that carry the flow (pruned), nodes with f, h, log_h
 
     @cached_property
     def h(self) -> Tensor:
@@ -231,17 +220,16 @@ class FlowResult:
 def answer_flow(
     attention: Tensor, valid: Tensor, prompt: Tensor, answer: Tensor, cfg: FlowConfig | None = None
 ) -> FlowResult:
-    """Flow graphs of dense maps, solved, with their node results laid out per position.
+    """The exact flow of dense maps and their flow graphs (the edges that carry it, pruned by ``cfg``).
 
     attention  # [N, T, T] head- and layer-mean attention (query, key); masks  # [N, T] bool"""
     cfg = cfg or FlowConfig()
-    graphs = solve_flow(build_flow_graphs(attention, valid, prompt, answer, cfg), cfg.block_size)
-    n, t = valid.shape
-    at = (graphs.batch, graphs.position)
-    flow = attention.new_zeros(n, t, dtype=cfg.dtype).index_put_(at, graphs.f)
-    log_h = torch.full((n, t), _NEG_INF, dtype=torch.float64, device=valid.device).index_put_(
-        at, graphs.log_h
-    )
+    solution = solve_maps(attention, valid, prompt, answer, cfg)
+    graphs = flow_graphs(prune_edges(attention, valid, answer, cfg, solution), prompt, answer, solution)
     return FlowResult(
-        flow=flow, degenerate=graphs.degenerate, answer=answer & valid & ~prompt, log_h=log_h, graphs=graphs
+        flow=solution.f.to(cfg.dtype),
+        degenerate=solution.degenerate,
+        answer=answer & valid & ~prompt,
+        log_h=solution.log_h,
+        graphs=graphs,
     )
