@@ -44,3 +44,27 @@ def gpt2_tokenizer(shared_data: Path):
     from lightning_flow.tokenizer import load_tokenizer
 
     return load_tokenizer(str(shared_data / "tokenizer"))
+
+
+@pytest.fixture(scope="session")
+def demo_policy_dir(tmp_path_factory) -> Path:
+    """The demo's warm-started policy, built as ``python -m lightning_flow.demo_policy`` builds it
+    from configs/demo.yaml (300 supervised steps, about 10 s), into a temporary folder. On one torch
+    thread: the weights then do not depend on the machine's core count, and a build sharing the
+    cores with other jobs does not stall (two threads once took 350 s here)."""
+    import torch
+    import yaml
+
+    from lightning_flow.demo_policy import main as build_demo_policy
+
+    root = tmp_path_factory.mktemp("demo-policy")
+    config = yaml.safe_load((Path(__file__).resolve().parents[1] / "configs" / "demo.yaml").read_text())
+    config["model"]["policy"]["name_or_path"] = str(root / "policy")
+    (root / "demo.yaml").write_text(yaml.safe_dump(config))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        build_demo_policy(["--config", str(root / "demo.yaml")])
+    finally:
+        torch.set_num_threads(threads)
+    return root / "policy"

@@ -137,3 +137,44 @@ def test_every_capture_chunk_setting_records_the_maps_of_a_capture_pass(tmp_path
     assert [rows for rows, _ in rollouts.flow_graphs] == [[0, 1]] and rollouts.flow_graphs[0][
         1
     ].num_graphs == 2
+
+
+def test_recompile_summary_takes_medians_over_runs_and_compares_with_hf():
+    from engine_throughput import compared_with, recompile_summary
+
+    from lightning_flow.engines import Completions
+
+    def call(seconds: float, unlike: int, gap: float) -> dict:
+        return dict(
+            change="same shapes",
+            prompt_width=6,
+            rows=8,
+            seconds=seconds,
+            hf_seconds=seconds * 2,
+            frames_compiled=0,
+            responses_unlike_hf=unlike,
+            max_logp_gap_to_hf=gap,
+        )
+
+    summary = recompile_summary([[call(3.0, 0, 1e-6)], [call(1.0, 1, 3e-6)], [call(2.0, 0, 2e-6)]])
+    assert summary == [
+        dict(
+            change="same shapes",
+            prompt_width=6,
+            rows=8,
+            median_s=2.0,
+            hf_median_s=4.0,
+            frames_compiled=[0, 0, 0],
+            responses_unlike_hf=[0, 1, 0],
+            max_logp_gap_to_hf=3e-6,
+        )
+    ]
+    # Rows compared up to their EOS: padding and a wider batch do not count, a shorter or other
+    # row does; the log-prob gap is over the rows alike only (row 0: 0.25, not row 2's 5).
+    ids = torch.tensor([[5, 2, 0], [7, 7, 7], [4, 4, 4]])
+    mask = torch.tensor([[1.0, 1.0, 0.0], [1.0, 1.0, 1.0], [1.0, 1.0, 1.0]])
+    logps = torch.tensor([[-1.0, -0.5, 0.0], [-1.0, -1.0, -1.0], [-1.0, -1.0, -1.0]])
+    other_logps = torch.tensor([[-1.25, -0.5], [-1.0, -1.0], [-6.0, -1.0]])
+    no = torch.zeros(3, dtype=torch.bool)
+    other = Completions(torch.tensor([[5, 2], [7, 7], [4, 3]]), torch.ones(3, 2), no, other_logps)
+    assert compared_with(Completions(ids, mask, no, logps), other) == (2, 0.25)
