@@ -64,16 +64,19 @@ class _Tiles:
     [r0, r1) and sources i in [c0, c1). ``diagonal`` is zero where i cannot send (``sends``: sinks,
     answer tokens and padding send nothing), k is padding, i >= k, or Ā[k, i] is below ``min_capacity``;
     ``between`` (sources before r0) applies ``min_capacity`` only: the sweeps mask the vectors they
-    multiply it with, which costs a vector instead of a pass over the tile."""
+    multiply it with, which costs a vector instead of a pass over the tile (a NaN there stays: its
+    response is degenerate, ``solve_maps`` checks each map once)."""
 
     def __init__(self, attention: Tensor, valid: Tensor, answer: Tensor, cfg: FlowConfig) -> None:
         self.attention, self.min_capacity = attention, cfg.min_capacity
         self.sends = valid & ~sink_mask(valid, cfg.sink_tokens) & ~answer  # [N, T]
         self.valid = valid
+        # a > below ⟺ a >= min_capacity in the map's dtype: one fused threshold, not a compare and a select
+        floor = torch.tensor(cfg.min_capacity, dtype=attention.dtype)
+        self.below = float(torch.nextafter(floor, torch.tensor(float("-inf"), dtype=attention.dtype)))
 
     def between(self, r0: int, r1: int, c0: int, c1: int) -> Tensor:
-        a = self.attention[:, r0:r1, c0:c1]
-        return torch.where(a >= self.min_capacity, a, 0.0).double()  # NaN is no edge too
+        return torch.nn.functional.threshold(self.attention[:, r0:r1, c0:c1], self.below, 0.0).double()
 
     def diagonal(self, s: int, e: int) -> Tensor:
         a = self.attention[:, s:e, s:e]
