@@ -247,7 +247,10 @@ class FlowCredit(RolloutCallback):
         else:  # uniform: every token keeps weight 1, whatever top_fraction says
             signal = torch.ones(valid.shape, device=device)
             fallback = torch.ones_like(fallback)
-        if maps is not None:  # [k] maps with a NaN/inf (an overflowing forward): uniform weights
+        # [k] maps with a NaN/inf (an overflowing forward): uniform weights
+        if solution is not None:  # the solve read every map once for it
+            nonfinite = solution.nonfinite
+        elif maps is not None:
             # One reduction over the maps (a sum is non-finite iff an entry is; the maps sum to at most T).
             nonfinite = ~torch.isfinite(maps.sum(dim=(1, 2)))
         else:

@@ -53,18 +53,15 @@ def demo_policy_dir(tmp_path_factory) -> Path:
     thread: the weights then do not depend on the machine's core count, and a build sharing the
     cores with other jobs does not stall (two threads once took 350 s here)."""
     import torch
-    import yaml
 
     from lightning_flow.demo_policy import main as build_demo_policy
+    from tests.test_demo_policy import demo_config_at
 
     root = tmp_path_factory.mktemp("demo-policy")
-    config = yaml.safe_load((Path(__file__).resolve().parents[1] / "configs" / "demo.yaml").read_text())
-    config["model"]["policy"]["name_or_path"] = str(root / "policy")
-    (root / "demo.yaml").write_text(yaml.safe_dump(config))
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        build_demo_policy(["--config", str(root / "demo.yaml")])
+        build_demo_policy(["--config", str(demo_config_at(root, "policy"))])
     finally:
         torch.set_num_threads(threads)
     return root / "policy"

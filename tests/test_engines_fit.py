@@ -4,19 +4,22 @@ correction a no-op in float32."""
 
 from __future__ import annotations
 
-import os
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
 
 from lightning_flow.cli import main
-from tests.test_fit import DEMO, REPO, scalars, tiny_args
-from tests.test_resume import adapter_tensors, logged_by_step
+from tests.test_fit import DEMO, scalars, tiny_args
+from tests.test_resume import (
+    EVERY_STEP,
+    assert_same_run,
+    cli_fit,
+    kill_after_checkpoint,
+    launch,
+    run_dir,
+    stderr_tail,
+)
 
 DEMO_STEPS, KILL_AFTER = 20, 10
 
@@ -24,15 +27,11 @@ DEMO_STEPS, KILL_AFTER = 20, 10
 def demo_command(policy: Path, root: Path, *extra: str) -> list[str]:
     """configs/demo.yaml for 20 steps with the paged engine and the correction on, on one fixed
     batch of 8 problems (``num_train=8``), a checkpoint after every step, no validation."""
-    return [
-        sys.executable,
-        "-m",
-        "lightning_flow",
-        "fit",
+    return cli_fit(
         "--config",
         DEMO,
         "--config",
-        str(REPO / "tests" / "every-step.yaml"),
+        EVERY_STEP,
         f"--model.policy.name_or_path={policy}",
         f"--trainer.max_steps={DEMO_STEPS}",
         f"--trainer.default_root_dir={root}",
@@ -43,24 +42,7 @@ def demo_command(policy: Path, root: Path, *extra: str) -> list[str]:
         "--model.grpo.vllm_importance_sampling_correction=true",
         "--model.grpo.vllm_importance_sampling_mode=token_truncate",
         *extra,
-    ]
-
-
-def launch(policy: Path, root: Path, *extra: str) -> subprocess.Popen:
-    """The demo command in a subprocess on one torch thread (two run side by side), its stderr
-    in ``root/stderr.log``."""
-    root.mkdir(exist_ok=True)
-    return subprocess.Popen(
-        demo_command(policy, root, *extra),
-        cwd=REPO,
-        env={**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"},
-        stdout=subprocess.DEVNULL,
-        stderr=(root / "stderr.log").open("a"),
     )
-
-
-def stderr_tail(root: Path) -> str:
-    return (root / "stderr.log").read_text()[-2000:]
 
 
 def test_demo_learns_with_the_paged_engine_and_resumes_exactly_after_a_kill(demo_policy_dir, tmp_path):
@@ -74,26 +56,16 @@ def test_demo_learns_with_the_paged_engine_and_resumes_exactly_after_a_kill(demo
     identically, so that a run SIGKILLed after step 10 and resumed from ``last.ckpt`` repeats the
     uninterrupted run: the same rewards, losses and gradient norms, and the same adapter bit for bit."""
     straight, killed = tmp_path / "straight", tmp_path / "killed"
-    uninterrupted, process = launch(demo_policy_dir, straight), launch(demo_policy_dir, killed)
-    checkpoints = killed / "runs" / "demo" / "version_0" / "checkpoints"
-    deadline = time.monotonic() + 600
-    while (
-        not list(checkpoints.glob(f"*step={KILL_AFTER}.ckpt"))
-        and process.poll() is None
-        and time.monotonic() < deadline
-    ):
-        time.sleep(0.01)
-    process.send_signal(signal.SIGKILL)
-    assert process.wait() == -signal.SIGKILL, stderr_tail(killed)
-    resumed_from = torch.load(checkpoints / "last.ckpt", map_location="cpu", weights_only=False)[
-        "global_step"
-    ]
+    # one torch thread each: the two run side by side
+    uninterrupted = launch(demo_command(demo_policy_dir, straight), straight, OMP_NUM_THREADS="1")
+    process = launch(demo_command(demo_policy_dir, killed), killed, OMP_NUM_THREADS="1")
+    resumed_from = kill_after_checkpoint(process, killed, step=KILL_AFTER, timeout_s=600)
     assert KILL_AFTER - 1 <= resumed_from < DEMO_STEPS  # the kill may fall between step=10 and last.ckpt
-    assert launch(demo_policy_dir, killed, "--ckpt_path=last").wait() == 0, stderr_tail(killed)
+    resumed = launch(demo_command(demo_policy_dir, killed, "--ckpt_path=last"), killed, OMP_NUM_THREADS="1")
+    assert resumed.wait() == 0, stderr_tail(killed)
     assert uninterrupted.wait() == 0, stderr_tail(straight)
 
-    log_dir = straight / "runs" / "demo" / "version_0"
-    logged = scalars(log_dir)
+    logged = scalars(run_dir(straight))
     reward = logged["train/reward"]
     assert len(reward) == DEMO_STEPS
     # Measured: mean of steps 1-5 0.216, of steps 11-20 0.417, the same rewards with the correction
@@ -104,13 +76,7 @@ def test_demo_learns_with_the_paged_engine_and_resumes_exactly_after_a_kill(demo
     # exact arithmetic; float32 rounds it to -1e-9 to -3e-9 here.
     assert max(logged["train/sampler_logp_diff"]) < 1e-5
     assert max(abs(kl) for kl in logged["train/sampler_kl"]) < 1e-6
-
-    tags = ["train/reward", "train/loss", "train/grad_norm"]
-    assert logged_by_step(killed / "runs" / "demo" / "version_0", tags) == logged_by_step(log_dir, tags)
-    final = adapter_tensors(checkpoints / "last.ckpt")
-    expected = adapter_tensors(log_dir / "checkpoints" / "last.ckpt")
-    assert final.keys() == expected.keys()
-    assert all(torch.equal(final[k], expected[k]) for k in expected)
+    assert_same_run(killed, straight)
 
 
 def fit(policy: Path, root: Path, steps: int, *options: str):

@@ -22,25 +22,21 @@ from lightning_flow.cli import main
 from tests.test_fit import REPO, tiny_args
 
 STEPS = 6
-EVERY_STEP = """
-trainer:
-  callbacks:
-    - class_path: lightning.pytorch.callbacks.ModelCheckpoint
-      init_args: {save_last: true, every_n_train_steps: 1}
-"""
+EVERY_STEP = str(REPO / "tests" / "every-step.yaml")
+TAGS = ["train/reward", "train/loss", "train/grad_norm"]
+
+
+def cli_fit(*args: str) -> list[str]:
+    """``python -m lightning_flow fit`` with ``args``, on this interpreter."""
+    return [sys.executable, "-m", "lightning_flow", "fit", *args]
 
 
 def fit_command(policy: Path, root: Path, *extra: str) -> list[str]:
     """A 6-step fit over 2 epochs (3 batches each), dropout on, a checkpoint after every step."""
-    (root / "every-step.yaml").write_text(EVERY_STEP)
-    return [
-        sys.executable,
-        "-m",
-        "lightning_flow",
-        "fit",
+    return cli_fit(
         *tiny_args(policy, root, steps=STEPS),
         "--config",
-        str(root / "every-step.yaml"),
+        EVERY_STEP,
         "--trainer.limit_val_batches=0",
         "--trainer.val_check_interval=null",
         "--data.init_args.num_train=12",
@@ -48,7 +44,53 @@ def fit_command(policy: Path, root: Path, *extra: str) -> list[str]:
         "--model.optim.lr=0.02",
         '--model.rewards.custom={"tests.test_fit.length_reward": 1.0}',
         *extra,
-    ]
+    )
+
+
+def run_dir(root: Path) -> Path:
+    return root / "runs" / "demo" / "version_0"
+
+
+def launch(command: list[str], root: Path, **env: str) -> subprocess.Popen:
+    """``command`` in a subprocess from the repo root, its stderr appended to ``root/stderr.log``."""
+    root.mkdir(exist_ok=True)
+    return subprocess.Popen(
+        command,
+        cwd=REPO,
+        env={**os.environ, "PYTHONPATH": str(REPO), **env},
+        stdout=subprocess.DEVNULL,
+        stderr=(root / "stderr.log").open("a"),
+    )
+
+
+def stderr_tail(root: Path) -> str:
+    return (root / "stderr.log").read_text()[-2000:]
+
+
+def kill_after_checkpoint(process: subprocess.Popen, root: Path, step: int, timeout_s: float) -> int:
+    """SIGKILL ``process`` (no handler, no cleanup) once its checkpoint of ``step`` is on disk; the
+    global step of the ``last.ckpt`` it left behind."""
+    checkpoints = run_dir(root) / "checkpoints"
+    deadline = time.monotonic() + timeout_s
+    while (
+        not list(checkpoints.glob(f"*step={step}.ckpt"))
+        and process.poll() is None
+        and time.monotonic() < deadline
+    ):
+        time.sleep(0.01)
+    process.send_signal(signal.SIGKILL)
+    assert process.wait() == -signal.SIGKILL, stderr_tail(root)
+    return torch.load(checkpoints / "last.ckpt", map_location="cpu", weights_only=False)["global_step"]
+
+
+def assert_same_run(resumed: Path, uninterrupted: Path) -> None:
+    """The resumed fit logged the uninterrupted one's reward, loss and gradient norm at every step and
+    ended with the same adapter, bit for bit."""
+    assert logged_by_step(run_dir(resumed), TAGS) == logged_by_step(run_dir(uninterrupted), TAGS)
+    final = adapter_tensors(run_dir(resumed) / "checkpoints" / "last.ckpt")
+    expected = adapter_tensors(run_dir(uninterrupted) / "checkpoints" / "last.ckpt")
+    assert final.keys() == expected.keys()
+    assert all(torch.equal(final[k], expected[k]) for k in expected)
 
 
 def logged_by_step(log_dir: Path, tags: list[str]) -> dict[str, dict[int, float]]:
@@ -71,57 +113,20 @@ def adapter_tensors(checkpoint: Path) -> dict[str, torch.Tensor]:
 @pytest.mark.parametrize("engine", ["hf", "paged"])  # paged: one seed per step's batch, docs/engines.md
 def test_sigkill_and_resume_equals_an_uninterrupted_run(tiny_policy_dir, tmp_path, engine):
     straight, killed = tmp_path / "straight", tmp_path / "killed"
-    straight.mkdir(), killed.mkdir()
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
-    uninterrupted = subprocess.Popen(
-        fit_command(tiny_policy_dir, straight, f"--model.sampling.engine={engine}"),
-        cwd=REPO,
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-    )
 
-    # Meanwhile, kill the second run (SIGKILL: no handler, no cleanup) once the checkpoint of step 4
-    # (one batch into the second epoch) is on disk.
-    checkpoints = killed / "runs" / "demo" / "version_0" / "checkpoints"
-    process = subprocess.Popen(
-        fit_command(tiny_policy_dir, killed, f"--model.sampling.engine={engine}"),
-        cwd=REPO,
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-    )
-    deadline = time.monotonic() + 120
-    while (
-        not list(checkpoints.glob("*step=4.ckpt")) and process.poll() is None and time.monotonic() < deadline
-    ):
-        time.sleep(0.01)
-    process.send_signal(signal.SIGKILL)
-    process.wait()
-    assert process.returncode == -signal.SIGKILL, process.stderr.read().decode()[-2000:]
-    resumed_from = torch.load(checkpoints / "last.ckpt", map_location="cpu", weights_only=False)[
-        "global_step"
-    ]
+    def command(root: Path, *extra: str) -> list[str]:
+        return fit_command(tiny_policy_dir, root, f"--model.sampling.engine={engine}", *extra)
+
+    uninterrupted = launch(command(straight), straight)
+    # Meanwhile, kill the second run once its checkpoint of step 4 (one batch into the second epoch) is on
+    # disk.
+    resumed_from = kill_after_checkpoint(launch(command(killed), killed), killed, step=4, timeout_s=120)
     assert 3 <= resumed_from < STEPS  # the step-4 file is written before last.ckpt: the kill may fall between
 
-    subprocess.run(
-        [*fit_command(tiny_policy_dir, killed, f"--model.sampling.engine={engine}"), "--ckpt_path=last"],
-        cwd=REPO,
-        env=env,
-        check=True,
-        capture_output=True,
-    )
-    assert uninterrupted.wait() == 0, uninterrupted.stderr.read().decode()[-2000:]
-
-    tags = ["train/reward", "train/loss", "train/grad_norm"]
-    expected = logged_by_step(straight / "runs" / "demo" / "version_0", tags)
-    got = logged_by_step(killed / "runs" / "demo" / "version_0", tags)
-    assert len(expected["train/reward"]) == STEPS
-    assert got == expected
-    final_expected = adapter_tensors(straight / "runs" / "demo" / "version_0" / "checkpoints" / "last.ckpt")
-    final_got = adapter_tensors(checkpoints / "last.ckpt")
-    assert final_got.keys() == final_expected.keys()
-    assert all(torch.equal(final_got[k], final_expected[k]) for k in final_expected)
+    assert launch(command(killed, "--ckpt_path=last"), killed).wait() == 0, stderr_tail(killed)
+    assert uninterrupted.wait() == 0, stderr_tail(straight)
+    assert len(logged_by_step(run_dir(straight), TAGS)["train/reward"]) == STEPS
+    assert_same_run(killed, straight)
 
 
 def test_atomic_save_keeps_the_old_file_when_writing_fails(tmp_path):

@@ -12,11 +12,9 @@ import pytest
 import torch
 
 from lightning_flow.cli import main
-from tests.test_fit import REPO, length_reward, tiny_args
-from tests.test_resume import STEPS, adapter_tensors, logged_by_step
+from tests.test_fit import length_reward, tiny_args
+from tests.test_resume import EVERY_STEP, STEPS, TAGS, adapter_tensors, logged_by_step, run_dir
 
-TAGS = ["train/reward", "train/loss", "train/grad_norm"]
-EVERY_STEP = str(REPO / "tests" / "every-step.yaml")
 _reward_calls = {"count": 0, "fail_at": None, "sleep": 0.0}
 
 
@@ -32,10 +30,6 @@ def flaky_length_reward(prompts: list[str], completions: list[str], golds: list[
 def fit(policy: Path, root: Path, steps: int, *extra: str):
     _reward_calls.update(count=0, fail_at=None, sleep=0.0)
     return main(["fit", *fit_args_with(policy, root, steps), *extra])
-
-
-def run_dir(root: Path) -> Path:
-    return root / "runs" / "demo" / "version_0"
 
 
 def last_checkpoint(root: Path) -> Path:

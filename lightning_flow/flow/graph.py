@@ -29,8 +29,8 @@ ROLE_PROMPT, ROLE_RESPONSE, ROLE_ANSWER = 0, 1, 2
 _BUILD_ELEMENTS = 2**16
 """Candidate edges per pruning step at least (256 KiB in float32); above that, a 512th of the map."""
 _SMALL_MAP = 2**20
-"""Maps of at most this many elements (4 MiB) are pruned in one step: their temporaries cost nothing that
-matters."""
+"""Maps of at most this many elements (4 MiB) are pruned in one step and solved in blocks of ``block_size``:
+their temporaries cost nothing that matters."""
 
 
 @dataclass

@@ -27,12 +27,9 @@ import torch
 from torch import Tensor
 from torch_geometric.data import Batch
 
-from .graph import FlowConfig, check_inputs, flow_graphs, prune_edges, sink_mask
+from .graph import _SMALL_MAP, FlowConfig, check_inputs, flow_graphs, prune_edges, sink_mask
 
 _NEG_INF = float("-inf")
-_SMALL_MAP = 2**20
-"""Maps of at most this many elements (4 MiB) are solved in blocks of ``block_size``: their tiles cost
-nothing that matters."""
 
 
 def vector_matrix(x: Tensor, m: Tensor) -> Tensor:
@@ -151,7 +148,9 @@ class MapSolution:
     log_h: Tensor  # [N, T] float64 log of the unscaled h (-inf where no path reaches the answer)
     # [N, T] float64 log f / h on senders (-inf elsewhere): f(i) w(i, k) = c(i, k) e^(log_g(i) + log_h(k))
     log_g: Tensor
-    degenerate: Tensor  # [N] bool: no answer, no response, Σ_prompt h = 0, or h beyond float64 in a block
+    # [N] bool: no answer, no response, Σ_prompt h = 0, h beyond float64 in a block, or a non-finite map
+    degenerate: Tensor
+    nonfinite: Tensor  # [N] bool: the map has a NaN or inf (an overflowing forward)
 
 
 @torch.no_grad()
@@ -175,12 +174,12 @@ def solve_maps(
     sends = valid & ~answer & torch.isfinite(log_h)  # [N, T]
     f, log_g = _solve_f(tiles, log_h, mu, sends, blocks)
     # No answer, an empty response or fewer than two valid tokens all leave Σ_prompt h = 0.
-    finite_map = torch.isfinite(attention.sum(dim=(1, 2)))  # [N] a sum is non-finite iff an entry is
-    degenerate = ~has_source.squeeze(-1) | ~finite_map  # [N]
+    nonfinite = ~torch.isfinite(attention.sum(dim=(1, 2)))  # [N] a sum is non-finite iff an entry is
+    degenerate = ~has_source.squeeze(-1) | nonfinite  # [N]
     f = torch.where(degenerate[:, None], 0.0, f.clamp_(0.0, 1.0))
     log_g = torch.where(degenerate[:, None], _NEG_INF, log_g)
-    log_h = torch.where(finite_map[:, None], log_h, _NEG_INF)
-    return MapSolution(f=f, log_h=log_h, log_g=log_g, degenerate=degenerate)
+    log_h = torch.where(nonfinite[:, None], _NEG_INF, log_h)
+    return MapSolution(f=f, log_h=log_h, log_g=log_g, degenerate=degenerate, nonfinite=nonfinite)
 
 
 def edge_flow(graphs: Batch) -> Tensor:
