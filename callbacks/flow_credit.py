@@ -83,7 +83,7 @@ class FlowCredit(RolloutCallback):
                 the middle third).
             sink_tokens: edges out of this many leading tokens are dropped (attention sinks).
             keep_mass: per token, the graphs keep the incoming edges carrying the most flow until
-                this share of its incoming flow is kept (1 with no cap: every edge with flow). The
+                this share of its incoming flow is kept (1 with no cap: every edge above min_capacity). The
                 credit is exact whatever the pruning: it is solved on the maps before.
             max_in_degree: at most this many incoming edges per token in the graphs (None: no cap);
                 bounds their memory on long responses (about 20 B an edge).

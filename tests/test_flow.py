@@ -115,11 +115,12 @@ def reference(att, valid, prompt, answer, cfg: FlowConfig) -> dict:
         for i, c in sources[k]:
             flow[(i, k)] = f[i] * c * h[k] / h[i] if h[i] > 0 else 0.0
         f[k] = mu[k] + sum(flow[(i, k)] for i, _ in sources[k])
-    kept = set()
-    for k in nodes:
+    flow |= {(i, k): 0.0 for i, k in cap if i in ans}  # answer tokens absorb: nothing leaves them
+    kept = set() if cfg.prunes else set(cap)  # no pruning: every candidate, flow or not
+    for k in nodes if cfg.prunes else []:
         into = [(flow[(i, k)], i) for i, _ in sources[k] if flow[(i, k)] > 0]
         into.sort(key=lambda e: (-e[0], e[1]))  # most flow first, ties to the earlier source
-        if k not in ans or not cfg.prunes:  # edges into answer tokens are never pruned
+        if k not in ans:  # edges into answer tokens are never pruned
             total, chosen = sum(x for x, _ in into), []
             for x, i in into[: cfg.max_in_degree]:
                 if sum(y for y, _ in chosen) >= cfg.keep_mass * total:
@@ -472,7 +473,13 @@ def test_a_map_with_nan_or_inf_is_a_degenerate_row_and_leaves_the_others_alone()
     g = r.graphs
     for x in (g.f, g.h, g.incoming_flow, g.edge_attr, edge_flow(g)):
         assert torch.isfinite(x).all()
-    assert not (g.batch[g.edge_index[0]] < 2).any()  # no flow, no edges
+    assert not edge_flow(g)[g.batch[g.edge_index[0]] < 2].any()  # no flow on the degenerate rows' edges
+    # without pruning their graphs hold the finite candidates: not the NaN and inf entries
+    kept = dense_graph(g, torch.ones(g.num_edges, dtype=torch.bool), t)  # [N, T, T]
+    edges = {tuple(e) for e in kept.nonzero().tolist()}
+    assert (0, 3, 12) not in edges and (1, 7, 20) not in edges and (0, 4, 12) in edges and (1, 6, 20) in edges
+    pruned = answer_flow(att, valid, prompt, answer, FlowConfig(block_size=8, keep_mass=0.99)).graphs
+    assert not (pruned.batch[pruned.edge_index[0]] < 2).any()  # pruning keeps edges with flow only
 
 
 # ---- long responses: no overflow, no underflow --------------------------------------------------
@@ -695,9 +702,17 @@ def test_graphs_carry_the_solution_of_the_maps_they_were_pruned_from() -> None:
     assert one.f.tolist() == pytest.approx(solution.f[0, 1:].tolist(), abs=1e-7)
     assert one.log_h.tolist() == solution.log_h[0, 1:].tolist()
     assert float(one.h.max()) == pytest.approx(1.0) and not bool(one.degenerate)
-    # every edge with flow: out of 1 and 2 into later tokens up to the answer 4; 3 -> 4 (nothing from the
-    # answer and nothing into 5, which comes after it)
-    assert sorted(map(tuple, one.edge_index.T.tolist())) == [(0, 1), (0, 2), (0, 3), (1, 2), (1, 3), (2, 3)]
+    # no pruning: every candidate edge, i.e. every pair of the 5 nodes in order; flow runs out of 1 and 2
+    # into later tokens up to the answer 4 and on 3 -> 4 (none out of the answer, none into 5 after it)
+    everything = [(i, k) for i in range(5) for k in range(i + 1, 5)]
+    assert sorted(map(tuple, one.edge_index.T.tolist())) == everything
+    with_flow = [(0, 1), (0, 2), (0, 3), (1, 2), (1, 3), (2, 3)]
+    flows = dict(zip(map(tuple, one.edge_index.T.tolist()), edge_flow(g).tolist()))
+    assert sorted(e for e, x in flows.items() if x > 0) == with_flow
+    # pruning (a cap that cuts nothing) keeps the edges with flow only
+    capped = FlowConfig(sink_tokens=0, min_capacity=0.0, max_in_degree=4)
+    g = flow_graphs(prune_edges(att, valid, answer, capped, solution), prompt, answer, solution)
+    assert sorted(map(tuple, g.edge_index.T.tolist())) == with_flow
 
 
 # ---- credit weights and comparison signals ------------------------------------------------------

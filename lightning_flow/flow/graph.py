@@ -41,7 +41,7 @@ class FlowConfig:
     """Edges out of the first `sink_tokens` valid tokens of each sequence are dropped (attention sinks)."""
     keep_mass: float = 1.0
     """Per token, the graph keeps the incoming edges carrying the most flow until this share of its incoming
-    flow is kept; 1 keeps every edge that carries flow."""
+    flow is kept; 1 with no ``max_in_degree`` prunes nothing: every candidate edge, flow or not."""
     max_in_degree: int | None = None
     """At most this many incoming edges per token in the graph (ties: earliest source); None: no cap."""
     min_capacity: float = 1e-6
@@ -105,10 +105,10 @@ def prune_incoming(
     """a  # [..., C] candidate capacities of each row's incoming edges (0: no edge) -> the same with
     the pruned edges zeroed: per row, ranked by ``score`` (default: the capacities; ties: the earlier
     column), the shortest run whose score sums to ``keep_mass`` of the row's, cut at ``max_in_degree``
-    edges; edges of score 0 are never kept."""
+    edges; edges of score 0 are never kept. ``keep_mass`` 1 with no cap prunes nothing: ``a`` itself."""
     score = a if score is None else score
     if keep_mass >= 1.0 and max_in_degree is None:
-        return torch.where(score > 0, a, 0.0)
+        return a
     if max_in_degree is not None and max_in_degree < a.shape[-1]:
         value, index = _top_columns(score, max_in_degree)  # [..., max_in_degree]
     else:
@@ -191,7 +191,8 @@ def prune_edges(
     incoming edges that carry the most of the solved flow (``solution``: f(i) w(i, k) =
     c(i, k) e^(log g(i) + log h(k))): ``keep_mass`` of its incoming flow, at most ``max_in_degree``
     edges; edges into answer tokens are all kept (a few rows), edges without flow never. Besides the maps
-    only one block's temporaries (a few % of the maps) and the kept edges exist."""
+    only one block's temporaries (a few % of the maps) and the kept edges exist. Without pruning
+    (``keep_mass`` 1, no cap) every candidate edge is kept, those without flow too."""
     check_inputs(attention, valid, answer)
     incoming = torch.zeros(valid.shape, dtype=torch.float64, device=attention.device)  # [N, T]
     log_g, log_h = solution.log_g.to(cfg.dtype), solution.log_h.to(cfg.dtype)  # [N, T] each

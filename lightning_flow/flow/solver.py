@@ -27,7 +27,7 @@ import torch
 from torch import Tensor
 from torch_geometric.data import Batch
 
-from .graph import _SMALL_MAP, FlowConfig, check_inputs, flow_graphs, prune_edges, sink_mask
+from .graph import _SMALL_MAP, ROLE_ANSWER, FlowConfig, check_inputs, flow_graphs, prune_edges, sink_mask
 
 _NEG_INF = float("-inf")
 
@@ -184,9 +184,10 @@ def solve_maps(
 
 def edge_flow(graphs: Batch) -> Tensor:
     """[E] edge flow f(i) · w(i, k) of solved graphs, w(i, k) = c(i, k) h(k) / h(i); 0 out of
-    tokens with h = 0 or f = 0 (the graphs hold no edges out of answer tokens)."""
+    answer tokens (they absorb) and out of tokens with h = 0 or f = 0."""
     source, target = graphs.edge_index
     sends = torch.isfinite(graphs.log_h[source]) & (graphs.f[source] > 0)
+    sends &= graphs.role[source] != ROLE_ANSWER
     log_edge = (
         graphs.edge_attr.double().log()
         + graphs.log_h[target]
