@@ -39,7 +39,7 @@ from lightning_flow.callbacks import FlowCredit
 
 from lightning_flow.cli import main as cli_main
 
-PARTS = ("answer_masks", "solve_maps", "prune_edges", "flow_graphs", "credit_weights")
+PARTS = ("answer_masks", "solve_maps", "prune_edges", "solved_graphs", "credit_weights")
 """FlowCredit's parts, timed where it calls them: the answer search, the solver, the graphs, the weights."""
 
 

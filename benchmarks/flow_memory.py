@@ -11,9 +11,9 @@ each setting against keep_mass 1 with no cap. On real attention of stories260K (
 it samples itself, answer = the last token as FlowCredit's fallback) and of a random tiny Llama at
 2K and 8K positions.
 
-For comparison, each row also gives the agreement of the other order, the one issue 18 first asked
-for: prune each token's incoming edges by capacity (``keep_mass`` of its incoming capacity, at most
-``max_in_degree``), then solve the flow on what is left.
+For comparison, each row also gives the agreement of the other order (``prune_before_solve``): prune each
+token's incoming edges by capacity (``keep_mass`` of its incoming capacity, at most ``max_in_degree``),
+then solve the flow on the graphs that are left.
 
 ``memory``: one step's credit path as the training step runs it (``GRPOModule.first_pass`` per
 micro-batch: the forward records the credited rows' maps, FlowCredit solves the flow on them, keeps
@@ -37,6 +37,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -56,9 +57,10 @@ from lightning_flow.flow import (  # noqa: E402
     flow_graphs,
     kept_flow,
     prune_edges,
+    solve_graphs,
     solve_maps,
+    solved_graphs,
 )
-from lightning_flow.flow.graph import candidate_rows, prune_incoming  # noqa: E402
 from lightning_flow.policy import PolicyConfig, load_policy, position_ids_from_mask  # noqa: E402
 from lightning_flow.tokenizer import load_tokenizer  # noqa: E402
 
@@ -178,15 +180,6 @@ def graph_flow(maps, valid, prompt, answer, cfg: FlowConfig):
     return result.flow, result.degenerate, result.graphs
 
 
-def capacity_pruned_maps(maps, valid, cfg: FlowConfig) -> torch.Tensor:
-    """[N, T, T] the candidate capacities (attention layout) with each token's incoming edges pruned by
-    capacity: the graph issue 18 first asked the solver to take (its order: prune, then solve)."""
-    pruned = torch.zeros_like(maps)
-    for r0, a in candidate_rows(maps, valid, cfg):
-        pruned[:, r0 : r0 + a.shape[1], : a.shape[2]] = prune_incoming(a, cfg.keep_mass, cfg.max_in_degree)
-    return pruned
-
-
 def kept_flow_shares(graphs) -> tuple[float, float]:
     """(mean over tokens with incoming flow of the share their kept edges carry, the kept edges' flow over
     all incoming flow)."""
@@ -280,10 +273,10 @@ def pruning_rows(name: str, inputs) -> list[dict]:
         flow, degenerate, graphs = graph_flow(maps, valid, prompt, answer, cfg)
         pruned = boosted(flow, degenerate, response)
         shares, weighted = agreement(pruned, exact), flow_weighted_agreement(pruned, exact, exact_flow)
-        first = solve_maps(
-            capacity_pruned_maps(maps, valid, cfg), valid, prompt, answer, FlowConfig(min_capacity=0)
+        first, first_degenerate, _ = graph_flow(
+            maps, valid, prompt, answer, replace(cfg, prune_before_solve=True)
         )
-        pruned_first = agreement(boosted(first.f, first.degenerate, response), exact)
+        pruned_first = agreement(boosted(first, first_degenerate, response), exact)
         row = dict(
             data=name,
             keep_mass=keep_mass,
@@ -332,11 +325,8 @@ def memory_row(args, length: int, dense_answer_flow, DenseConfig, cuda: bool) ->
         argparse.Namespace(shape=args.shape, qlora=False, micro_batch=args.micro_batch),
         Path(tempfile.mkdtemp()),
     )
-    credit = (
-        FlowCredit(keep_mass=args.keep_mass, max_in_degree=args.max_in_degree)
-        if args.keep_mass
-        else FlowCredit()
-    )
+    pruning = dict(keep_mass=args.keep_mass, max_in_degree=args.max_in_degree) if args.keep_mass else {}
+    credit = FlowCredit(prune_before_solve=args.prune_before_solve, **pruning)
     module.trainer = SimpleNamespace(callbacks=[credit])  # what first_pass reads of the trainer
     credit.setup(module.trainer, module, "fit")
     rollouts = make_rollouts(
@@ -375,11 +365,19 @@ def memory_row(args, length: int, dense_answer_flow, DenseConfig, cuda: bool) ->
     answer = torch.zeros_like(valid)
     answer[:, -4:-2] = True
     cfg = credit.flow_config
-    solve_s, solution = timed(lambda: solve_maps(maps, valid, prompt, answer, cfg), args.repeats)
-    build_s, graphs = timed(
-        lambda: flow_graphs(prune_edges(maps, valid, answer, cfg, solution), prompt, answer, solution),
-        args.repeats,
-    )
+    if cfg.prune_before_solve:  # prune, assemble, then solve on the graphs
+        prune_s, kept = timed(lambda: prune_edges(maps, valid, answer, cfg), args.repeats)
+        assemble_s, graphs = timed(lambda: flow_graphs(kept, prompt, answer), args.repeats)
+        solve_s, solution = timed(lambda: solve_graphs(graphs, kept, prompt, answer, cfg), args.repeats)
+        build_s = prune_s + assemble_s
+    else:  # solve on the maps, then prune and assemble
+        solve_s, solution = timed(lambda: solve_maps(maps, valid, prompt, answer, cfg), args.repeats)
+        build_s, _ = timed(
+            lambda: solved_graphs(
+                prune_edges(maps, valid, answer, cfg, solution), prompt, answer, cfg, solution
+            ),
+            args.repeats,
+        )
     dense_s, dense = timed(
         lambda: dense_answer_flow(maps, valid, prompt, answer, DenseConfig()), args.repeats
     )
@@ -398,6 +396,7 @@ def memory_row(args, length: int, dense_answer_flow, DenseConfig, cuda: bool) ->
         device=torch.cuda.get_device_name() if cuda else "cpu",
         keep_mass=cfg.keep_mass,
         max_in_degree=cfg.max_in_degree,
+        prune_before_solve=cfg.prune_before_solve,
         micro_batch_map_mib=max(maps_bytes) / 2**20,
         dense_step_maps_mib=dense_maps / 2**20,
         credit_peak_mib=[p / 2**20 for p in peaks],
@@ -462,6 +461,11 @@ def main() -> None:
         "--keep-mass", type=float, default=None, help="memory: FlowCredit's keep_mass (default: its default)"
     )
     parser.add_argument("--max-in-degree", type=int, default=None)
+    parser.add_argument(
+        "--prune-before-solve",
+        action="store_true",
+        help="memory: prune by capacity, then solve on the graphs",
+    )
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument(
         "--dense-from",

@@ -10,7 +10,8 @@ away (``solve_maps``), each token's incoming edges carrying the most of that flo
 (``prune_edges``: ``keep_mass`` of its incoming flow, at most ``max_in_degree`` edges), the maps are
 dropped, and the kept edges with the solved nodes become torch-geometric flow graphs (``flow_graphs``),
 kept in ``rollouts.flow_graphs`` until the step ends, where ``FlowPictures`` draws them. Pruning shapes
-what the graphs hold, never the credit.
+what the graphs hold, never the credit. With ``prune_before_solve`` the maps are pruned by capacity first
+and the flow is solved on the graphs (``solved_graphs``): the credit of the pruned graphs.
 """
 
 from __future__ import annotations
@@ -26,15 +27,15 @@ from torch.nn.functional import pad
 from lightning_flow.flow import (
     ROLE_PROMPT,
     FlowConfig,
+    FlowSolution,
     KeptEdges,
-    MapSolution,
     attention_received,
     credit_weights,
     edge_flow,
-    flow_graphs,
     prune_edges,
     random_signal,
     solve_maps,
+    solved_graphs,
 )
 from lightning_flow.flow.answer import answer_masks, piece_table
 from lightning_flow.rollouts import MicroBatch, RolloutCallback, Rollouts, StepModule
@@ -70,6 +71,7 @@ class FlowCredit(RolloutCallback):
         seed: int = 0,
         max_attention_mb: float | None = None,
         block_size: int = 512,
+        prune_before_solve: bool = False,
     ) -> None:
         """
         Args:
@@ -95,6 +97,9 @@ class FlowCredit(RolloutCallback):
                 of one micro-batch); fewer rows than a micro-batch's are captured by extra passes.
             block_size: positions per block of the flow solver at most (its tiles: responses × block²
                 × 8 B; large maps use blocks of at most T / 20).
+            prune_before_solve: prune each token's incoming edges by capacity first (``keep_mass`` of
+                its incoming capacity, at most ``max_in_degree``) and solve the flow on those graphs:
+                the credit of the pruned graphs, not the exact one (docs/results.md measures the gap).
         """
         if not 0.0 <= top_fraction <= 1.0:
             raise ValueError(f"top_fraction={top_fraction}: expected a value in [0, 1]")
@@ -112,6 +117,7 @@ class FlowCredit(RolloutCallback):
             top_fraction=top_fraction,
             boost=boost,
             block_size=block_size,
+            prune_before_solve=prune_before_solve,
         )
         self.generator = torch.Generator().manual_seed(seed)
         self._row_stats: list[dict[str, Tensor]] = []  # per chunk of credited rows of the current step
@@ -235,7 +241,8 @@ class FlowCredit(RolloutCallback):
         edges = signal = solution = None
         answer_full = pad(answer, (prompt_length, 0))
         if self.signal == "flow":
-            solution = solve_maps(maps, valid, prompt, answer_full, self.flow_config)
+            if not self.flow_config.prune_before_solve:  # else solved on the graphs, in weigh
+                solution = solve_maps(maps, valid, prompt, answer_full, self.flow_config)
             edges = prune_edges(maps, valid, answer_full, self.flow_config, solution)
         elif self.signal == "attention_received":
             signal = attention_received(maps, valid)
@@ -248,8 +255,8 @@ class FlowCredit(RolloutCallback):
             signal = torch.ones(valid.shape, device=device)
             fallback = torch.ones_like(fallback)
         # [k] maps with a NaN/inf (an overflowing forward): uniform weights
-        if solution is not None:  # the solve read every map once for it
-            nonfinite = solution.nonfinite
+        if edges is not None:  # the solve or the pruning read every map once for it
+            nonfinite = edges.nonfinite
         elif maps is not None:
             # One reduction over the maps (a sum is non-finite iff an entry is; the maps sum to at most T).
             nonfinite = ~torch.isfinite(maps.sum(dim=(1, 2)))
@@ -276,12 +283,14 @@ class FlowCredit(RolloutCallback):
         nodes = edges = zeros
         kept, incoming = zeros.double(), zeros.double()
         if read.edges is not None:
-            graphs = flow_graphs(read.edges, read.prompt, read.answer, read.solution)
+            graphs, solution = solved_graphs(
+                read.edges, read.prompt, read.answer, self.flow_config, read.solution
+            )
             # [k, T] the credit ranks the graphs' f: what pictures and traces of these graphs show
             signal = torch.zeros(response.shape, dtype=graphs.f.dtype, device=response.device).index_put_(
                 (graphs.batch, graphs.position), graphs.f
             )
-            fallback = fallback | read.solution.degenerate  # degenerate: also no answer found
+            fallback = fallback | solution.degenerate  # degenerate: also no answer found
             counted = graphs.role != ROLE_PROMPT  # the response's tokens: what the credit ranks
             into = graphs.edge_index[1]
             nodes = torch.bincount(graphs.batch[counted], minlength=k)
@@ -323,4 +332,4 @@ class _Read(NamedTuple):
     source: Tensor  # [k] long, where the answer was found (answer.SOURCE_*)
     signal: Tensor | None  # [k, T] the signal, for signals read directly
     edges: KeptEdges | None  # the kept edges of the maps (flow signal)
-    solution: MapSolution | None  # the flow solved on the maps (flow signal)
+    solution: FlowSolution | None  # the flow solved on the maps (flow signal, unless pruned before the solve)

@@ -20,11 +20,11 @@ from lightning_flow.flow import (
     credit_weights,
     dense_graph,
     edge_flow,
-    flow_graphs,
     kept_flow,
     prune_edges,
     random_signal,
     solve_maps,
+    solved_graphs,
 )
 from lightning_flow.flow.graph import prune_incoming
 
@@ -697,7 +697,7 @@ def test_graphs_carry_the_solution_of_the_maps_they_were_pruned_from() -> None:
     att, valid, prompt, answer = hand_attention()
     cfg = FlowConfig(sink_tokens=0, min_capacity=0.0)
     solution = solve_maps(att, valid, prompt, answer, cfg)
-    g = flow_graphs(prune_edges(att, valid, answer, cfg, solution), prompt, answer, solution)
+    g, _ = solved_graphs(prune_edges(att, valid, answer, cfg, solution), prompt, answer, cfg, solution)
     one = g.get_example(0)
     assert one.f.tolist() == pytest.approx(solution.f[0, 1:].tolist(), abs=1e-7)
     assert one.log_h.tolist() == solution.log_h[0, 1:].tolist()
@@ -711,7 +711,7 @@ def test_graphs_carry_the_solution_of_the_maps_they_were_pruned_from() -> None:
     assert sorted(e for e, x in flows.items() if x > 0) == with_flow
     # pruning (a cap that cuts nothing) keeps the edges with flow only
     capped = FlowConfig(sink_tokens=0, min_capacity=0.0, max_in_degree=4)
-    g = flow_graphs(prune_edges(att, valid, answer, capped, solution), prompt, answer, solution)
+    g, _ = solved_graphs(prune_edges(att, valid, answer, capped, solution), prompt, answer, capped, solution)
     assert sorted(map(tuple, g.edge_index.T.tolist())) == with_flow
 
 
@@ -781,3 +781,94 @@ def test_flow_credit_refuses_bad_pruning_options(option, value, message) -> None
 
     with pytest.raises(ValueError, match=message):
         FlowCredit(**{option: value})
+
+
+# ---- prune_before_solve: the flow of the pruned graphs ---------------------------------------------
+def pruned_by_capacity(att, valid, answer, cfg: FlowConfig) -> torch.Tensor:
+    """The maps with each token's incoming candidates pruned by capacity, written with loops: strongest
+    first (ties to the earlier source), until keep_mass of the row's capacity, at most max_in_degree;
+    answer rows whole."""
+    out = att.clone()
+    for n in range(att.shape[0]):
+        nodes = [i for i in range(att.shape[1]) if valid[n, i]]
+        sources = nodes[cfg.sink_tokens :]
+        for k in nodes:
+            into = [
+                (float(att[n, k, i]), i) for i in sources if i < k and float(att[n, k, i]) >= cfg.min_capacity
+            ]
+            into = [(c, i) for c, i in into if c > 0]
+            into.sort(key=lambda e: (-e[0], e[1]))
+            total, chosen = sum(c for c, _ in into), []
+            for c, i in into[: cfg.max_in_degree]:
+                if sum(x for x, _ in chosen) >= cfg.keep_mass * total:
+                    break
+                chosen.append((c, i))
+            if not answer[n, k]:
+                for _, i in set(into) - set(chosen):
+                    out[n, k, i] = 0.0
+    return out
+
+
+def test_prune_before_solve_without_pruning_is_the_exact_flow() -> None:
+    gen = torch.Generator().manual_seed(21)
+    t = 50
+    valid, prompt, answer = layout([random_layout(gen, t) for _ in range(6)], t)
+    att = random_attention(valid, gen, sharpness=2.5)
+    for block_size in (7, 16, 64):
+        exact = answer_flow(att, valid, prompt, answer, FlowConfig(block_size=block_size))
+        first = answer_flow(
+            att, valid, prompt, answer, FlowConfig(block_size=block_size, prune_before_solve=True)
+        )
+        assert torch.allclose(first.flow, exact.flow, atol=1e-12, rtol=0)
+        assert torch.allclose(first.log_h, exact.log_h, atol=1e-12, rtol=0)
+        assert torch.equal(first.degenerate, exact.degenerate)
+        assert torch.equal(first.graphs.edge_index, exact.graphs.edge_index)
+
+
+@pytest.mark.parametrize("cfg_id", range(3))
+def test_prune_before_solve_is_the_reference_flow_of_the_graph_pruned_by_capacity(cfg_id: int) -> None:
+    cfg = [
+        FlowConfig(keep_mass=0.8, max_in_degree=None, block_size=6, prune_before_solve=True),
+        FlowConfig(keep_mass=0.95, max_in_degree=3, block_size=16, prune_before_solve=True),
+        FlowConfig(sink_tokens=2, max_in_degree=2, min_capacity=0.02, block_size=5, prune_before_solve=True),
+    ][cfg_id]
+    gen = torch.Generator().manual_seed(7 + cfg_id)
+    t = 30
+    rows = [random_layout(gen, t) for _ in range(5)]
+    valid, prompt, answer = layout(rows, t)
+    att = random_attention(valid, gen, sharpness=2.5)
+    result = answer_flow(att, valid, prompt, answer, cfg)
+    pruned = pruned_by_capacity(att, valid, answer & valid & ~prompt, cfg)
+    plain = FlowConfig(sink_tokens=cfg.sink_tokens, min_capacity=cfg.min_capacity)
+    weights = credit_weights(result.flow, valid & ~prompt, cfg.top_fraction, cfg.boost, result.degenerate)
+    kept = dense_graph(result.graphs, torch.ones(result.graphs.num_edges, dtype=torch.bool), t)  # [N, T, T]
+    flows = edge_flows(result, t)
+    for n in range(len(rows)):
+        ref = reference(pruned[n].tolist(), valid[n].tolist(), prompt[n].tolist(), answer[n].tolist(), plain)
+        assert bool(result.degenerate[n]) == ref["degenerate"]
+        assert {tuple(e) for e in kept[n].nonzero().tolist()} == set(ref["cap"])  # the pruned graph
+        if not ref["degenerate"]:
+            for i in ref["nodes"]:
+                assert float(result.flow[n, i]) == pytest.approx(ref["f"][i], abs=TOL)
+            for (i, k), x in ref["flow"].items():
+                assert float(flows[n, i, k]) == pytest.approx(x, abs=TOL)
+            assert float(result.absorbed[n]) == pytest.approx(1.0, abs=TOL)
+        assert weights[n].tolist() == ref["weights"]
+    # the graphs carry all of their own flow
+    g = result.graphs
+    assert torch.allclose(kept_flow(g, edge_flow(g)), torch.ones(g.num_nodes, dtype=torch.float64), atol=1e-6)
+
+
+def test_prune_before_solve_by_hand() -> None:
+    """The graph of test_graph_keeps_the_edges_with_the_most_flow_not_the_most_attention, pruned to one edge
+    a token by capacity: into 2 the tie goes to 0, into 3 the strongest attention (from 2) stays, the answer
+    4 keeps both. Then h(3) = 0.9, h(2) = 0.6 · 0.9 + 0.05, h(1) = 0, h(0) = 0.01 h(2): all the flow enters
+    at 0 and f(3) = 0.6 h(3) / h(2)."""
+    edges = {(0, 2): 0.01, (1, 2): 0.01, (0, 3): 0.2, (1, 3): 0.1, (2, 3): 0.6, (3, 4): 0.9, (2, 4): 0.05}
+    att, valid, prompt, answer = small_graph(5, edges, [0, 1], [4])
+    cfg = FlowConfig(sink_tokens=0, min_capacity=0.0, max_in_degree=1, prune_before_solve=True)
+    r = answer_flow(att, valid, prompt, answer, cfg)
+    assert {tuple(e) for e in r.graphs.edge_index.T.tolist()} == {(0, 2), (2, 3), (3, 4), (2, 4)}
+    h2 = 0.6 * 0.9 + 0.05
+    assert r.flow[0].tolist() == pytest.approx([1.0, 0.0, 1.0, 0.6 * 0.9 / h2, 1.0], abs=TOL)
+    assert r.h[0].tolist() == pytest.approx([0.01 * h2, 0.0, h2, 0.9, 1.0], abs=TOL)

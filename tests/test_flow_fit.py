@@ -18,7 +18,7 @@ from lightning_flow.rollouts import RolloutCallback, Rollouts
 from lightning_flow.tokenizer import load_tokenizer
 
 from .test_fit import scalars, tiny_args
-from .test_flow import float64_dense_flow
+from .test_flow import float64_dense_flow, pruned_by_capacity
 
 # nonzero advantages, so rows get credit
 VARYING_REWARD = '--model.rewards.custom={"tests.test_fit.length_reward": 1.0}'
@@ -38,7 +38,7 @@ class RecordWeights(RolloutCallback):
         RecordWeights.graphs.append(list(rollouts.flow_graphs))
 
 
-def fit_with_credit(policy: Path, root: Path, signal: str, *extra: str):
+def fit_with_credit(policy: Path, root: Path, signal: str, *credit_options: str):
     RecordWeights.seen, RecordWeights.graphs = [], []
     return main(
         [
@@ -47,15 +47,17 @@ def fit_with_credit(policy: Path, root: Path, signal: str, *extra: str):
             "--trainer.limit_val_batches=0",
             f"--trainer.callbacks+={FLOW}",
             f"--trainer.callbacks.signal={signal}",
+            *(f"--trainer.callbacks.{option}" for option in credit_options),
             "--trainer.callbacks+=tests.test_flow_fit.RecordWeights",
             VARYING_REWARD,
-            *extra,
         ]
     )
 
 
-def test_flow_credit_fit_logs_and_boosts_the_top_tokens(tiny_policy_dir, tmp_path):
-    cli = fit_with_credit(tiny_policy_dir, tmp_path, "flow")
+@pytest.mark.parametrize("prune_before_solve", [False, True])
+def test_flow_credit_fit_logs_and_boosts_the_top_tokens(tiny_policy_dir, tmp_path, prune_before_solve):
+    cli = fit_with_credit(tiny_policy_dir, tmp_path, "flow", f"prune_before_solve={prune_before_solve}")
+    assert cli.trainer.callbacks[0].flow_config.prune_before_solve is prune_before_solve
     logged = scalars(Path(cli.trainer.log_dir))
     for tag in [
         "credit/answer_found_fraction",
@@ -70,7 +72,7 @@ def test_flow_credit_fit_logs_and_boosts_the_top_tokens(tiny_policy_dir, tmp_pat
         "perf/credit_share",
     ]:
         assert tag in logged and all(v == v for v in logged[tag]), tag
-    # keep_mass 0.999; the cap of 64 does not bind at T < 64
+    # keep_mass 0.999; the cap of 64 does not bind at T < 64 (solved on the pruned graphs: all their flow)
     assert all(0.999 <= v <= 1 for v in logged["credit/kept_flow"])
     assert logged["perf/capture_time_s"][0] > 0  # recorded in the update's forward (mu = 1, beta = 0)
     weights = RecordWeights.seen[0]
@@ -329,6 +331,14 @@ def test_flow_invariants_on_real_stories260k_attention(stories260k):
     after[0, -5:] = True
     after[1, -7:-5] = True
     assert (result.h[after] == 0).all() and (result.flow[after] == 0).all()
+    # Pruned by capacity before the solve: the dense float64 flow of the maps pruned by the tests' own loops.
+    cfg = FlowConfig(keep_mass=0.95, max_in_degree=8, prune_before_solve=True)
+    first = answer_flow(attention, valid, prompt, answer, cfg)
+    flow, _, degenerate = float64_dense_flow(
+        pruned_by_capacity(attention, valid, answer, cfg), valid, prompt, answer
+    )
+    assert not degenerate.any() and first.graphs.num_edges < result.graphs.num_edges
+    torch.testing.assert_close(first.flow.double(), flow, atol=1e-5, rtol=0)
     # Conservation: each intermediate token with h > 0 passes on exactly what it receives.
     result = answer_flow(attention, valid, prompt, answer, FlowConfig())  # every edge with flow in the graphs
     edge = dense_graph(result.graphs, edge_flow(result.graphs), valid.shape[1])  # [N, T, T] f(i) w(i, k)

@@ -18,7 +18,7 @@ from .graph import (
     sink_mask,
 )
 from .signals import attention_received, boosted_count, credit_weights, random_signal
-from .solver import FlowResult, MapSolution, answer_flow, edge_flow, solve_maps
+from .solver import FlowResult, FlowSolution, answer_flow, edge_flow, solve_graphs, solve_maps, solved_graphs
 
 __all__ = [
     "ROLE_ANSWER",
@@ -26,7 +26,7 @@ __all__ = [
     "ROLE_RESPONSE",
     "FlowConfig",
     "FlowResult",
-    "MapSolution",
+    "FlowSolution",
     "KeptEdges",
     "answer_flow",
     "attention_received",
@@ -40,5 +40,7 @@ __all__ = [
     "prune_edges",
     "random_signal",
     "sink_mask",
+    "solve_graphs",
     "solve_maps",
+    "solved_graphs",
 ]

@@ -9,6 +9,10 @@ pruning keeps the incoming edges that carry the most of the solved flow, ``keep_
 ``max_in_degree``), and those become the graphs (``prune_edges`` then ``flow_graphs``: a ``Batch`` with
 one ``Data`` per response, O(edges) memory) that credit, pictures and traces read. Pruning changes what
 the graphs show, never the credit.
+
+With ``prune_before_solve`` the order is the other one: pruning keeps each token's strongest incoming
+edges by capacity, and the flow is solved on the graphs that are left (``solver.solve_graphs``): the
+credit is then that of the pruned graphs.
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ from torch import Tensor
 from torch_geometric.data import Batch, Data
 
 if TYPE_CHECKING:
-    from .solver import MapSolution
+    from .solver import FlowSolution
 
 ROLE_PROMPT, ROLE_RESPONSE, ROLE_ANSWER = 0, 1, 2
 
@@ -56,6 +60,10 @@ class FlowConfig:
     dtype: torch.dtype = torch.float32
     """Precision of the graphs' capacities and of the returned flow (the solver works in float64 inside
     blocks, log scales between them)."""
+    prune_before_solve: bool = False
+    """Prune first, by capacity (``keep_mass`` of each token's incoming capacity, at most ``max_in_degree``
+    edges), and solve the flow on the pruned graphs; False: solve on every candidate edge, then prune by
+    the solved flow (the credit is exact whatever the pruning)."""
 
     def __post_init__(self) -> None:
         if self.sink_tokens < 0:
@@ -178,46 +186,58 @@ class KeptEdges:
     freed before the graphs are assembled (``flow_graphs``)."""
 
     valid: Tensor  # [N, T] bool
-    incoming: Tensor  # [N, T] each target's incoming flow before pruning (float64)
+    nonfinite: Tensor  # [N] bool: the map has a NaN or inf (an overflowing forward)
+    # [N, T] each target's incoming flow before pruning (float64); None when pruned before the solve
+    incoming: Tensor | None
     # per block of target rows: (r0, edges per row [N, r] int32, source positions [e] int32, capacities [e])
     steps: list[tuple[int, Tensor, Tensor, Tensor]]
 
 
 @torch.no_grad()
 def prune_edges(
-    attention: Tensor, valid: Tensor, answer: Tensor, cfg: FlowConfig, solution: MapSolution
+    attention: Tensor, valid: Tensor, answer: Tensor, cfg: FlowConfig, solution: FlowSolution | None = None
 ) -> KeptEdges:
     """Read the maps  # [N, T, T] a block of query rows at a time and keep, per target token, the
     incoming edges that carry the most of the solved flow (``solution``: f(i) w(i, k) =
-    c(i, k) e^(log g(i) + log h(k))): ``keep_mass`` of its incoming flow, at most ``max_in_degree``
-    edges; edges into answer tokens are all kept (a few rows), edges without flow never. Besides the maps
-    only one block's temporaries (a few % of the maps) and the kept edges exist. Without pruning
+    c(i, k) e^(log g(i) + log h(k))), or without a solution (``prune_before_solve``) the strongest by
+    capacity: ``keep_mass`` of its incoming flow (capacity), at most ``max_in_degree`` edges; edges into
+    answer tokens are all kept (a few rows), edges without flow (capacity) never. Besides the maps only
+    one block's temporaries (a few % of the maps) and the kept edges exist. Without pruning
     (``keep_mass`` 1, no cap) every candidate edge is kept, those without flow too."""
     check_inputs(attention, valid, answer)
-    incoming = torch.zeros(valid.shape, dtype=torch.float64, device=attention.device)  # [N, T]
-    log_g, log_h = solution.log_g.to(cfg.dtype), solution.log_h.to(cfg.dtype)  # [N, T] each
+    if solution is None:
+        incoming, nonfinite = None, ~torch.isfinite(attention.sum(dim=(1, 2)))  # [N] one pass over the maps
+    else:
+        incoming, nonfinite = (
+            torch.zeros(valid.shape, dtype=torch.float64, device=attention.device),
+            solution.nonfinite,
+        )
+        log_g, log_h = solution.log_g.to(cfg.dtype), solution.log_h.to(cfg.dtype)  # [N, T] each
     steps = []
     for r0, a in candidate_rows(attention, valid, cfg):
         r1 = r0 + a.shape[1]
-        flow = a.log().add_(log_g[:, None, :r1]).add_(log_h[:, r0:r1, None]).exp_()  # [N, r, c] edge flows
-        kept = prune_incoming(a, cfg.keep_mass, cfg.max_in_degree, flow)
+        if solution is None:
+            score = a
+        else:  # [N, r, c] edge flows
+            score = a.log().add_(log_g[:, None, :r1]).add_(log_h[:, r0:r1, None]).exp_()
+            incoming[:, r0:r1] = score.sum(-1, dtype=torch.float64)
+        kept = prune_incoming(a, cfg.keep_mass, cfg.max_in_degree, score)
         if cfg.prunes:  # edges into answer tokens are never pruned
-            kept = torch.where(answer[:, r0:r1, None] & (flow > 0), a, kept)
+            kept = torch.where(answer[:, r0:r1, None] & (score > 0), a, kept)
         edges = kept != 0  # [N, r, c]
         # (graph, target, source) order
         steps.append((r0, edges.sum(-1, dtype=torch.int32), edges.nonzero()[:, 2].int(), kept[edges]))
-        incoming[:, r0:r1] = flow.sum(-1, dtype=torch.float64)
-        del a, flow, kept, edges
-    return KeptEdges(valid, incoming, steps)
+        del a, score, kept, edges
+    return KeptEdges(valid, nonfinite, incoming, steps)
 
 
 @torch.no_grad()
-def flow_graphs(kept: KeptEdges, prompt: Tensor, answer: Tensor, solution: MapSolution) -> Batch:
-    """One graph per response from the kept edges: its valid tokens in order are the nodes
-    (``role``, ``position``, the solved ``f``, ``h`` scaled to max 1, ``log_h``, and ``incoming_flow``
-    before pruning), ``edge_index`` [2, E] holds (source, target) in local node ids sorted by
-    (target, source), ``edge_attr`` [E] the capacities; per graph ``degenerate``. Memory: about 2.5
-    times the Batch's edges while it is assembled."""
+def flow_graphs(kept: KeptEdges, prompt: Tensor, answer: Tensor) -> Batch:
+    """One graph per response from the kept edges: its valid tokens in order are the nodes (``role``,
+    ``position``; ``f``, ``h``, ``log_h``, ``incoming_flow`` and per graph ``degenerate`` are zeros until
+    ``solver.solved_graphs`` writes the flow into them), ``edge_index`` [2, E] holds (source, target) in
+    local node ids sorted by (target, source), ``edge_attr`` [E] the capacities. Memory: about 2.5 times
+    the Batch's edges while it is assembled."""
     valid = kept.valid
     n, t = valid.shape
     graph_ids, targets, sources, capacities_ = [], [], [], []
@@ -240,22 +260,22 @@ def flow_graphs(kept: KeptEdges, prompt: Tensor, answer: Tensor, solution: MapSo
     del graph, target, source
     roles = node_roles(valid, prompt, answer)
     position = torch.arange(t, device=valid.device).expand_as(valid)
-    h = (solution.log_h - solution.log_h.amax(-1, keepdim=True).nan_to_num(0.0, 0.0, 0.0)).exp()  # [N, T]
     data = []
     for g, (edges, caps) in enumerate(zip(edge_index.split(edge_counts, dim=1), capacity.split(edge_counts))):
         nodes = valid[g]
+        size = int(nodes.sum())
         data.append(
             Data(
                 edge_index=edges,
                 edge_attr=caps,
                 role=roles[g][nodes],
                 position=position[g][nodes],
-                incoming_flow=kept.incoming[g][nodes],
-                f=solution.f[g][nodes].to(caps.dtype),
-                h=h[g][nodes].to(caps.dtype),
-                log_h=solution.log_h[g][nodes],
-                degenerate=solution.degenerate[g : g + 1],
-                num_nodes=int(nodes.sum()),
+                incoming_flow=torch.zeros(size, dtype=torch.float64, device=valid.device),
+                f=caps.new_zeros(size),
+                h=caps.new_zeros(size),
+                log_h=torch.zeros(size, dtype=torch.float64, device=valid.device),
+                degenerate=torch.zeros(1, dtype=torch.bool, device=valid.device),
+                num_nodes=size,
             )
         )
     return Batch.from_data_list(data)

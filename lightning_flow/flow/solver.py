@@ -1,5 +1,5 @@
-"""Answer-conditioned flow, solved exactly on the attention maps: the Doob h-transform and the
-prompt-to-answer throughput.
+"""Answer-conditioned flow, solved exactly on the attention maps (or on pruned flow graphs): the Doob
+h-transform and the prompt-to-answer throughput.
 
 Both sweeps go over blocks of consecutive positions, batched over the responses of a chunk of maps:
   h:  h(a) = 1 on the answer, h(i) = Σ_k c(i, k) h(k) elsewhere; last block first;
@@ -9,6 +9,8 @@ sources, padding and edges below ``min_capacity`` masked out there): a block is 
 triangular solve, and what it passes to earlier (h) or receives from earlier (f) blocks is a product
 with the tiles between them. So the solve is exact, it costs O(T²) per response, and besides the
 maps it holds a few tiles and [N, T] vectors: nothing is pruned before the credit is known.
+``solve_graphs`` runs the same sweeps on flow graphs (``prune_before_solve``): each tile is scattered from
+the graphs' edges between its two blocks, so it holds O(edges + N × block²).
 
 h can span far more than any float range on long responses (it decays backwards when attention rows
 sum below 1 and grows when they sum above 1), so every block is solved in its own scale and h is kept
@@ -27,7 +29,16 @@ import torch
 from torch import Tensor
 from torch_geometric.data import Batch
 
-from .graph import _SMALL_MAP, ROLE_ANSWER, FlowConfig, check_inputs, flow_graphs, prune_edges, sink_mask
+from .graph import (
+    _SMALL_MAP,
+    ROLE_ANSWER,
+    FlowConfig,
+    KeptEdges,
+    check_inputs,
+    flow_graphs,
+    prune_edges,
+    sink_mask,
+)
 
 _NEG_INF = float("-inf")
 
@@ -56,7 +67,7 @@ def solver_block(n: int, t: int, block_size: int) -> int:
     return max(16, min(block_size, t // 20 // 16 * 16))
 
 
-class _Tiles:
+class _MapTiles:
     """Capacity tiles of a chunk of maps, [N, r, c] float64 blocks p[n, k, i] = c(i, k) for targets k in
     [r0, r1) and sources i in [c0, c1). ``diagonal`` is zero where i cannot send (``sends``: sinks,
     answer tokens and padding send nothing), k is padding, i >= k, or Ā[k, i] is below ``min_capacity``;
@@ -82,11 +93,45 @@ class _Tiles:
         return torch.where(ok, a, 0.0).double()
 
 
+class _GraphTiles:
+    """The same tiles as ``_MapTiles``, scattered from the edges of flow graphs (a ``Batch`` over the
+    positions of ``valid``): the edges are sorted once by (target block, source block), and a tile is
+    made from the edges between its two blocks, zero elsewhere (answer tokens send nothing)."""
+
+    def __init__(self, graphs: Batch, valid: Tensor, answer: Tensor, cfg: FlowConfig, size: int) -> None:
+        self.sends = valid & ~sink_mask(valid, cfg.sink_tokens) & ~answer  # [N, T]
+        self.n, self.size, blocks = valid.shape[0], size, -(-valid.shape[1] // size)
+        source, target = graphs.position[graphs.edge_index]  # [E] positions each
+        key = target // size * blocks + source // size  # [E] the tile each edge falls in
+        order = torch.argsort(key, stable=True)
+        self.graph, self.source, self.target = (
+            graphs.batch[graphs.edge_index[1]][order],
+            source[order],
+            target[order],
+        )
+        self.capacity = graphs.edge_attr[order].double()
+        counts = torch.bincount(key, minlength=blocks * blocks)
+        self.offsets = [0, *counts.cumsum(0).tolist()]  # edges of tile k: offsets[k]:offsets[k + 1]
+        self.blocks = blocks
+
+    def between(self, r0: int, r1: int, c0: int, c1: int) -> Tensor:
+        k = r0 // self.size * self.blocks + c0 // self.size
+        e = slice(self.offsets[k], self.offsets[k + 1])
+        tile = torch.zeros(self.n, r1 - r0, c1 - c0, dtype=torch.float64, device=self.capacity.device)
+        tile[self.graph[e], self.target[e] - r0, self.source[e] - c0] = self.capacity[e]
+        return tile
+
+    def diagonal(self, s: int, e: int) -> Tensor:
+        return self.between(s, e, s, e) * self.sends[:, None, s:e]
+
+
 def _blocks(t: int, size: int) -> list[tuple[int, int]]:
     return [(s, min(t, s + size)) for s in range(0, t, size)]
 
 
-def _solve_h(tiles: _Tiles, answer: Tensor, blocks: list[tuple[int, int]]) -> tuple[Tensor, Tensor]:
+def _solve_h(
+    tiles: _MapTiles | _GraphTiles, answer: Tensor, blocks: list[tuple[int, int]]
+) -> tuple[Tensor, Tensor]:
     """(log h [N, T] float64, overflowed [N] bool) by back-substitution, last block first."""
     log_h = torch.full(answer.shape, _NEG_INF, dtype=torch.float64, device=answer.device)  # [N, T]
     # [N, T] log Σ c(i, k) h(k) over k in the blocks solved so far
@@ -114,7 +159,7 @@ def _solve_h(tiles: _Tiles, answer: Tensor, blocks: list[tuple[int, int]]) -> tu
 
 
 def _solve_f(
-    tiles: _Tiles, log_h: Tensor, mu: Tensor, sends: Tensor, blocks: list[tuple[int, int]]
+    tiles: _MapTiles | _GraphTiles, log_h: Tensor, mu: Tensor, sends: Tensor, blocks: list[tuple[int, int]]
 ) -> tuple[Tensor, Tensor]:
     """(f, log g) [N, T] float64 by forward substitution, first block first; g = f / h on senders
     (-inf elsewhere) carries the flow between blocks, each source block in its own scale, and w is
@@ -141,8 +186,8 @@ def _solve_f(
 
 
 @dataclass
-class MapSolution:
-    """The exact flow of a chunk of maps, per position (padding: 0, -inf in the logs)."""
+class FlowSolution:
+    """The flow of a chunk of maps or graphs, per position (padding: 0, -inf in the logs)."""
 
     f: Tensor  # [N, T] float64 throughput in [0, 1]; all 0 on degenerate rows
     log_h: Tensor  # [N, T] float64 log of the unscaled h (-inf where no path reaches the answer)
@@ -153,18 +198,15 @@ class MapSolution:
     nonfinite: Tensor  # [N] bool: the map has a NaN or inf (an overflowing forward)
 
 
-@torch.no_grad()
-def solve_maps(
-    attention: Tensor, valid: Tensor, prompt: Tensor, answer: Tensor, cfg: FlowConfig | None = None
-) -> MapSolution:
-    """The exact answer-conditioned flow of dense maps  # [N, T, T] (query, key), masks [N, T] bool.
-    A map with a NaN or inf (an overflowing forward) is a degenerate row."""
-    check_inputs(attention, valid, prompt, answer)
-    cfg = cfg or FlowConfig()
-    n, t = valid.shape
-    answer = answer & valid & ~prompt
-    blocks = _blocks(t, solver_block(n, t, cfg.block_size))
-    tiles = _Tiles(attention, valid, answer, cfg)
+def _solve(
+    tiles: _MapTiles | _GraphTiles,
+    valid: Tensor,
+    prompt: Tensor,
+    answer: Tensor,
+    nonfinite: Tensor,
+    size: int,
+) -> FlowSolution:
+    blocks = _blocks(valid.shape[1], size)
     log_h, overflowed = _solve_h(tiles, answer, blocks)
     # Super-source over the prompt, conditioned like every other edge: μ(i) ∝ h(i).
     log_source = torch.where(prompt & valid, log_h, _NEG_INF)  # [N, T]
@@ -174,12 +216,62 @@ def solve_maps(
     sends = valid & ~answer & torch.isfinite(log_h)  # [N, T]
     f, log_g = _solve_f(tiles, log_h, mu, sends, blocks)
     # No answer, an empty response or fewer than two valid tokens all leave Σ_prompt h = 0.
-    nonfinite = ~torch.isfinite(attention.sum(dim=(1, 2)))  # [N] a sum is non-finite iff an entry is
     degenerate = ~has_source.squeeze(-1) | nonfinite  # [N]
     f = torch.where(degenerate[:, None], 0.0, f.clamp_(0.0, 1.0))
     log_g = torch.where(degenerate[:, None], _NEG_INF, log_g)
     log_h = torch.where(nonfinite[:, None], _NEG_INF, log_h)
-    return MapSolution(f=f, log_h=log_h, log_g=log_g, degenerate=degenerate, nonfinite=nonfinite)
+    return FlowSolution(f=f, log_h=log_h, log_g=log_g, degenerate=degenerate, nonfinite=nonfinite)
+
+
+@torch.no_grad()
+def solve_maps(
+    attention: Tensor, valid: Tensor, prompt: Tensor, answer: Tensor, cfg: FlowConfig | None = None
+) -> FlowSolution:
+    """The exact answer-conditioned flow of dense maps  # [N, T, T] (query, key), masks [N, T] bool.
+    A map with a NaN or inf (an overflowing forward) is a degenerate row."""
+    check_inputs(attention, valid, prompt, answer)
+    cfg = cfg or FlowConfig()
+    n, t = valid.shape
+    answer = answer & valid & ~prompt
+    nonfinite = ~torch.isfinite(attention.sum(dim=(1, 2)))  # [N] a sum is non-finite iff an entry is
+    tiles = _MapTiles(attention, valid, answer, cfg)
+    return _solve(tiles, valid, prompt, answer, nonfinite, solver_block(n, t, cfg.block_size))
+
+
+@torch.no_grad()
+def solve_graphs(
+    graphs: Batch, kept: KeptEdges, prompt: Tensor, answer: Tensor, cfg: FlowConfig
+) -> FlowSolution:
+    """The answer-conditioned flow on the edges of flow graphs (``flow_graphs(kept, ...)``) alone: the
+    credit of the pruned graphs (``prune_before_solve``), in the blocks ``solve_maps`` would use."""
+    valid = kept.valid
+    n, t = valid.shape
+    answer = answer & valid & ~prompt
+    size = solver_block(n, t, cfg.block_size)
+    tiles = _GraphTiles(graphs, valid, answer, cfg, size)
+    return _solve(tiles, valid, prompt, answer, kept.nonfinite, size)
+
+
+@torch.no_grad()
+def solved_graphs(
+    kept: KeptEdges, prompt: Tensor, answer: Tensor, cfg: FlowConfig, solution: FlowSolution | None = None
+) -> tuple[Batch, FlowSolution]:
+    """The flow graphs of the kept edges with the flow written into their nodes: ``solution`` (solved on
+    the maps before pruning) or, without one, the flow solved now on the graphs (``solve_graphs``)."""
+    graphs = flow_graphs(kept, prompt, answer)
+    if solution is None:
+        solution = solve_graphs(graphs, kept, prompt, answer, cfg)
+    nodes = kept.valid  # [N, T]; the Batch's nodes are the valid positions in (graph, position) order
+    h = (solution.log_h - solution.log_h.amax(-1, keepdim=True).nan_to_num(0.0, 0.0, 0.0)).exp()  # [N, T]
+    graphs.f.copy_(solution.f[nodes])
+    graphs.h.copy_(h[nodes])
+    graphs.log_h.copy_(solution.log_h[nodes])
+    graphs.degenerate.copy_(solution.degenerate)
+    if kept.incoming is not None:
+        graphs.incoming_flow.copy_(kept.incoming[nodes])
+    else:  # the graphs carry all of their own flow
+        graphs.incoming_flow.index_add_(0, graphs.edge_index[1], edge_flow(graphs).double())
+    return graphs, solution
 
 
 def edge_flow(graphs: Batch) -> Tensor:
@@ -223,12 +315,15 @@ class FlowResult:
 def answer_flow(
     attention: Tensor, valid: Tensor, prompt: Tensor, answer: Tensor, cfg: FlowConfig | None = None
 ) -> FlowResult:
-    """The exact flow of dense maps and their flow graphs (the edges that carry it, pruned by ``cfg``).
+    """The flow of dense maps and their flow graphs: solved exactly, then the graphs keep the edges that
+    carry it (pruned by ``cfg``); with ``cfg.prune_before_solve``, pruned by capacity, then solved on the
+    graphs.
 
     attention  # [N, T, T] head- and layer-mean attention (query, key); masks  # [N, T] bool"""
     cfg = cfg or FlowConfig()
-    solution = solve_maps(attention, valid, prompt, answer, cfg)
-    graphs = flow_graphs(prune_edges(attention, valid, answer, cfg, solution), prompt, answer, solution)
+    solution = None if cfg.prune_before_solve else solve_maps(attention, valid, prompt, answer, cfg)
+    kept = prune_edges(attention, valid, answer, cfg, solution)
+    graphs, solution = solved_graphs(kept, prompt, answer, cfg, solution)
     return FlowResult(
         flow=solution.f.to(cfg.dtype),
         degenerate=solution.degenerate,
