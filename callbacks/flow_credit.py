@@ -157,7 +157,7 @@ class FlowCredit(RolloutCallback):
             # cheaper dispatch than no_grad for these many small ops; outputs are only read
             with torch.inference_mode():
                 read = self.read(rollouts, rows, maps, pl_module.tokenizer)
-            del maps  # the chunk's dense map is freed here: the flow is solved, the graphs hold its edges
+            del maps  # the chunk's dense map is freed here: its kept edges hold what the credit needs
             with torch.inference_mode():
                 weights, stats = self.weigh(rollouts, read)
             rollouts.token_weights[rows] = weights[:, rollouts.prompt_ids.shape[1] :].to(
